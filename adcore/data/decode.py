@@ -1,0 +1,426 @@
+"""Decode image bytes (PNG, JPEG, TIFF, DICOM, NIfTI) into float frames in [0, 1].
+
+The format is chosen from the file's magic bytes first and its name second. Every
+failure is a :class:`DecodeError` with a ``kind`` the scoring job can count by.
+Error messages never carry DICOM patient identifiers: they are built from this
+module's own text, and any library message is scrubbed of the dataset's identifiers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import logging
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from adcore.data.errors import DecodeError
+
+SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom", ".nii", ".nii.gz")
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_GZIP_MAGIC = b"\x1f\x8b"
+_DICOM_PREAMBLE = 128  # bytes before the "DICM" prefix (PS3.10 7.1)
+_NIFTI1_HDR, _NIFTI2_HDR = 348, 540  # sizeof_hdr of NIfTI-1 / NIfTI-2
+_NIFTI_PERCENTILES = (0.5, 99.5)  # per-volume intensity clip, robust to hot voxels
+_MAX_REASON = 200  # characters of a library message kept in a reason
+
+# DICOM attributes that identify a patient; their values are scrubbed from any message.
+_PHI_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs",
+    "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
+    "AccessionNumber", "ReferringPhysicianName", "InstitutionName", "IssuerOfPatientID",
+)
+
+
+@dataclass
+class Frame:
+    """One 2D image decoded from a file.
+
+    Attributes:
+        pixels: float32 in [0, 1], HxW grayscale or HxWx3 RGB.
+        index: Frame or slice index within the file (0 for a 2D image).
+        modality: DICOM Modality (e.g. "CT", "MR"), None for other formats.
+        study_uid: Raw DICOM StudyInstanceUID. Kept in memory only so the scoring job
+            can hash it; it must never be written out or logged as is.
+    """
+
+    pixels: np.ndarray
+    index: int = 0
+    modality: str | None = None
+    study_uid: str | None = None
+
+    def __repr__(self) -> str:  # keeps the raw UID out of logs and tracebacks
+        return (f"Frame(shape={tuple(self.pixels.shape)}, index={self.index}, "
+                f"modality={self.modality!r}, study_uid={'<set>' if self.study_uid else None})")
+
+
+class _DropValueEchoes(logging.Filter):
+    """Drops pydicom log records that echo element values (they may be identifiers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Invalid value" not in str(record.msg)
+
+
+logging.getLogger("pydicom").addFilter(_DropValueEchoes())
+
+
+@contextlib.contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def decode_path(path, *, max_pixels: int = 50_000_000) -> list[Frame]:
+    """Reads a local file and decodes it (see :func:`decode_image`)."""
+    path = Path(path)
+    return decode_image(path.read_bytes(), str(path), max_pixels=max_pixels)
+
+
+def decode_image(data: bytes, name: str, *, max_pixels: int = 50_000_000) -> list[Frame]:
+    """Decodes one file's bytes into frames.
+
+    Args:
+        data: The whole file.
+        name: Its name, path or URI; used for the extension fallback and in errors.
+        max_pixels: Refuse files whose header announces more pixels (all frames) than this,
+            before any pixel is decoded.
+
+    Returns:
+        One Frame per image, frame or slice, in file order.
+
+    Raises:
+        DecodeError: kind "empty", "truncated", "unsupported", "corrupt" or "too_large".
+    """
+    if not data:
+        raise DecodeError(name, "empty", "zero bytes")
+    fmt = _sniff(data, name)
+    if fmt in ("png", "jpeg"):
+        frames = _decode_pil(data, name, fmt, max_pixels)
+    elif fmt == "tiff":
+        frames = _decode_tiff(data, name, max_pixels)
+    elif fmt in ("dicom", "dicom_raw"):
+        frames = _decode_dicom(data, name, max_pixels, force=fmt == "dicom_raw")
+    elif fmt == "nifti":
+        frames = _decode_nifti(data, name, max_pixels)
+    elif fmt is not None and fmt.startswith("misnamed:"):
+        raise DecodeError(name, "corrupt", f"content does not start with a {fmt.split(':')[1]} signature")
+    else:
+        raise DecodeError(name, "unsupported", f"unknown format (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+    for f in frames:
+        f.pixels = np.ascontiguousarray(np.clip(np.nan_to_num(f.pixels), 0.0, 1.0), dtype=np.float32)
+    return frames
+
+
+def _sniff(data: bytes, name: str) -> str | None:
+    lower = name.lower().split("?")[0]
+    if data[_DICOM_PREAMBLE:_DICOM_PREAMBLE + 4] == b"DICM":  # first: preambles may look like TIFF
+        return "dicom"
+    if data.startswith(_PNG_MAGIC):
+        return "png"
+    if data.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    if data[:4] in _TIFF_MAGICS:
+        return "tiff"
+    if data.startswith(_GZIP_MAGIC) or data[344:348] in (b"n+1\x00", b"ni1\x00") or data[4:7] == b"n+2":
+        return "nifti"
+    if lower.endswith((".nii", ".nii.gz")):
+        return "nifti"
+    if lower.endswith((".dcm", ".dicom")):
+        return "dicom_raw"  # DICOM without the 128-byte preamble: parse with force
+    for suffixes, fmt in (((".png",), "PNG"), ((".jpg", ".jpeg"), "JPEG"), ((".tif", ".tiff"), "TIFF")):
+        if lower.endswith(suffixes):
+            return f"misnamed:{fmt}"
+    return None
+
+
+# ----------------------------------------------------------------------------- PIL
+def _decode_pil(data: bytes, name: str, fmt: str, max_pixels: int) -> list[Frame]:
+    from PIL import Image, UnidentifiedImageError
+
+    with _quiet():
+        try:
+            im = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise DecodeError(name, "too_large", "header announces more pixels than PIL allows") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            kind = "truncated" if _lacks_end_marker(data, fmt) else "corrupt"
+            raise DecodeError(name, kind, f"cannot read {fmt.upper()} header ({_short(e)})") from None
+        w, h = im.size
+        if w * h > max_pixels:
+            raise DecodeError(name, "too_large", f"{w}x{h} pixels exceeds max_pixels={max_pixels}")
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            truncated = _lacks_end_marker(data, fmt) or "truncat" in str(e).lower()
+            raise DecodeError(name, "truncated" if truncated else "corrupt", _short(e)) from None
+    return [Frame(_pil_to_float(im), 0)]
+
+
+def _lacks_end_marker(data: bytes, fmt: str) -> bool:
+    if fmt == "png":
+        return b"IEND" not in data[-16:]
+    if fmt == "jpeg":
+        return not data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+    return False
+
+
+def _pil_to_float(im) -> np.ndarray:
+    mode = im.mode
+    if mode == "1":
+        return np.asarray(im, dtype=np.float32)
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.float32) / 65535.0
+    if mode == "I":  # 32-bit int container; older Pillow stores 16-bit PNGs here
+        return np.asarray(im).astype(np.float32) / 65535.0
+    if mode == "F":
+        return _minmax(np.asarray(im, dtype=np.float32))
+    if mode in ("L", "LA"):
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+
+# ----------------------------------------------------------------------------- TIFF
+def _decode_tiff(data: bytes, name: str, max_pixels: int) -> list[Frame]:
+    import tifffile
+
+    with _quiet():
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                series = tif.series[0]
+                shape, axes = tuple(series.shape), series.axes
+                color = axes.endswith("S") and shape[-1] in (3, 4)
+                n_pix = int(np.prod(shape[:-1] if color else shape))
+                if n_pix > max_pixels:
+                    raise DecodeError(name, "too_large", f"{n_pix} pixels ({axes}={shape}) exceeds max_pixels={max_pixels}")
+                arr = series.asarray()
+        except DecodeError:
+            raise
+        except Exception as e:  # tifffile raises many types for damaged files
+            kind = "truncated" if isinstance(e, (EOFError, struct.error)) or "truncat" in str(e).lower() else "corrupt"
+            raise DecodeError(name, kind, f"TIFF read failed ({_short(e)})") from None
+    if color:
+        arr = arr[..., :3]
+        stack = arr.reshape((-1,) + arr.shape[-3:])
+    else:
+        stack = arr.reshape((-1,) + arr.shape[-2:])
+    scaled = _scale_by_dtype(stack)
+    return [Frame(scaled[i], i) for i in range(scaled.shape[0])]
+
+
+def _scale_by_dtype(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.bool_:
+        return a.astype(np.float32)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    return _minmax(a.astype(np.float32))
+
+
+def _minmax(a: np.ndarray) -> np.ndarray:
+    a = np.nan_to_num(a.astype(np.float32))
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:_MAX_REASON]}"
+
+
+# ----------------------------------------------------------------------------- DICOM
+def _decode_dicom(data: bytes, name: str, max_pixels: int, force: bool) -> list[Frame]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    with _quiet():
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=force)
+        except InvalidDicomError:
+            raise DecodeError(name, "corrupt", "not a DICOM file") from None
+        except (EOFError, struct.error) as e:
+            # The library message is not kept: it may quote element bytes.
+            raise DecodeError(name, "truncated", f"DICOM header ends early ({type(e).__name__})") from None
+        except Exception as e:
+            raise DecodeError(name, "corrupt", f"cannot parse DICOM ({type(e).__name__})") from None
+        if len(ds) == 0:
+            raise DecodeError(name, "corrupt", "no DICOM data elements could be parsed")
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            if rows and cols:  # image attributes without pixels: the file was cut short
+                raise DecodeError(name, "truncated", "image attributes present but pixel data missing")
+            raise DecodeError(name, "unsupported", "DICOM object has no pixel data")
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if rows <= 0 or cols <= 0:
+            raise DecodeError(name, "corrupt", "DICOM Rows/Columns missing or zero")
+        if rows * cols * n_frames > max_pixels:
+            raise DecodeError(name, "too_large",
+                              f"{n_frames} frame(s) of {rows}x{cols} exceeds max_pixels={max_pixels}")
+        ts = _transfer_syntax(ds)
+        try:
+            arr = ds.pixel_array
+        except (NotImplementedError, RuntimeError) as e:
+            ts_name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
+            raise DecodeError(name, "unsupported", f"{ts_name}: {_scrub(_short(e), ds)}") from None
+        except Exception as e:
+            msg = _scrub(_short(e), ds)
+            kind = "truncated" if ("less than expected" in msg or "truncat" in msg.lower()) else "corrupt"
+            raise DecodeError(name, kind, msg) from None
+        try:
+            stack = _dicom_to_float(arr, ds, n_frames)
+        except Exception as e:
+            raise DecodeError(name, "corrupt", f"pixel transform failed ({_scrub(_short(e), ds)})") from None
+    modality = str(ds.get("Modality", "") or "") or None
+    study_uid = str(ds.get("StudyInstanceUID", "") or "") or None
+    return [Frame(stack[i], i, modality, study_uid) for i in range(stack.shape[0])]
+
+
+def _transfer_syntax(ds):
+    """The dataset's transfer syntax; filled in from the parsed encoding when meta is missing."""
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is None:
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        ts = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        ds.file_meta.TransferSyntaxUID = ts
+    return UID(ts)
+
+
+def _dicom_to_float(arr: np.ndarray, ds, n_frames: int) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if n_frames == 1:
+        arr = arr[None]  # [F, R, C(, 3)]
+    if photometric == "PALETTE COLOR":
+        return _scale_by_dtype(apply_color_lut(arr, ds))
+    if samples > 1:  # pydicom returns YBR data converted to RGB
+        bits = int(ds.get("BitsStored", 8) or 8)
+        return arr[..., :3].astype(np.float32) / float(2**bits - 1)
+    values = apply_modality_lut(arr, ds)  # stored values -> HU / physical units, first
+    if "VOILUTSequence" in ds:
+        out = _minmax(apply_voi_lut(values, ds, index=0, prefer_lut=True))
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        out = _window(values, ds)
+    else:
+        out = _minmax(values)
+    if photometric == "MONOCHROME1":  # 0 means white: invert so bright is high everywhere
+        out = 1.0 - out
+    return out.astype(np.float32)
+
+
+def _window(values: np.ndarray, ds) -> np.ndarray:
+    """VOI windowing (PS3.3 C.11.2.1.2) mapped straight to [0, 1]: min-max to the window."""
+    c = ds["WindowCenter"].value
+    w = ds["WindowWidth"].value
+    c = float(c[0] if ds["WindowCenter"].VM > 1 else c)
+    w = float(w[0] if ds["WindowWidth"].VM > 1 else w)
+    func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    x = values.astype(np.float32)
+    if w <= 0 or (func == "LINEAR" and w < 1):
+        return _minmax(x)  # invalid window: fall back to the data range
+    if func == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    if func == "LINEAR_EXACT":
+        return np.clip((x - c) / w + 0.5, 0.0, 1.0)
+    return np.clip((x - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0) if w > 1 else (x > c).astype(np.float32)
+
+
+def _scrub(msg: str, ds) -> str:
+    """Removes any identifier value of `ds` that a library message might quote."""
+    for kw in _PHI_KEYWORDS:
+        try:
+            elem = ds.data_element(kw)
+        except Exception:
+            continue
+        if elem is None:
+            continue
+        raw = elem.value
+        vals = raw if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" else [raw]
+        for v in vals:
+            for text in {str(v), str(v).replace("^", " ")}:
+                if len(text.strip()) >= 2:
+                    msg = msg.replace(text, "<redacted>")
+    return msg
+
+
+# ----------------------------------------------------------------------------- NIfTI
+def _decode_nifti(data: bytes, name: str, max_pixels: int) -> list[Frame]:
+    import nibabel as nib
+
+    gz = data.startswith(_GZIP_MAGIC)
+    try:
+        head = gzip.GzipFile(fileobj=io.BytesIO(data)).read(_NIFTI2_HDR) if gz else data[:_NIFTI2_HDR]
+    except (OSError, EOFError) as e:
+        raise DecodeError(name, "truncated" if isinstance(e, EOFError) else "corrupt", _short(e)) from None
+    if len(head) < 4:
+        raise DecodeError(name, "truncated", "shorter than a NIfTI header")
+    sizeof_hdr = {struct.unpack("<i", head[:4])[0], struct.unpack(">i", head[:4])[0]}
+    if _NIFTI1_HDR in sizeof_hdr:
+        cls, hdr_len = nib.Nifti1Image, _NIFTI1_HDR
+    elif _NIFTI2_HDR in sizeof_hdr:
+        cls, hdr_len = nib.Nifti2Image, _NIFTI2_HDR
+    else:
+        kind = "unsupported" if gz else "corrupt"
+        raise DecodeError(name, kind, "not a NIfTI-1/NIfTI-2 file")
+    if len(head) < hdr_len:
+        raise DecodeError(name, "truncated", "NIfTI header ends early")
+    try:
+        header = cls.header_class.from_fileobj(io.BytesIO(head[:hdr_len]))
+        shape = tuple(int(s) for s in header.get_data_shape())
+        magic = bytes(header["magic"]).rstrip(b"\x00")
+        expected = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
+    except Exception as e:
+        raise DecodeError(name, "corrupt", f"bad NIfTI header ({_short(e)})") from None
+    if magic in (b"ni1", b"ni2"):
+        raise DecodeError(name, "unsupported", "NIfTI .hdr/.img pair; only single-file .nii is supported")
+    n_vox = int(np.prod(shape)) if shape else 0
+    if n_vox > max_pixels:
+        raise DecodeError(name, "too_large", f"volume {shape} exceeds max_pixels={max_pixels}")
+    if n_vox == 0:
+        raise DecodeError(name, "corrupt", f"NIfTI volume has no voxels (shape {shape})")
+    try:  # bounded read: never inflate more than the header announces
+        full = gzip.GzipFile(fileobj=io.BytesIO(data)).read(expected) if gz else data
+    except EOFError:
+        raise DecodeError(name, "truncated", "gzip stream ends early") from None
+    except OSError as e:
+        raise DecodeError(name, "corrupt", _short(e)) from None
+    if len(full) < expected:
+        raise DecodeError(name, "truncated", f"{len(full)} bytes, header needs {expected}")
+    with _quiet():
+        try:
+            img = cls.from_bytes(full)
+            try:
+                img = nib.as_closest_canonical(img)  # RAS+: last spatial axis is inferior->superior
+            except Exception:
+                pass  # degenerate affine: keep the stored orientation
+            vol = np.asarray(img.get_fdata(dtype=np.float32))
+        except Exception as e:
+            raise DecodeError(name, "corrupt", f"NIfTI data unreadable ({_short(e)})") from None
+    return _nifti_frames(vol)
+
+
+def _nifti_frames(vol: np.ndarray) -> list[Frame]:
+    if vol.ndim == 2:
+        vol = vol[:, :, None]
+    vol = vol.reshape(vol.shape[:3] + (-1,))  # [X, Y, Z, T], extra dims folded into T
+    n_z = vol.shape[2]
+    frames = []
+    for t in range(vol.shape[3]):
+        v = np.nan_to_num(vol[..., t])
+        lo, hi = np.percentile(v, _NIFTI_PERCENTILES)
+        v = np.clip((v - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(v)
+        for z in range(n_z):
+            # rot90: rows run anterior->posterior, columns patient left->right (neurological view)
+            frames.append(Frame(np.rot90(v[:, :, z]).astype(np.float32), t * n_z + z))
+    return frames

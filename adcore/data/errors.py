@@ -1,0 +1,43 @@
+"""Errors raised by the data package.
+
+Messages name the file (URI or path) and why it failed. They never contain
+DICOM patient identifiers: decoders build them from their own text.
+"""
+
+from __future__ import annotations
+
+DECODE_ERROR_KINDS = ("empty", "truncated", "unsupported", "corrupt", "too_large")
+
+
+class DecodeError(ValueError):
+    """An image file could not be turned into frames.
+
+    Attributes:
+        uri: The file's name, path or URI as given to the decoder.
+        kind: One of ``DECODE_ERROR_KINDS``, so callers can count failures by cause.
+        reason: A short human-readable explanation.
+    """
+
+    def __init__(self, uri: str, kind: str, reason: str):
+        if kind not in DECODE_ERROR_KINDS:
+            raise ValueError(f"unknown DecodeError kind {kind!r}; expected one of {DECODE_ERROR_KINDS}")
+        self.uri = str(uri)
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"cannot decode {self.uri}: {kind}: {reason}")
+
+    def __reduce__(self):
+        # Keeps the error picklable across process boundaries (Ray workers).
+        return (type(self), (self.uri, self.kind, self.reason))
+
+
+class DatasetLayoutError(ValueError):
+    """A dataset folder does not have the expected layout."""
+
+    def __init__(self, path, expected: str):
+        self.path = str(path)
+        self.expected = expected
+        super().__init__(f"bad dataset layout at {self.path}: expected {expected}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.expected))

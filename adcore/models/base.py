@@ -1,0 +1,42 @@
+"""What every adcore model returns, and the small contract the pipeline relies on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelOutput:
+    """One forward pass. Every model fills every field, in training and at inference.
+
+    ``anomaly_map`` and ``map_logit`` are on the model's patch grid; the scoring
+    pipeline interpolates them to each image's own size.
+    """
+
+    score: torch.Tensor  # [B] base image score in [0, 1]
+    anomaly_map: torch.Tensor  # [B, g, g] base per-patch anomaly probability
+    patch_embeddings: torch.Tensor  # [B, g*g, E] what the FAISS stage matches
+    image_logit: torch.Tensor  # [B]
+    map_logit: torch.Tensor  # [B, g, g]
+
+
+class AnomalyModel(nn.Module):
+    """Base class: a network taking [B, 3, S, S] images in [0, 1] (S = ``input_size``).
+
+    Each tower normalises and resizes inside ``forward``, so the exported graph
+    and a Triton server take plain [0, 1] pixels.
+    """
+
+    input_size: int
+    grid: int
+    embedding_dim: int
+    head_kind: str  # "centroids" (fusion) or "memory_bank" (PatchCore)
+
+    def config_dict(self) -> dict:
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

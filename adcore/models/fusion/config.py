@@ -1,0 +1,55 @@
+"""Configuration of the CLIP + BEiT fusion model (papers.md section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from adcore.models.towers import TowerSpec
+
+
+@dataclass
+class TextSpec:
+    """Where the text anchors [D, 2] come from.
+
+    ``clip``: the CLIP text tower of the vision tower's checkpoint (paper).
+    ``sentence``: a local sentence encoder (all-MiniLM-L6-v2) standing in where no
+    CLIP text tower exists offline; its space is not aligned with the image
+    tower, so the trained visual projection does the aligning and there is no
+    zero-shot scoring before training. ``random``: seeded random orthonormal
+    anchors, for tiny test models only.
+    """
+
+    kind: str = "clip"
+    weights: str | None = None  # sentence encoder folder; None = the packaged MiniLM
+    domain: str = "brain_mri"  # prompt bank (adcore/prompts/<domain>.json)
+
+
+@dataclass
+class FusionConfig:
+    vision: TowerSpec
+    domain: TowerSpec
+    text: TextSpec = field(default_factory=TextSpec)
+    n_fusion: int = 6  # fusion after every depth/6 layers: CLIP-L layers 4, 8, ..., 24
+    beta: float = 0.4  # weight of the vision (CLIP) hidden state at a fusion point
+    gamma: float = 0.6  # weight of the domain (BEiT) hidden state
+    alpha: float = 0.5  # residual: alpha * adapter + (1 - alpha) * CLIP state
+    proj_dim: int | None = None  # visual projection width; None = the text-anchor width
+    score_reduction: str = "mean"  # paper: mean anomalous probability over patches; or "topk"
+    topk_fraction: float = 0.1  # share of patches averaged by "topk"
+    logit_scale: float = 14.3  # initial temperature (1/0.07, as CLIP), learned
+    train_last_layers: int = 1  # paper: CLIP's last layer is trainable
+    domain_train_layers: int = 2  # stage 1 fine-tunes this many last domain layers
+    alpha_few: float = 0.15  # few-shot centroid blend (paper)
+    n_centroids: int = 16  # per class (paper)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FusionConfig":
+        data = dict(data)
+        data["vision"] = TowerSpec(**data["vision"])
+        data["domain"] = TowerSpec(**data["domain"])
+        data["text"] = TextSpec(**data.get("text", {}))
+        return cls(**data)

@@ -1,0 +1,26 @@
+"""PatchCore configuration (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from adcore.models.towers import TowerSpec
+
+
+@dataclass
+class PatchCoreConfig:
+    backbone: TowerSpec
+    layers: list[int] = field(default_factory=lambda: [4, 8])  # ViT hidden-state indices or CNN stage indices
+    aggregation_kernel: int = 3  # "locally aware" 3x3 neighbourhood average (paper)
+    coreset_ratio: float = 0.1  # paper: 1-10% of patches
+    max_bank: int = 16384  # cap on memory-bank rows so the FAISS search stays fast on CPU
+    score_k: int = 1  # nearest neighbours averaged for a patch's distance
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PatchCoreConfig":
+        data = dict(data)
+        data["backbone"] = TowerSpec(**data["backbone"])
+        return cls(**data)

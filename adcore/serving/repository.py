@@ -1,0 +1,306 @@
+"""Write a Triton model repository for any ONNX model with named inputs and outputs.
+
+One ONNX file becomes two models in the same repository:
+
+* ``<name>``: ``backend: "python"``, runs onnxruntime inside Triton's Python backend.
+  This is what the CPU ``tritonserver`` bundled in ``nvidia-pytriton`` can load
+  (it ships the Python backend only).
+* ``<name>_ort``: ``backend: "onnxruntime"``, ``KIND_GPU``, for NVIDIA's Triton
+  container on GPU hosts (see ``cluster/README.md``).
+
+Both read ``<repo>/<model>/<version>/model.onnx``; the ONNX is hard-linked when
+possible and copied otherwise, so the repository never points outside itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+ORT_SUFFIX = "_ort"
+ONNX_FILENAME = "model.onnx"  # the onnxruntime backend's default_model_filename
+
+# Triton data types (config.pbtxt spells them TYPE_<x>) keyed by ONNX TensorProto enum.
+_ONNX_TO_TRITON = {
+    onnx.TensorProto.BOOL: "BOOL",
+    onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.UINT16: "UINT16",
+    onnx.TensorProto.UINT32: "UINT32",
+    onnx.TensorProto.UINT64: "UINT64",
+    onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.INT16: "INT16",
+    onnx.TensorProto.INT32: "INT32",
+    onnx.TensorProto.INT64: "INT64",
+    onnx.TensorProto.FLOAT16: "FP16",
+    onnx.TensorProto.FLOAT: "FP32",
+    onnx.TensorProto.DOUBLE: "FP64",
+    onnx.TensorProto.BFLOAT16: "BF16",
+    onnx.TensorProto.STRING: "STRING",
+}
+_TRITON_DTYPES = frozenset(_ONNX_TO_TRITON.values())
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+# model.py of the Python-backend model. Written as text: it runs inside Triton's stub
+# process (where ``triton_python_backend_utils`` exists), never in the caller.
+PYTHON_MODEL_SOURCE = '''"""Triton Python-backend model: onnxruntime on CPU (written by adcore.serving.repository)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        onnx_path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_filename", "model.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_num_threads", "0"))
+        options.inter_op_num_threads = 1
+        # Spinning threads burn the few shared cores between requests (measured: median 75 ms -> 30 ms).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.batched = config.get("max_batch_size", 0) > 0
+        self.inputs = [c["name"] for c in config["input"]]
+        self.outputs = {c["name"]: pb_utils.triton_string_to_numpy(c["data_type"]) for c in config["output"]}
+
+    def execute(self, requests):
+        try:
+            feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs} for r in requests]
+            if self.batched and len(requests) > 1:
+                # One onnxruntime call for everything the dynamic batcher gathered.
+                sizes = [len(f[self.inputs[0]]) for f in feeds]
+                merged = {n: np.concatenate([f[n] for f in feeds]) for n in self.inputs}
+                results = self.session.run(list(self.outputs), merged)
+                bounds = np.cumsum(sizes)[:-1]
+                per_request = list(zip(*[np.split(r, bounds) for r in results]))
+            else:
+                per_request = [self.session.run(list(self.outputs), f) for f in feeds]
+        except Exception as exc:  # report to every caller instead of crashing the stub
+            error = pb_utils.TritonError(f"onnxruntime failed: {exc}")
+            return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        return [
+            pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor(name, np.ascontiguousarray(value.astype(dtype, copy=False)))
+                    for (name, dtype), value in zip(self.outputs.items(), values)
+                ]
+            )
+            for values in per_request
+        ]
+
+    def finalize(self):
+        self.session = None
+'''
+
+
+@dataclass
+class TensorSpec:
+    """A named model input or output.
+
+    Attributes:
+        name: Tensor name; must match the ONNX graph.
+        dtype: Triton data type without the ``TYPE_`` prefix, e.g. ``"FP32"``.
+        dims: Shape without the batch dimension; -1 marks a dynamic axis.
+    """
+
+    name: str
+    dtype: str
+    dims: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.dtype = self.dtype.upper().removeprefix("TYPE_")
+        if self.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"TensorSpec {self.name!r}: unknown dtype {self.dtype!r}; use one of {sorted(_TRITON_DTYPES)}")
+        self.dims = [int(d) for d in self.dims]
+        if any(d == 0 or d < -1 for d in self.dims):
+            raise ValueError(f"TensorSpec {self.name!r}: dims must be positive or -1, got {self.dims}")
+
+    def to_pbtxt(self) -> str:
+        dims = ", ".join(str(d) for d in self.dims)
+        return f'  {{\n    name: "{self.name}"\n    data_type: TYPE_{self.dtype}\n    dims: [ {dims} ]\n  }}'
+
+
+def write_model_repository(
+    onnx_path: str | os.PathLike,
+    repo_dir: str | os.PathLike,
+    model_name: str,
+    version: int,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    max_batch_size: int = 32,
+    preferred_batch_sizes: tuple[int, ...] = (4, 8, 16),
+    max_queue_delay_us: int = 2000,
+    instance_kind: str = "KIND_CPU",
+    instance_count: int = 1,
+    intra_op_num_threads: int = 0,
+    ort_instance_kind: str = "KIND_GPU",
+) -> dict[str, Path]:
+    """Write ``<model_name>`` (Python backend) and ``<model_name>_ort`` (onnxruntime backend).
+
+    Args:
+        onnx_path: The exported model; names, dtypes and ranks are checked against ``inputs``/``outputs``.
+        repo_dir: Repository root; created if missing. Existing model folders of the same names are replaced.
+        model_name: Name of the Python-backend model; the onnxruntime one gets ``_ort`` appended.
+        version: Version folder name (a positive integer).
+        inputs: Input tensors (dims without the batch dimension when ``max_batch_size > 0``).
+        outputs: Output tensors.
+        max_batch_size: Triton's largest batch; 0 disables batching (dims are then full shapes).
+        preferred_batch_sizes: Sizes the dynamic batcher aims for; each must be <= ``max_batch_size``.
+        max_queue_delay_us: How long the dynamic batcher waits to fill a batch.
+        instance_kind: ``instance_group`` kind of the Python-backend model.
+        instance_count: Instances per model.
+        intra_op_num_threads: onnxruntime threads in the Python backend (0 = onnxruntime's default).
+        ort_instance_kind: ``instance_group`` kind of the onnxruntime-backend model.
+
+    Returns:
+        ``{model_name: dir, model_name + "_ort": dir}``.
+    """
+    onnx_path = Path(onnx_path)
+    repo_dir = Path(repo_dir)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {onnx_path}")
+    if not _NAME_RE.match(model_name):
+        raise ValueError(f"model_name {model_name!r} must match {_NAME_RE.pattern}")
+    if int(version) < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    if not inputs or not outputs:
+        raise ValueError("write_model_repository needs at least one input and one output TensorSpec")
+    if max_batch_size < 0:
+        raise ValueError(f"max_batch_size must be >= 0, got {max_batch_size}")
+    bad = [b for b in preferred_batch_sizes if not 1 <= b <= max_batch_size]
+    if max_batch_size and bad:
+        raise ValueError(f"preferred_batch_sizes {bad} not in [1, max_batch_size={max_batch_size}]")
+    for kind in (instance_kind, ort_instance_kind):
+        if kind not in ("KIND_CPU", "KIND_GPU", "KIND_AUTO"):
+            raise ValueError(f"instance kind {kind!r} must be KIND_CPU, KIND_GPU or KIND_AUTO")
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    _check_against_onnx(proto, onnx_path, inputs, outputs, batched=max_batch_size > 0)
+    external = _external_data_files(proto)
+
+    common = dict(
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=preferred_batch_sizes if max_batch_size else (),
+        max_queue_delay_us=max_queue_delay_us,
+        instance_count=instance_count,
+    )
+    dirs: dict[str, Path] = {}
+    for name, backend, kind in (
+        (model_name, "python", instance_kind),
+        (model_name + ORT_SUFFIX, "onnxruntime", ort_instance_kind),
+    ):
+        model_dir = repo_dir / name
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        version_dir = model_dir / str(int(version))
+        version_dir.mkdir(parents=True)
+        _link_or_copy(onnx_path, version_dir / ONNX_FILENAME)
+        for rel in external:
+            _link_or_copy(onnx_path.parent / rel, version_dir / rel)
+        params = {}
+        if backend == "python":
+            (version_dir / "model.py").write_text(PYTHON_MODEL_SOURCE)
+            params = {"intra_op_num_threads": str(int(intra_op_num_threads)), "onnx_filename": ONNX_FILENAME}
+        config = _config_pbtxt(name, backend, kind=kind, parameters=params, **common)
+        (model_dir / "config.pbtxt").write_text(config)
+        dirs[name] = model_dir
+    return dirs
+
+
+def _config_pbtxt(
+    name: str,
+    backend: str,
+    *,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    max_batch_size: int,
+    preferred_batch_sizes: tuple[int, ...],
+    max_queue_delay_us: int,
+    kind: str,
+    instance_count: int,
+    parameters: dict[str, str],
+) -> str:
+    lines = [
+        f'name: "{name}"',
+        f'backend: "{backend}"',
+        f"max_batch_size: {max_batch_size}",
+        "input [\n" + ",\n".join(t.to_pbtxt() for t in inputs) + "\n]",
+        "output [\n" + ",\n".join(t.to_pbtxt() for t in outputs) + "\n]",
+    ]
+    if max_batch_size > 0:
+        sizes = ", ".join(str(b) for b in preferred_batch_sizes)
+        lines.append(
+            "dynamic_batching {\n"
+            + (f"  preferred_batch_size: [ {sizes} ]\n" if sizes else "")
+            + f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}"
+        )
+    lines.append(f"instance_group [\n  {{\n    count: {instance_count}\n    kind: {kind}\n  }}\n]")
+    for key, value in parameters.items():
+        lines.append(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
+    return "\n".join(lines) + "\n"
+
+
+def _check_against_onnx(
+    proto: onnx.ModelProto, path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec], batched: bool
+) -> None:
+    """Fail early (with the file name) when specs and graph disagree; Triton's own error comes much later."""
+    initializers = {init.name for init in proto.graph.initializer}
+    graph_io = {
+        "input": {v.name: v for v in proto.graph.input if v.name not in initializers},
+        "output": {v.name: v for v in proto.graph.output},
+    }
+    for role, specs in (("input", inputs), ("output", outputs)):
+        known = graph_io[role]
+        for spec in specs:
+            if spec.name not in known:
+                raise ValueError(f"{path}: no graph {role} named {spec.name!r}; the graph has {sorted(known)}")
+            ttype = known[spec.name].type.tensor_type
+            onnx_dtype = _ONNX_TO_TRITON.get(ttype.elem_type)
+            if onnx_dtype != spec.dtype:
+                raise ValueError(f"{path}: {role} {spec.name!r} is {onnx_dtype} in the graph, spec says {spec.dtype}")
+            if ttype.HasField("shape"):
+                rank = len(ttype.shape.dim)
+                want = len(spec.dims) + (1 if batched else 0)
+                if rank != want:
+                    raise ValueError(
+                        f"{path}: {role} {spec.name!r} has rank {rank} in the graph, spec dims {spec.dims} "
+                        f"give rank {want} ({'with' if batched else 'without'} the batch dimension)"
+                    )
+    missing = sorted(set(graph_io["input"]) - {s.name for s in inputs})
+    if missing:
+        raise ValueError(f"{path}: graph inputs {missing} have no TensorSpec")
+
+
+def _external_data_files(proto: onnx.ModelProto) -> list[str]:
+    """Relative paths of external-data files the ONNX refers to (empty for a self-contained file)."""
+    files = set()
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in init.external_data:
+                if entry.key == "location":
+                    if os.path.isabs(entry.value) or ".." in Path(entry.value).parts:
+                        raise ValueError(f"external data location {entry.value!r} escapes the model folder")
+                    files.add(entry.value)
+    return sorted(files)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (no extra disk, no symlink leaving the repo), or copy across filesystems."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,94 @@
+"""Training and validation data: BMAD splits, synthetic anomalies, batching.
+
+Training sets are mostly (often only) normal images; the fusion model's
+segmentation loss needs masks, so a share of training images gets a
+synthesised anomaly (Perlin-noise texture, CutPaste, or a lesion) with its
+mask. Real labelled anomalies in the training split are used as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adcore.data import bmad
+from adcore.data.synth import RandCutPaste, RandPerlinAnomaly
+from adcore.scorer import prepare
+
+# Pixels above this intensity count as foreground (anatomy) when placing synthetic anomalies.
+FOREGROUND_LEVEL = 0.05
+# Below this foreground share the image is treated as all-foreground (e.g. chest X-ray, pathology).
+MIN_FOREGROUND_SHARE = 0.1
+
+
+def foreground_mask(image: np.ndarray) -> np.ndarray | None:
+    gray = image if image.ndim == 2 else image.mean(-1)
+    fg = gray > FOREGROUND_LEVEL
+    return fg if fg.mean() >= MIN_FOREGROUND_SHARE else None
+
+
+def load_images(samples: list[bmad.Sample]) -> tuple[list[np.ndarray], list[np.ndarray | None], np.ndarray]:
+    images, masks = [], []
+    for s in samples:
+        image, mask = bmad.load_sample(s)
+        images.append(image)
+        masks.append(mask)
+    return images, masks, np.array([s.label for s in samples], dtype=np.int64)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # [B, 3, S, S] in [0, 1]
+    masks: torch.Tensor  # [B, S, S] float {0, 1}
+    labels: torch.Tensor  # [B] float {0, 1}
+
+
+class SyntheticAnomalyBatches:
+    """Iterates shuffled batches of normal images, a share made anomalous by synthesis.
+
+    Args:
+        images: decoded training images (HxW or HxWxC in [0, 1]).
+        masks: their masks (None for normal images).
+        labels: 0 normal, 1 real anomaly.
+        size: network input size.
+        anomaly_share: probability that a normal image gets a synthetic anomaly.
+        seed: all randomness comes from this seed and the epoch number.
+    """
+
+    def __init__(self, images, masks, labels, size: int, batch_size: int, anomaly_share: float = 0.5, seed: int = 0):
+        self.pixels = [prepare(im, size) for im in images]  # [3, S, S] each, resized once
+        self.masks = [
+            np.zeros((size, size), bool) if m is None else _resize_mask(m, size) for m in masks
+        ]
+        self.labels = np.asarray(labels)
+        self.size, self.batch_size = size, batch_size
+        self.anomaly_share, self.seed = anomaly_share, seed
+
+    def __len__(self) -> int:
+        return (len(self.pixels) + self.batch_size - 1) // self.batch_size
+
+    def epoch(self, epoch: int):
+        rng = np.random.default_rng([self.seed, epoch])
+        makers = [RandPerlinAnomaly(rng), RandCutPaste(rng)]
+        order = rng.permutation(len(self.pixels))
+        for start in range(0, len(order), self.batch_size):
+            imgs, msks, lbls = [], [], []
+            for i in order[start : start + self.batch_size]:
+                img = self.pixels[i].transpose(1, 2, 0)  # [S, S, 3]
+                mask, label = self.masks[i], int(self.labels[i])
+                if label == 0 and rng.random() < self.anomaly_share:
+                    maker = makers[int(rng.integers(len(makers)))]
+                    img, mask = maker(img, foreground=foreground_mask(img))
+                    label = int(mask.any())
+                imgs.append(np.ascontiguousarray(np.asarray(img, np.float32).transpose(2, 0, 1)))
+                msks.append(np.asarray(mask, np.float32))
+                lbls.append(label)
+            yield Batch(torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(msks)), torch.tensor(lbls, dtype=torch.float32))
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (F.interpolate(t, size=(size, size), mode="area")[0, 0] >= 0.5).numpy()

@@ -1,0 +1,177 @@
+"""A real tritonserver (CPU, from nvidia-pytriton) serving a tiny exported ONNX model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("pytriton")
+pytest.importorskip("tritonclient.http")
+pytest.importorskip("tritonclient.grpc")
+
+from adcore.serving.client import TritonClient, TritonUnavailableError  # noqa: E402
+from adcore.serving.repository import TensorSpec, write_model_repository  # noqa: E402
+from adcore.serving.triton_server import LocalTriton, TritonStartError, process_group_alive  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHANNELS, SIDE, FEATURES, CLASSES = 3, 16, 4, 2
+MAX_ABS_DIFF = 1e-5
+
+
+class TinyNet(torch.nn.Module):
+    """Conv + linear with two named outputs: a score vector and a feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(CHANNELS, FEATURES, 3, padding=1)
+        self.head = torch.nn.Linear(FEATURES, CLASSES)
+
+    def forward(self, image):
+        fmap = self.conv(image).relu()  # [B, F, H, W]
+        return self.head(fmap.mean(dim=(2, 3))), fmap  # [B, C], [B, F, H, W]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    work = tmp_path_factory.mktemp("triton")
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    onnx_path = work / "tiny.onnx"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.onnx.export(
+        model,
+        (torch.randn(2, CHANNELS, SIDE, SIDE),),
+        str(onnx_path),
+        dynamo=True,
+        input_names=["image"],
+        output_names=["score", "feature_map"],
+        dynamic_shapes={"image": {0: batch}},
+        external_data=False,
+    )
+    dirs = write_model_repository(
+        onnx_path,
+        work / "repo",
+        "tiny",
+        version=3,
+        inputs=[TensorSpec("image", "FP32", [CHANNELS, SIDE, SIDE])],
+        outputs=[TensorSpec("score", "FP32", [CLASSES]), TensorSpec("feature_map", "FP32", [FEATURES, SIDE, SIDE])],
+        intra_op_num_threads=1,
+    )
+    return onnx_path, work / "repo", dirs
+
+
+def test_repository_layout(repo):
+    onnx_path, repo_dir, dirs = repo
+    assert set(dirs) == {"tiny", "tiny_ort"}
+    python_cfg = (dirs["tiny"] / "config.pbtxt").read_text()
+    ort_cfg = (dirs["tiny_ort"] / "config.pbtxt").read_text()
+    assert 'backend: "python"' in python_cfg and "KIND_CPU" in python_cfg
+    assert 'backend: "onnxruntime"' in ort_cfg and "KIND_GPU" in ort_cfg
+    for cfg in (python_cfg, ort_cfg):
+        assert "dynamic_batching" in cfg and "preferred_batch_size: [ 4, 8, 16 ]" in cfg
+        assert 'name: "feature_map"' in cfg and "dims: [ 4, 16, 16 ]" in cfg
+    for d in dirs.values():
+        onnx_copy = d / "3" / "model.onnx"
+        assert onnx_copy.is_file() and not onnx_copy.is_symlink()
+        assert onnx_copy.read_bytes() == onnx_path.read_bytes()
+    assert (dirs["tiny"] / "3" / "model.py").is_file()
+
+
+def test_spec_mismatch_is_rejected(repo, tmp_path):
+    onnx_path, _, _ = repo
+    with pytest.raises(ValueError, match="no graph input named 'pixels'"):
+        write_model_repository(
+            onnx_path, tmp_path, "bad", 1, [TensorSpec("pixels", "FP32", [3, 16, 16])], [TensorSpec("score", "FP32", [2])]
+        )
+    with pytest.raises(ValueError, match="is FP32 in the graph"):
+        write_model_repository(
+            onnx_path, tmp_path, "bad", 1, [TensorSpec("image", "FP16", [3, 16, 16])], [TensorSpec("score", "FP32", [2])]
+        )
+
+
+def test_serve_infer_and_unavailable(repo):
+    onnx_path, repo_dir, dirs = repo
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    server = LocalTriton(repo_dir, ready_timeout_s=60)
+    assert server.models == ["tiny"]  # the _ort twin is never loaded on the CPU binary
+    with server:
+        pgid = server.pid
+        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+            with TritonClient(url, "tiny", protocol=protocol) as client:
+                assert client.is_ready()
+                for batch in (1, 5):
+                    image = rng.standard_normal((batch, CHANNELS, SIDE, SIDE), dtype=np.float32)
+                    got = client.infer({"image": image})
+                    want = dict(zip(["score", "feature_map"], session.run(["score", "feature_map"], {"image": image})))
+                    assert set(got) == {"score", "feature_map"}
+                    for name in want:
+                        assert got[name].shape == want[name].shape
+                        assert np.abs(got[name] - want[name]).max() < MAX_ABS_DIFF, (protocol, batch, name)
+                with pytest.raises(ValueError, match="missing"):
+                    client.infer({})
+        assert dirs["tiny_ort"].is_dir()
+        assert not TritonClient(server.http_url, "tiny_ort").is_ready()
+
+        http = TritonClient(server.http_url, "tiny", retries=2, backoff_s=0.1, timeout_s=2)
+        grpc = TritonClient(server.grpc_url, "tiny", protocol="grpc", retries=2, backoff_s=0.1, timeout_s=2)
+        image = rng.standard_normal((2, CHANNELS, SIDE, SIDE), dtype=np.float32)
+        http.infer({"image": image})
+        grpc.infer({"image": image})
+        server.stop()  # mid-way: clients already hold metadata and connections
+
+        assert not process_group_alive(pgid), "tritonserver or its stub outlived stop()"
+        for client in (http, grpc):
+            start = time.monotonic()
+            with pytest.raises(TritonUnavailableError, match="127.0.0.1") as info:
+                client.infer({"image": image})
+            # 3 attempts with backoff 0.1 + 0.2 s on a refused port: well under the timeouts.
+            assert time.monotonic() - start < 10
+            assert "3 times" in str(info.value)
+            assert not client.is_ready()
+            client.close()
+
+
+def test_unloadable_model_fails_fast(repo):
+    """The onnxruntime twin cannot load on the CPU binary: start must say so, not hang, and leave nothing."""
+    _, repo_dir, _ = repo
+    server = LocalTriton(repo_dir, models=["tiny_ort"], ready_timeout_s=60)
+    start = time.monotonic()
+    with pytest.raises(TritonStartError, match="tiny_ort: UNAVAILABLE.*onnxruntime"):
+        server.start()
+    assert time.monotonic() - start < 30
+    assert server.pid is None
+
+
+def test_cli_start_stop(repo, tmp_path):
+    _, repo_dir, _ = repo
+    state = tmp_path / "state.json"
+    cli = [sys.executable, str(REPO_ROOT / "cluster" / "triton_local.py")]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    out = subprocess.run(
+        [*cli, "start", "--repository", str(repo_dir), "--models", "tiny", "--state", str(state)],
+        capture_output=True, text=True, timeout=90, env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    info = json.loads(state.read_text())
+    try:
+        assert info["http_url"] in out.stdout
+        client = TritonClient(info["http_url"], "tiny")
+        assert client.is_ready()
+        client.close()
+    finally:
+        stop = subprocess.run([*cli, "stop", "--state", str(state)], capture_output=True, text=True, timeout=60, env=env)
+    assert stop.returncode == 0, stop.stderr
+    assert not state.exists()
+    assert not process_group_alive(info["pid"])

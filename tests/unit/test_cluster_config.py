@@ -1,0 +1,81 @@
+"""The Ray cluster launcher configs pass Ray's own schema and declare what the jobs need."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("ray")
+
+import ray.autoscaler  # noqa: E402
+from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = [REPO_ROOT / "ray_cluster.yaml", *sorted((REPO_ROOT / "cluster").glob("*.yaml"))]
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _ray_schema() -> dict:
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def test_configs_found():
+    names = {p.name for p in CONFIGS}
+    assert "ray_cluster.yaml" in names and "gpu-4x8-aws.yaml" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_raw_config_matches_ray_schema(path):
+    # The raw file too: the schema forbids unknown keys, which would otherwise hide behind defaults.
+    jsonschema.validate(_load(path), _ray_schema())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_prepared_config_validates_like_ray_up(path):
+    # `ray up` merges the provider defaults, then validates: do the same.
+    validate_config(prepare_config(_load(path)))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_node_types(path):
+    config = _load(path)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "the head should not hold GPUs"
+    gpu = {n: t for n, t in types.items() if t["resources"].get("GPU", 0) > 0}
+    cpu = {n: t for n, t in types.items() if n != config["head_node_type"] and not t["resources"].get("GPU")}
+    assert gpu, f"{path.name}: no worker type declares GPUs"
+    assert cpu, f"{path.name}: no CPU worker type for decoding"
+    for name, node in gpu.items():
+        assert node["node_config"]["InstanceType"].split(".")[0] in {"g5", "g6", "g6e", "p3", "p4d", "p5"}, name
+        assert node.get("max_workers", 0) > 0, name
+        install = " ".join(node["worker_setup_commands"])
+        assert '"torch==2.13.0"' in install and ".[gpu]" in install, name
+        assert "whl/cpu" not in install, f"{name} would install the CPU torch wheel"
+    for name, node in cpu.items():
+        assert "whl/cpu" in " ".join(node["worker_setup_commands"]), name
+    assert config["idle_timeout_minutes"] > 0
+    assert any(local == "." for local in config["file_mounts"].values()), "the repository is not synced"
+    assert sum(t.get("min_workers", 0) for t in types.values()) <= config["max_workers"]
+
+
+def test_schema_rejects_a_broken_config():
+    """Guards the test itself: a typo'd key or a fractional GPU count must fail validation."""
+    config = _load(CONFIGS[0])
+    typo = copy.deepcopy(config)
+    typo["idle_timeout_minute"] = 5
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(typo, _ray_schema())
+    fractional = copy.deepcopy(config)
+    gpu_type = next(n for n, t in fractional["available_node_types"].items() if t["resources"].get("GPU"))
+    fractional["available_node_types"][gpu_type]["resources"]["GPU"] = 0.5
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(fractional))
