@@ -66,3 +66,15 @@ def s3_server():
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> str:
+    """Path of a saved tiny fusion-small artifact (random-init towers), shared by the session."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import tiny_artifact as make
+
+    return make(tmp_path_factory.mktemp("artifact") / "fusion-small-tiny")

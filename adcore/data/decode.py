@@ -255,8 +255,8 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, force: bool) -> list[
             raise DecodeError(name, "corrupt", "no DICOM data elements could be parsed")
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            if rows and cols:  # image attributes without pixels: the file was cut short
-                raise DecodeError(name, "truncated", "image attributes present but pixel data missing")
+            if (rows and cols) or _is_image_sop(ds):  # an image object without pixels: cut short
+                raise DecodeError(name, "truncated", "image object but pixel data missing")
             raise DecodeError(name, "unsupported", "DICOM object has no pixel data")
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         if rows <= 0 or cols <= 0:
@@ -281,6 +281,13 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, force: bool) -> list[
     modality = str(ds.get("Modality", "") or "") or None
     study_uid = str(ds.get("StudyInstanceUID", "") or "") or None
     return [Frame(stack[i], i, modality, study_uid) for i in range(stack.shape[0])]
+
+
+def _is_image_sop(ds) -> bool:
+    from pydicom.uid import UID
+
+    sop = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    return sop is not None and "Image Storage" in UID(str(sop)).name
 
 
 def _transfer_syntax(ds):

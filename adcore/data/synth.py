@@ -22,22 +22,21 @@ def perlin_2d(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Gener
     """Gradient (Perlin) noise on an HxW grid with `res` lattice cells per axis; about [-0.7, 0.7]."""
     h, w = shape
     ry, rx = res
-    angles = 2 * np.pi * rng.random((ry + 1, rx + 1))
-    grad = np.stack([np.cos(angles), np.sin(angles)], axis=-1)  # [ry+1, rx+1, 2]
-    y = (np.arange(h) + 0.5) * ry / h
-    x = (np.arange(w) + 0.5) * rx / w
+    angles = (2 * np.pi * rng.random((ry + 1, rx + 1))).astype(np.float32)
+    gy, gx = np.cos(angles), np.sin(angles)  # unit gradients on the [ry+1, rx+1] lattice
+    y = ((np.arange(h) + 0.5) * ry / h).astype(np.float32)
+    x = ((np.arange(w) + 0.5) * rx / w).astype(np.float32)
     iy, ix = y.astype(np.int64), x.astype(np.int64)
-    fy, fx = (y - iy)[:, None], (x - ix)[None, :]  # [H, 1], [1, W]
+    fy, fx = (y - np.floor(y))[:, None], (x - np.floor(x))[None, :]  # [H, 1], [1, W]
 
-    def dot(dy, dx, oy, ox):
-        g = grad[iy + oy][:, ix + ox]  # [H, W, 2]
-        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+    def dot(oy, ox):  # gradient of corner (oy, ox) dotted with the offset to it
+        sel = np.ix_(iy + oy, ix + ox)
+        return gy[sel] * (fy - oy) + gx[sel] * (fx - ox)  # [H, W]
 
-    n00, n10, n01, n11 = dot(0, 0, 0, 0), dot(1, 0, 1, 0), dot(0, 1, 0, 1), dot(1, 1, 1, 1)
     ty, tx = [6 * t**5 - 15 * t**4 + 10 * t**3 for t in (fy, fx)]  # Perlin's fade curve
-    n0 = n00 * (1 - ty) + n10 * ty
-    n1 = n01 * (1 - ty) + n11 * ty
-    return (np.sqrt(2) * (n0 * (1 - tx) + n1 * tx)).astype(np.float32)
+    n0 = dot(0, 0) * (1 - ty) + dot(1, 0) * ty
+    n1 = dot(0, 1) * (1 - ty) + dot(1, 1) * ty
+    return np.float32(np.sqrt(2)) * (n0 * (1 - tx) + n1 * tx)
 
 
 def fractal_perlin(shape, res, rng, octaves: int = 3, persistence: float = 0.5) -> np.ndarray:
@@ -177,10 +176,10 @@ class LesionConfig:
 
     area_frac: tuple = (0.03, 0.25)  # lesion area / foreground area (the demo's brief)
     hypo_p: float = 0.6  # most brain lesions are T1-hypointense
-    hypo_factor: tuple = (0.35, 0.75)  # lesion level / surrounding tissue level
+    hypo_factor: tuple = (0.45, 0.8)  # lesion level / surrounding tissue level
     hyper_factor: tuple = (1.2, 1.6)
     ring_p: float = 0.3  # necrotic core + brighter rim (glioblastoma-like)
-    texture_amp: tuple = (0.03, 0.15)  # internal heterogeneity, relative
+    texture_amp: tuple = (0.04, 0.12)  # internal heterogeneity, relative
     edge_frac: tuple = (0.1, 0.35)  # soft edge width / lesion radius
     irregularity: tuple = (0.2, 0.6)  # noise weight against the radial profile
     mass_effect_p: float = 0.0  # displace surrounding tissue (changes pixels outside the mask)
@@ -205,7 +204,8 @@ def lesion_mask(rng: np.random.Generator, foreground: np.ndarray, area_frac,
     cy, cx = int(ys[i]), int(xs[i])
     yy, xx = np.ogrid[: fg.shape[0], : fg.shape[1]]
     dist = np.hypot(yy - cy, xx - cx) / radius
-    field = -dist + rng.uniform(*irregularity) * _smooth_noise(fg.shape, radius / 3, rng)
+    noise = _smooth_noise(fg.shape, radius / 3, rng) + 0.4 * _smooth_noise(fg.shape, radius / 8, rng)
+    field = -dist + rng.uniform(*irregularity) * noise  # lobulated, not round
     vals = field[fg]
     k = int(min(max(target, 1), vals.size))
     thr = np.partition(vals, vals.size - k)[vals.size - k]
@@ -237,15 +237,17 @@ def paint_lesion(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, 
     gray = to_gray(image)
     base = float(gray[mask].mean()) if mask.any() else 0.5
     factor = rng.uniform(*(cfg.hypo_factor if rng.random() < cfg.hypo_p else cfg.hyper_factor))
-    tex = 1 + rng.uniform(*cfg.texture_amp) * _smooth_noise(mask.shape, max(radius / 6, 1.0), rng)
-    value = base * factor * tex
+    grain = _smooth_noise(mask.shape, max(radius / 5, 1.0), rng) + 0.5 * _smooth_noise(mask.shape, 1.5, rng)
+    tex = 1 + rng.uniform(*cfg.texture_amp) * grain
     depth = ndimage.distance_transform_edt(mask)
-    if rng.random() < cfg.ring_p:  # dark necrotic core inside a brighter rim
-        rim = depth < radius * rng.uniform(0.2, 0.4)
-        value = np.where(rim, base * rng.uniform(*cfg.hyper_factor) * tex, base * rng.uniform(0.2, 0.45) * tex)
+    if rng.random() < cfg.ring_p:  # dark necrotic core inside a brighter rim, soft transition
+        rim = radius * rng.uniform(0.2, 0.4)
+        core = ndimage.gaussian_filter(np.clip((depth - rim) / (0.5 * rim), 0, 1), rim / 3)
+        factor = rng.uniform(*cfg.hyper_factor) * (1 - core) + rng.uniform(0.3, 0.5) * core
+    value = np.clip(base * factor * tex, 0.0, 1.0).astype(np.float32)
     edge = max(radius * rng.uniform(*cfg.edge_frac), 1.0)
-    alpha = np.clip(depth / edge, 0.0, 1.0).astype(np.float32)  # 0 outside the mask: pixels there untouched
-    value = np.clip(value, 0.0, 1.0).astype(np.float32)
+    # ramp in from the border, smoothed so the ramp has no creases; 0 outside: pixels untouched
+    alpha = (ndimage.gaussian_filter(np.clip(depth / edge, 0.0, 1.0), edge / 2) * mask).astype(np.float32)
     return _blend(image, value[..., None] if image.ndim == 3 else value, alpha)
 
 

@@ -18,7 +18,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path

@@ -57,6 +57,7 @@ class TrainConfig:
     version: int = 1
     seed: int = 0
     smoke_test: bool = False  # a few steps on a few images, to check the plumbing
+    tiny: bool = False  # the preset's tiny random-init variant (tests)
     overrides: dict[str, Any] = field(default_factory=dict)  # model config overrides
 
     def budget_s(self, stage: int) -> float | None:
@@ -198,7 +199,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
     hooks = hooks or TrainHooks()
     torch.manual_seed(cfg.seed)
     t0 = time.monotonic()
-    model = create(cfg.model, weights=cfg.weights or None, **cfg.overrides)
+    model = create(cfg.model, weights=cfg.weights or None, tiny=cfg.tiny, **cfg.overrides)
     limit = 8 if cfg.smoke_test else None
     train_set = load_split(data, "train", limit, hooks.rank, hooks.world_size)
     valid = load_split(data, "valid", 8 if cfg.smoke_test else cfg.max_valid)

@@ -1,0 +1,286 @@
+"""Export a scorer's network to ONNX and run it in-process with onnxruntime.
+
+Only the network crosses into ONNX (and from there into Triton): pixels in
+[0, 1] -> ``score``, ``anomaly_map``, ``patch_embeddings``. The FAISS head,
+calibration and postprocessing stay with the artifact, so the scoring job
+loads the artifact for them and swaps :class:`OnnxNetwork` (or a Triton
+client) in for ``scorer.forward``::
+
+    path = export_onnx(scorer, "model.onnx")
+    net = OnnxNetwork(path)
+    raw_score, raw_map = scorer.head(net(pixels))
+
+The artifact's identity (``model_version``, ``fingerprint``) is written into
+the ONNX metadata so a file found on its own still names its artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from adcore.scorer import INPUT_NAME, OUTPUT_NAMES
+
+# Example batch for tracing: not 1, which torch.export would specialise as a constant.
+_TRACE_BATCH = 2
+# Largest batch the exported graph promises to handle (Triton's max_batch_size is far below).
+MAX_EXPORT_BATCH = 4096
+# protobuf refuses single messages over 2 GiB; above this the weights go to a side file
+# (fusion-large at paper size, CLIP-L + BEiT-L, is about 2.4 GB of float32).
+_INLINE_WEIGHTS_LIMIT = 1_800_000_000
+# Artifact fields copied into the ONNX metadata_props.
+METADATA_KEYS = ("model_name", "model_version", "fingerprint", "version")
+
+
+class _NetworkOutputs(nn.Module):
+    """``scorer.model`` seen as pixels -> the three named outputs (a tuple, in OUTPUT_NAMES order)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(pixel_values)
+        return tuple(getattr(out, name).float() for name in OUTPUT_NAMES)  # [B], [B, g, g], [B, g*g, E]
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def export_onnx(scorer, path: str | os.PathLike, opset: int | None = None) -> Path:
+    """Write ``scorer.model`` as ONNX with a dynamic batch dimension and check it.
+
+    Args:
+        scorer: A :class:`adcore.scorer.Scorer` (its network is exported, on CPU, in eval mode).
+        path: Output ``.onnx`` file; its folder is created.
+        opset: ONNX opset; None takes torch's default.
+
+    Returns:
+        ``path``. Weights are inline unless they exceed protobuf's limit, in which
+        case they sit next to it in ``<name>.data``.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = scorer.model.eval()
+    device = next(model.parameters()).device
+    wrapper = _NetworkOutputs(model).eval()
+    size = int(scorer.input_size)
+    example = torch.rand(_TRACE_BATCH, 3, size, size, device=device)
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    external = _weight_bytes(model) > _INLINE_WEIGHTS_LIMIT
+    # The exporter warns once per missing torchvision op at WARNING level; adcore uses no torchvision.
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes={"pixel_values": {0: batch}},
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise RuntimeError(f"ONNX export of {scorer.name!r} ({type(model).__name__}) to {path} failed: {exc}") from exc
+    finally:
+        registry_log.setLevel(level)
+    meta = {k: str(scorer.meta[k]) for k in METADATA_KEYS if k in scorer.meta}
+    program.model.metadata_props.update(meta)
+    program.save(str(path), external_data=external)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise RuntimeError(f"exported ONNX {path} fails onnx.checker: {exc}") from exc
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (artifact identity written by :func:`export_onnx`)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+class OnnxNetwork:
+    """An exported network run in-process by onnxruntime; a drop-in for ``Scorer.forward``.
+
+    Args:
+        path: The ``.onnx`` file from :func:`export_onnx`.
+        threads: onnxruntime intra-op threads; None lets onnxruntime choose.
+        providers: Execution providers in order; default CUDA first when onnxruntime has it, then CPU.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        # Spinning worker threads burn shared cores between calls (ENVIRONMENT.md: median 75 ms -> 30 ms).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if providers is None:
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:
+            raise RuntimeError(f"onnxruntime cannot load {self.path}: {exc}") from exc
+        names = [o.name for o in self.session.get_outputs()]
+        if sorted(names) != sorted(OUTPUT_NAMES):
+            raise ValueError(f"{self.path}: outputs {names}, expected {list(OUTPUT_NAMES)}")
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """[B, 3, S, S] float32 in [0, 1] -> the same dict as ``Scorer.forward``."""
+        feed = {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)}
+        values = self.session.run(list(OUTPUT_NAMES), feed)
+        return dict(zip(OUTPUT_NAMES, values))
+
+
+# --- Triton model repository -------------------------------------------------
+# Keys under ``parameters`` in config.pbtxt that tie a served model to its artifact.
+IDENTITY_KEYS = ("model_version", "fingerprint")
+# Dynamic batcher targets; those above max_batch_size are dropped.
+_PREFERRED_BATCHES = (4, 8, 16)
+# Outputs with no dimension but the batch one; Triton wants them as dims [1] + reshape [].
+_BATCH_ONLY_OUTPUTS = ("score",)
+
+
+class ModelMismatchError(RuntimeError):
+    """The model a server runs is not the network of the artifact the caller loaded."""
+
+
+def tensor_specs(scorer) -> tuple[list, list]:
+    """Triton input/output specs (without the batch dimension) of the exported network."""
+    from adcore.serving import TensorSpec
+
+    size, g, e = int(scorer.input_size), int(scorer.model.grid), int(scorer.model.embedding_dim)
+    dims = {"score": [], "anomaly_map": [g, g], "patch_embeddings": [g * g, e]}
+    return [TensorSpec(INPUT_NAME, "FP32", [3, size, size])], [TensorSpec(n, "FP32", dims[n]) for n in OUTPUT_NAMES]
+
+
+def repository_parameters(scorer) -> dict[str, str]:
+    """What config.pbtxt records about the artifact: name, integer version, model_version, fingerprint."""
+    missing = [k for k in ("model_name", "version", *IDENTITY_KEYS) if k not in scorer.meta]
+    if missing:
+        raise ValueError(f"scorer has no {missing} in its meta: save it as an artifact before exporting to Triton")
+    return {
+        "artifact_model_name": str(scorer.meta["model_name"]),
+        "artifact_version": str(int(scorer.meta["version"])),
+        "model_version": str(scorer.meta["model_version"]),
+        "fingerprint": str(scorer.meta["fingerprint"]),
+    }
+
+
+def write_triton_repository(
+    scorer,
+    onnx_path: str | os.PathLike,
+    repo_dir: str | os.PathLike,
+    model_name: str | None = None,
+    max_batch_size: int = 32,
+    intra_op_num_threads: int = 0,
+) -> dict[str, Path]:
+    """Write ``<name>`` (Python backend, CPU) and ``<name>_ort`` (onnxruntime backend, GPU) for this scorer.
+
+    The repository version is the artifact's integer version; the artifact's
+    ``model_version`` and ``fingerprint`` go into each config.pbtxt's ``parameters``
+    (check them with :func:`check_served_model`). Returns ``{model: folder}``.
+    """
+    from adcore.serving import write_model_repository
+
+    params = repository_parameters(scorer)
+    name = model_name or _triton_name(params["artifact_model_name"])
+    inputs, outputs = tensor_specs(scorer)
+    dirs = write_model_repository(
+        onnx_path,
+        repo_dir,
+        name,
+        version=int(params["artifact_version"]),
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch_size,
+        preferred_batch_sizes=tuple(b for b in _PREFERRED_BATCHES if b <= max_batch_size),
+        intra_op_num_threads=intra_op_num_threads,
+    )
+    for model_dir in dirs.values():
+        _patch_config(model_dir / "config.pbtxt", params)
+    return dirs
+
+
+def _triton_name(name: str) -> str:
+    """A Triton-safe model name (letters, digits, ``_.-``) from an artifact's model_name."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+def _patch_config(config: Path, params: dict[str, str]) -> None:
+    """Batch-only outputs -> dims [1] + reshape [] (Triton rejects empty dims); add the identity parameters.
+
+    ``adcore.serving.write_model_repository`` has no reshape or extra-parameter argument yet,
+    so both are added to the text it wrote.
+    """
+    text = config.read_text()
+    for name in _BATCH_ONLY_OUTPUTS:
+        pattern = re.compile(rf'(name: "{name}"\n(\s*)data_type: \w+\n\s*)dims: \[\s*\]')
+        text, n = pattern.subn(r"\1dims: [ 1 ]\n\2reshape: { shape: [ ] }", text)
+        if n != 1:
+            raise RuntimeError(f"{config}: cannot find output {name!r} with empty dims to reshape")
+    for key, value in params.items():
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        text += f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{escaped}" }}\n}}\n'
+    config.write_text(text)
+
+
+def served_parameters(model_config: dict) -> dict[str, str]:
+    """``parameters`` of a model config as Triton returns it (HTTP JSON or gRPC ``as_json``)."""
+    config = model_config.get("config", model_config)
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def check_served_model(model_config: dict, scorer) -> None:
+    """Raise :class:`ModelMismatchError` unless the served model was exported from ``scorer``'s artifact.
+
+    Args:
+        model_config: The server's answer to ``get_model_config`` for the model.
+        scorer: The artifact the caller loaded (for the FAISS head and calibration).
+    """
+    served = served_parameters(model_config)
+    want = {k: str(scorer.meta.get(k)) for k in IDENTITY_KEYS}
+    wrong = {k: served.get(k) for k in IDENTITY_KEYS if served.get(k) != want[k]}
+    if wrong:
+        name = model_config.get("config", model_config).get("name", "?")
+        raise ModelMismatchError(
+            f"Triton model {name!r} serves {wrong}, but the artifact {scorer.version!r} has "
+            f"{ {k: want[k] for k in wrong} }: re-export it with jobs/export.py or point the job at the matching artifact"
+        )
+
+
+def from_triton(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Triton's outputs -> ``Scorer.forward``'s shapes (``score`` comes back [B, 1], see :func:`_patch_config`)."""
+    out = dict(outputs)
+    for name in _BATCH_ONLY_OUTPUTS:
+        out[name] = np.asarray(out[name]).reshape(-1)
+    return out
