@@ -11,11 +11,15 @@ client) in for ``scorer.forward``::
     raw_score, raw_map = scorer.head(net(pixels))
 
 The artifact's identity (``model_version``, ``fingerprint``) is written into
-the ONNX metadata so a file found on its own still names its artifact.
+the ONNX metadata so a file found on its own still names its artifact, and by
+:func:`write_triton_repository` into each Triton ``config.pbtxt``, where
+:func:`check_served_model` compares it with the artifact a scoring job loaded.
+Triton returns ``score`` as [B, 1]; :func:`from_triton` restores [B].
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -36,6 +40,8 @@ MAX_EXPORT_BATCH = 4096
 _INLINE_WEIGHTS_LIMIT = 1_800_000_000
 # Artifact fields copied into the ONNX metadata_props.
 METADATA_KEYS = ("model_name", "model_version", "fingerprint", "version")
+# Loggers quieted during export: one warning per torchvision op (adcore has none), INFO per graph pass.
+_NOISY_LOGGERS = {"torch.onnx._internal.exporter._registration": logging.ERROR, "onnx_ir": logging.WARNING}
 
 
 class _NetworkOutputs(nn.Module):
@@ -50,22 +56,38 @@ class _NetworkOutputs(nn.Module):
         return tuple(getattr(out, name).float() for name in OUTPUT_NAMES)  # [B], [B, g, g], [B, g*g, E]
 
 
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    """Silence the exporter's per-op chatter (missing torchvision ops, onnx_ir pass INFO lines)."""
+    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    try:
+        for name, level in _NOISY_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def _weight_bytes(model: nn.Module) -> int:
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def export_onnx(scorer, path: str | os.PathLike, opset: int | None = None) -> Path:
+def export_onnx(
+    scorer, path: str | os.PathLike, opset: int | None = None, external_data: bool | None = None
+) -> Path:
     """Write ``scorer.model`` as ONNX with a dynamic batch dimension and check it.
 
     Args:
-        scorer: A :class:`adcore.scorer.Scorer` (its network is exported, on CPU, in eval mode).
+        scorer: A :class:`adcore.scorer.Scorer`; its network is exported in eval mode on its current device.
         path: Output ``.onnx`` file; its folder is created.
         opset: ONNX opset; None takes torch's default.
+        external_data: Weights in a side file ``<file>.data`` (``write_model_repository``
+            carries both); None: only when they exceed protobuf's 2 GiB limit.
 
     Returns:
-        ``path``. Weights are inline unless they exceed protobuf's limit, in which
-        case they sit next to it in ``<name>.data``.
+        ``path``.
     """
     import onnx
 
@@ -77,13 +99,9 @@ def export_onnx(scorer, path: str | os.PathLike, opset: int | None = None) -> Pa
     size = int(scorer.input_size)
     example = torch.rand(_TRACE_BATCH, 3, size, size, device=device)
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
-    external = _weight_bytes(model) > _INLINE_WEIGHTS_LIMIT
-    # The exporter warns once per missing torchvision op at WARNING level; adcore uses no torchvision.
-    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry_log.level
-    registry_log.setLevel(logging.ERROR)
+    external = _weight_bytes(model) > _INLINE_WEIGHTS_LIMIT if external_data is None else bool(external_data)
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        with _quiet_exporter_logs(), torch.inference_mode(False), torch.no_grad():
             program = torch.onnx.export(
                 wrapper,
                 (example,),
@@ -97,8 +115,6 @@ def export_onnx(scorer, path: str | os.PathLike, opset: int | None = None) -> Pa
             )
     except Exception as exc:
         raise RuntimeError(f"ONNX export of {scorer.name!r} ({type(model).__name__}) to {path} failed: {exc}") from exc
-    finally:
-        registry_log.setLevel(level)
     meta = {k: str(scorer.meta[k]) for k in METADATA_KEYS if k in scorer.meta}
     program.model.metadata_props.update(meta)
     program.save(str(path), external_data=external)

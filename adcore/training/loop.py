@@ -207,8 +207,8 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         train_set["images"], train_set["masks"] or [None] * len(train_set["images"]), train_set["labels"],
         model.input_size, cfg.batch_size, cfg.anomaly_share, seed=cfg.seed + 1000 * hooks.rank,
     )
-    history: list[dict] = []
     resume = hooks.resume or {}
+    history: list[dict] = list(resume.get("history", []))  # epochs before the resumed checkpoint
     if resume.get("model"):
         model.load_state_dict(resume["model"], strict=False)
     if model.head_kind == "centroids":

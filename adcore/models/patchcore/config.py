@@ -12,8 +12,8 @@ class PatchCoreConfig:
     backbone: TowerSpec
     layers: list[int] = field(default_factory=lambda: [4, 8])  # ViT hidden-state indices or CNN stage indices
     aggregation_kernel: int = 3  # "locally aware" 3x3 neighbourhood average (paper)
-    coreset_ratio: float = 0.1  # paper: 1-10% of patches
-    max_bank: int = 16384  # cap on memory-bank rows so the FAISS search stays fast on CPU
+    coreset_ratio: float = 0.05  # paper: 1-10% of patches
+    max_bank: int = 8192  # cap on memory-bank rows: bounds coreset time and the FAISS search on CPU
     score_k: int = 1  # nearest neighbours averaged for a patch's distance
 
     def to_dict(self) -> dict:

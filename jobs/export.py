@@ -1,0 +1,179 @@
+"""Export a model artifact's network to a Triton model repository.
+
+    python jobs/export.py --model s3://models/fusion-small/v3 --repository triton-repo
+    python jobs/export.py --smoke-test        # tiny random model, then a real local Triton answers
+
+Only the network (pixels -> score, anomaly_map, patch_embeddings) goes to
+Triton. The centroid / memory-bank matching and the calibration stay in the
+artifact, which stays where it is: the scoring job loads it for the FAISS
+stage and checks, with ``adcore.export.check_served_model``, that the server
+runs the network of that same artifact (``model_version`` and ``fingerprint``
+are recorded as ``parameters`` in each config.pbtxt).
+"""
+
+import sys  # noqa: I001 (bootstrap first: `python jobs/export.py` must find the repo's packages)
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import logging
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from adcore import export as onnx_export
+from adcore import storage
+from adcore.cli import add_dataclass_flags, dataclass_from_args, setup_logging
+from adcore.scorer import INPUT_NAME, OUTPUT_NAMES, Scorer
+from adcore.scorer import load as load_scorer
+
+log = logging.getLogger("jobs.export")
+
+# Triton's largest batch per request; the nightly job sends batches of 8-32 images.
+DEFAULT_MAX_BATCH = 32
+# Torch, onnxruntime and Triton differ by float rounding only (measured: below 1e-5 on tiny models).
+SMOKE_TOLERANCE = 1e-4
+# Images in the smoke test's request: several, and not one of the batcher's preferred sizes.
+SMOKE_BATCH = 3
+SMOKE_PRESET = "fusion-small"  # tiny random-init variant: exports in seconds on CPU
+
+
+@dataclass
+class ExportConfig:
+    model: str | None = None  # artifact: local folder or s3:// prefix (default with --smoke-test: a tiny one)
+    repository: str | None = None  # local Triton model repository folder (default with --smoke-test: a temp dir)
+    name: str | None = None  # Triton model name; default: the artifact's model_name
+    max_batch_size: int = DEFAULT_MAX_BATCH
+    intra_op_threads: int = 0  # onnxruntime threads in the CPU (Python-backend) model; 0 = onnxruntime's choice
+    opset: int | None = None  # ONNX opset; None = torch's default
+    smoke_test: bool = False  # also start the local CPU Triton on the result and compare it with torch
+
+
+def smoke_artifact(folder: Path) -> str:
+    """A saved tiny random-init artifact (centroids from its own embeddings; no calibration)."""
+    import torch
+
+    from adcore.heads import CentroidHead
+    from adcore.models import create
+
+    torch.manual_seed(0)
+    model = create(SMOKE_PRESET, tiny=True).eval()
+    rng = np.random.default_rng(0)
+    pixels = rng.random((4, 3, model.input_size, model.input_size), dtype=np.float32)
+    with torch.inference_mode():
+        emb = model(torch.from_numpy(pixels)).patch_embeddings.numpy().reshape(-1, model.embedding_dim)
+    k = model.cfg.n_centroids
+    scorer = Scorer(model, CentroidHead(np.stack([emb[:k], emb[k : 2 * k]])))
+    return scorer.save(str(folder / f"{SMOKE_PRESET}-tiny"), model_name=f"{SMOKE_PRESET}-tiny", version=1)
+
+
+def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(np.abs(np.asarray(a[k]) - np.asarray(b[k])).max()) for k in OUTPUT_NAMES}
+
+
+def serve_and_compare(scorer: Scorer, repository: Path, model_name: str, onnx_path: Path) -> dict[str, float]:
+    """Start the local CPU Triton on ``repository`` and compare its answer with torch and onnxruntime."""
+    import tritonclient.http as httpclient
+
+    from adcore.serving import LocalTriton, TritonClient
+
+    rng = np.random.default_rng(0)
+    pixels = rng.random((SMOKE_BATCH, 3, scorer.input_size, scorer.input_size), dtype=np.float32)
+    torch_out = scorer.forward(pixels)
+    ort_out = onnx_export.OnnxNetwork(onnx_path)(pixels)
+    with LocalTriton(repository, models=[model_name]) as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            onnx_export.check_served_model(client.get_model_config(model_name), scorer)
+        finally:
+            client.close()
+        with TritonClient(server.http_url, model_name) as triton:
+            triton_out = onnx_export.from_triton(triton.infer({INPUT_NAME: pixels}))
+    diffs = {f"onnxruntime.{k}": v for k, v in max_abs_diff(torch_out, ort_out).items()}
+    diffs |= {f"triton.{k}": v for k, v in max_abs_diff(torch_out, triton_out).items()}
+    raw_torch, raw_triton = scorer.head(torch_out), scorer.head(triton_out)
+    diffs["head.raw_score"] = float(np.abs(raw_torch[0] - raw_triton[0]).max())
+    diffs["head.raw_map"] = float(np.abs(raw_torch[1] - raw_triton[1]).max())
+    bad = {k: v for k, v in diffs.items() if not v <= SMOKE_TOLERANCE}
+    if bad:
+        raise RuntimeError(f"smoke test: {repository / model_name} disagrees with torch beyond {SMOKE_TOLERANCE}: {bad}")
+    return diffs
+
+
+def how_to_serve(repository: Path, model_name: str, artifact: str) -> str:
+    ort_name = model_name + "_ort"
+    return "\n".join(
+        [
+            f"Triton repository {repository}: {model_name} (Python backend, CPU) and {ort_name} (onnxruntime, GPU).",
+            "Serve on CPU (tritonserver bundled in nvidia-pytriton):",
+            f"  python cluster/triton_local.py start --repository {repository} --models {model_name}",
+            "Serve on a GPU host (NVIDIA's container; load only the _ort model):",
+            f'  docker run --rm --gpus all --shm-size=1g -p 8000:8000 -p 8001:8001 -v "{repository}:/models:ro" \\',
+            "    nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models \\",
+            f"    --model-control-mode=explicit --load-model={ort_name}",
+            f"The FAISS head and calibration stay in the artifact {artifact}: the scoring job loads it and",
+            "checks the served model with adcore.export.check_served_model(client.get_model_config(name), scorer).",
+        ]
+    )
+
+
+def main(cfg: ExportConfig) -> dict:
+    """Export, write the repository, optionally smoke-test it; returns what was written."""
+    with tempfile.TemporaryDirectory(prefix="adcore-export-") as tmp:
+        tmp = Path(tmp)
+        artifact = cfg.model
+        if artifact is None:
+            if not cfg.smoke_test:
+                raise SystemExit("--model ARTIFACT is required (a local folder or s3:// prefix)")
+            artifact = smoke_artifact(tmp)
+        if cfg.repository is None and not cfg.smoke_test:
+            raise SystemExit("--repository DIR is required (a local folder)")
+        if cfg.repository is not None and storage.is_s3(cfg.repository):
+            raise SystemExit(f"--repository {cfg.repository}: write to a local folder, then copy it where Triton reads")
+        repository = Path(cfg.repository) if cfg.repository else tmp / "repository"
+
+        scorer = load_scorer(artifact)
+        log.info("exporting %s (version %s) from %s", scorer.version, scorer.meta.get("version"), artifact)
+        onnx_path = onnx_export.export_onnx(scorer, tmp / "model.onnx", opset=cfg.opset)
+        dirs = onnx_export.write_triton_repository(
+            scorer,
+            onnx_path,
+            repository,
+            model_name=cfg.name,
+            max_batch_size=cfg.max_batch_size,
+            intra_op_num_threads=cfg.intra_op_threads,
+        )
+        model_name = next(iter(dirs))
+        summary = {
+            "artifact": artifact,
+            "model_version": scorer.version,
+            "version": int(scorer.meta["version"]),
+            "repository": str(repository.resolve()),
+            "models": {name: str(path) for name, path in dirs.items()},
+            "onnx_bytes": onnx_path.stat().st_size,
+        }
+        for name, path in dirs.items():
+            files = sorted(str(p.relative_to(repository)) for p in path.rglob("*") if p.is_file())
+            print(f"wrote {name}: {', '.join(files)}")
+        if cfg.smoke_test:
+            summary["max_abs_diff"] = serve_and_compare(scorer, repository, model_name, onnx_path)
+            print("smoke test: torch, onnxruntime and Triton agree:", summary["max_abs_diff"])
+        if cfg.repository:
+            print(how_to_serve(repository.resolve(), model_name, artifact))
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> ExportConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_dataclass_flags(parser, ExportConfig)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return dataclass_from_args(ExportConfig, args)
+
+
+if __name__ == "__main__":
+    main(parse_args())

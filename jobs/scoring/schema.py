@@ -1,0 +1,144 @@
+"""The scoring job's output schema (version 1), and the pure per-row helpers that fill it.
+
+One Parquet row per scored image or frame (a NIfTI slice, a DICOM frame):
+
+=============== ========== ==========================================================
+column          type       meaning
+=============== ========== ==========================================================
+image_uri       string     full URI of the input file (``s3://bucket/key`` or local path)
+content_sha256  string     SHA-256 of the file's bytes (what "already scored" compares)
+frame           int32      frame / slice index within the file (0 for a 2D image)
+height, width   int32      size of the decoded frame in pixels (null when not decoded)
+score           float32    calibrated anomaly score in [0, 1]
+raw_score       float32    the head's uncalibrated score
+label           int8       1 = anomalous at the artifact's calibrated threshold
+mask_png        binary     anomaly mask at the frame's own resolution, 1-bit PNG
+mask_area       int64      pixels set in the mask
+peak_row,       int32      location of the anomaly map's maximum (frame pixels)
+peak_col
+modality        string     DICOM Modality (null for other formats)
+study_key       string     HMAC-SHA256(ADCORE_STUDY_KEY_SECRET, StudyInstanceUID), hex;
+                           null without the secret. The raw UID is never written.
+model_name      string     artifact's model name
+model_version   string     artifact's model_version (name-vN-<fingerprint>)
+scored_at       timestamp  UTC time the row was produced
+status          string     "ok" or "error"
+error           string     "<kind>: <reason>" for errors (kinds: empty, truncated,
+                           unsupported, corrupt, too_large, inference), else null
+run_id          string     the run that wrote the row (sortable: UTC time + random)
+schema_version  int16      ``SCHEMA_VERSION``
+=============== ========== ==========================================================
+
+Score columns are null on error rows. No patient name, ID, birth date or raw DICOM UID
+is ever a column. Readers must look at one row per ``(image_uri, frame, model_version)``:
+the row of the latest *completed* run (see ``jobs.scoring.ledger``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import io
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+STATUS_OK, STATUS_ERROR = "ok", "error"
+STATUS_SKIPPED = "skipped"  # internal marker for progress counts; never written
+INFERENCE_ERROR = "inference"  # error kind of rows whose model call failed (transient: retried)
+TRANSIENT_ERROR_KINDS = (INFERENCE_ERROR,)
+KEY_COLUMNS = ("image_uri", "frame", "model_version")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("content_sha256", pa.string()),
+        pa.field("frame", pa.int32(), nullable=False),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("raw_score", pa.float32()),
+        pa.field("label", pa.int8()),
+        pa.field("mask_png", pa.binary()),
+        pa.field("mask_area", pa.int64()),
+        pa.field("peak_row", pa.int32()),
+        pa.field("peak_col", pa.int32()),
+        pa.field("modality", pa.string()),
+        pa.field("study_key", pa.string()),
+        pa.field("model_name", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("schema_version", pa.int16(), nullable=False),
+    ],
+    metadata={"adcore.schema_version": str(SCHEMA_VERSION)},
+)
+
+
+def study_key(study_uid: str | None, secret: bytes | None) -> str | None:
+    """Pseudonymous study key: HMAC-SHA256 of the UID; None without a UID or a secret."""
+    if not study_uid or not secret:
+        return None
+    return hmac.new(secret, study_uid.encode(), hashlib.sha256).hexdigest()
+
+
+def content_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def format_error(kind: str, reason: str) -> str:
+    """The ``error`` column: ``"<kind>: <reason>"``."""
+    return f"{kind}: {reason}"
+
+
+def error_kind(error: str | None) -> str | None:
+    """The kind part of an ``error`` value."""
+    return error.split(":", 1)[0] if error else None
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Bool mask [H, W] -> 1-bit PNG bytes (a 512x512 mask is a few hundred bytes)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    """Inverse of :func:`encode_mask`."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("1"), dtype=bool)
+
+
+def new_run_id(now: dt.datetime | None = None, token: str | None = None) -> str:
+    """Sortable run id, ``YYYYMMDDTHHMMSSZ-<8 hex>``; later runs sort later."""
+    import uuid
+
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{token or uuid.uuid4().hex[:8]}"
+
+
+def empty_table() -> pa.Table:
+    return SCHEMA.empty_table()
+
+
+def to_table(columns: dict[str, list], *, model_name: str, model_version: str, run_id: str,
+             scored_at: dt.datetime) -> pa.Table:
+    """Per-row column lists (+ the run's constants) -> a table in ``SCHEMA`` order and types."""
+    n = len(columns["image_uri"])
+    const = {
+        "model_name": [model_name] * n,
+        "model_version": [model_version] * n,
+        "run_id": [run_id] * n,
+        "scored_at": [scored_at] * n,
+        "schema_version": [SCHEMA_VERSION] * n,
+    }
+    data = {**columns, **const}
+    arrays = [pa.array(data.get(f.name, [None] * n), type=f.type) for f in SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)

@@ -1,0 +1,197 @@
+"""The scoring job's Ray Data stages: decode+prepare (CPU tasks) and score (one actor class).
+
+Both are plain callables on column batches, testable without Ray:
+
+* :class:`Decoder` (stateless task): file bytes -> one row per frame with the prepared
+  ``[3, S, S]`` pixels, or one error row; frames already scored are dropped (a file that
+  is wholly done becomes one ``skipped`` marker row, counted for progress, never written).
+* :class:`ScoreStage` (actor): network (in-process torch, onnxruntime, or Triton) +
+  FAISS head + calibration/postprocessing in one place, so a batch crosses no process
+  boundary between model and head. Returns a ``pyarrow.Table`` in ``schema.SCHEMA``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import tempfile
+
+import numpy as np
+
+from adcore.data.decode import decode_image
+from adcore.data.errors import DecodeError
+from jobs.scoring import schema as S
+
+log = logging.getLogger(__name__)
+
+# Columns the decoder emits besides the pixels.
+ROW_COLUMNS = ("image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key",
+               "status", "error")
+
+
+class Decoder:
+    """File bytes -> frames prepared for the network (a Ray Data batch function).
+
+    Args:
+        input_size: The network's square input size S.
+        max_pixels: Files whose header announces more pixels are error rows (kind too_large),
+            refused before any pixel is decoded.
+        scored: ``image_uri -> FileState`` from ``ledger.scored_index`` (what to skip).
+        uri_prefix: Put back in front of the paths Ray returns (``"s3://"`` for S3 input).
+        secret: HMAC key of ``study_key``; None leaves it null.
+    """
+
+    def __init__(self, input_size: int, max_pixels: int, scored: dict | None = None,
+                 uri_prefix: str = "", secret: bytes | None = None):
+        self.input_size = input_size
+        self.max_pixels = max_pixels
+        self.scored = scored or {}
+        self.uri_prefix = uri_prefix
+        self._secret = secret
+
+    def __repr__(self) -> str:  # Ray may print the callable: never the secret
+        return f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels})"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from adcore.scorer import prepare
+
+        cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
+        pixels: list[np.ndarray] = []
+        blank = np.zeros((3, self.input_size, self.input_size), np.float32)  # error/skip rows
+
+        def emit(uri, sha, frame, status, error=None, px=None, hw=(None, None), modality=None, key=None):
+            for c, v in zip(ROW_COLUMNS, (uri, sha, frame, hw[0], hw[1], modality, key, status, error)):
+                cols[c].append(v)
+            pixels.append(blank if px is None else px)
+
+        for data, path in zip(batch["bytes"], batch["path"]):
+            uri = self.uri_prefix + str(path)
+            data = bytes(data)
+            sha = S.content_sha256(data)
+            state = self.scored.get(uri)
+            done = state.done_frames if state is not None and state.sha256 == sha else frozenset()
+            if state is not None and state.sha256 == sha and state.complete:
+                emit(uri, sha, 0, S.STATUS_SKIPPED)
+                continue
+            try:
+                frames = decode_image(data, uri, max_pixels=self.max_pixels)
+            except DecodeError as e:
+                if 0 not in done:
+                    emit(uri, sha, 0, S.STATUS_ERROR, S.format_error(e.kind, e.reason))
+                else:
+                    emit(uri, sha, 0, S.STATUS_SKIPPED)
+                continue
+            todo = [f for f in frames if f.index not in done]
+            if not todo:
+                emit(uri, sha, 0, S.STATUS_SKIPPED)
+            for f in todo:
+                key = S.study_key(f.study_uid, self._secret)
+                emit(uri, sha, f.index, S.STATUS_OK, px=prepare(f.pixels, self.input_size),
+                     hw=f.pixels.shape[:2], modality=f.modality, key=key)
+        out = {c: np.array(v, dtype=object) for c, v in cols.items()}
+        for c in ("frame", "height", "width"):
+            out[c] = np.array([-1 if v is None else v for v in cols[c]], dtype=np.int64)
+        out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, self.input_size, self.input_size), np.float32)
+        return out
+
+
+class ScoreStage:
+    """Network + FAISS head + postprocessing on batches of prepared frames (a Ray actor).
+
+    Args:
+        artifact: Artifact URI (local or s3://).
+        run_id: Written into every row.
+        engine: ``"torch"`` (in-process, the default) or ``"onnx"`` (onnxruntime); ignored
+            when ``triton_url`` is given.
+        threads: Intra-op threads of torch / onnxruntime (the actor's CPUs).
+        triton_url: ``host:port`` of a Triton server; the network then runs there.
+        triton_model: Model name in Triton's repository.
+        triton_protocol, triton_timeout_s, triton_retries, triton_backoff_s: Client settings.
+        triton_batch: Largest batch sent in one request (<= the model's max_batch_size).
+    """
+
+    def __init__(self, artifact: str, run_id: str, engine: str = "torch", threads: int = 1,
+                 triton_url: str = "", triton_model: str = "", triton_protocol: str = "http",
+                 triton_timeout_s: float = 30.0, triton_retries: int = 3, triton_backoff_s: float = 0.5,
+                 triton_batch: int = 16):
+        import torch
+
+        from adcore.scorer import load
+
+        torch.set_num_threads(max(1, threads))
+        self.scorer = load(artifact)
+        self.run_id = run_id
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.triton_batch = triton_batch
+        self.client = None
+        self.onnx = None
+        if triton_url:
+            from adcore.serving.client import TritonClient
+
+            self.client = TritonClient(triton_url, triton_model or self.scorer.name, protocol=triton_protocol,
+                                       timeout_s=triton_timeout_s, retries=triton_retries,
+                                       backoff_s=triton_backoff_s)
+        elif engine == "onnx":
+            from adcore.export import OnnxNetwork, export_onnx
+
+            path = export_onnx(self.scorer, os.path.join(tempfile.mkdtemp(prefix="adcore-onnx-"), "model.onnx"))
+            self.onnx = OnnxNetwork(path, threads=threads)
+        elif engine != "torch":
+            raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
+        else:
+            self.scorer.model.to(self.device)
+
+    def network(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """The network stage for one chunk (raises on failure)."""
+        import torch
+
+        from adcore.scorer import INPUT_NAME, OUTPUT_NAMES
+
+        if self.client is not None:
+            from adcore.export import from_triton
+
+            return from_triton(self.client.infer({INPUT_NAME: pixels}))
+        if self.onnx is not None:
+            return self.onnx(pixels)
+        with torch.inference_mode():
+            out = self.scorer.model(torch.from_numpy(pixels).to(self.device))
+            return {k: getattr(out, k).float().cpu().numpy() for k in OUTPUT_NAMES}
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        n = len(batch["image_uri"])
+        status = list(batch["status"])
+        error = [_text(v) for v in batch["error"]]
+        res: dict[str, list] = {c: [None] * n for c in
+                                ("score", "raw_score", "label", "mask_png", "mask_area", "peak_row", "peak_col")}
+        ok = [i for i in range(n) if status[i] == S.STATUS_OK]
+        chunk = self.triton_batch if self.client is not None else max(1, len(ok))
+        for start in range(0, len(ok), chunk):
+            idx = ok[start:start + chunk]
+            pixels = np.ascontiguousarray(batch["pixels"][idx], dtype=np.float32)
+            try:
+                raw_scores, raw_maps = self.scorer.head(self.network(pixels))
+            except Exception as e:  # noqa: BLE001 (a failed model call marks its rows, the job goes on)
+                msg = S.format_error(S.INFERENCE_ERROR, f"{type(e).__name__}: {str(e)[:300]}")
+                for i in idx:
+                    status[i], error[i] = S.STATUS_ERROR, msg
+                continue
+            for j, i in enumerate(idx):
+                hw = (int(batch["height"][i]), int(batch["width"][i]))
+                r = self.scorer.postprocess(float(raw_scores[j]), raw_maps[j], hw)
+                for c, v in (("score", r.score), ("raw_score", r.raw_score), ("label", r.label),
+                             ("mask_png", S.encode_mask(r.mask)), ("mask_area", int(r.mask.sum())),
+                             ("peak_row", r.peak[0]), ("peak_col", r.peak[1])):
+                    res[c][i] = v
+        cols = {c: [_text(v) for v in batch[c]] for c in ("image_uri", "content_sha256", "modality", "study_key")}
+        for c in ("frame", "height", "width"):
+            cols[c] = [None if v < 0 else int(v) for v in batch[c]]
+        cols["frame"] = [0 if v is None else v for v in cols["frame"]]
+        return S.to_table({**cols, **res, "status": status, "error": error},
+                          model_name=self.scorer.name, model_version=self.scorer.version,
+                          run_id=self.run_id, scored_at=dt.datetime.now(dt.timezone.utc))
+
+
+def _text(v) -> str | None:
+    """Ray turns all-null string columns into float NaN arrays: back to None."""
+    return v if isinstance(v, str) else None

@@ -1,0 +1,244 @@
+"""Distributed training with Ray Train: ``adcore.training.train`` on N workers (DDP).
+
+    python jobs/train.py --data s3://bucket/bmad/brain --model fusion-small \
+        --output s3://bucket/models/brain --storage s3://bucket/ray --num-workers 4 --use-gpu
+
+Each worker reads its shard of the train split (the loop shards by rank) from a local
+folder or a per-node cached copy of an ``s3://`` prefix. Every stage-2 epoch reports
+loss and validation AUROC through ``ray.train.report``; rank 0 attaches the training
+state as a checkpoint in ``--storage``. A restarted worker group (``--max-failures``) or
+a rerun with the same ``--storage`` and run name resumes from the latest checkpoint.
+Rank 0 saves the artifact to ``--output``. With ``--use-gpu`` the network runs on the
+worker's GPU (NCCL) while the library's loop keeps its tensors on the CPU (see
+``_bridge_device``).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E702  repo root, as a script
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from adcore import storage
+from adcore.cli import add_dataclass_flags, dataclass_from_args, parse_weights, setup_logging
+from adcore.models import AnomalyModel
+from adcore.training import TrainConfig, TrainHooks, train
+from jobs.common import init_ray, local_copy, run_name, storage_args
+
+log = logging.getLogger("jobs.train")
+
+STATE_FILE = "state.pt"  # the training state inside each checkpoint folder
+# DDP's search for parameters without a gradient: on tiny fusion-small every trainable
+# parameter gets one in both stages, but presets differ in which layers train; the search
+# (one extra graph walk per step) keeps a preset that leaves one unused from failing.
+FIND_UNUSED_PARAMETERS = True
+KEEP_CHECKPOINTS = 2  # bounded storage; resuming only needs the latest
+RUN_PREFIX = "train"  # run names are train-<hash of --output> unless --run-name is given
+
+
+@dataclass
+class JobConfig:
+    """The distributed side; everything about the model and training is in ``TrainConfig``."""
+
+    data: str = ""  # BMAD-layout folder or s3:// prefix
+    output: str = ""  # artifact folder or s3:// prefix
+    storage: str | None = None  # checkpoints (local or s3://); default: <output>-checkpoints
+    run_name: str | None = None  # default: derived from --output, so reruns resume
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 2  # worker-group restarts, each resuming from the latest checkpoint
+    address: str | None = None  # Ray address; default: RAY_ADDRESS or a new local cluster
+    timings: str | None = None  # rank 0 writes its timings here as JSON (local or s3://; benchmarks)
+
+    def storage_uri(self) -> str:
+        return self.storage or self.output.rstrip("/") + "-checkpoints"
+
+    def name(self) -> str:
+        return self.run_name or run_name(RUN_PREFIX, self.output)
+
+
+def _bridge_device(module: nn.Module, device: torch.device) -> None:
+    """Move ``module`` to ``device``; inputs move there and outputs back to the CPU.
+
+    The library's loop, validation and head building work on CPU tensors; this lets the
+    network itself run on the worker's GPU without them knowing.
+    """
+    module.to(device)
+    targets = [module] + [m for m in module.modules() if isinstance(m, AnomalyModel) and m is not module]
+    for m in targets:
+        if getattr(m, "_adcore_bridged", False):
+            continue
+        m._adcore_bridged = True
+        m.register_forward_pre_hook(lambda _m, args: tuple(a.to(device) if torch.is_tensor(a) else a for a in args))
+        m.register_forward_hook(lambda _m, _args, out: _to_cpu(out))
+
+
+def _to_cpu(out: Any) -> Any:
+    if torch.is_tensor(out):
+        return out.cpu()
+    if dataclasses.is_dataclass(out):
+        return dataclasses.replace(out, **{f.name: _to_cpu(getattr(out, f.name)) for f in dataclasses.fields(out)})
+    return out
+
+
+def make_wrap(use_gpu: bool, world_size: int) -> Callable[[nn.Module], nn.Module]:
+    """The loop's ``wrap`` hook: device placement, then DDP over the trainable parameters.
+
+    DDP registers only parameters with ``requires_grad``, so each stage's wrap syncs
+    exactly that stage's parameter set (gloo on CPU, NCCL on GPU: Ray's process group).
+    """
+    import ray.train.torch
+
+    def wrap(module: nn.Module) -> nn.Module:
+        if use_gpu:
+            _bridge_device(module, ray.train.torch.get_device())
+        if world_size == 1:
+            return module
+        return ray.train.torch.prepare_model(
+            module, move_to_device=False, parallel_strategy="ddp",
+            parallel_strategy_kwargs={"find_unused_parameters": FIND_UNUSED_PARAMETERS},
+        )
+
+    return wrap
+
+
+class Reporter:
+    """The loop's ``report`` hook: metrics from every rank, the state as a checkpoint from rank 0."""
+
+    def __init__(self, rank: int, epochs: int):
+        self.rank, self.epochs = rank, epochs
+        self.started = time.monotonic()
+        self.seconds = 0.0  # time inside ray.train.report, incl. checkpoint upload (benchmarks)
+
+    def __call__(self, metrics: dict[str, Any], state_fn: Callable[[], dict] | None) -> None:
+        import ray.train
+
+        t0 = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="adcore-ckpt-") as tmp:
+            checkpoint = None
+            if self.rank == 0 and state_fn is not None:
+                torch.save(state_fn(), os.path.join(tmp, STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        self.seconds += time.monotonic() - t0
+        if self.rank == 0:
+            log.info(progress_line(metrics, self.epochs, time.monotonic() - self.started))
+
+
+def progress_line(metrics: dict[str, Any], epochs: int, seconds: float) -> str:
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    return (
+        f"[train] epoch {metrics.get('epoch')}/{epochs} loss {fmt(metrics.get('loss'))} "
+        f"val_image_auroc {fmt(metrics.get('val_image_auroc'))} "
+        f"val_pixel_auroc {fmt(metrics.get('val_pixel_auroc'))} ({seconds:.1f} s)"
+    )
+
+
+def load_state(checkpoint) -> dict | None:
+    """The training state in a checkpoint reported by :class:`Reporter`, or None."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        file = os.path.join(path, STATE_FILE)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"checkpoint {checkpoint.path} has no {STATE_FILE}")
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's per-worker function: one rank of ``adcore.training.train``."""
+    import ray.train
+
+    started_unix, started = time.time(), time.monotonic()
+    setup_logging()
+    job, cfg = JobConfig(**config["job"]), TrainConfig(**config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    resume = load_state(ray.train.get_checkpoint())
+    if resume is not None and rank == 0:
+        log.info("[train] resuming from checkpoint at epoch %s", resume.get("epoch"))
+    data = local_copy(job.data)
+    data_s = time.monotonic() - started
+    reporter = Reporter(rank, cfg.epochs)
+    hooks = TrainHooks(rank=rank, world_size=world, wrap=make_wrap(job.use_gpu, world), report=reporter, resume=resume)
+    train(data, cfg, output=job.output, hooks=hooks)
+    if rank == 0 and job.timings:
+        timings = {
+            "worker_start_unix": started_unix, "data_s": data_s, "worker_s": time.monotonic() - started,
+            "report_s": reporter.seconds, "world_size": world,
+        }
+        storage.write_bytes(job.timings, json.dumps(timings).encode())
+
+
+def build_trainer(job: JobConfig, cfg: TrainConfig):
+    """A ``TorchTrainer`` for the job (not started)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    path, fs = storage_args(job.storage_uri())
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"job": asdict(job), "train": asdict(cfg)},
+        scaling_config=ScalingConfig(
+            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": job.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=job.name(), storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+        ),
+    )
+
+
+def main(job: JobConfig, cfg: TrainConfig):
+    """Train on the cluster; returns Ray's ``Result`` (artifact at ``job.output``)."""
+    if not job.data or not job.output:
+        raise ValueError("--data and --output are required")
+    if not storage.exists(job.data):
+        raise FileNotFoundError(f"no such data folder or prefix: {job.data}")
+    init_ray(job.address)
+    started = time.monotonic()
+    result = build_trainer(job, cfg).fit()
+    last = result.metrics or {}
+    print(f"[train] run {job.name()} in {job.storage_uri()}: {time.monotonic() - started:.1f} s", flush=True)
+    if last:
+        print(progress_line(last, cfg.epochs, last.get("elapsed_s", 0.0)), flush=True)
+    print(f"[train] saved {job.output}", flush=True)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python jobs/train.py", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="BMAD-layout folder or s3:// prefix")
+    p.add_argument("--output", required=True, help="artifact folder or s3:// prefix")
+    p.add_argument("--weights", action="append", metavar="TOWER=PATH", help="pretrained weights folder per tower")
+    add_dataclass_flags(p, JobConfig, skip=("data", "output"))
+    add_dataclass_flags(p, TrainConfig, skip=("weights", "overrides"))
+    return p
+
+
+def parse(argv: list[str] | None = None) -> tuple[JobConfig, TrainConfig]:
+    args = build_parser().parse_args(argv)
+    job = dataclass_from_args(JobConfig, args)
+    cfg = dataclass_from_args(TrainConfig, args, weights=parse_weights(args.weights))
+    return job, cfg
+
+
+if __name__ == "__main__":
+    setup_logging()
+    main(*parse())

@@ -1,0 +1,132 @@
+"""Artifact -> jobs/export.py -> a real tritonserver: same outputs as torch, before and after the FAISS head.
+
+Three tiny artifacts (fusion-small, fusion-large = CLIP + BEiT, patchcore) are exported by the
+job into one repository (one of them from S3, through the script's command line) and served by
+the CPU tritonserver bundled in nvidia-pytriton on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton")
+pytest.importorskip("tritonclient.http")
+pytest.importorskip("tritonclient.grpc")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # tests/tiny.py
+sys.path.insert(0, str(REPO_ROOT))  # jobs/
+
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from tiny import tiny_artifact  # noqa: E402
+
+from adcore import scorer as scoring  # noqa: E402
+from adcore.export import ModelMismatchError, OnnxNetwork, check_served_model, from_triton  # noqa: E402
+from adcore.serving import LocalTriton, TritonClient  # noqa: E402
+from jobs.export import ExportConfig, main  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+TOLERANCE = 1e-4
+PRESETS = {"fusion-small": 1, "fusion-large": 2, "patchcore": 3}  # preset -> artifact version
+FROM_S3 = "patchcore"  # exported through `python jobs/export.py` from an s3:// artifact
+BATCHES = (1, 3)
+JOB_TIMEOUT_S = 180  # the script imports torch + transformers and exports (seconds on CPU, more under load)
+
+
+def _model_name(preset: str) -> str:
+    return f"{preset}-tiny"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, s3_server):
+    """Export every tiny artifact with the job into one repository and serve it."""
+    work = tmp_path_factory.mktemp("export")
+    repo = work / "repo"
+    scorers, outputs = {}, {}
+    for preset, version in PRESETS.items():
+        local = tiny_artifact(work / preset, preset, version=version)
+        if preset == FROM_S3:
+            uri = s3_server.make_bucket("export-triton-test") + f"/{preset}"
+            scoring.load(local).save(uri, model_name=_model_name(preset), version=version)
+            cmd = [sys.executable, "jobs/export.py", "--model", uri, "--repository", str(repo), "--max-batch-size", "8"]
+            proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=os.environ)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            outputs[preset] = proc.stdout
+            scorers[preset] = scoring.load(uri)
+        else:
+            summary = main(ExportConfig(model=local, repository=str(repo), max_batch_size=8, intra_op_threads=1))
+            outputs[preset] = summary
+            scorers[preset] = scoring.load(local)
+    models = [_model_name(p) for p in PRESETS]
+    with LocalTriton(repo, models=models, workdir=work / "triton") as server:
+        yield {"repo": repo, "server": server, "scorers": scorers, "outputs": outputs}
+
+
+def test_job_wrote_versioned_repository(served):
+    repo = served["repo"]
+    for preset, version in PRESETS.items():
+        scorer = served["scorers"][preset]
+        for name in (_model_name(preset), _model_name(preset) + "_ort"):
+            config = (repo / name / "config.pbtxt").read_text()
+            assert (repo / name / str(version) / "model.onnx").is_file()
+            assert scorer.version in config and scorer.meta["fingerprint"] in config
+            assert "dynamic_batching" in config and "max_batch_size: 8" in config
+    printed = served["outputs"][FROM_S3]
+    assert f"wrote {_model_name(FROM_S3)}_ort" in printed and "--load-model=patchcore-tiny_ort" in printed
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_torch_onnxruntime_triton_agree(served, preset, batch):
+    scorer, server = served["scorers"][preset], served["server"]
+    name = _model_name(preset)
+    rng = np.random.default_rng(batch)
+    # Real-looking inputs: images of another size, prepared like the scoring job does.
+    images = [rng.random((40 + 7 * i, 50), dtype=np.float32) for i in range(batch)]
+    pixels = np.stack([scoring.prepare(im, scorer.input_size) for im in images])
+    onnx_path = served["repo"] / name / str(PRESETS[preset]) / "model.onnx"
+    results = {"torch": scorer.forward(pixels), "onnxruntime": OnnxNetwork(onnx_path, threads=1)(pixels)}
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        with TritonClient(url, name, protocol=protocol, timeout_s=60) as client:
+            results[protocol] = from_triton(client.infer({scoring.INPUT_NAME: pixels}))
+
+    want = results["torch"]
+    want_final = [scorer.postprocess(s, m, im.shape) for s, m, im in zip(*scorer.head(want), images)]
+    for source, got in results.items():
+        for key in scoring.OUTPUT_NAMES:
+            assert got[key].shape == want[key].shape, f"{source} {key}"
+            np.testing.assert_allclose(got[key], want[key], atol=TOLERANCE, rtol=0, err_msg=f"{preset} {source} {key}")
+        final = [scorer.postprocess(s, m, im.shape) for s, m, im in zip(*scorer.head(got), images)]
+        for a, b in zip(final, want_final):
+            assert abs(a.score - b.score) <= TOLERANCE and abs(a.raw_score - b.raw_score) <= TOLERANCE, source
+            np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=TOLERANCE, rtol=0, err_msg=source)
+            assert a.label == b.label, source
+
+
+def test_served_model_matches_its_artifact_only(served):
+    server, scorers = served["server"], served["scorers"]
+    http = httpclient.InferenceServerClient(server.http_url)
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        for preset, scorer in scorers.items():
+            check_served_model(http.get_model_config(_model_name(preset)), scorer)
+            check_served_model(grpc.get_model_config(_model_name(preset), as_json=True), scorer)
+        with pytest.raises(ModelMismatchError, match="re-export"):
+            check_served_model(http.get_model_config(_model_name("fusion-small")), scorers["fusion-large"])
+    finally:
+        http.close()
+        grpc.close()
+
+
+def test_smoke_test_runs(tmp_path):
+    summary = main(ExportConfig(smoke_test=True, repository=str(tmp_path / "repo")))
+    assert max(summary["max_abs_diff"].values()) <= TOLERANCE
+    assert (tmp_path / "repo" / "fusion-small-tiny" / "1" / "model.py").is_file()

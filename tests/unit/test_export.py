@@ -1,0 +1,151 @@
+"""ONNX export of every registered preset (tiny variants): the graph runs in onnxruntime like torch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/tiny.py
+
+from tiny import tiny_scorer  # noqa: E402
+
+from adcore.export import (  # noqa: E402
+    ModelMismatchError,
+    OnnxNetwork,
+    check_served_model,
+    export_onnx,
+    from_triton,
+    read_metadata,
+    write_triton_repository,
+)
+from adcore.models import list_models  # noqa: E402
+from adcore.scorer import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+TOLERANCE = 1e-4  # float rounding between torch and onnxruntime; measured below 1e-5
+ARTIFACT_VERSION = 4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Lazily export each tiny preset once per module: name -> (scorer, onnx path)."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            work = tmp_path_factory.mktemp(name)
+            scorer = tiny_scorer(name)
+            scorer.save(str(work / "artifact"), model_name=f"{name}-tiny", version=ARTIFACT_VERSION)
+            cache[name] = (scorer, export_onnx(scorer, work / "model.onnx"))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_export_matches_torch_at_any_batch(exported, name):
+    scorer, path = exported(name)
+    net = OnnxNetwork(path, threads=1)
+    assert "CPUExecutionProvider" in net.providers
+    rng = np.random.default_rng(1)
+    g, e, s = scorer.model.grid, scorer.model.embedding_dim, scorer.input_size
+    for batch in (1, 3, 5):  # the example batch at export was 2: none of these was traced
+        pixels = rng.random((batch, 3, s, s), dtype=np.float32)
+        want, got = scorer.forward(pixels), net(pixels)
+        assert list(got) == list(OUTPUT_NAMES)
+        shapes = {"score": (batch,), "anomaly_map": (batch, g, g), "patch_embeddings": (batch, g * g, e)}
+        for key in OUTPUT_NAMES:
+            assert got[key].shape == shapes[key] and got[key].dtype == np.float32
+            np.testing.assert_allclose(got[key], want[key], atol=TOLERANCE, rtol=0, err_msg=f"{name} {key} b={batch}")
+    # The FAISS head sees the same thing whichever network produced it.
+    pixels = rng.random((2, 3, s, s), dtype=np.float32)
+    for a, b in zip(scorer.head(scorer.forward(pixels)), scorer.head(net(pixels))):
+        np.testing.assert_allclose(a, b, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_graph_io_and_metadata(exported, name):
+    scorer, path = exported(name)
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == [INPUT_NAME]
+    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
+    for value in [*proto.graph.input, *proto.graph.output]:
+        batch_dim = value.type.tensor_type.shape.dim[0]
+        assert batch_dim.dim_param and not batch_dim.HasField("dim_value"), f"{value.name}: batch dim is fixed"
+    meta = read_metadata(path)
+    assert meta["model_version"] == scorer.version and meta["fingerprint"] == scorer.meta["fingerprint"]
+    assert meta["version"] == str(ARTIFACT_VERSION)
+    assert OnnxNetwork(path).metadata["model_version"] == scorer.version
+
+
+def test_triton_repository_files(exported, tmp_path):
+    scorer, path = exported("fusion-small")
+    dirs = write_triton_repository(scorer, path, tmp_path / "repo", max_batch_size=8)
+    name = "fusion-small-tiny"
+    assert sorted(dirs) == [name, name + "_ort"]
+    for model_dir in dirs.values():
+        config = (model_dir / "config.pbtxt").read_text()
+        assert (model_dir / str(ARTIFACT_VERSION) / "model.onnx").is_file()
+        assert f'value: {{ string_value: "{scorer.version}" }}' in config
+        assert f'value: {{ string_value: "{scorer.meta["fingerprint"]}" }}' in config
+        assert "reshape: { shape: [ ] }" in config and "max_batch_size: 8" in config
+        assert "preferred_batch_size: [ 4, 8 ]" in config
+    assert 'backend: "onnxruntime"' in (dirs[name + "_ort"] / "config.pbtxt").read_text()
+
+
+def test_triton_repository_needs_a_saved_artifact(exported, tmp_path):
+    scorer, path = exported("fusion-small")
+    unsaved = type(scorer)(scorer.model, scorer.head, scorer.calibration)
+    with pytest.raises(ValueError, match="save it as an artifact"):
+        write_triton_repository(unsaved, path, tmp_path / "repo")
+
+
+def test_check_served_model(exported):
+    scorer, _ = exported("fusion-small")
+    params = {"model_version": scorer.version, "fingerprint": scorer.meta["fingerprint"]}
+    config = {"name": "m", "parameters": {k: {"string_value": v} for k, v in params.items()}}
+    check_served_model(config, scorer)
+    check_served_model({"config": config}, scorer)  # gRPC's as_json wraps it
+    config["parameters"]["fingerprint"] = {"string_value": "0" * 64}
+    with pytest.raises(ModelMismatchError, match="fingerprint"):
+        check_served_model(config, scorer)
+    with pytest.raises(ModelMismatchError, match="model_version"):
+        check_served_model({"name": "m"}, scorer)
+
+
+def test_from_triton_restores_score_shape():
+    out = from_triton({"score": np.zeros((3, 1), np.float32), "anomaly_map": np.zeros((3, 2, 2), np.float32)})
+    assert out["score"].shape == (3,) and out["anomaly_map"].shape == (3, 2, 2)
+
+
+def test_onnx_network_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.onnx"):
+        OnnxNetwork(tmp_path / "nowhere.onnx")
+    x = onnx.helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT, ["b", 3])
+    y = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["b", 3])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", [INPUT_NAME], ["logits"])], "g", [x], [y])
+    path = tmp_path / "other.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(path))
+    with pytest.raises(ValueError, match="outputs \\['logits'\\]"):
+        OnnxNetwork(path)
+
+
+def test_external_weights_travel_with_the_repository(tmp_path):
+    """Paper-size fusion-large (~2.4 GB) exceeds protobuf's limit: its weights go to a side file."""
+    scorer = tiny_scorer("patchcore")
+    scorer.save(str(tmp_path / "artifact"), model_name="pc", version=2)
+    path = export_onnx(scorer, tmp_path / "onnx" / "model.onnx", external_data=True)
+    side_files = sorted(p.name for p in path.parent.iterdir() if p != path)
+    assert side_files and path.stat().st_size < sum(p.stat().st_size for p in path.parent.iterdir() if p != path)
+    dirs = write_triton_repository(scorer, path, tmp_path / "repo")
+    for model_dir in dirs.values():
+        assert sorted(p.name for p in (model_dir / "2").iterdir() if p.suffix != ".py") == sorted(["model.onnx", *side_files])
+    pixels = np.random.default_rng(0).random((2, 3, scorer.input_size, scorer.input_size), dtype=np.float32)
+    got = OnnxNetwork(dirs["pc"] / "2" / "model.onnx")(pixels)
+    want = scorer.forward(pixels)
+    np.testing.assert_allclose(got["patch_embeddings"], want["patch_embeddings"], atol=TOLERANCE, rtol=0)
