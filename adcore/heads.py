@@ -75,11 +75,10 @@ class CentroidHead:
 
     def __call__(self, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Network outputs -> (raw image score [B], raw map [B, g, g])."""
-        base_map = out["anomaly_map"]
-        b, g, _ = base_map.shape
-        few = self.few_shot_map(out["patch_embeddings"])  # [B, g*g]
+        base_map = out["anomaly_map"]  # [B, gh, gw]
+        few = self.few_shot_map(out["patch_embeddings"])  # [B, gh*gw]
         a = self.cfg.alpha_few
-        amap = (1 - a) * base_map + a * few.reshape(b, g, g)
+        amap = (1 - a) * base_map + a * few.reshape(base_map.shape)
         score = (1 - a) * out["score"] + a * reduce_patches(few, self.cfg.reduction, self.cfg.topk_fraction)
         return score.astype(np.float32), amap.astype(np.float32)
 
@@ -109,10 +108,10 @@ class MemoryBankHead:
     def __call__(self, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         emb = out["patch_embeddings"]
         b, n, e = emb.shape
-        g = out["anomaly_map"].shape[-1]
         d2, _ = self.index.search(emb.reshape(b * n, e), k=self.cfg.k)
         dist = np.sqrt(np.maximum(d2, 0)).mean(1).reshape(b, n)
-        return reduce_patches(dist, self.cfg.reduction).astype(np.float32), dist.reshape(b, g, g).astype(np.float32)
+        amap = dist.reshape(out["anomaly_map"].shape)  # [B, gh, gw]
+        return reduce_patches(dist, self.cfg.reduction).astype(np.float32), amap.astype(np.float32)
 
 
 def head_from_config(config: dict, arrays: dict[str, np.ndarray], use_gpu: bool | None = None):

@@ -23,6 +23,7 @@ class TextSpec:
     kind: str = "clip"
     weights: str | None = None  # sentence encoder folder; None = the packaged MiniLM
     domain: str = "brain_mri"  # prompt bank (adcore/prompts/<domain>.json)
+    center: bool = False  # subtract the anchors' mean (stand-in encoders; see encode_anchors)
 
 
 @dataclass
