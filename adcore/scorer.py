@@ -84,6 +84,8 @@ class Scorer:
         meta: dict[str, Any] | None = None,
     ):
         self.model = model.eval()
+        # The network runs where its weights are: load() puts them on the GPU when there is one.
+        self.device = next(model.parameters()).device
         self.head = head
         self.calibration = calibration
         self.meta = dict(meta or {})
@@ -103,7 +105,7 @@ class Scorer:
     @torch.inference_mode()
     def forward(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The network stage: [B, 3, S, S] -> score, anomaly_map, patch_embeddings."""
-        out = self.model(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
+        out = self.model(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device))
         return {k: getattr(out, k).float().cpu().numpy() for k in OUTPUT_NAMES}
 
     def raw(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +144,7 @@ class Scorer:
     # --- artifact I/O -------------------------------------------------------
     def save(self, uri: str, *, model_name: str | None = None, version: int = 1, extra: dict | None = None) -> str:
         """Write the artifact (config, weights, head arrays, calibration, manifest)."""
-        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         arrays = self.head.arrays()
         fingerprint = _fingerprint(state, arrays)
         name = model_name or self.name
@@ -170,12 +172,16 @@ class Scorer:
 
     @classmethod
     def load(cls, uri: str, use_gpu: bool | None = None) -> "Scorer":
+        """Rebuild from an artifact; network and FAISS index go to the GPU when one is present
+        (``use_gpu=None``), or as ``use_gpu`` says."""
         art = load_artifact(uri)
         cfg = art.config
         model = from_config(cfg["model"])
         missing, unexpected = model.load_state_dict(art.state_dict, strict=False)
         if missing or unexpected:
             raise ValueError(f"artifact {uri}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+        model.to("cuda" if gpu else "cpu")
         head = head_from_config(cfg["head"], art.arrays, use_gpu=use_gpu)
         cal = Calibration.from_dict(cfg["calibration"]) if cfg.get("calibration") else None
         keys = ("model_name", "version", "model_version", "fingerprint", "created_at")

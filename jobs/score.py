@@ -50,10 +50,16 @@ DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; a chest film is 3-9 Mpx, larger i
 DECODE_BATCH = 8  # files per decode call: one NIfTI volume alone can be hundreds of frames
 SMOKE_IMAGES = 8
 # Memory the model actor reserves: its artifact about twice (weights, FAISS arrays, copies made
-# while loading) + a base for torch and batches. Declaring it also keeps Ray Data from fusing the
-# decode tasks into the actor (different resources), where decoding would run serially with the model.
+# while loading) + a base for torch's runtime + the batch's activations (a ViT-S PatchCore actor
+# peaked at 0.8-1.1 GiB at batch 16-32). Declaring it also keeps Ray Data from fusing the decode
+# tasks into the actor (different resources), where decoding would run serially with the model.
 ACTOR_MEMORY_FACTOR = 2
-ACTOR_MEMORY_BASE = 512 * 2**20
+ACTOR_MEMORY_BASE = 1 * 2**30
+# Object store the streaming pipeline may fill, in model batches of prepared pixels: enough for
+# decoding to stay ahead of the model, small enough that memory does not grow with the archive
+# (unbounded, decoding runs far ahead of a real model and fills the store with pixels).
+IN_FLIGHT_BATCHES = 8
+MIN_IN_FLIGHT_BYTES = 256 * 2**20  # Ray Data needs room for a few read/decode blocks whatever the batch
 
 
 @dataclass
@@ -73,6 +79,9 @@ class ScoreConfig:
     batch_size: int = 64  # frames per model+head call
     max_pixels: int = DEFAULT_MAX_PIXELS
     inference_cpus: float = 0.0  # CPUs of the model actor; 0 = all but one of the largest node's
+    # torch/onnxruntime/FAISS threads of the model actor; 0 = every CPU of the largest node: decoding is
+    # about 1% of a real network's CPU time and fills the gaps, the logical CPU left free keeps it scheduled
+    inference_threads: int = 0
     files_per_block: int = 64  # read blocks: few and large, Ray's per-block cost dominates otherwise
     rows_per_file: int = 100_000  # Parquet rows per output file
     progress_every_s: float = 10.0
@@ -107,6 +116,11 @@ def plan_resources(total_cpus: float, node_cpus: float, inference_cpus: float = 
         actor = min(actor, max(0.5, total_cpus / 2))
     decode = 1.0 if total_cpus - actor >= 1.0 else max(0.25, total_cpus - actor)
     return actor, decode
+
+
+def batch_bytes(batch_size: int, input_size: int) -> int:
+    """Bytes of one model batch of prepared pixels ([B, 3, S, S] float32)."""
+    return batch_size * 3 * input_size * input_size * 4
 
 
 def check_triton_model(cfg: ScoreConfig, model_name: str, art: dict) -> None:
@@ -157,6 +171,8 @@ class RunWriter:
         self.seen_files: set[str] = set()
         self.skipped_files = 0
         self.warned_secret = False
+        self.first_rows_at: float | None = None  # monotonic time of the first written rows
+        self.first_rows = 0
         self.t0 = self.last_log = time.monotonic()
 
     def write(self, table) -> None:
@@ -180,6 +196,8 @@ class RunWriter:
                 self.sink = sink
                 self.writer = pq.ParquetWriter(sink, S.SCHEMA, compression="zstd")
             self.writer.write_table(table)
+            if self.first_rows_at is None:
+                self.first_rows_at, self.first_rows = time.monotonic(), table.num_rows
             self.rows_in_file += table.num_rows
             if self.rows_in_file >= self.rows_per_file:
                 self.close_file()
@@ -245,18 +263,24 @@ def main(cfg: ScoreConfig) -> dict:
     node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=total)
     gpus = ray.cluster_resources().get("GPU", 0.0)
     actor_cpus, decode_cpus = plan_resources(total, node_cpus, cfg.inference_cpus)
+    threads = cfg.inference_threads or max(1, int(node_cpus))
     is_s3 = storage.is_s3(cfg.input)
     fs = storage.s3_filesystem() if is_s3 else None
     paths = [p[len(storage.S3_PREFIX):] for p in inputs] if is_s3 else inputs
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job logs its own progress lines
+    # Decoded blocks of about one model batch: the model starts after one batch is decoded (not a whole
+    # read block), and each model call's rows come out (and are written) as soon as they are scored.
+    ctx.target_max_block_size = batch_bytes(cfg.batch_size, input_size)
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+        object_store_memory=max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES * ctx.target_max_block_size))
 
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs,
                                     override_num_blocks=max(1, math.ceil(len(paths) / cfg.files_per_block)))
     decoder = Decoder(input_size, cfg.max_pixels, scored, storage.S3_PREFIX if is_s3 else "", secret)
     ds = ds.map_batches(decoder, batch_size=DECODE_BATCH, num_cpus=decode_cpus, batch_format="numpy")
     stage_kwargs = dict(
-        artifact=cfg.model, run_id=run_id, engine=cfg.engine, threads=max(1, int(actor_cpus)),
+        artifact=cfg.model, run_id=run_id, engine=cfg.engine, threads=threads,
         triton_url=cfg.triton_url, triton_model=triton_model, triton_protocol=cfg.triton_protocol,
         triton_timeout_s=cfg.triton_timeout_s, triton_retries=cfg.triton_retries,
         triton_backoff_s=cfg.triton_backoff_s, triton_batch=cfg.triton_batch,
@@ -273,6 +297,7 @@ def main(cfg: ScoreConfig) -> dict:
         writer.write(table)
     writer.close_file()
     elapsed = time.monotonic() - t0
+    first = (writer.first_rows_at - t0) if writer.first_rows_at is not None else elapsed
     rel = posixpath.relpath(posixpath.join(writer.dir_path), storage.filesystem_for(cfg.output)[1])
     manifest = {
         "run_id": run_id,
@@ -293,6 +318,10 @@ def main(cfg: ScoreConfig) -> dict:
         "counts": {S.STATUS_OK: writer.status[S.STATUS_OK], S.STATUS_ERROR: writer.status[S.STATUS_ERROR]},
         "errors_by_kind": dict(writer.errors),
         "seconds": round(elapsed, 3),
+        # Startup (model actor start + first batch) vs steady state: rows after the first output / their time.
+        "first_rows_seconds": round(first, 3),
+        "steady_rows_per_s": round((writer.rows - writer.first_rows) / max(elapsed - first, 1e-9), 3)
+        if writer.rows > writer.first_rows else None,
     }
     uri = ledger.write_manifest(cfg.output, manifest)
     log.info("done: %d rows (%d ok, %d errors %s), %d files skipped as already scored, %.1f rows/s; "

@@ -168,6 +168,10 @@ def _domain_step(model: nn.Module, batch) -> torch.Tensor:
     return focal_loss(model(batch.images), batch.labels)
 
 
+def _fmt(row: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
 def validate(model: AnomalyModel, valid: dict, batch_size: int) -> dict[str, float | None]:
     """Image/pixel AUROC of the network alone (no head) on the validation split."""
     scorer = Scorer(model, head=lambda out: (out["score"], out["anomaly_map"]))
@@ -225,6 +229,8 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
             row = {"stage": "fusion", "epoch": epoch + 1, "loss": loss, **validate(model, valid, cfg.batch_size)}
             row["elapsed_s"] = round(time.monotonic() - t0, 1)
             history.append(row)
+            if hooks.is_main:
+                log.info("validation after epoch %d: %s", epoch + 1, _fmt(row))
             hooks.report(row, lambda: {"stage": 1, "epoch": epoch + 1, "model": _trainable_state(model), "history": history})
 
         _run_stage(
