@@ -223,20 +223,42 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
                 cfg.domain_lr, _domain_step, cfg, hooks, cfg.budget_s(1), cfg.warmup_share,
             )
         model.freeze_for_stage(2)
+        best = resume.get("best") or {"score": -math.inf, "epoch": None, "model": None}
+
+        def keep_if_best(row: dict) -> None:
+            """Model selection on the validation split (never the test split): mean of its AUROCs."""
+            aurocs = [row[k] for k in ("val_image_auroc", "val_pixel_auroc") if row.get(k) is not None]
+            if aurocs and float(np.mean(aurocs)) > best["score"]:
+                best.update(score=float(np.mean(aurocs)), epoch=row["epoch"], model=_trainable_state(model))
 
         def on_epoch(epoch: int, loss: float) -> None:
             model.eval()
             row = {"stage": "fusion", "epoch": epoch + 1, "loss": loss, **validate(model, valid, cfg.batch_size)}
             row["elapsed_s"] = round(time.monotonic() - t0, 1)
             history.append(row)
+            keep_if_best(row)
             if hooks.is_main:
                 log.info("validation after epoch %d: %s", epoch + 1, _fmt(row))
-            hooks.report(row, lambda: {"stage": 1, "epoch": epoch + 1, "model": _trainable_state(model), "history": history})
+            hooks.report(
+                row,
+                lambda: {"stage": 1, "epoch": epoch + 1, "model": _trainable_state(model), "history": history, "best": best},
+            )
 
+        start_epoch = int(resume.get("epoch", 0))
+        if start_epoch == 0:  # the adapters as initialised are a candidate too
+            row = {"stage": "fusion", "epoch": 0, "loss": None, **validate(model.eval(), valid, cfg.batch_size)}
+            history.append(row)
+            keep_if_best(row)
+            if hooks.is_main:
+                log.info("validation before stage 2: %s", _fmt(row))
         _run_stage(
             "fusion", model, model.trainable_parameters(), batches, cfg.epochs, cfg.lr, _fusion_step(cfg.mask_size),
-            cfg, hooks, cfg.budget_s(2), start_epoch=int(resume.get("epoch", 0)), on_epoch=on_epoch,
+            cfg, hooks, cfg.budget_s(2), start_epoch=start_epoch, on_epoch=on_epoch,
         )
+        if best["model"] is not None:
+            model.load_state_dict(best["model"], strict=False)
+            if hooks.is_main:
+                log.info("keeping the weights of epoch %s (validation AUROC %.4f)", best["epoch"], best["score"])
     model.eval()
     head = build_head(model, batches, cfg, hooks)
     scorer = Scorer(model, head)
@@ -246,6 +268,8 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         target_sensitivity=cfg.target_sensitivity,
     )
     summary = {"config": asdict(cfg), "history": history, "train_images": len(train_set["images"]) * hooks.world_size}
+    if model.head_kind == "centroids":
+        summary["selected_epoch"] = best["epoch"]
     summary["seconds"] = round(time.monotonic() - t0, 1)
     if output and hooks.is_main:
         scorer.save(output, model_name=cfg.model, version=cfg.version, extra=summary)

@@ -118,7 +118,7 @@ def test_two_nodes_s3(dataset, s3_server, ray_tmp, tmp_path, monkeypatch):
     assert states, "no checkpoint reached S3 storage"
     summary = _score_one(f"{bucket}/model", dataset)
     assert summary["train_images"] == 8  # two shards of 4 (the smoke test keeps 8 images)
-    assert [row["epoch"] for row in summary["history"]] == [1, 2]
+    assert [row["epoch"] for row in summary["history"]] == [0, 1, 2]  # 0: validation before stage 2
 
 
 def _job_cmd(dataset: Path, out: Path, store: Path, epochs: int) -> list[str]:
@@ -161,7 +161,7 @@ def test_kill_and_resume(dataset, ray_tmp, tmp_path):
     epochs = [int(m.group(1)) for m in PROGRESS.finditer(text)]
     assert epochs and min(epochs) == int(resumed.group(1)) + 1 and max(epochs) == RESUME_EPOCHS
     history = _score_one(str(out), dataset)["history"]
-    assert [row["epoch"] for row in history] == list(range(1, RESUME_EPOCHS + 1))  # resumed history kept
+    assert [row["epoch"] for row in history] == list(range(0, RESUME_EPOCHS + 1))  # resumed history kept
 
 
 def test_ray_job_submit_patchcore(dataset, ray_tmp, tmp_path):
