@@ -75,6 +75,14 @@ def local_path(uri: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """``uri`` made independent of the working directory: S3 URIs as they are, local paths absolute.
+
+    Ray workers do not run in the driver's directory, so jobs pass absolute paths on.
+    """
+    return str(uri) if is_s3(str(uri)) else local_path(uri)
+
+
 def filesystem_for(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """The filesystem for ``uri`` and the path inside it (``bucket/key`` or an absolute path)."""
     text = str(uri)

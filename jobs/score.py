@@ -51,15 +51,16 @@ DECODE_BATCH = 8  # files per decode call: one NIfTI volume alone can be hundred
 SMOKE_IMAGES = 8
 # Memory the model actor reserves: its artifact about twice (weights, FAISS arrays, copies made
 # while loading) + a base for torch's runtime + the batch's activations (a ViT-S PatchCore actor
-# peaked at 0.8-1.1 GiB at batch 16-32). Declaring it also keeps Ray Data from fusing the decode
+# peaked at 0.8-1.2 GiB at batch 16-32). Declaring it also keeps Ray Data from fusing the decode
 # tasks into the actor (different resources), where decoding would run serially with the model.
 ACTOR_MEMORY_FACTOR = 2
-ACTOR_MEMORY_BASE = 1 * 2**30
+ACTOR_MEMORY_BASE = 5 * 2**28  # 1.25 GiB
 # Object store the streaming pipeline may fill, in model batches of prepared pixels: enough for
 # decoding to stay ahead of the model, small enough that memory does not grow with the archive
 # (unbounded, decoding runs far ahead of a real model and fills the store with pixels).
 IN_FLIGHT_BATCHES = 8
 MIN_IN_FLIGHT_BYTES = 256 * 2**20  # Ray Data needs room for a few read/decode blocks whatever the batch
+MIN_BLOCK_BYTES = 2**20  # Ray Data's own minimum target block size: tiny inputs stay in few blocks
 
 
 @dataclass
@@ -235,6 +236,8 @@ def main(cfg: ScoreConfig) -> dict:
         cfg = smoke_inputs(cfg)
     if not (cfg.input and cfg.model and cfg.output):
         raise SystemExit("--input, --model and --output are required (or --smoke-test)")
+    # Ray workers run elsewhere than the driver's directory: pass absolute paths on.
+    cfg = ScoreConfig(**(asdict(cfg) | {k: storage.absolute(getattr(cfg, k)) for k in ("input", "model", "output")}))
     art, art_bytes = read_artifact_config(cfg.model)
     model_name, model_version = art.get("model_name", "model"), art.get("model_version", "unsaved")
     input_size = int(art["input_size"])
@@ -271,7 +274,7 @@ def main(cfg: ScoreConfig) -> dict:
     ctx.enable_progress_bars = False  # the job logs its own progress lines
     # Decoded blocks of about one model batch: the model starts after one batch is decoded (not a whole
     # read block), and each model call's rows come out (and are written) as soon as they are scored.
-    ctx.target_max_block_size = batch_bytes(cfg.batch_size, input_size)
+    ctx.target_max_block_size = max(MIN_BLOCK_BYTES, batch_bytes(cfg.batch_size, input_size))
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
         object_store_memory=max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES * ctx.target_max_block_size))
 

@@ -211,6 +211,12 @@ def main(job: JobConfig, cfg: TrainConfig):
         raise ValueError("--data and --output are required")
     if not storage.exists(job.data):
         raise FileNotFoundError(f"no such data folder or prefix: {job.data}")
+    job = dataclasses.replace(
+        job,
+        data=storage.absolute(job.data),
+        output=storage.absolute(job.output),
+        storage=storage.absolute(job.storage) if job.storage else None,
+    )
     init_ray(job.address)
     started = time.monotonic()
     result = build_trainer(job, cfg).fit()
