@@ -50,7 +50,7 @@ def summarize(scores: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=5.0, help="fusion-small training budget")
+    p.add_argument("--minutes", type=float, default=3.0, help="fusion-small training budget (gradient stages)")
     p.add_argument("--out", default="out")
     p.add_argument("--triton", action="store_true", help="score through a local Triton server instead of in-process")
     args = p.parse_args()

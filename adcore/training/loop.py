@@ -49,7 +49,7 @@ class TrainConfig:
     lr: float = 1e-3  # adapters and projection
     domain_lr: float = 5e-5  # paper, stage 1
     domain_epochs: int = 1
-    warmup_share: float = 0.05  # paper, stage 1
+    warmup_share: float = 0.05  # paper, stage 1; stage 2 uses it too (large early logits otherwise)
     anomaly_share: float = 0.5  # share of normal training images given a synthetic anomaly
     mask_size: int = 56  # resolution of the segmentation loss (maps upsampled, masks area-pooled)
     max_valid: int = 200  # validation images used per epoch and for calibration
@@ -253,7 +253,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
                 log.info("validation before stage 2: %s", _fmt(row))
         _run_stage(
             "fusion", model, model.trainable_parameters(), batches, cfg.epochs, cfg.lr, _fusion_step(cfg.mask_size),
-            cfg, hooks, cfg.budget_s(2), start_epoch=start_epoch, on_epoch=on_epoch,
+            cfg, hooks, cfg.budget_s(2), cfg.warmup_share, start_epoch=start_epoch, on_epoch=on_epoch,
         )
         if best["model"] is not None:
             model.load_state_dict(best["model"], strict=False)
