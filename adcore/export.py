@@ -91,6 +91,8 @@ def export_onnx(
     """
     import onnx
 
+    # onnxscript's rewriter logs every rule it applies at INFO: hundreds of lines per export.
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = scorer.model.eval()

@@ -1,6 +1,6 @@
 """The README's main command: the whole adcore path on the embedded default.
 
-    python jobs/demo.py [--minutes 5] [--out out] [--triton]
+    python jobs/demo.py [--minutes 3] [--out out] [--triton]
 
 Each step is the command a user would type, printed before it runs:
 demo data (real MNI152 brain slices with synthetic lesions, BMAD layout) ->
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +33,17 @@ def run(cmd: list[str], env: dict | None = None) -> None:
     print(f"  ({time.monotonic() - t0:.0f} s)", flush=True)
 
 
+def make_archive(split: Path, archive: Path) -> Path:
+    """The test images (not their masks) as a flat archive folder, like a night's new images."""
+    archive.mkdir(parents=True, exist_ok=True)
+    for image in sorted(split.glob("*/img/*.png")):
+        target = archive / f"{image.parent.parent.name.lower()}-{image.name}"
+        if not target.exists():
+            shutil.copyfile(image, target)
+    print(f"\narchive to score: {archive} ({len(list(archive.glob('*.png')))} images)")
+    return archive
+
+
 def summarize(scores: str) -> None:
     """What an analyst sees first: the DuckDB view over the run's Parquet."""
     from jobs.report import connect
@@ -39,11 +51,11 @@ def summarize(scores: str) -> None:
     con = connect(scores)
     print("\nTop anomalies (DuckDB over the Parquet, latest completed run per image):")
     rows = con.execute(
-        "SELECT image_uri, round(score, 3), label, mask_area FROM latest "
+        "SELECT image_uri, score, label, mask_area FROM latest "
         "WHERE status = 'ok' ORDER BY score DESC LIMIT 5"
     ).fetchall()
     for uri, score, label, area in rows:
-        print(f"  {score:>6}  label={label}  mask_area={area:>6}  {uri}")
+        print(f"  {score:.3f}  label={label}  mask_area={area:>6}  {uri}")
     counts = con.execute("SELECT status, count(*) FROM latest GROUP BY status ORDER BY status").fetchall()
     print("  rows by status:", dict(counts))
 
@@ -53,6 +65,10 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=3.0, help="fusion-small training budget (gradient stages)")
     p.add_argument("--out", default="out")
     p.add_argument("--triton", action="store_true", help="score through a local Triton server instead of in-process")
+    p.add_argument(
+        "--score-with", choices=["patchcore", "fusion-small"], default="patchcore",
+        help="model for the nightly run; PatchCore by default: it wins on this data (README, Measured)",
+    )
     args = p.parse_args()
     out = Path(args.out)
     py = sys.executable
@@ -68,9 +84,11 @@ def main() -> None:
     run([py, "-m", "adcore.evaluate", "--data", str(data), "--model", str(fusion), "--model", str(patchcore),
          "--json", str(out / "metrics.json")], env)
     repo = out / "triton"
-    run([py, "jobs/export.py", "--model", str(fusion), "--repository", str(repo)], env)
+    chosen = patchcore if args.score_with == "patchcore" else fusion
+    run([py, "jobs/export.py", "--model", str(chosen), "--repository", str(repo)], env)
+    archive = make_archive(data / "test", out / "archive")
     scores = out / "scores"
-    score_cmd = [py, "jobs/score.py", "--input", str(data / "test"), "--model", str(fusion), "--output", str(scores)]
+    score_cmd = [py, "jobs/score.py", "--input", str(archive), "--model", str(chosen), "--output", str(scores)]
     if args.triton:
         from adcore.serving import LocalTriton
 
