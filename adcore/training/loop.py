@@ -93,8 +93,16 @@ class _DomainClassifier(nn.Module):
         return self.model.domain_logit(images)
 
 
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+def _trained_names(model: nn.Module) -> set[str]:
+    """Parameters any stage trains (stage 1's domain layers too), for checkpoints."""
+    names = set()
+    for stage in (1, 2):
+        model.freeze_for_stage(stage)
+        names |= {n for n, p in model.named_parameters() if p.requires_grad}
+    return names
+
+
+def _trainable_state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names or k == "anchors"}
 
 
@@ -222,14 +230,14 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
                 "domain", _DomainClassifier(model), model.trainable_parameters(), batches, cfg.domain_epochs,
                 cfg.domain_lr, _domain_step, cfg, hooks, cfg.budget_s(1), cfg.warmup_share,
             )
-        model.freeze_for_stage(2)
+        trained = _trained_names(model)  # leaves stage 2's parameters trainable
         best = resume.get("best") or {"score": -math.inf, "epoch": None, "model": None}
 
         def keep_if_best(row: dict) -> None:
             """Model selection on the validation split (never the test split): mean of its AUROCs."""
             aurocs = [row[k] for k in ("val_image_auroc", "val_pixel_auroc") if row.get(k) is not None]
             if aurocs and float(np.mean(aurocs)) > best["score"]:
-                best.update(score=float(np.mean(aurocs)), epoch=row["epoch"], model=_trainable_state(model))
+                best.update(score=float(np.mean(aurocs)), epoch=row["epoch"], model=_trainable_state(model, trained))
 
         def on_epoch(epoch: int, loss: float) -> None:
             model.eval()
@@ -241,7 +249,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
                 log.info("validation after epoch %d: %s", epoch + 1, _fmt(row))
             hooks.report(
                 row,
-                lambda: {"stage": 1, "epoch": epoch + 1, "model": _trainable_state(model), "history": history, "best": best},
+                lambda: {"stage": 1, "epoch": epoch + 1, "model": _trainable_state(model, trained), "history": history, "best": best},
             )
 
         start_epoch = int(resume.get("epoch", 0))

@@ -43,6 +43,9 @@ def test_resume_skips_finished_epochs(demo, tmp_path):
     states = []
     hooks = TrainHooks(report=lambda metrics, state: states.append(state()))
     train(demo, TrainConfig(tiny=True, smoke_test=True, epochs=1, batch_size=4), hooks=hooks)
+    saved = states[-1]["model"]
+    assert any(k.startswith("domain_head.") for k in saved), "stage 1's fine-tuned domain weights are checkpointed"
+    assert any(k.startswith("adapters.") for k in saved)
     seen = []
     resumed = TrainHooks(report=lambda metrics, state: seen.append(metrics["epoch"]), resume=states[-1])
     train(demo, TrainConfig(tiny=True, smoke_test=True, epochs=3, batch_size=4), hooks=resumed)
