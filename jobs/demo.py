@@ -49,14 +49,18 @@ def summarize(scores: str) -> None:
     from jobs.report import connect
 
     con = connect(scores)
-    print("\nTop anomalies (DuckDB over the Parquet, latest completed run per image):")
+    (version,) = con.execute("SELECT model_version FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
+    print(f"\nTop anomalies of {version} (DuckDB over the Parquet, latest completed run per image):")
     rows = con.execute(
         "SELECT image_uri, score, label, mask_area FROM latest "
-        "WHERE status = 'ok' ORDER BY score DESC LIMIT 5"
+        "WHERE status = 'ok' AND model_version = $v ORDER BY score DESC LIMIT 5",
+        {"v": version},
     ).fetchall()
     for uri, score, label, area in rows:
         print(f"  {score:.3f}  label={label}  mask_area={area:>6}  {uri}")
-    counts = con.execute("SELECT status, count(*) FROM latest GROUP BY status ORDER BY status").fetchall()
+    counts = con.execute(
+        "SELECT status, count(*) FROM latest WHERE model_version = $v GROUP BY status ORDER BY status", {"v": version}
+    ).fetchall()
     print("  rows by status:", dict(counts))
 
 
