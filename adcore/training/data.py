@@ -72,7 +72,10 @@ class SyntheticAnomalyBatches:
 
     def epoch(self, epoch: int):
         rng = np.random.default_rng([self.seed, epoch])
-        makers = [RandPerlinAnomaly(rng), RandCutPaste(rng)]
+        # Procedural textures, other normal images as foreign texture (foreign patch
+        # interpolation in spirit: anatomy at the wrong place), and CutPaste.
+        others = [p.transpose(1, 2, 0) for p in self.pixels]
+        makers = [RandPerlinAnomaly(rng), RandPerlinAnomaly(rng, texture_source=others), RandCutPaste(rng)]
         order = rng.permutation(len(self.pixels))
         for start in range(0, len(order), self.batch_size):
             imgs, msks, lbls = [], [], []
