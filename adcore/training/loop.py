@@ -60,11 +60,13 @@ class TrainConfig:
     tiny: bool = False  # the preset's tiny random-init variant (tests)
     overrides: dict[str, Any] = field(default_factory=dict)  # model config overrides
 
-    def budget_s(self, stage: int) -> float | None:
-        """Stage 1 gets a fifth of the budget, stage 2 the rest of the gradient time."""
+    def budget_s(self, stage: int, elapsed_s: float = 0.0) -> float | None:
+        """Stage 1 gets at most a fifth of ``minutes``; stage 2 whatever is left of 85 % of it
+        after ``elapsed_s`` (the last 15 % is for centroids/memory bank and calibration)."""
         if self.minutes is None:
             return None
-        return self.minutes * 60 * (0.2 if stage == 1 else 0.7)
+        total = self.minutes * 60
+        return 0.2 * total if stage == 1 else max(0.0, 0.85 * total - elapsed_s)
 
 
 @dataclass
@@ -261,7 +263,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
                 log.info("validation before stage 2: %s", _fmt(row))
         _run_stage(
             "fusion", model, model.trainable_parameters(), batches, cfg.epochs, cfg.lr, _fusion_step(cfg.mask_size),
-            cfg, hooks, cfg.budget_s(2), cfg.warmup_share, start_epoch=start_epoch, on_epoch=on_epoch,
+            cfg, hooks, cfg.budget_s(2, time.monotonic() - t0), cfg.warmup_share, start_epoch=start_epoch, on_epoch=on_epoch,
         )
         if best["model"] is not None:
             model.load_state_dict(best["model"], strict=False)
