@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# One training worker on the whole machine: Ray gives a worker as many torch threads as CPUs.
+CPUS = os.cpu_count() or 1
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -82,9 +84,9 @@ def main() -> None:
     t0 = time.monotonic()
     run([py, "-m", "adcore.data.demo", "--out", str(data)], env)
     run([py, "jobs/train.py", "--data", str(data), "--model", "fusion-small", "--output", str(fusion),
-         "--minutes", str(args.minutes), "--epochs", "8", "--num-workers", "1"], env)
+         "--minutes", str(args.minutes), "--epochs", "8", "--num-workers", "1", "--cpus-per-worker", str(CPUS)], env)
     run([py, "jobs/train.py", "--data", str(data), "--model", "patchcore", "--output", str(patchcore),
-         "--num-workers", "1"], env)
+         "--num-workers", "1", "--cpus-per-worker", str(CPUS)], env)
     run([py, "-m", "adcore.evaluate", "--data", str(data), "--model", str(fusion), "--model", str(patchcore),
          "--json", str(out / "metrics.json")], env)
     repo = out / "triton"
