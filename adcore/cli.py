@@ -32,6 +32,16 @@ def dataclass_from_args(cls, args: argparse.Namespace, **extra):
     return cls(**(values | extra))
 
 
+def parse_config(cls, argv: list[str] | None, description: str):
+    """A job's command line: one flag per field of ``cls`` plus ``--verbose``; sets up logging."""
+    parser = argparse.ArgumentParser(description=description)
+    add_dataclass_flags(parser, cls)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return dataclass_from_args(cls, args)
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,14 +206,3 @@ def load(uri: str, use_gpu: bool | None = None) -> Scorer:
     """Rebuild a scorer from an artifact directory (local path or ``s3://`` prefix)."""
     return Scorer.load(uri, use_gpu=use_gpu)
 
-
-def describe(uri: str) -> str:
-    """One-paragraph summary of an artifact, for logs and the CLI."""
-    art = load_artifact(uri)
-    cfg = art.config
-    cal = cfg.get("calibration") or {}
-    return json.dumps(
-        {k: cfg.get(k) for k in ("model_name", "model_version", "created_at", "input_size", "grid")}
-        | {"threshold": cal.get("image_threshold"), "calibration": cal.get("method")},
-        indent=1,
-    )

@@ -17,7 +17,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 
 from adcore import export as onnx_export
 from adcore import storage
-from adcore.cli import add_dataclass_flags, dataclass_from_args, setup_logging
+from adcore.cli import parse_config
 from adcore.scorer import INPUT_NAME, OUTPUT_NAMES, Scorer
 from adcore.scorer import load as load_scorer
 
@@ -167,12 +166,7 @@ def main(cfg: ExportConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> ExportConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataclass_flags(parser, ExportConfig)
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    return dataclass_from_args(ExportConfig, args)
+    return parse_config(ExportConfig, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import pathlib
 import sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E702  repo root, as a script
 
-import argparse
 import base64
 import html
 import io
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adcore import storage
-from adcore.cli import add_dataclass_flags, dataclass_from_args, setup_logging
+from adcore.cli import parse_config
 from jobs.scoring import ledger
 from jobs.scoring.schema import decode_mask
 
@@ -233,11 +232,7 @@ def main(cfg: ReportConfig) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> ReportConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dataclass_flags(parser, ReportConfig)
-    args = parser.parse_args(argv)
-    setup_logging()
-    return dataclass_from_args(ReportConfig, args)
+    return parse_config(ReportConfig, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import pathlib
 import sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E702  repo root, as a script
 
-import argparse
 import datetime as dt
 import json
 import logging
@@ -35,10 +34,10 @@ import posixpath
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 from adcore import storage
-from adcore.cli import add_dataclass_flags, dataclass_from_args, setup_logging
+from adcore.cli import parse_config
 from jobs.scoring import ledger
 from jobs.scoring import schema as S
 from jobs.scoring.stages import Decoder, ScoreStage
@@ -237,7 +236,7 @@ def main(cfg: ScoreConfig) -> dict:
     if not (cfg.input and cfg.model and cfg.output):
         raise SystemExit("--input, --model and --output are required (or --smoke-test)")
     # Ray workers run elsewhere than the driver's directory: pass absolute paths on.
-    cfg = ScoreConfig(**(asdict(cfg) | {k: storage.absolute(getattr(cfg, k)) for k in ("input", "model", "output")}))
+    cfg = replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in ("input", "model", "output")})
     art, art_bytes = read_artifact_config(cfg.model)
     model_name, model_version = art.get("model_name", "model"), art.get("model_version", "unsaved")
     input_size = int(art["input_size"])
@@ -349,21 +348,12 @@ def smoke_inputs(cfg: ScoreConfig) -> ScoreConfig:
         from tests.tiny import tiny_artifact  # test-size random-init model; smoke runs only
 
         tiny_artifact(str(root / "model"))
-    return dataclass_replace(cfg, input=cfg.input or str(root / "in"), model=cfg.model or str(root / "model"),
+    return replace(cfg, input=cfg.input or str(root / "in"), model=cfg.model or str(root / "model"),
                              output=cfg.output or str(root / "out"))
 
 
-def dataclass_replace(cfg, **kw):
-    return ScoreConfig(**(asdict(cfg) | kw))
-
-
 def parse_args(argv: list[str] | None = None) -> ScoreConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dataclass_flags(parser, ScoreConfig)
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    return dataclass_from_args(ScoreConfig, args)
+    return parse_config(ScoreConfig, argv, __doc__.split("\n")[0])
 
 
 if __name__ == "__main__":
