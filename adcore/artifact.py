@@ -74,9 +74,7 @@ def _write_contents(
     # safetensors needs contiguous tensors that share no storage.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     safetensors.torch.save_file(tensors, str(folder / WEIGHTS))
-    safetensors.numpy.save_file(
-        {k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / ARRAYS)
-    )
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / ARRAYS))
     for name, content in (extra_files or {}).items():
         rel = Path(name)
         if rel.is_absolute() or ".." in rel.parts or name in _RESERVED:
@@ -168,8 +166,7 @@ def _read_manifest(folder: Path, uri: str) -> dict:
         raise ArtifactError(f"{MANIFEST} of {uri} is not an {FORMAT} manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(
-            f"{uri} has format version {manifest['format_version']}; "
-            f"this adcore reads up to {FORMAT_VERSION}"
+            f"{uri} has format version {manifest['format_version']}; this adcore reads up to {FORMAT_VERSION}"
         )
     return manifest
 

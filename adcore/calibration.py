@@ -65,6 +65,11 @@ class Calibration:
         x = np.asarray(raw)
         return _normalize(x.astype(np.result_type(x, np.float32)), self.pixel_lo, self.pixel_hi)
 
+    @property
+    def effective_pixel_threshold(self) -> float:
+        """The pixel threshold masks are cut at; the image threshold where none was fitted."""
+        return self.pixel_threshold if self.pixel_threshold is not None else self.image_threshold
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

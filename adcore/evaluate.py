@@ -1,56 +1,84 @@
-"""Evaluate an artifact on a BMAD split.
+"""Evaluate artifacts on a BMAD split.
 
-``python -m adcore.evaluate --data DIR --model ARTIFACT [--split test] [--json OUT]``
+``python -m adcore.evaluate --data DIR --model ARTIFACT [--model ARTIFACT2] [--split test] [--json OUT]``
 
-Thresholds come from the artifact (fit on validation data at training time);
-nothing here is tuned on the split being evaluated.
+Threshold-free metrics (image/pixel AUROC, AUPRO, F1-max) are computed on the raw
+scores and maps; the calibration stored in the artifact (fit on validation data at
+training time) is used only where a threshold decides (ACC, precision, recall,
+specificity, Dice, IoU). Nothing here is tuned on the split being evaluated.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from adcore import metrics
-from adcore.cli import setup_logging
+from adcore.cli import parse_config
 from adcore.scorer import Scorer, load
 from adcore.training.loop import load_split
-from adcore.training.predict import predict
+
+TABLE_KEYS = (
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "f1_max",
+    "acc",
+    "precision",
+    "recall",
+    "specificity",
+    "dice",
+    "iou",
+    "n_images",
+)
+
+
+@dataclass
+class EvaluateConfig:
+    data: str  # BMAD-layout folder
+    model: list[str]  # artifact, local folder or s3:// prefix (repeat to compare)
+    split: str = "test"  # train, valid or test
+    json: str | None = None  # write the metrics here
+    limit: int | None = None  # evaluate an evenly spread subset of this many images
+    batch_size: int = 8
 
 
 def evaluate(scorer: Scorer, data: str, split: str = "test", batch_size: int = 8, limit: int | None = None) -> dict:
     t0 = time.monotonic()
     ds = load_split(data, split, limit)
-    res = predict(scorer, ds["images"], batch_size)
+    results = scorer.score_images(ds["images"], batch_size)
     labels, cal = ds["labels"], scorer.calibration
-    scores = cal.normalize_scores(res["scores"]) if cal else res["scores"]
+    raw = np.array([r.raw_score for r in results])
     both = 0 < labels.sum() < len(labels)
-    out: dict = {"model": scorer.version, "split": split, "n_images": int(len(labels)), "n_anomalous": int(labels.sum())}
-    out["image_auroc"] = metrics.image_auroc(labels, scores) if both else None
-    out["f1_max"] = metrics.f1_max(labels, scores)[0] if both else None
+    out: dict = {
+        "model": scorer.version,
+        "split": split,
+        "n_images": int(len(labels)),
+        "n_anomalous": int(labels.sum()),
+    }
+    out["image_auroc"] = metrics.image_auroc(labels, raw) if both else None
+    out["f1_max"] = metrics.f1_max(labels, raw)[0] if both else None
     if cal:
-        out |= {k: v for k, v in metrics.threshold_metrics(labels, scores, cal.image_threshold).items()}
+        out |= metrics.threshold_metrics(labels, np.array([r.score for r in results]), cal.image_threshold)
     masks = ds["masks"]
+    out["pixel_auroc"] = None
     if masks is not None and labels.sum():
-        maps = [cal.normalize_maps(m) for m in res["maps"]] if cal else res["maps"]
-        out["pixel_auroc"] = metrics.pixel_auroc(masks, maps)
-        out["aupro"] = metrics.aupro(masks, maps)
+        raw_maps = [r.raw_map for r in results]
+        out["pixel_auroc"] = metrics.pixel_auroc(masks, raw_maps)
+        out["aupro"] = metrics.aupro(masks, raw_maps)
         if cal:
-            thr = cal.pixel_threshold if cal.pixel_threshold is not None else cal.image_threshold
             anomalous = [i for i, y in enumerate(labels) if y]
-            out["dice"] = float(np.mean([metrics.dice(maps[i] >= thr, masks[i]) for i in anomalous]))
-            out["iou"] = float(np.mean([metrics.iou(maps[i] >= thr, masks[i]) for i in anomalous]))
-    else:
-        out["pixel_auroc"] = None
+            out["dice"] = float(np.mean([metrics.dice(results[i].mask, masks[i]) for i in anomalous]))
+            out["iou"] = float(np.mean([metrics.iou(results[i].mask, masks[i]) for i in anomalous]))
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
 
 
-def format_table(rows: list[dict], keys=("image_auroc", "pixel_auroc", "aupro", "f1_max", "acc", "precision", "recall", "specificity", "dice", "iou", "n_images")) -> str:
+def format_table(rows: list[dict], keys=TABLE_KEYS) -> str:
     def fmt(v):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
@@ -65,23 +93,18 @@ def format_table(rows: list[dict], keys=("image_auroc", "pixel_auroc", "aupro", 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m adcore.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--model", required=True, action="append", help="artifact (repeat to compare)")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    p.add_argument("--json", help="write the metrics here")
-    p.add_argument("--limit", type=int, help="evaluate an evenly spread subset")
-    args = p.parse_args(argv)
-    setup_logging()
+    cfg = parse_config(EvaluateConfig, argv, __doc__.splitlines()[0], prog="python -m adcore.evaluate")
+    if cfg.split not in ("train", "valid", "test"):
+        raise SystemExit(f"--split must be train, valid or test, got {cfg.split!r}")
     rows = []
-    for uri in args.model:
+    for uri in cfg.model:
         scorer = load(uri)
-        row = evaluate(scorer, args.data, args.split, limit=args.limit)
+        row = evaluate(scorer, cfg.data, cfg.split, cfg.batch_size, limit=cfg.limit)
         row["name"] = scorer.name
         rows.append(row)
     print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
+    if cfg.json:
+        with open(cfg.json, "w") as f:
             json.dump(rows[0] if len(rows) == 1 else rows, f, indent=1)
 
 

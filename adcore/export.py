@@ -19,8 +19,6 @@ Triton returns ``score`` as [B, 1]; :func:`from_triton` restores [B].
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import re
 from pathlib import Path
@@ -40,8 +38,6 @@ MAX_EXPORT_BATCH = 4096
 _INLINE_WEIGHTS_LIMIT = 1_800_000_000
 # Artifact fields copied into the ONNX metadata_props.
 METADATA_KEYS = ("model_name", "model_version", "fingerprint", "version")
-# Loggers quieted during export: one warning per torchvision op (adcore has none), INFO per graph pass.
-_NOISY_LOGGERS = {"torch.onnx._internal.exporter._registration": logging.ERROR, "onnx_ir": logging.WARNING}
 
 
 class _NetworkOutputs(nn.Module):
@@ -56,28 +52,16 @@ class _NetworkOutputs(nn.Module):
         return tuple(getattr(out, name).float() for name in OUTPUT_NAMES)  # [B], [B, g, g], [B, g*g, E]
 
 
-@contextlib.contextmanager
-def _quiet_exporter_logs():
-    """Silence the exporter's per-op chatter (missing torchvision ops, onnx_ir pass INFO lines)."""
-    levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
-    try:
-        for name, level in _NOISY_LOGGERS.items():
-            logging.getLogger(name).setLevel(level)
-        yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
 def _weight_bytes(model: nn.Module) -> int:
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def export_onnx(
-    scorer, path: str | os.PathLike, opset: int | None = None, external_data: bool | None = None
-) -> Path:
+def export_onnx(scorer, path: str | os.PathLike, opset: int | None = None, external_data: bool | None = None) -> Path:
     """Write ``scorer.model`` as ONNX with a dynamic batch dimension and check it.
+
+    The exporter's loggers are left as they are; jobs quiet them once with
+    :func:`adcore.logs.quiet_third_party_loggers`.
 
     Args:
         scorer: A :class:`adcore.scorer.Scorer`; its network is exported in eval mode on its current device.
@@ -91,8 +75,6 @@ def export_onnx(
     """
     import onnx
 
-    # onnxscript's rewriter logs every rule it applies at INFO: hundreds of lines per export.
-    logging.getLogger("onnxscript").setLevel(logging.WARNING)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = scorer.model.eval()
@@ -103,7 +85,7 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     external = _weight_bytes(model) > _INLINE_WEIGHTS_LIMIT if external_data is None else bool(external_data)
     try:
-        with _quiet_exporter_logs(), torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             program = torch.onnx.export(
                 wrapper,
                 (example,),
@@ -136,13 +118,16 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 class OnnxNetwork:
-    """An exported network run in-process by onnxruntime; a drop-in for ``Scorer.forward``.
+    """An exported network run in-process by onnxruntime: a :class:`adcore.scorer.Network` backend.
 
     Args:
         path: The ``.onnx`` file from :func:`export_onnx`.
         threads: onnxruntime intra-op threads; None lets onnxruntime choose.
         providers: Execution providers in order; default CUDA first when onnxruntime has it, then CPU.
     """
+
+    max_batch = None  # the graph's batch dimension is dynamic
+    in_flight = 0  # in-process: nothing to overlap with the head
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None):
         import onnxruntime as ort
@@ -184,7 +169,7 @@ class OnnxNetwork:
 IDENTITY_KEYS = ("model_version", "fingerprint")
 # Dynamic batcher targets; those above max_batch_size are dropped.
 _PREFERRED_BATCHES = (4, 8, 16)
-# Outputs with no dimension but the batch one; Triton wants them as dims [1] + reshape [].
+# Outputs with no dimension but the batch one; Triton rejects empty dims, so they are dims [1] + reshape [].
 _BATCH_ONLY_OUTPUTS = ("score",)
 
 
@@ -197,8 +182,9 @@ def tensor_specs(scorer) -> tuple[list, list]:
     from adcore.serving import TensorSpec
 
     size, g, e = int(scorer.input_size), int(scorer.model.grid), int(scorer.model.embedding_dim)
-    dims = {"score": [], "anomaly_map": [g, g], "patch_embeddings": [g * g, e]}
-    return [TensorSpec(INPUT_NAME, "FP32", [3, size, size])], [TensorSpec(n, "FP32", dims[n]) for n in OUTPUT_NAMES]
+    dims = {"score": [1], "anomaly_map": [g, g], "patch_embeddings": [g * g, e]}
+    outputs = [TensorSpec(n, "FP32", dims[n], reshape=[] if n in _BATCH_ONLY_OUTPUTS else None) for n in OUTPUT_NAMES]
+    return [TensorSpec(INPUT_NAME, "FP32", [3, size, size])], outputs
 
 
 def repository_parameters(scorer) -> dict[str, str]:
@@ -233,7 +219,7 @@ def write_triton_repository(
     params = repository_parameters(scorer)
     name = model_name or _triton_name(params["artifact_model_name"])
     inputs, outputs = tensor_specs(scorer)
-    dirs = write_model_repository(
+    return write_model_repository(
         onnx_path,
         repo_dir,
         name,
@@ -243,33 +229,13 @@ def write_triton_repository(
         max_batch_size=max_batch_size,
         preferred_batch_sizes=tuple(b for b in _PREFERRED_BATCHES if b <= max_batch_size),
         intra_op_num_threads=intra_op_num_threads,
+        parameters=params,
     )
-    for model_dir in dirs.values():
-        _patch_config(model_dir / "config.pbtxt", params)
-    return dirs
 
 
 def _triton_name(name: str) -> str:
     """A Triton-safe model name (letters, digits, ``_.-``) from an artifact's model_name."""
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
-
-
-def _patch_config(config: Path, params: dict[str, str]) -> None:
-    """Batch-only outputs -> dims [1] + reshape [] (Triton rejects empty dims); add the identity parameters.
-
-    ``adcore.serving.write_model_repository`` has no reshape or extra-parameter argument yet,
-    so both are added to the text it wrote.
-    """
-    text = config.read_text()
-    for name in _BATCH_ONLY_OUTPUTS:
-        pattern = re.compile(rf'(name: "{name}"\n(\s*)data_type: \w+\n\s*)dims: \[\s*\]')
-        text, n = pattern.subn(r"\1dims: [ 1 ]\n\2reshape: { shape: [ ] }", text)
-        if n != 1:
-            raise RuntimeError(f"{config}: cannot find output {name!r} with empty dims to reshape")
-    for key, value in params.items():
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        text += f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{escaped}" }}\n}}\n'
-    config.write_text(text)
 
 
 def served_parameters(model_config: dict) -> dict[str, str]:
@@ -292,12 +258,13 @@ def check_served_model(model_config: dict, scorer) -> None:
         name = model_config.get("config", model_config).get("name", "?")
         raise ModelMismatchError(
             f"Triton model {name!r} serves {wrong}, but the artifact {scorer.version!r} has "
-            f"{ {k: want[k] for k in wrong} }: re-export it with jobs/export.py or point the job at the matching artifact"
+            f"{ {k: want[k] for k in wrong} }: re-export it with jobs/export.py "
+            "or point the job at the matching artifact"
         )
 
 
 def from_triton(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Triton's outputs -> ``Scorer.forward``'s shapes (``score`` comes back [B, 1], see :func:`_patch_config`)."""
+    """Triton's outputs -> ``Scorer.forward``'s shapes (``score`` is served as dims [1], so it comes back [B, 1])."""
     out = dict(outputs)
     for name in _BATCH_ONLY_OUTPUTS:
         out[name] = np.asarray(out[name]).reshape(-1)

@@ -81,7 +81,7 @@ class PatchIndex:
 
     @property
     def device(self) -> str:
-        """"cuda" when the index lives on a GPU, else "cpu"."""
+        """ "cuda" when the index lives on a GPU, else "cpu"."""
         return "cuda" if self._gpu_resources is not None else "cpu"
 
     @property
@@ -93,10 +93,7 @@ class PatchIndex:
         return int(self._vectors.shape[0])
 
     def __repr__(self) -> str:
-        return (
-            f"PatchIndex(n={len(self)}, dim={self.dim}, metric={self.metric!r}, "
-            f"device={self.device!r})"
-        )
+        return f"PatchIndex(n={len(self)}, dim={self.dim}, metric={self.metric!r}, device={self.device!r})"
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest indexed vectors of each query.
@@ -111,9 +108,7 @@ class PatchIndex:
         if q.ndim != 2:
             raise ValueError(f"queries must be 2-D [M, E], got shape {q.shape}")
         if q.shape[1] != self.dim:
-            raise ValueError(
-                f"query dimension {q.shape[1]} does not match index dimension {self.dim}"
-            )
+            raise ValueError(f"query dimension {q.shape[1]} does not match index dimension {self.dim}")
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, {len(self)}] (index size), got {k}")
         scores = np.empty((q.shape[0], k), dtype=np.float32)

@@ -71,9 +71,7 @@ def _paired_pixels(masks, maps) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return [m > 0 for m in mask_list], [a.astype(np.float64, copy=False) for a in map_list]
 
 
-def stratified_subsample(
-    labels: np.ndarray, max_items: int, seed: int = 0
-) -> np.ndarray | None:
+def stratified_subsample(labels: np.ndarray, max_items: int, seed: int = 0) -> np.ndarray | None:
     """Indices of a deterministic subsample keeping the class ratio, or None if small enough.
 
     Each present class keeps at least one item, so AUROC stays defined.
@@ -86,9 +84,7 @@ def stratified_subsample(
     neg = np.flatnonzero(~labels)
     n_pos = min(pos.size, max(1 if pos.size else 0, round(max_items * pos.size / n)))
     n_neg = min(neg.size, max_items - n_pos)
-    keep = np.concatenate(
-        [rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)]
-    )
+    keep = np.concatenate([rng.choice(pos, n_pos, replace=False), rng.choice(neg, n_neg, replace=False)])
     return np.sort(keep)
 
 

@@ -1,25 +1,28 @@
-"""A scorer: network + FAISS head + calibration, loadable from one artifact directory.
+"""The one inference path: prepare -> network -> head -> batched postprocess.
 
-The pipeline's stages map onto methods so that the nightly job can run each
-stage where it belongs (decode on CPU workers, the network in-process or in
-Triton, the head on FAISS):
+Every caller (the nightly stage, evaluation, training-time validation, the demo)
+scores through a :class:`Scorer`, rebuilt from one artifact directory:
 
-    pixels = prepare(image)                      # [3, S, S] float32 in [0, 1]
-    net    = scorer.forward(batch)               # dict of numpy arrays (or Triton's outputs)
-    raw    = scorer.head(net)                    # raw score [B], raw map [B, g, g]
-    result = scorer.postprocess(score, map, hw)  # normalised score, label, mask at the image's size
+    pixels  = prepare(image, scorer.input_size)   # [3, S, S] float32 in [0, 1] (decode workers)
+    net     = scorer.forward(batch)               # the network backend: torch, onnxruntime or Triton
+    raw     = scorer.raw(batch)                   # + the family's FAISS head: raw scores [B], maps [B, g, g]
+    results = scorer.postprocess(scores, maps, hws)  # calibrated score, label, map, mask, area, peak
 
-Scores are normalised and thresholded with the calibration stored in the
-artifact (fit on validation data at training time), so one image can be
-scored alone.
+The network backend is one small interface (:class:`Network`): a callable from
+pixels to the named outputs, with the largest batch it takes. Scores are
+normalised and thresholded with the calibration stored in the artifact (fit on
+validation data at training time), so one image can be scored alone.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,21 +31,27 @@ import torch.nn.functional as F
 import adcore
 from adcore.artifact import load_artifact, save_artifact
 from adcore.calibration import Calibration
-from adcore.heads import head_from_config
-from adcore.models import AnomalyModel, from_config
+from adcore.models import AnomalyModel, family_of_config, from_config
 
 # Network outputs crossing the model/FAISS boundary (ONNX and Triton use the same names).
 OUTPUT_NAMES = ("score", "anomaly_map", "patch_embeddings")
 INPUT_NAME = "pixel_values"
+# Map pixels upsampled in one call: bounds the float32 temporaries (a few of them, 4 bytes each)
+# when a batch holds large frames (a 3-9 Mpx chest film).
+UPSAMPLE_PIXELS = 16_000_000
 
 
 def prepare(image: np.ndarray, size: int) -> np.ndarray:
     """HxW or HxWxC image in [0, 1] -> [3, size, size] float32.
 
     The whole image is resized (no centre crop, unlike the paper's CenterCrop):
-    the map must cover every pixel of the original image.
+    the map must cover every pixel of the original image. A grayscale frame that
+    already has the input size skips the resize (a same-size bilinear resize is the
+    identity): only the clip and a broadcast channel copy remain.
     """
     x = np.asarray(image, dtype=np.float32)
+    if x.shape == (size, size):
+        return np.broadcast_to(np.clip(x, 0, 1), (3, size, size))
     if x.ndim == 2:
         x = x[..., None]
     if x.ndim != 3:
@@ -56,20 +65,64 @@ def prepare(image: np.ndarray, size: int) -> np.ndarray:
     return t[0].clamp_(0, 1).numpy()
 
 
-def upsample_map(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Patch-grid map [g, g] -> [H, W] by bilinear interpolation."""
-    t = torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
+def upsample_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Patch-grid maps [k, g, g] -> [k, H, W] by bilinear interpolation."""
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]  # [k, 1, g, g]
+    return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+class Network(Protocol):
+    """A network backend: [B, 3, S, S] float32 pixels -> ``OUTPUT_NAMES`` arrays.
+
+    ``max_batch`` is the largest batch one call takes (None: any); ``in_flight`` is how many
+    calls may run ahead of the head (0: none; a remote server computes the next chunk while
+    this process runs the head on the current one).
+    """
+
+    max_batch: int | None
+    in_flight: int
+
+    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+class TorchNetwork:
+    """The model in-process, on the device its weights are on."""
+
+    max_batch = None
+    in_flight = 0
+
+    def __init__(self, model: AnomalyModel):
+        self.model = model.eval()
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        device = next(self.model.parameters()).device
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")  # a read-only view (e.g. Ray's block)
+            x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(device)
+        out = self.model(x)
+        return {k: getattr(out, k).float().cpu().numpy() for k in OUTPUT_NAMES}
+
+
+class NetworkOnlyHead:
+    """The network's own score and map as the raw values (training-time validation, before any head is fit)."""
+
+    def __call__(self, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(out["score"], np.float32), np.asarray(out["anomaly_map"], np.float32)
 
 
 @dataclass
 class ImageResult:
-    score: float  # calibrated, in [0, 1]
+    """One frame's result. Calibrated fields are None when the scorer has no calibration yet."""
+
     raw_score: float
-    label: int  # 1 = anomalous at the artifact's image threshold
-    anomaly_map: np.ndarray  # [H, W] calibrated, in [0, 1]
-    mask: np.ndarray  # [H, W] bool at the artifact's pixel threshold
+    raw_map: np.ndarray  # [H, W] raw, at the image's size (threshold-free metrics use it)
     peak: tuple[int, int]  # (row, col) of the map's maximum
+    score: float | None = None  # calibrated, in [0, 1]
+    label: int | None = None  # 1 = anomalous at the artifact's image threshold
+    anomaly_map: np.ndarray | None = None  # [H, W] calibrated, in [0, 1]
+    mask: np.ndarray | None = None  # [H, W] bool at the artifact's pixel threshold
+    area: int | None = None  # pixels in the mask
 
 
 class Scorer:
@@ -81,13 +134,13 @@ class Scorer:
         head,
         calibration: Calibration | None = None,
         meta: dict[str, Any] | None = None,
+        network: Network | None = None,
     ):
         self.model = model.eval()
-        # The network runs where its weights are: load() puts them on the GPU when there is one.
-        self.device = next(model.parameters()).device
         self.head = head
         self.calibration = calibration
         self.meta = dict(meta or {})
+        self.network: Network = network or TorchNetwork(self.model)
 
     @property
     def input_size(self) -> int:
@@ -101,43 +154,94 @@ class Scorer:
     def version(self) -> str:
         return self.meta.get("model_version", "unsaved")
 
-    @torch.inference_mode()
     def forward(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """The network stage: [B, 3, S, S] -> score, anomaly_map, patch_embeddings."""
-        out = self.model(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device))
-        return {k: getattr(out, k).float().cpu().numpy() for k in OUTPUT_NAMES}
+        """The network stage: [B, 3, S, S] -> score, anomaly_map, patch_embeddings (one backend call)."""
+        return self.network(pixels)
+
+    def iter_raw(self, pixels: np.ndarray) -> Iterator[tuple[slice, tuple[np.ndarray, np.ndarray] | Exception]]:
+        """Network + head per chunk of at most ``network.max_batch`` rows, in order.
+
+        Yields ``(rows, (raw scores, raw maps))``, or ``(rows, exception)`` for a chunk whose
+        network or head call failed, so a caller can mark just those rows. With a network that
+        allows calls in flight, the next chunks' network calls run while the head matches this one.
+        """
+        n = len(pixels)
+        step = self.network.max_batch or max(1, n)
+        chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+        def network(rows: slice):
+            try:
+                return self.forward(pixels[rows])
+            except Exception as e:  # noqa: BLE001 (the caller decides what a failed chunk means)
+                return e
+
+        def head(out):
+            if isinstance(out, Exception):
+                return out
+            try:
+                return self.head(out)
+            except Exception as e:  # noqa: BLE001
+                return e
+
+        if self.network.in_flight <= 0 or len(chunks) == 1:
+            for rows in chunks:
+                yield rows, head(network(rows))
+            return
+        with ThreadPoolExecutor(max_workers=self.network.in_flight, thread_name_prefix="network") as pool:
+            futures = [pool.submit(network, rows) for rows in chunks]
+            for rows, fut in zip(chunks, futures):
+                yield rows, head(fut.result())
 
     def raw(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Network + head: raw scores [B] and raw maps [B, g, g]."""
-        return self.head(self.forward(pixels))
+        """Network + head: raw scores [B] and raw maps [B, g, g] (raises on failure)."""
+        scores, maps = [], []
+        for _, out in self.iter_raw(pixels):
+            if isinstance(out, Exception):
+                raise out
+            scores.append(out[0])
+            maps.append(out[1])
+        return np.concatenate(scores), np.concatenate(maps)
 
-    def postprocess(self, raw_score: float, raw_map: np.ndarray, hw: tuple[int, int]) -> ImageResult:
+    def postprocess(
+        self, raw_scores: np.ndarray, raw_maps: np.ndarray, hws: list[tuple[int, int]]
+    ) -> Iterator[ImageResult]:
+        """Raw values -> one :class:`ImageResult` per frame, each map at its frame's size ``hws[i]``.
+
+        Upsamples once per run of same-size frames (bounded by ``UPSAMPLE_PIXELS``). A generator:
+        a caller that drops each result as it goes holds one run's maps at a time.
+        """
         cal = self.calibration
-        amap = upsample_map(raw_map, hw)
-        if cal is None:
-            raise ValueError("this scorer has no calibration; calibrate on a validation split first")
-        score = float(cal.normalize_scores(np.array([raw_score]))[0])
-        nmap = cal.normalize_maps(amap).astype(np.float32)
-        pixel_thr = cal.pixel_threshold if cal.pixel_threshold is not None else cal.image_threshold
-        mask = nmap >= pixel_thr
-        peak = np.unravel_index(int(np.argmax(nmap)), nmap.shape)
-        return ImageResult(
-            score=score,
-            raw_score=float(raw_score),
-            label=int(score >= cal.image_threshold),
-            anomaly_map=nmap,
-            mask=mask,
-            peak=(int(peak[0]), int(peak[1])),
-        )
+        raw_scores = np.asarray(raw_scores, dtype=np.float32)
+        scores = cal.normalize_scores(raw_scores.astype(np.float64)) if cal else None
+        start = 0
+        while start < len(hws):
+            hw = tuple(int(v) for v in hws[start])
+            stop = start + 1
+            while stop < len(hws) and tuple(hws[stop]) == hw and (stop - start + 1) * hw[0] * hw[1] <= UPSAMPLE_PIXELS:
+                stop += 1
+            amap = upsample_maps(raw_maps[start:stop], hw)  # [k, H, W]
+            peaks = np.unravel_index(amap.reshape(stop - start, -1).argmax(1), hw)
+            if cal is not None:
+                nmap = cal.normalize_maps(amap).astype(np.float32, copy=False)
+                masks = nmap >= cal.effective_pixel_threshold
+                areas = masks.reshape(stop - start, -1).sum(1)
+            for j in range(stop - start):
+                i = start + j
+                result = ImageResult(float(raw_scores[i]), amap[j], (int(peaks[0][j]), int(peaks[1][j])))
+                if cal is not None:
+                    result.score = float(scores[i])
+                    result.label = int(scores[i] >= cal.image_threshold)
+                    result.anomaly_map, result.mask, result.area = nmap[j], masks[j], int(areas[j])
+                yield result
+            start = stop
 
     def score_images(self, images: list[np.ndarray], batch_size: int = 8) -> list[ImageResult]:
         """Score decoded images (HxW or HxWxC in [0, 1]); each map comes back at its image's size."""
-        results = []
+        results: list[ImageResult] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            pixels = np.stack([prepare(im, self.input_size) for im in chunk])
-            scores, maps = self.raw(pixels)
-            results += [self.postprocess(s, m, im.shape[:2]) for s, m, im in zip(scores, maps, chunk)]
+            scores, maps = self.raw(np.stack([prepare(im, self.input_size) for im in chunk]))
+            results += self.postprocess(scores, maps, [im.shape[:2] for im in chunk])
         return results
 
     # --- artifact I/O -------------------------------------------------------
@@ -170,7 +274,7 @@ class Scorer:
         return save_artifact(uri, config, state, arrays)
 
     @classmethod
-    def load(cls, uri: str, use_gpu: bool | None = None) -> "Scorer":
+    def load(cls, uri: str, use_gpu: bool | None = None) -> Scorer:
         """Rebuild from an artifact; network and FAISS index go to the GPU when one is present
         (``use_gpu=None``), or as ``use_gpu`` says."""
         art = load_artifact(uri)
@@ -178,14 +282,15 @@ class Scorer:
         model = from_config(cfg["model"])
         missing, unexpected = model.load_state_dict(art.state_dict, strict=False)
         if missing or unexpected:
-            raise ValueError(f"artifact {uri}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ValueError(
+                f"artifact {uri}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
         gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
         model.to("cuda" if gpu else "cpu")
-        head = head_from_config(cfg["head"], art.arrays, use_gpu=use_gpu)
+        head = family_of_config(cfg["model"]).head_class.from_saved(cfg["head"], art.arrays, use_gpu=use_gpu)
         cal = Calibration.from_dict(cfg["calibration"]) if cfg.get("calibration") else None
         keys = ("model_name", "version", "model_version", "fingerprint", "created_at")
-        meta = {k: cfg[k] for k in keys if k in cfg}
-        scorer = cls(model, head, cal, meta)
+        scorer = cls(model, head, cal, {k: cfg[k] for k in keys if k in cfg})
         scorer.artifact_path = art.path
         scorer.artifact_config = cfg
         return scorer
@@ -205,4 +310,3 @@ def _fingerprint(state: dict[str, torch.Tensor], arrays: dict[str, np.ndarray]) 
 def load(uri: str, use_gpu: bool | None = None) -> Scorer:
     """Rebuild a scorer from an artifact directory (local path or ``s3://`` prefix)."""
     return Scorer.load(uri, use_gpu=use_gpu)
-

@@ -108,9 +108,7 @@ def join(uri: str | os.PathLike, *parts: str) -> str:
     return os.path.join(text, *parts)
 
 
-def list_files(
-    uri: str | os.PathLike, suffixes: Iterable[str] | None = None, recursive: bool = True
-) -> list[str]:
+def list_files(uri: str | os.PathLike, suffixes: Iterable[str] | None = None, recursive: bool = True) -> list[str]:
     """Sorted files under ``uri`` as full URIs (``s3://`` kept), optionally by suffix.
 
     Suffixes compare case-insensitively (``".png"`` matches ``X.PNG``). A URI naming a

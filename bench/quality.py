@@ -11,36 +11,35 @@ on pixel AUROC.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adcore.cli import setup_logging  # noqa: E402
-from adcore.data.demo import make_demo_dataset  # noqa: E402
-from adcore.evaluate import evaluate, format_table  # noqa: E402
-from adcore.training import TrainConfig, train  # noqa: E402
+from adcore.cli import parse_config
+from adcore.data.demo import make_demo_dataset
+from adcore.evaluate import evaluate, format_table
+from adcore.training import TrainConfig, train
 
 TARGET_AUROC = 0.95
 
 
+@dataclass
+class QualityConfig:
+    minutes: float = 10.0  # fusion-small training budget (gradient stages)
+    epochs: int = 8  # fusion-small stage-2 epochs at most
+    data: str = "out/demo"  # demo dataset folder (generated when missing)
+    out: str = "out/bench-quality"  # artifacts and quality.json
+    seed: int = 0
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=10.0, help="fusion-small training budget (gradient stages)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--data", default="out/demo")
-    p.add_argument("--out", default="out/bench-quality")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    setup_logging()
+    args = parse_config(QualityConfig, None, __doc__.splitlines()[0])
     data = str(make_demo_dataset(args.data, seed=args.seed))
     rows, seconds = [], {}
     for name, cfg in (
-        ("fusion-small", TrainConfig(model="fusion-small", minutes=args.minutes, epochs=args.epochs, seed=args.seed)),
-        ("patchcore", TrainConfig(model="patchcore", seed=args.seed)),
+        ("fusion-small", TrainConfig(preset="fusion-small", minutes=args.minutes, epochs=args.epochs, seed=args.seed)),
+        ("patchcore", TrainConfig(preset="patchcore", seed=args.seed)),
     ):
         t0 = time.monotonic()
         scorer = train(data, cfg, output=f"{args.out}/{name}")
@@ -49,7 +48,9 @@ def main() -> None:
         row["name"] = name
         row["train_s"] = round(seconds[name], 1)
         rows.append(row)
-    print(format_table(rows, keys=("image_auroc", "pixel_auroc", "aupro", "f1_max", "acc", "dice", "train_s", "n_images")))
+    print(
+        format_table(rows, keys=("image_auroc", "pixel_auroc", "aupro", "f1_max", "acc", "dice", "train_s", "n_images"))
+    )
     fusion, patchcore = rows
     checks = {
         "fusion image AUROC >= 0.95": fusion["image_auroc"] >= TARGET_AUROC,

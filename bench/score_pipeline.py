@@ -15,22 +15,21 @@ loop loads the model and runs one warm-up batch untimed; the job's figure counts
 written after its first output, over their time: the manifest's ``steady_rows_per_s``).
 "whole job" is rows over the wall time of ``jobs.score.main`` (listing, Ray Data start,
 model actor start, everything). The default model is the real PatchCore (DINOv2-S) artifact
-``out/pc``; build it with ``python -m adcore.train --data out/demo --model patchcore --output
+``out/pc``; build it with ``python -m adcore.train --data out/demo --preset patchcore --output
 out/pc`` (about 90 s). A tiny random-init model is also run (overhead-only: its forward is
 almost free, so that line measures the pipeline's fixed costs, not a ratio to reach).
 """
 
 from __future__ import annotations
 
-import pathlib
-import sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E702  repo root
-
-import argparse
 import io
 import os
+import pathlib
+import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -123,11 +122,12 @@ def bare(artifact: str, pixels: np.ndarray, threads: int, onnx_path: str = "") -
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     scorer = load(artifact)
-    net = OnnxNetwork(onnx_path, threads=threads) if onnx_path else scorer.forward
-    scorer.head(net(pixels))  # warm-up
+    if onnx_path:
+        scorer.network = OnnxNetwork(onnx_path, threads=threads)
+    scorer.raw(pixels)  # warm-up
     t0 = time.perf_counter()
     for _ in range(BARE_BATCHES):
-        scorer.head(net(pixels))
+        scorer.raw(pixels)
     return BARE_BATCHES * len(pixels) / (time.perf_counter() - t0)
 
 
@@ -141,12 +141,24 @@ def pipeline(cfg_kw: dict) -> dict:
         wall = time.perf_counter() - t0
     assert m["counts"]["error"] == 0, m
     enough = m["rows"] >= MIN_STEADY_BATCHES * cfg_kw["batch_size"]
-    return {"steady": m["steady_rows_per_s"] if enough else None, "whole": m["rows"] / wall,
-            "startup": m["first_rows_seconds"], "peak": mem.peak}
+    return {
+        "steady": m["steady_rows_per_s"] if enough else None,
+        "whole": m["rows"] / wall,
+        "startup": m["first_rows_seconds"],
+        "peak": mem.peak,
+    }
 
 
-def run_modes(label: str, artifact: str, sizes: list[int], batch: int, threads: int, images: list[bytes],
-              tmp: pathlib.Path, triton: bool) -> list[str]:
+def run_modes(
+    label: str,
+    artifact: str,
+    sizes: list[int],
+    batch: int,
+    threads: int,
+    images: list[bytes],
+    tmp: pathlib.Path,
+    triton: bool,
+) -> list[str]:
     """Bare + pipeline for each engine; returns the summary lines."""
     from adcore.export import export_onnx, write_triton_repository
     from adcore.scorer import load
@@ -160,11 +172,15 @@ def run_modes(label: str, artifact: str, sizes: list[int], batch: int, threads: 
         from adcore.serving import LocalTriton
 
         onnx = str(export_onnx(scorer, tmp / "model.onnx"))
-        name = next(iter(write_triton_repository(scorer, onnx, tmp / "repo", max_batch_size=batch,
-                                                  intra_op_num_threads=threads)))
+        name = next(
+            iter(
+                write_triton_repository(scorer, onnx, tmp / "repo", max_batch_size=batch, intra_op_num_threads=threads)
+            )
+        )
         server = LocalTriton(tmp / "repo", models=[name]).start()
-        modes.append(("triton", "onnxruntime", dict(triton_url=server.http_url, triton_model=name,
-                                                   triton_batch=batch), onnx))
+        modes.append(
+            ("triton", "onnxruntime", dict(triton_url=server.http_url, triton_model=name, triton_batch=batch), onnx)
+        )
     tag = label.split(",")[0]  # S3-safe
     lines = []
     try:
@@ -173,26 +189,36 @@ def run_modes(label: str, artifact: str, sizes: list[int], batch: int, threads: 
             print(f"[{label}] bare {engine} (before): {before:.2f} images/s", flush=True)
             runs = {}
             for n in sizes:
-                runs[n] = pipeline(common | extra | dict(input=f"s3://bench/in{n}",
-                                                         output=f"s3://bench/out-{tag}-{mode}-{n}"))
+                runs[n] = pipeline(
+                    common | extra | dict(input=f"s3://bench/in{n}", output=f"s3://bench/out-{tag}-{mode}-{n}")
+                )
             after = bare(artifact, pixels, threads, onnx_path)
             ref = (before + after) / 2  # the machine is shared: the pipeline ran between the two
-            line = (f"[{label}] bare {engine} network+head: {ref:.2f} images/s (before {before:.2f}, after "
-                    f"{after:.2f}; batch {batch}, {threads} threads)")
+            line = (
+                f"[{label}] bare {engine} network+head: {ref:.2f} images/s (before {before:.2f}, after "
+                f"{after:.2f}; batch {batch}, {threads} threads)"
+            )
             print(line, flush=True)
             lines.append(line)
             for n, r in runs.items():
-                steady = (f"steady {r['steady']:6.2f} images/s = {r['steady'] / ref:.2f} of bare" if r["steady"]
-                          else "steady n/a (too few batches)")
-                line = (f"[{label}] {mode:10s} n={n:5d}: {steady} | whole job {r['whole']:6.2f} = {r['whole'] / ref:.2f} "
-                        f"(startup {r['startup']:.1f} s) | peak RSS {r['peak'] / 2**30:.2f} GiB")
+                steady = (
+                    f"steady {r['steady']:6.2f} images/s = {r['steady'] / ref:.2f} of bare"
+                    if r["steady"]
+                    else "steady n/a (too few batches)"
+                )
+                line = (
+                    f"[{label}] {mode:10s} n={n:5d}: {steady} | whole job {r['whole']:6.2f} = {r['whole'] / ref:.2f} "
+                    f"(startup {r['startup']:.1f} s) | peak RSS {r['peak'] / 2**30:.2f} GiB"
+                )
                 print(line, flush=True)
                 lines.append(line)
             if len(sizes) > 1 and runs[sizes[-1]]["steady"]:
                 growth = runs[sizes[-1]]["peak"] / runs[sizes[0]]["peak"]
                 best = runs[sizes[-1]]["steady"] / ref
-                line = (f"[{label}] {mode}: ratio at n={sizes[-1]} {best:.2f} (target {TARGETS[mode]}), "
-                        f"peak RSS {sizes[-1]} vs {sizes[0]} images {growth:.2f}x (target <= {MEMORY_TARGET})")
+                line = (
+                    f"[{label}] {mode}: ratio at n={sizes[-1]} {best:.2f} (target {TARGETS[mode]}), "
+                    f"peak RSS {sizes[-1]} vs {sizes[0]} images {growth:.2f}x (target <= {MEMORY_TARGET})"
+                )
                 print(line, flush=True)
                 lines.append(line)
     finally:
@@ -201,20 +227,27 @@ def run_modes(label: str, artifact: str, sizes: list[int], batch: int, threads: 
     return lines
 
 
+@dataclass
+class PipelineBenchConfig:
+    model: str = str(REPO / "out/pc")  # artifact to benchmark (real model)
+    images: str = str(REPO / "out/demo/test")  # folder of PNGs cycled into the archive
+    n: int = 64  # images of the small archive
+    scale: int = 10  # the large archive holds n * scale images
+    batch_size: int = 32
+    threads: int = 0  # network threads; 0 = every CPU (the job's default)
+    triton: bool = True  # also through the local Triton server
+    tiny: bool = True  # also the overhead-only run with a tiny model
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(REPO / "out/pc"), help="artifact to benchmark (real model)")
-    ap.add_argument("--images", default=str(REPO / "out/demo/test"), help="folder of PNGs cycled into the archive")
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--scale", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0, help="network threads; 0 = every CPU (the job's default)")
-    ap.add_argument("--no-triton", action="store_true")
-    ap.add_argument("--no-tiny", action="store_true", help="skip the overhead-only run with a tiny model")
-    args = ap.parse_args()
+    from adcore.cli import parse_config
+
+    args = parse_config(PipelineBenchConfig, None, __doc__.split("\n")[0])
     if not (pathlib.Path(args.model) / "config.json").is_file():
-        raise SystemExit(f"--model {args.model}: no artifact there; build one with `python -m adcore.train "
-                         f"--data out/demo --model patchcore --output out/pc` (about 90 s)")
+        raise SystemExit(
+            f"--model {args.model}: no artifact there; build one with `python -m adcore.train "
+            f"--data out/demo --preset patchcore --output out/pc` (about 90 s)"
+        )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-bench")
     # Ray starts its workers at nice 15; the bare loop runs here at nice 0. On a shared machine that alone
@@ -228,11 +261,19 @@ def main() -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"})
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_REGION": "us-east-1",
+        }
+    )
     import boto3
 
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="bench")
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(
+        Bucket="bench"
+    )
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="adcore-bench-"))
     from jobs.common import init_ray
 
@@ -244,9 +285,9 @@ def main() -> None:
         make_archive(f"s3://bench/in{n}", n, images)
     lines = []
     try:
-        lines += run_modes("real", args.model, sizes, args.batch_size, threads, images, tmp, not args.no_triton)
-        if not args.no_tiny:
-            from tests.tiny import tiny_artifact
+        lines += run_modes("real", args.model, sizes, args.batch_size, threads, images, tmp, args.triton)
+        if args.tiny:
+            from adcore.testing import tiny_artifact
 
             tiny = tiny_artifact(str(tmp / "tiny"))
             lines += run_modes("tiny, overhead-only", tiny, sizes[-1:], args.batch_size, threads, images, tmp, False)

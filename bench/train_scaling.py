@@ -12,12 +12,9 @@ numbers are printed as measured.
 
 from __future__ import annotations
 
-import pathlib
-import sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E702  repo root, as a script
-
-import argparse
 import json
 import os
+import pathlib
 import shutil
 import tempfile
 import time
@@ -27,10 +24,10 @@ from dataclasses import dataclass
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from adcore.cli import add_dataclass_flags, dataclass_from_args  # noqa: E402
-from adcore.data.demo import make_demo_dataset  # noqa: E402
-from adcore.training import TrainConfig  # noqa: E402
-from jobs import train as train_job  # noqa: E402
+from adcore.cli import parse_config
+from adcore.data.demo import make_demo_dataset
+from adcore.training import TrainConfig
+from jobs import train as train_job
 
 WORKER_COUNTS = (1, 2)  # one per simulated node at most
 
@@ -41,7 +38,7 @@ class BenchConfig:
     image_size: int = 64  # demo images (the tiny model resizes to its own input size)
     epochs: int = 5  # stage-2 epochs (plus TrainConfig.domain_epochs of stage 1)
     batch_size: int = 8
-    model: str = "fusion-small"
+    preset: str = "fusion-small"
     tiny: bool = True  # the preset's tiny variant: the full one needs minutes per epoch on 2 cores
 
 
@@ -49,10 +46,16 @@ def run_once(cluster_address: str, data: str, work: pathlib.Path, workers: int, 
     """One training run; returns the wall-time breakdown in seconds."""
     timings = work / f"timings-{workers}.json"
     job = train_job.JobConfig(
-        data=data, output=str(work / f"model-{workers}"), storage=str(work / "ray"), run_name=f"bench-{workers}",
-        num_workers=workers, address=cluster_address, timings=str(timings), max_failures=0,
+        data=data,
+        output=str(work / f"model-{workers}"),
+        storage=str(work / "ray"),
+        run_name=f"bench-{workers}",
+        num_workers=workers,
+        address=cluster_address,
+        timings=str(timings),
+        max_failures=0,
     )
-    cfg = TrainConfig(model=bench.model, tiny=bench.tiny, epochs=bench.epochs, batch_size=bench.batch_size)
+    cfg = TrainConfig(preset=bench.preset, tiny=bench.tiny, epochs=bench.epochs, batch_size=bench.batch_size)
     t0 = time.time()
     train_job.main(job, cfg)
     wall = time.time() - t0
@@ -61,25 +64,40 @@ def run_once(cluster_address: str, data: str, work: pathlib.Path, workers: int, 
     compute = t["worker_s"] - t["report_s"] - t["data_s"]
     samples = bench.n_train * (cfg.domain_epochs + cfg.epochs)
     return {
-        "workers": workers, "wall_s": wall, "samples": samples, "startup_s": startup, "report_s": t["report_s"],
-        "data_s": t["data_s"], "compute_s": compute, "finish_s": wall - startup - t["worker_s"],
+        "workers": workers,
+        "wall_s": wall,
+        "samples": samples,
+        "startup_s": startup,
+        "report_s": t["report_s"],
+        "data_s": t["data_s"],
+        "compute_s": compute,
+        "finish_s": wall - startup - t["worker_s"],
     }
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'workers':>7} {'wall s':>7} {'samples/s':>9} {'compute samples/s':>17} "
-          f"{'startup':>7} {'report+ckpt':>11} {'data':>5} {'compute':>7} {'finish':>6}")
+    print(
+        f"{'workers':>7} {'wall s':>7} {'samples/s':>9} {'compute samples/s':>17} "
+        f"{'startup':>7} {'report+ckpt':>11} {'data':>5} {'compute':>7} {'finish':>6}"
+    )
     for r in rows:
         w = r["wall_s"]
-        print(f"{r['workers']:>7} {w:>7.1f} {r['samples'] / w:>9.1f} {r['samples'] / r['compute_s']:>17.1f} "
-              f"{r['startup_s'] / w:>7.1%} {r['report_s'] / w:>11.1%} {r['data_s'] / w:>5.1%} "
-              f"{r['compute_s'] / w:>7.1%} {max(r['finish_s'], 0) / w:>6.1%}")
+        print(
+            f"{r['workers']:>7} {w:>7.1f} {r['samples'] / w:>9.1f} {r['samples'] / r['compute_s']:>17.1f} "
+            f"{r['startup_s'] / w:>7.1%} {r['report_s'] / w:>11.1%} {r['data_s'] / w:>5.1%} "
+            f"{r['compute_s'] / w:>7.1%} {max(r['finish_s'], 0) / w:>6.1%}"
+        )
     one, two = rows[0], rows[-1]
-    print(f"speed-up 2 vs 1 workers: end to end {one['wall_s'] / two['wall_s']:.2f}x, "
-          f"compute only {one['compute_s'] / two['compute_s']:.2f}x (ideal 2x; {os.cpu_count()} CPU cores here)")
-    print("ray overhead share of wall time (startup + report/checkpoint + finish): "
-          + ", ".join(f"{r['workers']} worker(s) {(r['wall_s'] - r['compute_s'] - r['data_s']) / r['wall_s']:.0%}"
-                      for r in rows))
+    print(
+        f"speed-up 2 vs 1 workers: end to end {one['wall_s'] / two['wall_s']:.2f}x, "
+        f"compute only {one['compute_s'] / two['compute_s']:.2f}x (ideal 2x; {os.cpu_count()} CPU cores here)"
+    )
+    print(
+        "ray overhead share of wall time (startup + report/checkpoint + finish): "
+        + ", ".join(
+            f"{r['workers']} worker(s) {(r['wall_s'] - r['compute_s'] - r['data_s']) / r['wall_s']:.0%}" for r in rows
+        )
+    )
     print("(finish = head/centroids, calibration, artifact save, then Ray teardown: part compute, part overhead)")
 
 
@@ -106,6 +124,4 @@ def main(bench: BenchConfig) -> list[dict]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dataclass_flags(parser, BenchConfig)
-    main(dataclass_from_args(BenchConfig, parser.parse_args()))
+    main(parse_config(BenchConfig, None, __doc__.split("\n")[0]))

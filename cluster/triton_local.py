@@ -16,11 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    from adcore.serving.triton_server import LocalTriton, process_group_alive, remove_shm_regions, stop_process_group
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from adcore.serving.triton_server import LocalTriton, process_group_alive, remove_shm_regions, stop_process_group
+from adcore.serving.triton_server import LocalTriton, process_group_alive, remove_shm_regions, stop_process_group
 
 DEFAULT_STATE = Path(".triton_local.json")
 

@@ -1,11 +1,8 @@
 """Ray plumbing shared by the jobs: connecting, per-node data caches, storage, logging.
 
-Every job script starts with the same two-line bootstrap so it runs as
+``jobs`` is an installed package (``pip install -e .``), so a job runs as
 ``python jobs/<x>.py`` (also under ``ray job submit --working-dir .``) and imports
-as ``jobs.<x>`` in tests::
-
-    import pathlib, sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # repo root, when run as a script
+as ``jobs.<x>`` in tests, with no path edits.
 """
 
 from __future__ import annotations
@@ -28,8 +25,13 @@ log = logging.getLogger("jobs")
 # cluster itself (credentials are not: workers take them from their node's environment or
 # instance profile, so they never appear in a runtime_env shown by the dashboard).
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
 )
 # Set by Ray in the driver of a job submitted with ``ray job submit``.
 _JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"

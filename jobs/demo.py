@@ -12,20 +12,20 @@ Triton) -> Parquet -> DuckDB summary and an HTML report.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+from adcore.cli import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # One training worker on the whole machine: Ray gives a worker as many torch threads as CPUs.
 CPUS = os.cpu_count() or 1
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def run(cmd: list[str], env: dict | None = None) -> None:
@@ -66,16 +66,17 @@ def summarize(scores: str) -> None:
     print("  rows by status:", dict(counts))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=3.0, help="fusion-small training budget (gradient stages)")
-    p.add_argument("--out", default="out")
-    p.add_argument("--triton", action="store_true", help="score through a local Triton server instead of in-process")
-    p.add_argument(
-        "--score-with", choices=["patchcore", "fusion-small"], default="patchcore",
-        help="model for the nightly run; PatchCore by default: it wins on this data (README, Measured)",
-    )
-    args = p.parse_args()
+@dataclass
+class DemoConfig:
+    minutes: float = 3.0  # fusion-small training budget (gradient stages)
+    out: str = "out"  # everything the demo writes
+    triton: bool = False  # score through a local Triton server instead of in-process
+    score_with: str = "patchcore"  # model of the nightly run (patchcore or fusion-small); PatchCore wins on this data
+
+
+def main(args: DemoConfig) -> None:
+    if args.score_with not in ("patchcore", "fusion-small"):
+        raise SystemExit(f"--score-with must be patchcore or fusion-small, got {args.score_with!r}")
     out = Path(args.out)
     py = sys.executable
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -83,12 +84,60 @@ def main() -> None:
     fusion, patchcore = models / "fusion-small", models / "patchcore"
     t0 = time.monotonic()
     run([py, "-m", "adcore.data.demo", "--out", str(data)], env)
-    run([py, "jobs/train.py", "--data", str(data), "--model", "fusion-small", "--output", str(fusion),
-         "--minutes", str(args.minutes), "--epochs", "8", "--num-workers", "1", "--cpus-per-worker", str(CPUS)], env)
-    run([py, "jobs/train.py", "--data", str(data), "--model", "patchcore", "--output", str(patchcore),
-         "--num-workers", "1", "--cpus-per-worker", str(CPUS)], env)
-    run([py, "-m", "adcore.evaluate", "--data", str(data), "--model", str(fusion), "--model", str(patchcore),
-         "--json", str(out / "metrics.json")], env)
+    run(
+        [
+            py,
+            "jobs/train.py",
+            "--data",
+            str(data),
+            "--preset",
+            "fusion-small",
+            "--output",
+            str(fusion),
+            "--minutes",
+            str(args.minutes),
+            "--epochs",
+            "8",
+            "--num-workers",
+            "1",
+            "--cpus-per-worker",
+            str(CPUS),
+        ],
+        env,
+    )
+    run(
+        [
+            py,
+            "jobs/train.py",
+            "--data",
+            str(data),
+            "--preset",
+            "patchcore",
+            "--output",
+            str(patchcore),
+            "--num-workers",
+            "1",
+            "--cpus-per-worker",
+            str(CPUS),
+        ],
+        env,
+    )
+    run(
+        [
+            py,
+            "-m",
+            "adcore.evaluate",
+            "--data",
+            str(data),
+            "--model",
+            str(fusion),
+            "--model",
+            str(patchcore),
+            "--json",
+            str(out / "metrics.json"),
+        ],
+        env,
+    )
     repo = out / "triton"
     chosen = patchcore if args.score_with == "patchcore" else fusion
     run([py, "jobs/export.py", "--model", str(chosen), "--repository", str(repo)], env)
@@ -109,4 +158,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_config(DemoConfig, None, __doc__.splitlines()[0]))

@@ -11,22 +11,17 @@ runs the network of that same artifact (``model_version`` and ``fingerprint``
 are recorded as ``parameters`` in each config.pbtxt).
 """
 
-import sys  # noqa: I001 (bootstrap first: `python jobs/export.py` must find the repo's packages)
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import logging
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from adcore import export as onnx_export
 from adcore import storage
 from adcore.cli import parse_config
-from adcore.scorer import INPUT_NAME, OUTPUT_NAMES, Scorer
+from adcore.scorer import OUTPUT_NAMES, Scorer
 from adcore.scorer import load as load_scorer
 
 log = logging.getLogger("jobs.export")
@@ -52,21 +47,10 @@ class ExportConfig:
 
 
 def smoke_artifact(folder: Path) -> str:
-    """A saved tiny random-init artifact (centroids from its own embeddings; no calibration)."""
-    import torch
+    """A saved tiny random-init artifact of ``SMOKE_PRESET`` (real head and calibration)."""
+    from adcore.testing import tiny_artifact
 
-    from adcore.heads import CentroidHead
-    from adcore.models import create
-
-    torch.manual_seed(0)
-    model = create(SMOKE_PRESET, tiny=True).eval()
-    rng = np.random.default_rng(0)
-    pixels = rng.random((4, 3, model.input_size, model.input_size), dtype=np.float32)
-    with torch.inference_mode():
-        emb = model(torch.from_numpy(pixels)).patch_embeddings.numpy().reshape(-1, model.embedding_dim)
-    k = model.cfg.n_centroids
-    scorer = Scorer(model, CentroidHead(np.stack([emb[:k], emb[k : 2 * k]])))
-    return scorer.save(str(folder / f"{SMOKE_PRESET}-tiny"), model_name=f"{SMOKE_PRESET}-tiny", version=1)
+    return tiny_artifact(str(folder / f"{SMOKE_PRESET}-tiny"), SMOKE_PRESET)
 
 
 def max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
@@ -77,7 +61,7 @@ def serve_and_compare(scorer: Scorer, repository: Path, model_name: str, onnx_pa
     """Start the local CPU Triton on ``repository`` and compare its answer with torch and onnxruntime."""
     import tritonclient.http as httpclient
 
-    from adcore.serving import LocalTriton, TritonClient
+    from adcore.serving import LocalTriton, TritonClient, TritonNetwork
 
     rng = np.random.default_rng(0)
     pixels = rng.random((SMOKE_BATCH, 3, scorer.input_size, scorer.input_size), dtype=np.float32)
@@ -90,7 +74,7 @@ def serve_and_compare(scorer: Scorer, repository: Path, model_name: str, onnx_pa
         finally:
             client.close()
         with TritonClient(server.http_url, model_name) as triton:
-            triton_out = onnx_export.from_triton(triton.infer({INPUT_NAME: pixels}))
+            triton_out = TritonNetwork(triton, max_batch=SMOKE_BATCH)(pixels)
     diffs = {f"onnxruntime.{k}": v for k, v in max_abs_diff(torch_out, ort_out).items()}
     diffs |= {f"triton.{k}": v for k, v in max_abs_diff(torch_out, triton_out).items()}
     raw_torch, raw_triton = scorer.head(torch_out), scorer.head(triton_out)
@@ -98,7 +82,9 @@ def serve_and_compare(scorer: Scorer, repository: Path, model_name: str, onnx_pa
     diffs["head.raw_map"] = float(np.abs(raw_torch[1] - raw_triton[1]).max())
     bad = {k: v for k, v in diffs.items() if not v <= SMOKE_TOLERANCE}
     if bad:
-        raise RuntimeError(f"smoke test: {repository / model_name} disagrees with torch beyond {SMOKE_TOLERANCE}: {bad}")
+        raise RuntimeError(
+            f"smoke test: {repository / model_name} disagrees with torch beyond {SMOKE_TOLERANCE}: {bad}"
+        )
     return diffs
 
 

@@ -15,9 +15,6 @@ re-read from their URIs and drawn with their mask's contour in red.
 
 from __future__ import annotations
 
-import pathlib
-import sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E702  repo root, as a script
-
 import base64
 import html
 import io
@@ -70,7 +67,8 @@ RUN_SCORES_SQL = "SELECT score FROM scores WHERE status = 'ok' AND run_id = $run
 RUNS_SQL = "SELECT DISTINCT run_id FROM scores ORDER BY run_id"
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
-td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}.grid{display:flex;flex-wrap:wrap;gap:12px}
+td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}
+.grid{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;width:260px;font-size:12px;word-break:break-all}img{border:1px solid #999}"""
 
 
@@ -94,8 +92,12 @@ def connect(scores: str):
     con = duckdb.connect()
     con.register("scores", table)
     con.execute(ledger.LATEST_VIEW_SQL)
-    con.register("runs", pa.Table.from_pylist([{k: m.get(k) for k in
-                                                ("run_id", "model_version", "completed_at", "rows")} for m in manifests]))
+    con.register(
+        "runs",
+        pa.Table.from_pylist(
+            [{k: m.get(k) for k in ("run_id", "model_version", "completed_at", "rows")} for m in manifests]
+        ),
+    )
     return con
 
 
@@ -119,9 +121,15 @@ def score_shift(con) -> dict | None:
         return None
     (cur_id, cur), (prev_id, prev) = samples
     ks = ks_2samp(cur, prev)
-    out = {"run": cur_id, "previous_run": prev_id, "n": len(cur), "n_previous": len(prev),
-           "mean_delta": float(cur.mean() - prev.mean()), "ks_statistic": float(ks.statistic),
-           "ks_pvalue": float(ks.pvalue)}
+    out = {
+        "run": cur_id,
+        "previous_run": prev_id,
+        "n": len(cur),
+        "n_previous": len(prev),
+        "mean_delta": float(cur.mean() - prev.mean()),
+        "ks_statistic": float(ks.statistic),
+        "ks_pvalue": float(ks.pvalue),
+    }
     for q in (0.05, 0.5, 0.95):
         out[f"p{int(q * 100):02d}_delta"] = float(np.quantile(cur, q) - np.quantile(prev, q))
     return out
@@ -193,24 +201,35 @@ def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
     latest_scores = [r["score"] for r in query(con, "SELECT score FROM latest WHERE status = 'ok'")]
     figures = []
     for r in top:
-        mask = query(con, "SELECT mask_png FROM latest WHERE image_uri = $u AND frame = $f AND run_id = $r",
-                     u=r["image_uri"], f=r["frame"], r=r["run_id"])[0]["mask_png"]
+        mask = query(
+            con,
+            "SELECT mask_png FROM latest WHERE image_uri = $u AND frame = $f AND run_id = $r",
+            u=r["image_uri"],
+            f=r["frame"],
+            r=r["run_id"],
+        )[0]["mask_png"]
         try:
             src = overlay(r["image_uri"], r["frame"], mask)
             img = f'<img src="{src}">'
         except Exception as e:  # noqa: BLE001 (a moved or unreadable image must not sink the report)
             img = f"<p>image unavailable: {html.escape(type(e).__name__)}</p>"
-        figures.append(f"<figure>{img}<figcaption>{html.escape(r['image_uri'])} [frame {r['frame']}]<br>"
-                       f"score {r['score']:.3f}, mask {r['mask_area']} px</figcaption></figure>")
+        figures.append(
+            f"<figure>{img}<figcaption>{html.escape(r['image_uri'])} [frame {r['frame']}]<br>"
+            f"score {r['score']:.3f}, mask {r['mask_area']} px</figcaption></figure>"
+        )
     parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>Anomaly scores</title><style>{CSS}</style></head><body>",
+        "<!doctype html><html><head><meta charset='utf-8'><title>Anomaly scores</title>"
+        f"<style>{CSS}</style></head><body>",
         f"<h1>Anomaly scores: {html.escape(scores)}</h1>",
         f"<h2>Top {top_k} anomalies</h2><div class='grid'>{''.join(figures)}</div>",
         _table([{k: v for k, v in r.items()} for r in top]),
         f"<h2>Score histogram (visible rows)</h2><img src='{histogram(latest_scores)}'>",
-        "<h2>Score distribution per run and modality</h2>", _table(dist),
-        "<h2>Errors per run and kind</h2>", _table(errors),
-        "<h2>Shift against the previous run</h2>", _table([shift] if shift else []),
+        "<h2>Score distribution per run and modality</h2>",
+        _table(dist),
+        "<h2>Errors per run and kind</h2>",
+        _table(errors),
+        "<h2>Shift against the previous run</h2>",
+        _table([shift] if shift else []),
         "</body></html>",
     ]
     return "\n".join(parts), {"top": top, "distribution": dist, "errors": errors, "shift": shift}

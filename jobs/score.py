@@ -22,14 +22,12 @@ pseudonymous ``study_key`` keyed by ``ADCORE_STUDY_KEY_SECRET``.
 
 from __future__ import annotations
 
-import pathlib
-import sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E702  repo root, as a script
-
 import datetime as dt
 import json
 import logging
 import math
 import os
+import pathlib
 import posixpath
 import tempfile
 import time
@@ -136,11 +134,16 @@ def check_triton_model(cfg: ScoreConfig, model_name: str, art: dict) -> None:
         import tritonclient.http as tc
     try:
         client = tc.InferenceServerClient(cfg.triton_url)
-        config = (client.get_model_config(model_name, as_json=True) if cfg.triton_protocol == "grpc"
-                  else client.get_model_config(model_name))
+        config = (
+            client.get_model_config(model_name, as_json=True)
+            if cfg.triton_protocol == "grpc"
+            else client.get_model_config(model_name)
+        )
     except Exception as e:  # noqa: BLE001
-        raise SystemExit(f"Triton at {cfg.triton_url} ({cfg.triton_protocol}) has no ready model {model_name!r}: "
-                         f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise SystemExit(
+            f"Triton at {cfg.triton_url} ({cfg.triton_protocol}) has no ready model {model_name!r}: "
+            f"{type(e).__name__}: {str(e)[:200]}"
+        ) from None
     try:
         check_served_model(config, SimpleNamespace(meta=art, version=art.get("model_version")))
     except ModelMismatchError as e:
@@ -150,8 +153,9 @@ def check_triton_model(cfg: ScoreConfig, model_name: str, art: dict) -> None:
 class RunWriter:
     """Writes a run's rows into its own folder, counts them, logs progress."""
 
-    def __init__(self, output: str, run_dir: str, total_files: int, rows_per_file: int,
-                 progress_every_s: float, secret_set: bool):
+    def __init__(
+        self, output: str, run_dir: str, total_files: int, rows_per_file: int, progress_every_s: float, secret_set: bool
+    ):
         import pyarrow.fs as pafs
 
         self.output, self.run_dir = output, run_dir
@@ -204,8 +208,14 @@ class RunWriter:
         now = time.monotonic()
         if now - self.last_log >= self.progress_every_s:
             self.last_log = now
-            log.info("progress: files %d/%d, rows %d (%.1f rows/s), errors %d", len(self.seen_files),
-                     self.total_files, self.rows, self.rows / max(now - self.t0, 1e-9), self.status[S.STATUS_ERROR])
+            log.info(
+                "progress: files %d/%d, rows %d (%.1f rows/s), errors %d",
+                len(self.seen_files),
+                self.total_files,
+                self.rows,
+                self.rows / max(now - self.t0, 1e-9),
+                self.status[S.STATUS_ERROR],
+            )
 
     @property
     def rows(self) -> int:
@@ -220,7 +230,7 @@ class RunWriter:
 
 
 def init_ray_for(cfg: ScoreConfig):
-    import ray
+    import ray.data
 
     from jobs.common import init_ray
 
@@ -254,12 +264,18 @@ def main(cfg: ScoreConfig) -> dict:
     if not inputs:
         raise SystemExit(f"--input {cfg.input}: no files to score")
     secret = os.environ.get(SECRET_ENV, "").encode() or None
-    log.info("run %s: %d files from %s, model %s (%s), %d file(s) already scored, output %s",
-             run_id, len(inputs), cfg.input, model_version, "triton " + cfg.triton_url if cfg.triton_url
-             else cfg.engine, len(scored), cfg.output)
+    log.info(
+        "run %s: %d files from %s, model %s (%s), %d file(s) already scored, output %s",
+        run_id,
+        len(inputs),
+        cfg.input,
+        model_version,
+        "triton " + cfg.triton_url if cfg.triton_url else cfg.engine,
+        len(scored),
+        cfg.output,
+    )
 
     ray = init_ray_for(cfg)
-    import ray.data
 
     total = ray.cluster_resources().get("CPU", 1.0)
     node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=total)
@@ -268,29 +284,48 @@ def main(cfg: ScoreConfig) -> dict:
     threads = cfg.inference_threads or max(1, int(node_cpus))
     is_s3 = storage.is_s3(cfg.input)
     fs = storage.s3_filesystem() if is_s3 else None
-    paths = [p[len(storage.S3_PREFIX):] for p in inputs] if is_s3 else inputs
+    paths = [p[len(storage.S3_PREFIX) :] for p in inputs] if is_s3 else inputs
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job logs its own progress lines
     # Decoded blocks of about one model batch: the model starts after one batch is decoded (not a whole
     # read block), and each model call's rows come out (and are written) as soon as they are scored.
     ctx.target_max_block_size = max(MIN_BLOCK_BYTES, batch_bytes(cfg.batch_size, input_size))
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES * ctx.target_max_block_size))
+        object_store_memory=max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES * ctx.target_max_block_size)
+    )
 
-    ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs,
-                                    override_num_blocks=max(1, math.ceil(len(paths) / cfg.files_per_block)))
+    ds = ray.data.read_binary_files(
+        paths,
+        include_paths=True,
+        filesystem=fs,
+        override_num_blocks=max(1, math.ceil(len(paths) / cfg.files_per_block)),
+    )
     decoder = Decoder(input_size, cfg.max_pixels, scored, storage.S3_PREFIX if is_s3 else "", secret)
     ds = ds.map_batches(decoder, batch_size=DECODE_BATCH, num_cpus=decode_cpus, batch_format="numpy")
     stage_kwargs = dict(
-        artifact=cfg.model, run_id=run_id, engine=cfg.engine, threads=threads,
-        triton_url=cfg.triton_url, triton_model=triton_model, triton_protocol=cfg.triton_protocol,
-        triton_timeout_s=cfg.triton_timeout_s, triton_retries=cfg.triton_retries,
-        triton_backoff_s=cfg.triton_backoff_s, triton_batch=cfg.triton_batch,
+        artifact=cfg.model,
+        run_id=run_id,
+        engine=cfg.engine,
+        threads=threads,
+        triton_url=cfg.triton_url,
+        triton_model=triton_model,
+        triton_protocol=cfg.triton_protocol,
+        triton_timeout_s=cfg.triton_timeout_s,
+        triton_retries=cfg.triton_retries,
+        triton_backoff_s=cfg.triton_backoff_s,
+        triton_batch=cfg.triton_batch,
     )
-    ds = ds.map_batches(ScoreStage, fn_constructor_kwargs=stage_kwargs, batch_size=cfg.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=actor_cpus, num_gpus=1 if gpus and not cfg.triton_url else 0,
-                        memory=ACTOR_MEMORY_FACTOR * art_bytes + ACTOR_MEMORY_BASE,
-                        batch_format="numpy", zero_copy_batch=True)
+    ds = ds.map_batches(
+        ScoreStage,
+        fn_constructor_kwargs=stage_kwargs,
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=actor_cpus,
+        num_gpus=1 if gpus and not cfg.triton_url else 0,
+        memory=ACTOR_MEMORY_FACTOR * art_bytes + ACTOR_MEMORY_BASE,
+        batch_format="numpy",
+        zero_copy_batch=True,
+    )
 
     rdir = ledger.run_dir(cfg.output, run_date, run_id)
     writer = RunWriter(cfg.output, rdir, len(inputs), cfg.rows_per_file, cfg.progress_every_s, bool(secret))
@@ -323,12 +358,21 @@ def main(cfg: ScoreConfig) -> dict:
         # Startup (model actor start + first batch) vs steady state: rows after the first output / their time.
         "first_rows_seconds": round(first, 3),
         "steady_rows_per_s": round((writer.rows - writer.first_rows) / max(elapsed - first, 1e-9), 3)
-        if writer.rows > writer.first_rows else None,
+        if writer.rows > writer.first_rows
+        else None,
     }
     uri = ledger.write_manifest(cfg.output, manifest)
-    log.info("done: %d rows (%d ok, %d errors %s), %d files skipped as already scored, %.1f rows/s; "
-             "data %s, manifest %s", writer.rows, writer.status[S.STATUS_OK], writer.status[S.STATUS_ERROR],
-             dict(writer.errors), writer.skipped_files, writer.rows / max(elapsed, 1e-9), rdir, uri)
+    log.info(
+        "done: %d rows (%d ok, %d errors %s), %d files skipped as already scored, %.1f rows/s; data %s, manifest %s",
+        writer.rows,
+        writer.status[S.STATUS_OK],
+        writer.status[S.STATUS_ERROR],
+        dict(writer.errors),
+        writer.skipped_files,
+        writer.rows / max(elapsed, 1e-9),
+        rdir,
+        uri,
+    )
     return manifest
 
 
@@ -345,11 +389,15 @@ def smoke_inputs(cfg: ScoreConfig) -> ScoreConfig:
             Image.fromarray((rng.random((48, 64)) * 255).astype("uint8")).save(root / "in" / f"img{i}.png")
         (root / "in" / "broken.png").write_bytes(b"not a png")
     if not cfg.model:
-        from tests.tiny import tiny_artifact  # test-size random-init model; smoke runs only
+        from adcore.testing import tiny_artifact  # test-size random-init model; smoke runs only
 
         tiny_artifact(str(root / "model"))
-    return replace(cfg, input=cfg.input or str(root / "in"), model=cfg.model or str(root / "model"),
-                             output=cfg.output or str(root / "out"))
+    return replace(
+        cfg,
+        input=cfg.input or str(root / "in"),
+        model=cfg.model or str(root / "model"),
+        output=cfg.output or str(root / "out"),
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> ScoreConfig:

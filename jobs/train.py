@@ -1,6 +1,6 @@
 """Distributed training with Ray Train: ``adcore.training.train`` on N workers (DDP).
 
-    python jobs/train.py --data s3://bucket/bmad/brain --model fusion-small \
+    python jobs/train.py --data s3://bucket/bmad/brain --preset fusion-small \
         --output s3://bucket/models/brain --storage s3://bucket/ray --num-workers 4 --use-gpu
 
 Each worker reads its shard of the train split (the loop shards by rank) from a local
@@ -15,24 +15,21 @@ worker's GPU (NCCL) while the library's loop keeps its tensors on the CPU (see
 
 from __future__ import annotations
 
-import pathlib
-import sys; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # noqa: E702  repo root, as a script
-
-import argparse
 import dataclasses
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from adcore import storage
-from adcore.cli import add_dataclass_flags, dataclass_from_args, parse_weights, setup_logging
+from adcore.cli import parse_configs, setup_logging
 from adcore.models import AnomalyModel
 from adcore.training import TrainConfig, TrainHooks, train
 from jobs.common import init_ray, local_copy, run_name, storage_args
@@ -52,8 +49,8 @@ RUN_PREFIX = "train"  # run names are train-<hash of --output> unless --run-name
 class JobConfig:
     """The distributed side; everything about the model and training is in ``TrainConfig``."""
 
-    data: str = ""  # BMAD-layout folder or s3:// prefix
-    output: str = ""  # artifact folder or s3:// prefix
+    data: str  # BMAD-layout folder or s3:// prefix
+    output: str  # artifact folder or s3:// prefix
     storage: str | None = None  # checkpoints (local or s3://); default: <output>-checkpoints
     run_name: str | None = None  # default: derived from --output, so reruns resume
     num_workers: int = 1
@@ -108,7 +105,9 @@ def make_wrap(use_gpu: bool, world_size: int) -> Callable[[nn.Module], nn.Module
         if world_size == 1:
             return module
         return ray.train.torch.prepare_model(
-            module, move_to_device=False, parallel_strategy="ddp",
+            module,
+            move_to_device=False,
+            parallel_strategy="ddp",
             parallel_strategy_kwargs={"find_unused_parameters": FIND_UNUSED_PARAMETERS},
         )
 
@@ -179,8 +178,11 @@ def train_worker(config: dict) -> None:
     train(data, cfg, output=job.output, hooks=hooks)
     if rank == 0 and job.timings:
         timings = {
-            "worker_start_unix": started_unix, "data_s": data_s, "worker_s": time.monotonic() - started,
-            "report_s": reporter.seconds, "world_size": world,
+            "worker_start_unix": started_unix,
+            "data_s": data_s,
+            "worker_s": time.monotonic() - started,
+            "report_s": reporter.seconds,
+            "world_size": world,
         }
         storage.write_bytes(job.timings, json.dumps(timings).encode())
 
@@ -195,10 +197,14 @@ def build_trainer(job: JobConfig, cfg: TrainConfig):
         train_worker,
         train_loop_config={"job": asdict(job), "train": asdict(cfg)},
         scaling_config=ScalingConfig(
-            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": job.cpus_per_worker},
+            num_workers=job.num_workers,
+            use_gpu=job.use_gpu,
+            resources_per_worker={"CPU": job.cpus_per_worker},
         ),
         run_config=RunConfig(
-            name=job.name(), storage_path=path, storage_filesystem=fs,
+            name=job.name(),
+            storage_path=path,
+            storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
@@ -228,23 +234,9 @@ def main(job: JobConfig, cfg: TrainConfig):
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python jobs/train.py", description=__doc__.split("\n")[0])
-    p.add_argument("--data", required=True, help="BMAD-layout folder or s3:// prefix")
-    p.add_argument("--output", required=True, help="artifact folder or s3:// prefix")
-    p.add_argument("--weights", action="append", metavar="TOWER=PATH", help="pretrained weights folder per tower")
-    add_dataclass_flags(p, JobConfig, skip=("data", "output"))
-    add_dataclass_flags(p, TrainConfig, skip=("weights", "overrides"))
-    return p
-
-
 def parse(argv: list[str] | None = None) -> tuple[JobConfig, TrainConfig]:
-    args = build_parser().parse_args(argv)
-    job = dataclass_from_args(JobConfig, args)
-    cfg = dataclass_from_args(TrainConfig, args, weights=parse_weights(args.weights))
-    return job, cfg
+    return parse_configs((JobConfig, TrainConfig), argv, __doc__.split("\n")[0], prog="python jobs/train.py")
 
 
 if __name__ == "__main__":
-    setup_logging()
     main(*parse())

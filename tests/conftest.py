@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-# tests/tiny.py builds tiny artifacts for plumbing tests: `from tiny import tiny_scorer`.
-sys.path.insert(0, str(Path(__file__).parent))
 
 # Offline and quiet: no usage reports, no model-hub downloads.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -76,6 +71,6 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> str:
     """Path of a saved tiny fusion-small artifact (random-init towers), shared by the session."""
-    from tiny import tiny_artifact as make
+    from adcore.testing import tiny_artifact as make
 
     return make(tmp_path_factory.mktemp("artifact") / "fusion-small-tiny")

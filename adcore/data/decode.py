@@ -4,6 +4,8 @@ The format is chosen from the file's magic bytes first and its name second. Ever
 failure is a :class:`DecodeError` with a ``kind`` the scoring job can count by.
 Error messages never carry DICOM patient identifiers: they are built from this
 module's own text, and any library message is scrubbed of the dataset's identifiers.
+pydicom's own log records may quote element values: jobs drop those with
+:func:`adcore.logs.quiet_third_party_loggers`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
-import logging
 import struct
 import warnings
 from dataclasses import dataclass
@@ -34,9 +35,19 @@ _MAX_REASON = 200  # characters of a library message kept in a reason
 
 # DICOM attributes that identify a patient; their values are scrubbed from any message.
 _PHI_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs",
-    "OtherPatientNames", "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName",
-    "AccessionNumber", "ReferringPhysicianName", "InstitutionName", "IssuerOfPatientID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "InstitutionName",
+    "IssuerOfPatientID",
 )
 
 
@@ -58,18 +69,10 @@ class Frame:
     study_uid: str | None = None
 
     def __repr__(self) -> str:  # keeps the raw UID out of logs and tracebacks
-        return (f"Frame(shape={tuple(self.pixels.shape)}, index={self.index}, "
-                f"modality={self.modality!r}, study_uid={'<set>' if self.study_uid else None})")
-
-
-class _DropValueEchoes(logging.Filter):
-    """Drops pydicom log records that echo element values (they may be identifiers)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Invalid value" not in str(record.msg)
-
-
-logging.getLogger("pydicom").addFilter(_DropValueEchoes())
+        return (
+            f"Frame(shape={tuple(self.pixels.shape)}, index={self.index}, "
+            f"modality={self.modality!r}, study_uid={'<set>' if self.study_uid else None})"
+        )
 
 
 @contextlib.contextmanager
@@ -122,7 +125,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = 50_000_000) -> lis
 
 def _sniff(data: bytes, name: str) -> str | None:
     lower = name.lower().split("?")[0]
-    if data[_DICOM_PREAMBLE:_DICOM_PREAMBLE + 4] == b"DICM":  # first: preambles may look like TIFF
+    if data[_DICOM_PREAMBLE : _DICOM_PREAMBLE + 4] == b"DICM":  # first: preambles may look like TIFF
         return "dicom"
     if data.startswith(_PNG_MAGIC):
         return "png"
@@ -169,7 +172,7 @@ def _lacks_end_marker(data: bytes, fmt: str) -> bool:
     if fmt == "png":
         return b"IEND" not in data[-16:]
     if fmt == "jpeg":
-        return not data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+        return data.rstrip(b"\x00")[-2:] != b"\xff\xd9"
     return False
 
 
@@ -200,7 +203,9 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int) -> list[Frame]:
                 color = axes.endswith("S") and shape[-1] in (3, 4)
                 n_pix = int(np.prod(shape[:-1] if color else shape))
                 if n_pix > max_pixels:
-                    raise DecodeError(name, "too_large", f"{n_pix} pixels ({axes}={shape}) exceeds max_pixels={max_pixels}")
+                    raise DecodeError(
+                        name, "too_large", f"{n_pix} pixels ({axes}={shape}) exceeds max_pixels={max_pixels}"
+                    )
                 arr = series.asarray()
         except DecodeError:
             raise
@@ -262,8 +267,9 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, force: bool) -> list[
         if rows <= 0 or cols <= 0:
             raise DecodeError(name, "corrupt", "DICOM Rows/Columns missing or zero")
         if rows * cols * n_frames > max_pixels:
-            raise DecodeError(name, "too_large",
-                              f"{n_frames} frame(s) of {rows}x{cols} exceeds max_pixels={max_pixels}")
+            raise DecodeError(
+                name, "too_large", f"{n_frames} frame(s) of {rows}x{cols} exceeds max_pixels={max_pixels}"
+            )
         ts = _transfer_syntax(ds)
         try:
             arr = ds.pixel_array

@@ -11,7 +11,6 @@ sometimes with a necrotic core or mass effect. Masks are written as 0/255 PNGs.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -140,8 +139,9 @@ def _write_split(root: Path, split: str, n: int, cfg: DemoConfig) -> None:
             save_mask_png(folder / "label" / name, mask)
 
 
-def make_demo_dataset(root, *, n_train: int = 200, n_valid: int = 40, n_test: int = 100,
-                      size: int = 224, seed: int = 0) -> Path:
+def make_demo_dataset(
+    root, *, n_train: int = 200, n_valid: int = 40, n_test: int = 100, size: int = 224, seed: int = 0
+) -> Path:
     """Writes the demo dataset under `root` (BMAD layout) and returns `root`.
 
     Idempotent: when ``root/demo.json`` records the same config, nothing is written. A folder
@@ -165,15 +165,20 @@ def make_demo_dataset(root, *, n_train: int = 200, n_valid: int = 40, n_test: in
     return root
 
 
+@dataclass
+class DemoOutput:
+    """Where the dataset goes."""
+
+    out: str  # folder to write the BMAD-layout dataset to
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="folder to write the BMAD-layout dataset to")
-    defaults = DemoConfig()
-    for field, value in asdict(defaults).items():
-        p.add_argument(f"--{field.replace('_', '-')}", type=int, default=value)
-    a = p.parse_args(argv)
-    root = make_demo_dataset(a.out, n_train=a.n_train, n_valid=a.n_valid, n_test=a.n_test,
-                             size=a.size, seed=a.seed)
+    from adcore.cli import parse_configs
+
+    where, cfg = parse_configs(
+        (DemoOutput, DemoConfig), argv, __doc__.split("\n")[0], prog="python -m adcore.data.demo"
+    )
+    root = make_demo_dataset(where.out, **asdict(cfg))
     print(f"demo dataset in {root}")
 
 

@@ -76,8 +76,15 @@ class RandPerlinAnomaly:
             resized over the image); procedural Perlin textures are used when None.
     """
 
-    def __init__(self, rng: np.random.Generator, *, scale_exp=(0, 6), threshold: float = 0.5,
-                 opacity=(0.2, 1.0), texture_source=None):
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        *,
+        scale_exp=(0, 6),
+        threshold: float = 0.5,
+        opacity=(0.2, 1.0),
+        texture_source=None,
+    ):
         self.rng = rng
         self.scale_exp = scale_exp
         self.threshold = threshold
@@ -156,16 +163,16 @@ class RandCutPaste:
         (sy, sx), (ty, tx) = self._center(fg), self._center(fg)
         sy, sx = np.clip(sy - ph // 2, 0, h - ph), np.clip(sx - pw // 2, 0, w - pw)
         ty, tx = np.clip(ty - ph // 2, 0, h - ph), np.clip(tx - pw // 2, 0, w - pw)
-        patch = image[sy:sy + ph, sx:sx + pw].copy()
+        patch = image[sy : sy + ph, sx : sx + pw].copy()
         if self.rng.random() < 0.5:
             patch = patch[:, ::-1]
         contrast = 1 + self.rng.uniform(-self.jitter, self.jitter)
         shift = self.rng.uniform(-self.jitter, self.jitter)
         patch = np.clip((patch - patch.mean()) * contrast + patch.mean() + shift, 0, 1)
-        mask[ty:ty + ph, tx:tx + pw] = fg[ty:ty + ph, tx:tx + pw]
+        mask[ty : ty + ph, tx : tx + pw] = fg[ty : ty + ph, tx : tx + pw]
         out = image.copy()
-        region = mask[ty:ty + ph, tx:tx + pw]
-        out[ty:ty + ph, tx:tx + pw][region] = patch[region]
+        region = mask[ty : ty + ph, tx : tx + pw]
+        out[ty : ty + ph, tx : tx + pw][region] = patch[region]
         mask &= np.any(out != image, axis=-1) if image.ndim == 3 else out != image
         return out, mask
 
@@ -191,8 +198,9 @@ def _smooth_noise(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
     return n / max(float(n.std()), 1e-6)
 
 
-def lesion_mask(rng: np.random.Generator, foreground: np.ndarray, area_frac,
-                irregularity=LesionConfig.irregularity) -> tuple[np.ndarray, tuple, float]:
+def lesion_mask(
+    rng: np.random.Generator, foreground: np.ndarray, area_frac, irregularity=LesionConfig.irregularity
+) -> tuple[np.ndarray, tuple, float]:
     """Irregular blob inside `foreground`; returns (mask, (cy, cx), radius)."""
     fg = np.asarray(foreground, dtype=bool)
     target = rng.uniform(*area_frac) * fg.sum()
@@ -231,8 +239,13 @@ def mass_effect(image: np.ndarray, fg: np.ndarray, center, radius: float, streng
     return out.astype(np.float32), warp(fg.astype(np.float32)) > 0.5
 
 
-def paint_lesion(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, radius: float,
-                 cfg: LesionConfig = LesionConfig()) -> np.ndarray:
+def paint_lesion(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    mask: np.ndarray,
+    radius: float,
+    cfg: LesionConfig = LesionConfig(),  # noqa: B008 (read-only)
+) -> np.ndarray:
     """Fills `mask` with a textured hypo/hyper-intense lesion whose edge ramps in softly."""
     gray = to_gray(image)
     base = float(gray[mask].mean()) if mask.any() else 0.5
@@ -254,7 +267,7 @@ def paint_lesion(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, 
 class RandLesion:
     """Synthetic brain lesion: irregular textured mass, optional mass effect (see LesionConfig)."""
 
-    def __init__(self, rng: np.random.Generator, cfg: LesionConfig = LesionConfig()):
+    def __init__(self, rng: np.random.Generator, cfg: LesionConfig = LesionConfig()):  # noqa: B008 (read-only)
         self.rng = rng
         self.cfg = cfg
 

@@ -6,10 +6,15 @@ say how a VAE "yields" centroids; here the embeddings are encoded to their
 posterior means, k-means finds ``n_centroids`` centres in latent space, and the
 decoder maps those centres back to embedding space. Decoded centres are smooth
 prototypes of the class rather than single noisy patches.
+
+All randomness (weight init, batch order, posterior samples) comes from one
+``torch.Generator`` seeded by ``VAEConfig.seed``: fitting is deterministic and
+leaves torch's global RNG as it found it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,19 +36,46 @@ class VAEConfig:
     seed: int = 0
 
 
+def _linear(n_in: int, n_out: int, generator: torch.Generator | None) -> nn.Linear:
+    """``nn.Linear`` with its default init drawn from ``generator`` (None: torch's global RNG).
+
+    The layer is built uninitialised (``skip_init``) so that building it draws nothing
+    from the global RNG either.
+    """
+    layer = nn.utils.skip_init(nn.Linear, n_in, n_out)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)  # as nn.Linear.reset_parameters
+        bound = 1 / math.sqrt(n_in)
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
+
+
 class PatchVAE(nn.Module):
-    def __init__(self, dim: int, cfg: VAEConfig):
+    """Encoder to a diagonal Gaussian posterior, decoder back to embedding space.
+
+    Args:
+        dim: Embedding size.
+        cfg: Layer sizes.
+        generator: Source of the initial weights; None uses torch's global RNG.
+    """
+
+    def __init__(self, dim: int, cfg: VAEConfig, generator: torch.Generator | None = None):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(dim, cfg.hidden_dim), nn.GELU(), nn.Linear(cfg.hidden_dim, 2 * cfg.latent_dim))
-        self.decoder = nn.Sequential(nn.Linear(cfg.latent_dim, cfg.hidden_dim), nn.GELU(), nn.Linear(cfg.hidden_dim, dim))
+        hidden, latent = cfg.hidden_dim, cfg.latent_dim
+        self.encoder = nn.Sequential(_linear(dim, hidden, generator), nn.GELU(), _linear(hidden, 2 * latent, generator))
+        self.decoder = nn.Sequential(_linear(latent, hidden, generator), nn.GELU(), _linear(hidden, dim, generator))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x).chunk(2, dim=-1)
         return mu, logvar.clamp(-10, 10)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction, posterior mean and log-variance; the sample is drawn from ``generator``."""
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        z = mu + noise * torch.exp(0.5 * logvar)
         return self.decoder(z), mu, logvar
 
 
@@ -61,16 +93,15 @@ def fit_vae_centroids(embeddings: np.ndarray, cfg: VAEConfig | None = None) -> n
     x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
     if len(x) == 0:
         raise ValueError("no embeddings to fit centroids on")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    vae = PatchVAE(x.shape[1], cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)  # local: the caller's global RNG stream is left alone
+    vae = PatchVAE(x.shape[1], cfg, generator=gen)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     with torch.enable_grad():
         for _ in range(cfg.epochs):
             order = torch.randperm(len(x), generator=gen)
             for start in range(0, len(x), cfg.batch_size):
                 batch = x[order[start : start + cfg.batch_size]]
-                recon, mu, logvar = vae(batch)
+                recon, mu, logvar = vae(batch, generator=gen)
                 loss = vae_loss(batch, recon, mu, logvar, cfg.kld_weight)
                 opt.zero_grad()
                 loss.backward()

@@ -33,7 +33,6 @@ class AnomalyModel(nn.Module):
     input_size: int
     grid: int
     embedding_dim: int
-    head_kind: str  # "centroids" (fusion) or "memory_bank" (PatchCore)
 
     def config_dict(self) -> dict:
         raise NotImplementedError

@@ -1,4 +1,8 @@
-"""An explicit model registry. Presets are JSON data under ``models/<family>/presets``.
+"""An explicit registry of method families and their presets.
+
+Each folder ``adcore/models/<family>/`` that exports ``FAMILY`` (a
+:class:`adcore.models.family.MethodFamily`) is a family; its presets are JSON data
+under ``<family>/presets``. Adding a method is adding a folder: nothing here names one.
 
 A preset says *what* to build; weights locations are separate arguments, so
 ``create("fusion-large", weights={"vision": DIR, "domain": DIR})`` builds the
@@ -9,32 +13,58 @@ same architecture at test size with random weights.
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import json
+import pkgutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from adcore.models.base import AnomalyModel
+from adcore.models.family import MethodFamily
 
 _ROOT = Path(__file__).parent
 
 
-def _families() -> dict[str, tuple[Callable[[dict], AnomalyModel], Callable[[dict], AnomalyModel]]]:
-    """family -> (build from a preset config, rebuild from an artifact's config)."""
-    from adcore.models.fusion.config import FusionConfig
-    from adcore.models.fusion.model import FusionModel
-    from adcore.models.patchcore.config import PatchCoreConfig
-    from adcore.models.patchcore.model import PatchCoreModel
+@functools.cache
+def families() -> dict[str, MethodFamily]:
+    """Every family folder's record, by name."""
+    found = {}
+    for info in pkgutil.iter_modules([str(_ROOT)]):
+        if not info.ispkg:
+            continue
+        record = getattr(importlib.import_module(f"{__package__}.{info.name}"), "FAMILY", None)
+        if isinstance(record, MethodFamily):
+            found[record.name] = record
+    return found
 
-    return {
-        "fusion": (lambda c: FusionModel(FusionConfig.from_dict(c)), FusionModel.from_config_dict),
-        "patchcore": (lambda c: PatchCoreModel(PatchCoreConfig.from_dict(c)), PatchCoreModel.from_config_dict),
-    }
+
+def family(name: str) -> MethodFamily:
+    known = families()
+    if name not in known:
+        raise ValueError(f"unknown method family {name!r}; known: {sorted(known)}")
+    return known[name]
+
+
+def family_of_config(config: dict[str, Any]) -> MethodFamily:
+    """The family of an artifact's saved model config."""
+    return family(config.get("family"))
+
+
+def family_for(model: AnomalyModel) -> MethodFamily:
+    """The family whose model class built ``model``."""
+    for record in families().values():
+        if isinstance(model, record.model_class):
+            return record
+    raise ValueError(f"{type(model).__name__} belongs to no registered method family")
 
 
 def _presets() -> dict[str, dict[str, Any]]:
     presets = {}
-    for path in sorted(_ROOT.glob("*/presets/*.json")):
-        presets[path.stem] = json.loads(path.read_text())
+    for record in families().values():
+        for path in sorted(record.presets.glob("*.json")):
+            spec = json.loads(path.read_text())
+            presets[path.stem] = {**spec, "family": record.name}
     return presets
 
 
@@ -77,17 +107,15 @@ def create(name: str, *, weights: dict[str, str] | None = None, tiny: bool = Fal
     missing = [t for t in needs if not tiny and not cfg.get(t, {}).get("weights")]
     if missing:
         wanted = "; ".join(f"{t}: {needs[t]}" for t in missing)
-        raise ValueError(f"model {name!r} needs pretrained weights for {missing} (local folder or s3:// prefix): {wanted}")
-    build, _ = _families()[spec["family"]]
-    model = build(cfg)
+        raise ValueError(
+            f"model {name!r} needs pretrained weights for {missing} (local folder or s3:// prefix): {wanted}"
+        )
+    record = family(spec["family"])
+    model = record.model_class(record.config_class.from_dict(cfg))
     model.preset_name = name
     return model
 
 
 def from_config(config: dict[str, Any]) -> AnomalyModel:
     """Rebuild an architecture from an artifact's saved config (weights loaded by the caller)."""
-    family = config.get("family")
-    families = _families()
-    if family not in families:
-        raise ValueError(f"artifact config has unknown family {family!r}; known: {sorted(families)}")
-    return families[family][1](config)
+    return family_of_config(config).model_class.from_config_dict(config)

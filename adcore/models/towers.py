@@ -174,7 +174,9 @@ class Tower(nn.Module):
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] in [0, 1] -> this tower's size and normalisation."""
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         return (images - self.mean) / self.std
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:

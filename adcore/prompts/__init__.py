@@ -50,12 +50,17 @@ def _read_bank(path: Path) -> PromptBank:
         values = data.get(key)
         if not values or not all(isinstance(s, str) and s.strip() for s in values):
             raise ValueError(f"{path}: '{key}' must be a non-empty list of non-empty strings")
-    return PromptBank(domain=data.get("domain", path.stem), normal=list(data["normal"]),
-                      anomalous=list(data["anomalous"]), source=data.get("source", ""))
+    return PromptBank(
+        domain=data.get("domain", path.stem),
+        normal=list(data["normal"]),
+        anomalous=list(data["anomalous"]),
+        source=data.get("source", ""),
+    )
 
 
-def regenerate_with_llm(domain: str, model_dir: str | Path, out_path: str | Path, n: int = 10,
-                        seed: int = 0) -> PromptBank:
+def regenerate_with_llm(
+    domain: str, model_dir: str | Path, out_path: str | Path, n: int = 10, seed: int = 0
+) -> PromptBank:
     """Writes a new bank for ``domain`` sampled from a local causal language model.
 
     The bundled bank's sentences are the few-shot examples; the model continues the list
@@ -70,8 +75,10 @@ def regenerate_with_llm(domain: str, model_dir: str | Path, out_path: str | Path
     """
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a local Hugging Face model folder (no config.json); "
-                                "regenerate_with_llm never downloads models")
+        raise FileNotFoundError(
+            f"{model_dir} is not a local Hugging Face model folder (no config.json); "
+            "regenerate_with_llm never downloads models"
+        )
     base = load_prompt_bank(domain)
 
     import torch
@@ -85,26 +92,36 @@ def regenerate_with_llm(domain: str, model_dir: str | Path, out_path: str | Path
         torch.manual_seed(seed)
         for cls in ("normal", "anomalous"):
             examples = getattr(base, cls)[:N_EXAMPLES]
-            prompt = (f"Short descriptions of {CLASS_WORDING[cls]} {domain.replace('_', ' ')} images:\n"
-                      + "".join(f"- {e}\n" for e in examples) + "- ")
+            prompt = (
+                f"Short descriptions of {CLASS_WORDING[cls]} {domain.replace('_', ' ')} images:\n"
+                + "".join(f"- {e}\n" for e in examples)
+                + "- "
+            )
             ids = tokenizer(prompt, return_tensors="pt")
             found: list[str] = []
             for _ in range(n * ATTEMPTS_PER_PROMPT):
-                gen = model.generate(**ids, do_sample=True, temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS,
-                                     pad_token_id=pad_id)
-                text = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+                gen = model.generate(
+                    **ids, do_sample=True, temperature=TEMPERATURE, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=pad_id
+                )
+                text = tokenizer.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
                 line = text.strip().split("\n")[0].strip(" -")
                 if line and line not in found and line not in examples:
                     found.append(line)
                 if len(found) == n:
                     break
             if len(found) < n:
-                raise RuntimeError(f"{model_dir}: only {len(found)} distinct {cls} prompts after "
-                                   f"{n * ATTEMPTS_PER_PROMPT} samples (wanted {n})")
+                raise RuntimeError(
+                    f"{model_dir}: only {len(found)} distinct {cls} prompts after "
+                    f"{n * ATTEMPTS_PER_PROMPT} samples (wanted {n})"
+                )
             out[cls] = found
-    bank = PromptBank(domain=domain, normal=out["normal"], anomalous=out["anomalous"],
-                      source=f"sampled from local model {model_dir.name} (seed {seed}) with few-shot examples "
-                             f"from the bundled {domain} bank")
+    bank = PromptBank(
+        domain=domain,
+        normal=out["normal"],
+        anomalous=out["anomalous"],
+        source=f"sampled from local model {model_dir.name} (seed {seed}) with few-shot examples "
+        f"from the bundled {domain} bank",
+    )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(bank.__dict__, indent=2) + "\n")

@@ -6,6 +6,7 @@ model (CPU ``tritonserver`` from nvidia-pytriton) and an ``_ort`` onnxruntime-ba
 """
 
 from adcore.serving.client import TritonClient, TritonUnavailableError
+from adcore.serving.network import TritonNetwork
 from adcore.serving.repository import ORT_SUFFIX, TensorSpec, write_model_repository
 from adcore.serving.triton_server import LocalTriton, TritonStartError, find_tritonserver
 
@@ -14,6 +15,7 @@ __all__ = [
     "LocalTriton",
     "TensorSpec",
     "TritonClient",
+    "TritonNetwork",
     "TritonStartError",
     "TritonUnavailableError",
     "find_tritonserver",

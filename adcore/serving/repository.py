@@ -14,6 +14,7 @@ possible and copied otherwise, so the repository never points outside itself.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -44,6 +45,10 @@ _ONNX_TO_TRITON = {
 }
 _TRITON_DTYPES = frozenset(_ONNX_TO_TRITON.values())
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+# Characters a protobuf text-format string literal must escape; other control characters become octal.
+_PBTXT_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Parameters the Python-backend model.py reads; callers' ``parameters`` may not override them.
+_PYTHON_PARAMETERS = ("intra_op_num_threads", "onnx_filename")
 
 
 # model.py of the Python-backend model. Written as text: it runs inside Triton's stub
@@ -111,24 +116,77 @@ class TensorSpec:
     Attributes:
         name: Tensor name; must match the ONNX graph.
         dtype: Triton data type without the ``TYPE_`` prefix, e.g. ``"FP32"``.
-        dims: Shape without the batch dimension; -1 marks a dynamic axis.
+        dims: Shape without the batch dimension, as clients see it; -1 marks a dynamic axis.
+            Triton rejects empty dims: a batch-only tensor is ``dims=[1], reshape=[]``.
+        reshape: The shape the model itself has (without the batch dimension) when it
+            differs from ``dims``; None writes no ``reshape``.
     """
 
     name: str
     dtype: str
     dims: list[int] = field(default_factory=list)
+    reshape: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.dtype = self.dtype.upper().removeprefix("TYPE_")
         if self.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"TensorSpec {self.name!r}: unknown dtype {self.dtype!r}; use one of {sorted(_TRITON_DTYPES)}")
-        self.dims = [int(d) for d in self.dims]
-        if any(d == 0 or d < -1 for d in self.dims):
-            raise ValueError(f"TensorSpec {self.name!r}: dims must be positive or -1, got {self.dims}")
+            raise ValueError(
+                f"TensorSpec {self.name!r}: unknown dtype {self.dtype!r}; use one of {sorted(_TRITON_DTYPES)}"
+            )
+        self.dims = _checked_shape(self.name, "dims", self.dims)
+        if not self.dims:
+            raise ValueError(f"TensorSpec {self.name!r}: Triton rejects empty dims; use dims=[1], reshape=[]")
+        if self.reshape is not None:
+            self.reshape = _checked_shape(self.name, "reshape", self.reshape)
+            if -1 not in self.dims + self.reshape and math.prod(self.dims) != math.prod(self.reshape):
+                raise ValueError(
+                    f"TensorSpec {self.name!r}: reshape {self.reshape} does not have the size of dims {self.dims}"
+                )
+
+    @property
+    def model_dims(self) -> list[int]:
+        """The shape (without the batch dimension) the model's graph has."""
+        return self.dims if self.reshape is None else self.reshape
 
     def to_pbtxt(self) -> str:
-        dims = ", ".join(str(d) for d in self.dims)
-        return f'  {{\n    name: "{self.name}"\n    data_type: TYPE_{self.dtype}\n    dims: [ {dims} ]\n  }}'
+        lines = [
+            f"    name: {_quote(self.name)}",
+            f"    data_type: TYPE_{self.dtype}",
+            f"    dims: {_int_list(self.dims)}",
+        ]
+        if self.reshape is not None:
+            lines.append(f"    reshape: {{ shape: {_int_list(self.reshape)} }}")
+        return "  {\n" + "\n".join(lines) + "\n  }"
+
+
+def _checked_shape(name: str, what: str, shape: list[int]) -> list[int]:
+    """``shape`` as ints; each axis positive or -1 (dynamic)."""
+    shape = [int(d) for d in shape]
+    if any(d == 0 or d < -1 for d in shape):
+        raise ValueError(f"TensorSpec {name!r}: {what} must be positive or -1, got {shape}")
+    return shape
+
+
+def _int_list(values: list[int] | tuple[int, ...]) -> str:
+    """A protobuf text-format list, e.g. ``[ 4, 8 ]`` or ``[ ]``."""
+    inner = ", ".join(str(v) for v in values)
+    return f"[ {inner} ]" if inner else "[ ]"
+
+
+def _quote(value: str) -> str:
+    """``value`` as a protobuf text-format string literal: quoted, with escapes.
+
+    Every string written into config.pbtxt goes through here, so a name or a parameter
+    value holding a quote, a backslash or a newline reads back unchanged in Triton.
+    """
+    return '"' + "".join(_escape_char(c) for c in str(value)) + '"'
+
+
+def _escape_char(c: str) -> str:
+    """One character of a text-format string literal (non-ASCII stays as is: the file is UTF-8)."""
+    if c in _PBTXT_ESCAPES:
+        return _PBTXT_ESCAPES[c]
+    return f"\\{ord(c):03o}" if ord(c) < 0x20 or ord(c) == 0x7F else c
 
 
 def write_model_repository(
@@ -145,6 +203,7 @@ def write_model_repository(
     instance_count: int = 1,
     intra_op_num_threads: int = 0,
     ort_instance_kind: str = "KIND_GPU",
+    parameters: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write ``<model_name>`` (Python backend) and ``<model_name>_ort`` (onnxruntime backend).
 
@@ -162,6 +221,9 @@ def write_model_repository(
         instance_count: Instances per model.
         intra_op_num_threads: onnxruntime threads in the Python backend (0 = onnxruntime's default).
         ort_instance_kind: ``instance_group`` kind of the onnxruntime-backend model.
+        parameters: Extra ``parameters`` entries written into both config.pbtxt files (e.g. the
+            identity of the artifact the ONNX came from); the Python-backend model's own keys
+            (``intra_op_num_threads``, ``onnx_filename``) may not be among them.
 
     Returns:
         ``{model_name: dir, model_name + "_ort": dir}``.
@@ -184,6 +246,9 @@ def write_model_repository(
     for kind in (instance_kind, ort_instance_kind):
         if kind not in ("KIND_CPU", "KIND_GPU", "KIND_AUTO"):
             raise ValueError(f"instance kind {kind!r} must be KIND_CPU, KIND_GPU or KIND_AUTO")
+    if instance_count < 1:
+        raise ValueError(f"instance_count must be >= 1, got {instance_count}")
+    extra = _checked_parameters(parameters)
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
     _check_against_onnx(proto, onnx_path, inputs, outputs, batched=max_batch_size > 0)
@@ -214,10 +279,19 @@ def write_model_repository(
         if backend == "python":
             (version_dir / "model.py").write_text(PYTHON_MODEL_SOURCE)
             params = {"intra_op_num_threads": str(int(intra_op_num_threads)), "onnx_filename": ONNX_FILENAME}
-        config = _config_pbtxt(name, backend, kind=kind, parameters=params, **common)
-        (model_dir / "config.pbtxt").write_text(config)
+        config = _config_pbtxt(name, backend, kind=kind, parameters={**params, **extra}, **common)
+        (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")
         dirs[name] = model_dir
     return dirs
+
+
+def _checked_parameters(parameters: dict[str, str] | None) -> dict[str, str]:
+    """Caller's config.pbtxt ``parameters`` as strings (Triton's only kind); fail on the reserved keys."""
+    extra = {str(k): str(v) for k, v in (parameters or {}).items()}
+    reserved = sorted(set(extra) & set(_PYTHON_PARAMETERS))
+    if reserved:
+        raise ValueError(f"parameters {reserved} are set by write_model_repository itself; use its arguments")
+    return extra
 
 
 def _config_pbtxt(
@@ -233,23 +307,23 @@ def _config_pbtxt(
     instance_count: int,
     parameters: dict[str, str],
 ) -> str:
+    """The text of one model's config.pbtxt: every option is written here, nothing edits it later."""
     lines = [
-        f'name: "{name}"',
-        f'backend: "{backend}"',
+        f"name: {_quote(name)}",
+        f"backend: {_quote(backend)}",
         f"max_batch_size: {max_batch_size}",
         "input [\n" + ",\n".join(t.to_pbtxt() for t in inputs) + "\n]",
         "output [\n" + ",\n".join(t.to_pbtxt() for t in outputs) + "\n]",
     ]
     if max_batch_size > 0:
-        sizes = ", ".join(str(b) for b in preferred_batch_sizes)
         lines.append(
             "dynamic_batching {\n"
-            + (f"  preferred_batch_size: [ {sizes} ]\n" if sizes else "")
-            + f"  max_queue_delay_microseconds: {max_queue_delay_us}\n}}"
+            + (f"  preferred_batch_size: {_int_list(preferred_batch_sizes)}\n" if preferred_batch_sizes else "")
+            + f"  max_queue_delay_microseconds: {int(max_queue_delay_us)}\n}}"
         )
-    lines.append(f"instance_group [\n  {{\n    count: {instance_count}\n    kind: {kind}\n  }}\n]")
+    lines.append(f"instance_group [\n  {{\n    count: {int(instance_count)}\n    kind: {kind}\n  }}\n]")
     for key, value in parameters.items():
-        lines.append(f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{value}" }}\n}}')
+        lines.append(f"parameters {{\n  key: {_quote(key)}\n  value: {{ string_value: {_quote(value)} }}\n}}")
     return "\n".join(lines) + "\n"
 
 
@@ -273,11 +347,11 @@ def _check_against_onnx(
                 raise ValueError(f"{path}: {role} {spec.name!r} is {onnx_dtype} in the graph, spec says {spec.dtype}")
             if ttype.HasField("shape"):
                 rank = len(ttype.shape.dim)
-                want = len(spec.dims) + (1 if batched else 0)
+                want = len(spec.model_dims) + (1 if batched else 0)
                 if rank != want:
                     raise ValueError(
-                        f"{path}: {role} {spec.name!r} has rank {rank} in the graph, spec dims {spec.dims} "
-                        f"give rank {want} ({'with' if batched else 'without'} the batch dimension)"
+                        f"{path}: {role} {spec.name!r} has rank {rank} in the graph, spec shape {spec.model_dims} "
+                        f"gives rank {want} ({'with' if batched else 'without'} the batch dimension)"
                     )
     missing = sorted(set(graph_io["input"]) - {s.name for s in inputs})
     if missing:

@@ -302,8 +302,7 @@ class LocalTriton:
         code = self._popen.poll()
         if code is not None:
             raise TritonStartError(
-                f"tritonserver on {self.repository} exited with code {code} before {what}; "
-                f"log tail:\n{self.log_tail()}"
+                f"tritonserver on {self.repository} exited with code {code} before {what}; log tail:\n{self.log_tail()}"
             )
         if time.monotonic() > deadline:
             raise TritonStartError(

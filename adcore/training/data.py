@@ -60,9 +60,7 @@ class SyntheticAnomalyBatches:
 
     def __init__(self, images, masks, labels, size: int, batch_size: int, anomaly_share: float = 0.5, seed: int = 0):
         self.pixels = [prepare(im, size) for im in images]  # [3, S, S] each, resized once
-        self.masks = [
-            np.zeros((size, size), bool) if m is None else _resize_mask(m, size) for m in masks
-        ]
+        self.masks = [np.zeros((size, size), bool) if m is None else _resize_mask(m, size) for m in masks]
         self.labels = np.asarray(labels)
         self.size, self.batch_size = size, batch_size
         self.anomaly_share, self.seed = anomaly_share, seed
@@ -70,7 +68,9 @@ class SyntheticAnomalyBatches:
     def __len__(self) -> int:
         return (len(self.pixels) + self.batch_size - 1) // self.batch_size
 
-    def epoch(self, epoch: int):
+    def epoch(self, epoch: int, anomaly_share: float | None = None):
+        """One shuffled pass; ``anomaly_share`` overrides the share of synthetic anomalies for this pass."""
+        share = self.anomaly_share if anomaly_share is None else anomaly_share
         rng = np.random.default_rng([self.seed, epoch])
         # Procedural textures, other normal images as foreign texture (foreign patch
         # interpolation in spirit: anatomy at the wrong place), and CutPaste.
@@ -82,14 +82,18 @@ class SyntheticAnomalyBatches:
             for i in order[start : start + self.batch_size]:
                 img = self.pixels[i].transpose(1, 2, 0)  # [S, S, 3]
                 mask, label = self.masks[i], int(self.labels[i])
-                if label == 0 and rng.random() < self.anomaly_share:
+                if label == 0 and rng.random() < share:
                     maker = makers[int(rng.integers(len(makers)))]
                     img, mask = maker(img, foreground=foreground_mask(img))
                     label = int(mask.any())
                 imgs.append(np.ascontiguousarray(np.asarray(img, np.float32).transpose(2, 0, 1)))
                 msks.append(np.asarray(mask, np.float32))
                 lbls.append(label)
-            yield Batch(torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(msks)), torch.tensor(lbls, dtype=torch.float32))
+            yield Batch(
+                torch.from_numpy(np.stack(imgs)),
+                torch.from_numpy(np.stack(msks)),
+                torch.tensor(lbls, dtype=torch.float32),
+            )
 
 
 def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -103,7 +103,7 @@ def incomplete_run_dirs(output: str, completed_ids: set[str]) -> list[str]:
     for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
         parts = posixpath.relpath(info.path, base).split("/")
         if len(parts) >= 2 and parts[0].startswith("run_date=") and parts[1].startswith("run_id="):
-            if parts[1][len("run_id="):] not in completed_ids:
+            if parts[1][len("run_id=") :] not in completed_ids:
                 found.add(posixpath.join(base, parts[0], parts[1]))
     prefix = storage.S3_PREFIX if storage.is_s3(output) else ""
     return sorted(prefix + p for p in found)
@@ -164,10 +164,13 @@ def scored_index(output: str, model_version: str) -> dict[str, FileState]:
         newest = max(recs, key=lambda r: r["run_id"])
         sha = newest["content_sha256"]
         done = frozenset(
-            r["frame"] for r in recs
-            if r["content_sha256"] == sha and (
+            r["frame"]
+            for r in recs
+            if r["content_sha256"] == sha
+            and (
                 r["status"] == STATUS_OK
-                or (r["status"] == STATUS_ERROR and error_kind(r["error"]) not in TRANSIENT_ERROR_KINDS))
+                or (r["status"] == STATUS_ERROR and error_kind(r["error"]) not in TRANSIENT_ERROR_KINDS)
+            )
         )
         complete = all(r["frame"] in done for r in recs if r["content_sha256"] == sha)
         index[uri] = FileState(sha, done, complete)

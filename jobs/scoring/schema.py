@@ -128,8 +128,9 @@ def empty_table() -> pa.Table:
     return SCHEMA.empty_table()
 
 
-def to_table(columns: dict[str, list], *, model_name: str, model_version: str, run_id: str,
-             scored_at: dt.datetime) -> pa.Table:
+def to_table(
+    columns: dict[str, list], *, model_name: str, model_version: str, run_id: str, scored_at: dt.datetime
+) -> pa.Table:
     """Per-row column lists (+ the run's constants) -> a table in ``SCHEMA`` order and types."""
     n = len(columns["image_uri"])
     const = {

@@ -5,9 +5,10 @@ Both are plain callables on column batches, testable without Ray:
 * :class:`Decoder` (stateless task): file bytes -> one row per frame with the prepared
   ``[3, S, S]`` pixels, or one error row; frames already scored are dropped (a file that
   is wholly done becomes one ``skipped`` marker row, counted for progress, never written).
-* :class:`ScoreStage` (actor): network (in-process torch, onnxruntime, or Triton) +
-  FAISS head + calibration/postprocessing in one place, so a batch crosses no process
-  boundary between model and head. Returns a ``pyarrow.Table`` in ``schema.SCHEMA``.
+* :class:`ScoreStage` (actor): ``adcore.scorer.Scorer`` with its network backend
+  (in-process torch, onnxruntime, or Triton), FAISS head and batched postprocessing,
+  so a batch crosses no process boundary between model and head. Returns a
+  ``pyarrow.Table`` in ``schema.SCHEMA``.
 """
 
 from __future__ import annotations
@@ -16,19 +17,18 @@ import datetime as dt
 import logging
 import os
 import tempfile
-import warnings
 
 import numpy as np
 
 from adcore.data.decode import decode_image
 from adcore.data.errors import DecodeError
+from adcore.scorer import prepare
 from jobs.scoring import schema as S
 
 log = logging.getLogger(__name__)
 
 # Columns the decoder emits besides the pixels.
-ROW_COLUMNS = ("image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key",
-               "status", "error")
+ROW_COLUMNS = ("image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key", "status", "error")
 
 
 class Decoder:
@@ -43,8 +43,14 @@ class Decoder:
         secret: HMAC key of ``study_key``; None leaves it null.
     """
 
-    def __init__(self, input_size: int, max_pixels: int, scored: dict | None = None,
-                 uri_prefix: str = "", secret: bytes | None = None):
+    def __init__(
+        self,
+        input_size: int,
+        max_pixels: int,
+        scored: dict | None = None,
+        uri_prefix: str = "",
+        secret: bytes | None = None,
+    ):
         self.input_size = input_size
         self.max_pixels = max_pixels
         self.scored = scored or {}
@@ -53,16 +59,6 @@ class Decoder:
 
     def __repr__(self) -> str:  # Ray may print the callable: never the secret
         return f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels})"
-
-    def _prepare(self, pixels: np.ndarray) -> np.ndarray:
-        """``adcore.scorer.prepare``, minus its resize when a grayscale frame already has the input size
-        (a same-size bilinear resize is the identity: only the clip and the channel copy remain)."""
-        from adcore.scorer import prepare
-
-        s = self.input_size
-        if pixels.shape == (s, s):
-            return np.broadcast_to(np.clip(pixels, 0, 1, dtype=np.float32), (3, s, s))
-        return prepare(pixels, s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
@@ -96,8 +92,16 @@ class Decoder:
                 emit(uri, sha, 0, S.STATUS_SKIPPED)
             for f in todo:
                 key = S.study_key(f.study_uid, self._secret)
-                emit(uri, sha, f.index, S.STATUS_OK, px=self._prepare(f.pixels),
-                     hw=f.pixels.shape[:2], modality=f.modality, key=key)
+                emit(
+                    uri,
+                    sha,
+                    f.index,
+                    S.STATUS_OK,
+                    px=prepare(f.pixels, self.input_size),
+                    hw=f.pixels.shape[:2],
+                    modality=f.modality,
+                    key=key,
+                )
         out = {c: np.array(v, dtype=object) for c, v in cols.items()}
         for c in ("frame", "height", "width"):
             out[c] = np.array([-1 if v is None else v for v in cols[c]], dtype=np.int64)
@@ -120,10 +124,20 @@ class ScoreStage:
         triton_batch: Largest batch sent in one request (<= the model's max_batch_size).
     """
 
-    def __init__(self, artifact: str, run_id: str, engine: str = "torch", threads: int = 1,
-                 triton_url: str = "", triton_model: str = "", triton_protocol: str = "http",
-                 triton_timeout_s: float = 30.0, triton_retries: int = 3, triton_backoff_s: float = 0.5,
-                 triton_batch: int = 16):
+    def __init__(
+        self,
+        artifact: str,
+        run_id: str,
+        engine: str = "torch",
+        threads: int = 1,
+        triton_url: str = "",
+        triton_model: str = "",
+        triton_protocol: str = "http",
+        triton_timeout_s: float = 30.0,
+        triton_retries: int = 3,
+        triton_backoff_s: float = 0.5,
+        triton_batch: int = 16,
+    ):
         import faiss
         import torch
 
@@ -136,71 +150,25 @@ class ScoreStage:
         if self.scorer.calibration is None:
             raise ValueError(f"artifact {artifact} has no calibration; calibrate it on a validation split first")
         self.run_id = run_id
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.triton_batch = triton_batch
-        self.client = None
-        self.onnx = None
-        self._pool = None
         if triton_url:
-            from concurrent.futures import ThreadPoolExecutor
+            from adcore.serving import TritonClient, TritonNetwork
 
-            from adcore.serving.client import TritonClient
-
-            self.client = TritonClient(triton_url, triton_model or self.scorer.name, protocol=triton_protocol,
-                                       timeout_s=triton_timeout_s, retries=triton_retries,
-                                       backoff_s=triton_backoff_s)
-            # One request in flight ahead: the server computes chunk k+1 while this actor runs the head on chunk k.
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton")
+            client = TritonClient(
+                triton_url,
+                triton_model or self.scorer.name,
+                protocol=triton_protocol,
+                timeout_s=triton_timeout_s,
+                retries=triton_retries,
+                backoff_s=triton_backoff_s,
+            )
+            self.scorer.network = TritonNetwork(client, max_batch=triton_batch)
         elif engine == "onnx":
             from adcore.export import OnnxNetwork, export_onnx
 
             path = export_onnx(self.scorer, os.path.join(tempfile.mkdtemp(prefix="adcore-onnx-"), "model.onnx"))
-            self.onnx = OnnxNetwork(path, threads=threads)
+            self.scorer.network = OnnxNetwork(path, threads=threads)
         elif engine != "torch":
             raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
-        else:
-            self.scorer.model.to(self.device)
-
-    def network(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """The network stage for one chunk (raises on failure)."""
-        import torch
-
-        from adcore.scorer import INPUT_NAME, OUTPUT_NAMES
-
-        if self.client is not None:
-            from adcore.export import from_triton
-
-            return from_triton(self.client.infer({INPUT_NAME: pixels}))
-        if self.onnx is not None:
-            return self.onnx(pixels)
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")  # zero-copy view of Ray's block; only read
-            out = self.scorer.model(torch.from_numpy(pixels).to(self.device))
-        return {k: getattr(out, k).float().cpu().numpy() for k in OUTPUT_NAMES}
-
-    def _chunks(self, pixels: np.ndarray, ok: np.ndarray):
-        """(row indices, network outputs or the exception) per chunk of ok rows, in order."""
-        chunk = self.triton_batch if self.client is not None else max(1, len(ok))
-        parts = [ok[i:i + chunk] for i in range(0, len(ok), chunk)]
-
-        def gather(idx):  # a view when the rows are contiguous (the usual case: no error rows)
-            if idx[-1] - idx[0] + 1 == len(idx):
-                return np.ascontiguousarray(pixels[idx[0]:idx[-1] + 1], dtype=np.float32)
-            return np.ascontiguousarray(pixels[idx], dtype=np.float32)
-
-        def call(idx):
-            try:
-                return self.network(gather(idx))
-            except Exception as e:  # noqa: BLE001 (a failed model call marks its rows, the job goes on)
-                return e
-
-        if self._pool is None:
-            for idx in parts:
-                yield idx, call(idx)
-        else:
-            futures = [self._pool.submit(call, idx) for idx in parts]
-            for idx, fut in zip(parts, futures):
-                yield idx, fut.result()
 
     def __call__(self, batch: dict[str, np.ndarray]):
         n = len(batch["image_uri"])
@@ -208,64 +176,39 @@ class ScoreStage:
         error = [_text(v) for v in batch["error"]]
         res: dict[str, list] = {c: [None] * n for c in RESULT_COLUMNS}
         ok = np.flatnonzero(np.asarray(batch["status"]) == S.STATUS_OK)
-        heights, widths = np.asarray(batch["height"]), np.asarray(batch["width"])
-        for idx, out in self._chunks(batch["pixels"], ok):
-            try:
-                if isinstance(out, Exception):
-                    raise out
-                raw_scores, raw_maps = self.scorer.head(out)
-            except Exception as e:  # noqa: BLE001 (a failed model call marks its rows, the job goes on)
-                msg = S.format_error(S.INFERENCE_ERROR, f"{type(e).__name__}: {str(e)[:300]}")
+        hws = [(int(h), int(w)) for h, w in zip(batch["height"][ok], batch["width"][ok])]
+        for rows, out in self.scorer.iter_raw(_gather(batch["pixels"], ok)):
+            idx = ok[rows]
+            if isinstance(out, Exception):  # a failed model call marks its rows, the job goes on
+                msg = S.format_error(S.INFERENCE_ERROR, f"{type(out).__name__}: {str(out)[:300]}")
                 for i in idx:
                     status[i], error[i] = S.STATUS_ERROR, msg
                 continue
-            hws = [(int(heights[i]), int(widths[i])) for i in idx]
-            for i, row in zip(idx, postprocess_batch(self.scorer.calibration, raw_scores, raw_maps, hws)):
+            for i, r in zip(idx, self.scorer.postprocess(*out, hws[rows])):
+                row = (r.score, r.raw_score, r.label, S.encode_mask(r.mask), r.area, r.peak[0], r.peak[1])
                 for c, v in zip(RESULT_COLUMNS, row):
                     res[c][i] = v
         cols = {c: [_text(v) for v in batch[c]] for c in ("image_uri", "content_sha256", "modality", "study_key")}
         for c in ("frame", "height", "width"):
             cols[c] = [None if v < 0 else int(v) for v in batch[c]]
         cols["frame"] = [0 if v is None else v for v in cols["frame"]]
-        return S.to_table({**cols, **res, "status": status, "error": error},
-                          model_name=self.scorer.name, model_version=self.scorer.version,
-                          run_id=self.run_id, scored_at=dt.datetime.now(dt.timezone.utc))
+        return S.to_table(
+            {**cols, **res, "status": status, "error": error},
+            model_name=self.scorer.name,
+            model_version=self.scorer.version,
+            run_id=self.run_id,
+            scored_at=dt.datetime.now(dt.timezone.utc),
+        )
 
 
 RESULT_COLUMNS = ("score", "raw_score", "label", "mask_png", "mask_area", "peak_row", "peak_col")
-# Map pixels upsampled in one call: bounds the float32 temporaries (a few of them, 4 bytes each)
-# when a batch holds large frames (a 3-9 Mpx chest film).
-UPSAMPLE_PIXELS = 16_000_000
 
 
-def postprocess_batch(cal, raw_scores: np.ndarray, raw_maps: np.ndarray, hws: list[tuple[int, int]]):
-    """``Scorer.postprocess`` over a batch, one upsample per run of same-size frames.
-
-    Same numbers as the per-frame method (same ops, batched): yields one tuple of
-    ``RESULT_COLUMNS`` values per frame, in order.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    scores = cal.normalize_scores(np.asarray(raw_scores, dtype=np.float64))
-    pixel_thr = cal.pixel_threshold if cal.pixel_threshold is not None else cal.image_threshold
-    start = 0
-    while start < len(hws):
-        hw = hws[start]
-        stop = start + 1
-        while stop < len(hws) and hws[stop] == hw and (stop - start + 1) * hw[0] * hw[1] <= UPSAMPLE_PIXELS:
-            stop += 1
-        t = torch.from_numpy(np.ascontiguousarray(raw_maps[start:stop], dtype=np.float32))[:, None]  # [k, 1, g, g]
-        amap = F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[:, 0].numpy()  # [k, H, W]
-        nmap = cal.normalize_maps(amap).astype(np.float32, copy=False)
-        masks = nmap >= pixel_thr
-        peaks = np.unravel_index(nmap.reshape(stop - start, -1).argmax(1), hw)
-        areas = masks.reshape(stop - start, -1).sum(1)
-        for j in range(stop - start):
-            s = float(scores[start + j])
-            yield (s, float(raw_scores[start + j]), int(s >= cal.image_threshold), S.encode_mask(masks[j]),
-                   int(areas[j]), int(peaks[0][j]), int(peaks[1][j]))
-        start = stop
+def _gather(pixels: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The ok rows' pixels: a zero-copy view when they are contiguous (the usual case: no error rows)."""
+    if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
+        return pixels[idx[0] : idx[-1] + 1]
+    return pixels[idx]
 
 
 def _text(v) -> str | None:

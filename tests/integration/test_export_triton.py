@@ -1,4 +1,7 @@
-"""Artifact -> jobs/export.py -> a real tritonserver: same outputs as torch, before and after the FAISS head.
+"""Artifact -> jobs/export.py -> a real tritonserver; one Scorer path over every network backend.
+
+The same images scored through torch, onnxruntime and Triton (HTTP and gRPC), in batch and
+single-image calls, give the same scores, maps and masks (the Scorer is the only inference path).
 
 Three tiny artifacts (fusion-small, fusion-large = CLIP + BEiT, patchcore) are exported by the
 job into one repository (one of them from S3, through the script's command line) and served by
@@ -19,18 +22,16 @@ pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # tests/tiny.py
-sys.path.insert(0, str(REPO_ROOT))  # jobs/
-
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
-from tiny import tiny_artifact  # noqa: E402
 
 from adcore import scorer as scoring  # noqa: E402
-from adcore.export import ModelMismatchError, OnnxNetwork, check_served_model, from_triton  # noqa: E402
-from adcore.serving import LocalTriton, TritonClient  # noqa: E402
+from adcore.export import ModelMismatchError, OnnxNetwork, check_served_model  # noqa: E402
+from adcore.serving import LocalTriton, TritonClient, TritonNetwork  # noqa: E402
+from adcore.testing import tiny_artifact  # noqa: E402
 from jobs.export import ExportConfig, main  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -57,7 +58,9 @@ def served(tmp_path_factory, s3_server):
             uri = s3_server.make_bucket("export-triton-test") + f"/{preset}"
             scoring.load(local).save(uri, model_name=_model_name(preset), version=version)
             cmd = [sys.executable, "jobs/export.py", "--model", uri, "--repository", str(repo), "--max-batch-size", "8"]
-            proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=os.environ)
+            proc = subprocess.run(
+                cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=os.environ
+            )
             assert proc.returncode == 0, proc.stderr[-3000:]
             outputs[preset] = proc.stdout
             scorers[preset] = scoring.load(uri)
@@ -83,32 +86,54 @@ def test_job_wrote_versioned_repository(served):
     assert f"wrote {_model_name(FROM_S3)}_ort" in printed and "--load-model=patchcore-tiny_ort" in printed
 
 
+def _assert_same_results(got: list, want: list, cal, source: str) -> None:
+    assert len(got) == len(want), source
+    for a, b in zip(got, want):
+        assert abs(a.raw_score - b.raw_score) <= TOLERANCE and abs(a.score - b.score) <= TOLERANCE, source
+        np.testing.assert_allclose(a.raw_map, b.raw_map, atol=TOLERANCE, rtol=0, err_msg=source)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=TOLERANCE, rtol=0, err_msg=source)
+        # Masks agree except, at most, on pixels within the tolerance of the threshold.
+        differ = a.mask != b.mask
+        near = np.abs(b.anomaly_map - cal.effective_pixel_threshold) <= TOLERANCE
+        assert not (differ & ~near).any(), f"{source}: masks differ away from the threshold"
+        assert abs(a.score - cal.image_threshold) <= TOLERANCE or a.label == b.label, source
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_torch_onnxruntime_triton_agree(served, preset, batch):
-    scorer, server = served["scorers"][preset], served["server"]
+def test_every_backend_and_call_shape_scores_alike(served, preset, batch):
+    """torch / onnxruntime / Triton HTTP / Triton gRPC, batch and single-image calls: same results."""
+    base, server = served["scorers"][preset], served["server"]
     name = _model_name(preset)
     rng = np.random.default_rng(batch)
-    # Real-looking inputs: images of another size, prepared like the scoring job does.
-    images = [rng.random((40 + 7 * i, 50), dtype=np.float32) for i in range(batch)]
-    pixels = np.stack([scoring.prepare(im, scorer.input_size) for im in images])
+    # Real-looking inputs: images of other sizes, prepared like the scoring job does.
+    images = [rng.random((40 + 7 * i, 50), dtype=np.float32) for i in range(batch + 2)]
     onnx_path = served["repo"] / name / str(PRESETS[preset]) / "model.onnx"
-    results = {"torch": scorer.forward(pixels), "onnxruntime": OnnxNetwork(onnx_path, threads=1)(pixels)}
-    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
-        with TritonClient(url, name, protocol=protocol, timeout_s=60) as client:
-            results[protocol] = from_triton(client.infer({scoring.INPUT_NAME: pixels}))
-
-    want = results["torch"]
-    want_final = [scorer.postprocess(s, m, im.shape) for s, m, im in zip(*scorer.head(want), images)]
-    for source, got in results.items():
-        for key in scoring.OUTPUT_NAMES:
-            assert got[key].shape == want[key].shape, f"{source} {key}"
-            np.testing.assert_allclose(got[key], want[key], atol=TOLERANCE, rtol=0, err_msg=f"{preset} {source} {key}")
-        final = [scorer.postprocess(s, m, im.shape) for s, m, im in zip(*scorer.head(got), images)]
-        for a, b in zip(final, want_final):
-            assert abs(a.score - b.score) <= TOLERANCE and abs(a.raw_score - b.raw_score) <= TOLERANCE, source
-            np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=TOLERANCE, rtol=0, err_msg=source)
-            assert a.label == b.label, source
+    # Requests of at most 2 images with one in flight: the Scorer chunks and pipelines them.
+    tritons = [
+        TritonNetwork(TritonClient(url, name, protocol=protocol, timeout_s=60), max_batch=2)
+        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url))
+    ]
+    backends = {"onnxruntime": OnnxNetwork(onnx_path, threads=1), "triton-http": tritons[0], "triton-grpc": tritons[1]}
+    want = base.score_images(images, batch_size=batch)
+    try:
+        for source, network in {"torch": base.network, **backends}.items():
+            scorer = scoring.Scorer(base.model, base.head, base.calibration, base.meta, network=network)
+            pixels = np.stack([scoring.prepare(im, scorer.input_size) for im in images])
+            raw_want, raw_got = base.forward(pixels), scorer.forward(pixels)
+            for key in scoring.OUTPUT_NAMES:
+                assert raw_got[key].shape == raw_want[key].shape, f"{source} {key}"
+                np.testing.assert_allclose(
+                    raw_got[key], raw_want[key], atol=TOLERANCE, rtol=0, err_msg=f"{source} {key}"
+                )
+            _assert_same_results(
+                scorer.score_images(images, batch_size=batch), want, base.calibration, f"{source} batch"
+            )
+            single = [scorer.score_images([im])[0] for im in images]
+            _assert_same_results(single, want, base.calibration, f"{source} single")
+    finally:
+        for network in tritons:
+            network.close()
 
 
 def test_served_model_matches_its_artifact_only(served):

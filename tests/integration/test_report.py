@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from adcore import storage
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_score_job import PHI, _dicom_with_phi, _png, upload  # noqa: E402
+from tests.integration.test_score_job import PHI, _dicom_with_phi, _png, upload
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -32,8 +28,10 @@ def two_nodes():
 
 
 def test_two_runs_on_two_nodes_then_report(s3_server, two_nodes, tiny_artifact, tmp_path, monkeypatch):
-    from jobs.report import ERROR_COUNTS_SQL, ReportConfig, connect, main as report, query
-    from jobs.score import ScoreConfig, main as score
+    from jobs.report import ERROR_COUNTS_SQL, ReportConfig, connect, query
+    from jobs.report import main as report
+    from jobs.score import ScoreConfig
+    from jobs.score import main as score
 
     monkeypatch.setenv("ADCORE_STUDY_KEY_SECRET", "s")
     bucket = s3_server.make_bucket("score-report")
@@ -50,7 +48,7 @@ def test_two_runs_on_two_nodes_then_report(s3_server, two_nodes, tiny_artifact, 
     html_uri = f"{bucket}/report.html"
     figs = report(ReportConfig(scores=out, report=html_uri, top_k=3))
     text = storage.read_bytes(html_uri).decode()
-    assert len(figs["top"]) == 3 and text.count("<img src=\"data:image/png;base64,") == 3
+    assert len(figs["top"]) == 3 and text.count('<img src="data:image/png;base64,') == 3
     assert figs["top"][0]["score"] >= figs["top"][1]["score"] >= figs["top"][2]["score"]
     assert {r["run_id"] for r in figs["top"]} == {m2["run_id"]}
     assert "http://" not in text.replace("http://www.w3", "")  # self-contained: no external resources

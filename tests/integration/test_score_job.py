@@ -26,8 +26,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 MAX_PIXELS = 100_000  # the "very large" image below announces more; keeps the test fast
-PHI = {"PatientName": "Doe^Jane", "PatientID": "PID-4242-XYZ", "PatientBirthDate": "19700131",
-       "StudyInstanceUID": "1.2.826.0.1.3680043.99.424242"}
+PHI = {
+    "PatientName": "Doe^Jane",
+    "PatientID": "PID-4242-XYZ",
+    "PatientBirthDate": "19700131",
+    "StudyInstanceUID": "1.2.826.0.1.3680043.99.424242",
+}
 SECRET = "test-study-secret"
 NIFTI_SLICES = 3
 
@@ -64,15 +68,17 @@ def make_archive(rng, n_png: int = 4) -> dict[str, bytes]:
     files = {f"normal/img{i:02d}.png": _png((rng.random((40 + i, 56)) * 255).astype(np.uint8)) for i in range(n_png)}
     good = _png((rng.random((64, 64)) * 255).astype(np.uint8))
     dcm = _dicom_with_phi()
-    files.update({
-        "bad/zero.png": b"",
-        "bad/truncated.png": good[: len(good) // 2],
-        "bad/broken.dcm": dcm[:400],
-        "bad/text.png": b"this is not an image at all\n" * 4,
-        "bad/huge.png": _png(np.zeros((400, 300), np.uint8)),  # 120k px > MAX_PIXELS: refused at the header
-        "dicom/ct_phi.dcm": dcm,
-        "volumes/brain.nii": _nifti(rng),
-    })
+    files.update(
+        {
+            "bad/zero.png": b"",
+            "bad/truncated.png": good[: len(good) // 2],
+            "bad/broken.dcm": dcm[:400],
+            "bad/text.png": b"this is not an image at all\n" * 4,
+            "bad/huge.png": _png(np.zeros((400, 300), np.uint8)),  # 120k px > MAX_PIXELS: refused at the header
+            "dicom/ct_phi.dcm": dcm,
+            "volumes/brain.nii": _nifti(rng),
+        }
+    )
     return files
 
 
@@ -106,8 +112,10 @@ def visible(output: str):
     con = duckdb.connect()
     con.register("scores", table)
     con.execute(ledger.LATEST_VIEW_SQL)
-    dup = con.execute("SELECT count(*) FROM (SELECT image_uri, frame, model_version, count(*) c "
-                      "FROM latest GROUP BY ALL HAVING c > 1)").fetchall()[0][0]
+    dup = con.execute(
+        "SELECT count(*) FROM (SELECT image_uri, frame, model_version, count(*) c "
+        "FROM latest GROUP BY ALL HAVING c > 1)"
+    ).fetchall()[0][0]
     assert dup == 0
     return con.sql("SELECT * FROM latest ORDER BY image_uri, frame").to_arrow_table().to_pylist(), table
 
@@ -194,13 +202,16 @@ def test_s3_archive_end_to_end(s3_server, ray_local, tiny_artifact, monkeypatch,
             assert not any(needle in t for t in texts), needle
 
 
-def test_secret_unset_warns_once_and_leaves_study_key_null(s3_server, ray_local, tiny_artifact, tmp_path,
-                                                           monkeypatch, caplog):
+def test_secret_unset_warns_once_and_leaves_study_key_null(
+    s3_server, ray_local, tiny_artifact, tmp_path, monkeypatch, caplog
+):
     from jobs.score import SECRET_ENV, main
 
     monkeypatch.delenv(SECRET_ENV, raising=False)
-    write_local(tmp_path / "in", {"a.dcm": _dicom_with_phi(), "b.dcm": _dicom_with_phi(),
-                                  "c.png": _png(np.zeros((20, 20), np.uint8))})
+    write_local(
+        tmp_path / "in",
+        {"a.dcm": _dicom_with_phi(), "b.dcm": _dicom_with_phi(), "c.png": _png(np.zeros((20, 20), np.uint8))},
+    )
     caplog.set_level(logging.INFO)
     main(config(input=str(tmp_path / "in"), model=tiny_artifact, output=str(tmp_path / "out")))
     rows, _ = visible(str(tmp_path / "out"))
@@ -212,15 +223,33 @@ def test_secret_unset_warns_once_and_leaves_study_key_null(s3_server, ray_local,
 def test_killed_run_then_rerun_loses_and_duplicates_nothing(tiny_artifact, tmp_path):
     rng = np.random.default_rng(1)
     n = 240
-    write_local(tmp_path / "in", {f"i{i:03d}.png": _png((rng.random((24, 24)) * 255).astype(np.uint8))
-                                  for i in range(n)})
+    write_local(
+        tmp_path / "in", {f"i{i:03d}.png": _png((rng.random((24, 24)) * 255).astype(np.uint8)) for i in range(n)}
+    )
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_TMPDIR": "/tmp/ray-score-kill", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "disabled"}
-    cmd = [PY, str(REPO / "jobs/score.py"), "--input", str(tmp_path / "in"), "--model", tiny_artifact,
-           "--output", str(out), "--batch-size", "2", "--rows-per-file", "2", "--files-per-block", "8"]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": "/tmp/ray-score-kill",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    cmd = [
+        PY,
+        str(REPO / "jobs/score.py"),
+        "--input",
+        str(tmp_path / "in"),
+        "--model",
+        tiny_artifact,
+        "--output",
+        str(out),
+        "--batch-size",
+        "2",
+        "--rows-per-file",
+        "2",
+        "--files-per-block",
+        "8",
+    ]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 150
         while len(list(out.glob("run_date=*/run_id=*/part-*.parquet"))) < 3:
@@ -237,10 +266,18 @@ def test_killed_run_then_rerun_loses_and_duplicates_nothing(tiny_artifact, tmp_p
     from jobs.score import main
 
     # The rerun goes through the command line too (its own Ray), then the data is read back.
-    done = subprocess.run(cmd[:-6] + ["--files-per-block", "64", "--batch-size", "32"], env=env, timeout=180,
-                          capture_output=True, text=True)
+    # Progress every write (not every 10 s), so its lines do not depend on how fast the machine is.
+    done = subprocess.run(
+        cmd[:-6] + ["--files-per-block", "64", "--batch-size", "32", "--progress-every-s", "0"],
+        env=env,
+        timeout=180,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "done:" in done.stderr and "progress:" in done.stderr or "done:" in done.stderr
+    # The killed run committed nothing, so the rerun scores every file, logging progress and then its summary.
+    assert f"progress: files {n}/{n}, rows {n} " in done.stderr, done.stderr[-3000:]
+    assert f"done: {n} rows ({n} ok, 0 errors" in done.stderr, done.stderr[-3000:]
     assert not Path(killed[0]).exists()  # cleaned up
     rows, raw = visible(str(out))
     assert raw.num_rows == n == len(rows)  # physically one row per image: none lost, none twice
@@ -261,12 +298,23 @@ def test_triton_stopped_mid_run_then_rerun_fixes_errors(ray_local, tiny_artifact
     name = next(iter(write_triton_repository(scorer, onnx_path, repo, max_batch_size=8)))
     rng = np.random.default_rng(2)
     n = 96
-    write_local(tmp_path / "in", {f"i{i:03d}.png": _png((rng.random((24, 24)) * 255).astype(np.uint8))
-                                  for i in range(n)})
+    write_local(
+        tmp_path / "in", {f"i{i:03d}.png": _png((rng.random((24, 24)) * 255).astype(np.uint8)) for i in range(n)}
+    )
     out = tmp_path / "out"
-    kw = dict(input=str(tmp_path / "in"), model=tiny_artifact, output=str(out), batch_size=4, rows_per_file=4,
-              files_per_block=8, triton_model=name, triton_batch=2, triton_retries=1, triton_backoff_s=0.1,
-              triton_timeout_s=5.0)
+    kw = dict(
+        input=str(tmp_path / "in"),
+        model=tiny_artifact,
+        output=str(out),
+        batch_size=4,
+        rows_per_file=4,
+        files_per_block=8,
+        triton_model=name,
+        triton_batch=2,
+        triton_retries=1,
+        triton_backoff_s=0.1,
+        triton_timeout_s=5.0,
+    )
 
     server = LocalTriton(repo, models=[name]).start()
     result = {}

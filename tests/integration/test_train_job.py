@@ -76,8 +76,12 @@ def _free_port() -> int:
 
 def _env(ray_tmp: str, cache: Path) -> dict[str, str]:
     return {
-        **os.environ, **FAST_REPORTS, "RAY_TMPDIR": ray_tmp, "ADCORE_CACHE_DIR": str(cache),
-        "RAY_AUTH_MODE": "disabled", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        **os.environ,
+        **FAST_REPORTS,
+        "RAY_TMPDIR": ray_tmp,
+        "ADCORE_CACHE_DIR": str(cache),
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 
 
@@ -92,9 +96,8 @@ def _score_one(artifact: str, data: Path) -> dict:
 
 def test_two_nodes_s3(dataset, s3_server, ray_tmp, tmp_path, monkeypatch):
     """Two workers on two simulated nodes: data, checkpoints and artifact on S3."""
-    from ray.cluster_utils import Cluster
-
     import ray
+    from ray.cluster_utils import Cluster
 
     bucket = s3_server.make_bucket("train-job-two-nodes")
     storage.upload_dir(dataset, f"{bucket}/data")
@@ -104,10 +107,13 @@ def test_two_nodes_s3(dataset, s3_server, ray_tmp, tmp_path, monkeypatch):
     try:
         cluster.add_node(num_cpus=1)
         job = train_job.JobConfig(
-            data=f"{bucket}/data", output=f"{bucket}/model", storage=f"{bucket}/ray", num_workers=2,
+            data=f"{bucket}/data",
+            output=f"{bucket}/model",
+            storage=f"{bucket}/ray",
+            num_workers=2,
             address=cluster.address,
         )
-        cfg = TrainConfig(model="fusion-small", tiny=True, smoke_test=True, epochs=2, batch_size=4)
+        cfg = TrainConfig(preset="fusion-small", tiny=True, smoke_test=True, epochs=2, batch_size=4)
         result = train_job.main(job, cfg)
     finally:
         ray.shutdown()
@@ -123,8 +129,22 @@ def test_two_nodes_s3(dataset, s3_server, ray_tmp, tmp_path, monkeypatch):
 
 def _job_cmd(dataset: Path, out: Path, store: Path, epochs: int) -> list[str]:
     return [
-        sys.executable, "jobs/train.py", "--data", str(dataset), "--output", str(out), "--storage", str(store),
-        "--model", "fusion-small", "--tiny", "--smoke-test", "--epochs", str(epochs), "--batch-size", "4",
+        sys.executable,
+        "jobs/train.py",
+        "--data",
+        str(dataset),
+        "--output",
+        str(out),
+        "--storage",
+        str(store),
+        "--preset",
+        "fusion-small",
+        "--tiny",
+        "--smoke-test",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "4",
     ]
 
 
@@ -169,11 +189,33 @@ def test_ray_job_submit_patchcore(dataset, ray_tmp, tmp_path):
     env = _env(ray_tmp, tmp_path / "cache")
     dash = _free_port()
     head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--port", str(_free_port()), "--dashboard-port", str(dash),
-         "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true", "--temp-dir", ray_tmp,
-         "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--port",
+            str(_free_port()),
+            "--dashboard-port",
+            str(dash),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            "--temp-dir",
+            ray_tmp,
+            "--ray-client-server-port",
+            str(_free_port()),
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         started = head.communicate(timeout=RUN_TIMEOUT_S)[0]
@@ -182,11 +224,37 @@ def test_ray_job_submit_patchcore(dataset, ray_tmp, tmp_path):
         # gitignore syntax: a bare "data" would also drop adcore/data.
         excludes = json.dumps({"excludes": ["/.venv", "/.git", "__pycache__", "*.pt", "*.onnx", "*.safetensors"]})
         submit = subprocess.run(
-            [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
-             "--runtime-env-json", excludes, "--",
-             "python", "jobs/train.py", "--data", str(dataset), "--output", str(out),
-             "--storage", str(tmp_path / "ckpt"), "--model", "patchcore", "--tiny", "--smoke-test", "--num-workers", "2"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+            [
+                str(VENV_BIN / "ray"),
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dash}",
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                excludes,
+                "--",
+                "python",
+                "jobs/train.py",
+                "--data",
+                str(dataset),
+                "--output",
+                str(out),
+                "--storage",
+                str(tmp_path / "ckpt"),
+                "--preset",
+                "patchcore",
+                "--tiny",
+                "--smoke-test",
+                "--num-workers",
+                "2",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
         )
         text = submit.stdout + submit.stderr
         assert submit.returncode == 0 and "succeeded" in text, text[-3000:]

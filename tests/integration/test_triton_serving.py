@@ -27,10 +27,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHANNELS, SIDE, FEATURES, CLASSES = 3, 16, 4, 2
 MAX_ABS_DIFF = 1e-5
+OUTPUTS = ("score", "feature_map", "top")
+# config.pbtxt parameters Triton must parse back unchanged (quotes, backslashes, a newline).
+PARAMETERS = {"artifact": 'C:\\models\\"tiny"\nv3\\', 'odd "key"': "x"}
 
 
 class TinyNet(torch.nn.Module):
-    """Conv + linear with two named outputs: a score vector and a feature map."""
+    """Conv + linear with three named outputs: a score vector, a feature map and a batch-only top score."""
 
     def __init__(self):
         super().__init__()
@@ -39,7 +42,8 @@ class TinyNet(torch.nn.Module):
 
     def forward(self, image):
         fmap = self.conv(image).relu()  # [B, F, H, W]
-        return self.head(fmap.mean(dim=(2, 3))), fmap  # [B, C], [B, F, H, W]
+        score = self.head(fmap.mean(dim=(2, 3)))
+        return score, fmap, score.amax(dim=1)  # [B, C], [B, F, H, W], [B]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def repo(tmp_path_factory):
         str(onnx_path),
         dynamo=True,
         input_names=["image"],
-        output_names=["score", "feature_map"],
+        output_names=list(OUTPUTS),
         dynamic_shapes={"image": {0: batch}},
         external_data=False,
     )
@@ -65,8 +69,13 @@ def repo(tmp_path_factory):
         "tiny",
         version=3,
         inputs=[TensorSpec("image", "FP32", [CHANNELS, SIDE, SIDE])],
-        outputs=[TensorSpec("score", "FP32", [CLASSES]), TensorSpec("feature_map", "FP32", [FEATURES, SIDE, SIDE])],
+        outputs=[
+            TensorSpec("score", "FP32", [CLASSES]),
+            TensorSpec("feature_map", "FP32", [FEATURES, SIDE, SIDE]),
+            TensorSpec("top", "FP32", [1], reshape=[]),  # Triton rejects empty dims
+        ],
         intra_op_num_threads=1,
+        parameters=PARAMETERS,
     )
     return onnx_path, work / "repo", dirs
 
@@ -81,6 +90,7 @@ def test_repository_layout(repo):
     for cfg in (python_cfg, ort_cfg):
         assert "dynamic_batching" in cfg and "preferred_batch_size: [ 4, 8, 16 ]" in cfg
         assert 'name: "feature_map"' in cfg and "dims: [ 4, 16, 16 ]" in cfg
+        assert "dims: [ 1 ]\n    reshape: { shape: [ ] }" in cfg
     for d in dirs.values():
         onnx_copy = d / "3" / "model.onnx"
         assert onnx_copy.is_file() and not onnx_copy.is_symlink()
@@ -92,11 +102,21 @@ def test_spec_mismatch_is_rejected(repo, tmp_path):
     onnx_path, _, _ = repo
     with pytest.raises(ValueError, match="no graph input named 'pixels'"):
         write_model_repository(
-            onnx_path, tmp_path, "bad", 1, [TensorSpec("pixels", "FP32", [3, 16, 16])], [TensorSpec("score", "FP32", [2])]
+            onnx_path,
+            tmp_path,
+            "bad",
+            1,
+            [TensorSpec("pixels", "FP32", [3, 16, 16])],
+            [TensorSpec("score", "FP32", [2])],
         )
     with pytest.raises(ValueError, match="is FP32 in the graph"):
         write_model_repository(
-            onnx_path, tmp_path, "bad", 1, [TensorSpec("image", "FP16", [3, 16, 16])], [TensorSpec("score", "FP32", [2])]
+            onnx_path,
+            tmp_path,
+            "bad",
+            1,
+            [TensorSpec("image", "FP16", [3, 16, 16])],
+            [TensorSpec("score", "FP32", [2])],
         )
 
 
@@ -114,15 +134,17 @@ def test_serve_infer_and_unavailable(repo):
                 for batch in (1, 5):
                     image = rng.standard_normal((batch, CHANNELS, SIDE, SIDE), dtype=np.float32)
                     got = client.infer({"image": image})
-                    want = dict(zip(["score", "feature_map"], session.run(["score", "feature_map"], {"image": image})))
-                    assert set(got) == {"score", "feature_map"}
+                    want = dict(zip(OUTPUTS, session.run(list(OUTPUTS), {"image": image})))
+                    want["top"] = want["top"].reshape(batch, 1)  # served as dims [1]
+                    assert set(got) == set(OUTPUTS)
                     for name in want:
-                        assert got[name].shape == want[name].shape
+                        assert got[name].shape == want[name].shape, (protocol, batch, name)
                         assert np.abs(got[name] - want[name]).max() < MAX_ABS_DIFF, (protocol, batch, name)
                 with pytest.raises(ValueError, match="missing"):
                     client.infer({})
         assert dirs["tiny_ort"].is_dir()
         assert not TritonClient(server.http_url, "tiny_ort").is_ready()
+        _check_served_config(server)
 
         http = TritonClient(server.http_url, "tiny", retries=2, backoff_s=0.1, timeout_s=2)
         grpc = TritonClient(server.grpc_url, "tiny", protocol="grpc", retries=2, backoff_s=0.1, timeout_s=2)
@@ -143,6 +165,24 @@ def test_serve_infer_and_unavailable(repo):
             client.close()
 
 
+def _check_served_config(server: LocalTriton) -> None:
+    """Triton parsed the written config.pbtxt: escaped parameters and the reshape read back as written."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    http = httpclient.InferenceServerClient(server.http_url)
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        for config in (http.get_model_config("tiny"), grpc.get_model_config("tiny", as_json=True)["config"]):
+            params = {k: v["string_value"] for k, v in config["parameters"].items()}
+            assert params.items() >= PARAMETERS.items() and params["onnx_filename"] == "model.onnx"
+            top = next(o for o in config["output"] if o["name"] == "top")
+            assert [int(d) for d in top["dims"]] == [1] and "reshape" in top
+    finally:
+        http.close()
+        grpc.close()
+
+
 def test_unloadable_model_fails_fast(repo):
     """The onnxruntime twin cannot load on the CPU binary: start must say so, not hang, and leave nothing."""
     _, repo_dir, _ = repo
@@ -161,7 +201,10 @@ def test_cli_start_stop(repo, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run(
         [*cli, "start", "--repository", str(repo_dir), "--models", "tiny", "--state", str(state)],
-        capture_output=True, text=True, timeout=90, env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
     )
     assert out.returncode == 0, out.stderr
     info = json.loads(state.read_text())
@@ -171,7 +214,9 @@ def test_cli_start_stop(repo, tmp_path):
         assert client.is_ready()
         client.close()
     finally:
-        stop = subprocess.run([*cli, "stop", "--state", str(state)], capture_output=True, text=True, timeout=60, env=env)
+        stop = subprocess.run(
+            [*cli, "stop", "--state", str(state)], capture_output=True, text=True, timeout=60, env=env
+        )
     assert stop.returncode == 0, stop.stderr
     assert not state.exists()
     assert not process_group_alive(info["pid"])

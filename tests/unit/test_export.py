@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/tiny.py
-
-from tiny import tiny_scorer  # noqa: E402
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from adcore.export import (  # noqa: E402
     ModelMismatchError,
@@ -20,15 +17,29 @@ from adcore.export import (  # noqa: E402
     export_onnx,
     from_triton,
     read_metadata,
+    tensor_specs,
     write_triton_repository,
 )
 from adcore.models import list_models  # noqa: E402
 from adcore.scorer import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
+from adcore.serving import TensorSpec, write_model_repository  # noqa: E402
+from adcore.testing import tiny_scorer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
 TOLERANCE = 1e-4  # float rounding between torch and onnxruntime; measured below 1e-5
 ARTIFACT_VERSION = 4
+# A parameter value that needs escaping in text format: quotes, backslashes, a newline.
+TRICKY_VALUE = 'C:\\models\\"v2"\nend\\'
+
+
+def _read_config(model_dir: Path) -> model_config_pb2.ModelConfig:
+    """config.pbtxt parsed the way Triton parses it: protobuf text format into ModelConfig."""
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+
+
+def _parameters(config: model_config_pb2.ModelConfig) -> dict[str, str]:
+    return {k: v.string_value for k, v in config.parameters.items()}
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +99,47 @@ def test_triton_repository_files(exported, tmp_path):
     dirs = write_triton_repository(scorer, path, tmp_path / "repo", max_batch_size=8)
     name = "fusion-small-tiny"
     assert sorted(dirs) == [name, name + "_ort"]
+    identity = {
+        "artifact_model_name": name,
+        "artifact_version": str(ARTIFACT_VERSION),
+        "model_version": scorer.version,
+        "fingerprint": scorer.meta["fingerprint"],
+    }
     for model_dir in dirs.values():
-        config = (model_dir / "config.pbtxt").read_text()
+        config = _read_config(model_dir)
         assert (model_dir / str(ARTIFACT_VERSION) / "model.onnx").is_file()
-        assert f'value: {{ string_value: "{scorer.version}" }}' in config
-        assert f'value: {{ string_value: "{scorer.meta["fingerprint"]}" }}' in config
-        assert "reshape: { shape: [ ] }" in config and "max_batch_size: 8" in config
-        assert "preferred_batch_size: [ 4, 8 ]" in config
-    assert 'backend: "onnxruntime"' in (dirs[name + "_ort"] / "config.pbtxt").read_text()
+        assert _parameters(config).items() >= identity.items()
+        outputs = {o.name: o for o in config.output}
+        assert list(outputs["score"].dims) == [1] and outputs["score"].HasField("reshape")
+        assert list(outputs["score"].reshape.shape) == []
+        assert not outputs["anomaly_map"].HasField("reshape")
+        assert config.max_batch_size == 8 and list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert "reshape: { shape: [ ] }" in (dirs[name] / "config.pbtxt").read_text()
+    assert _read_config(dirs[name + "_ort"]).backend == "onnxruntime"
+    assert set(_parameters(_read_config(dirs[name + "_ort"]))) == set(identity)
+    assert _parameters(_read_config(dirs[name]))["onnx_filename"] == "model.onnx"  # the Python model keeps its own
+
+
+def test_repository_parameters_survive_escaping(exported, tmp_path):
+    """Quotes, backslashes and newlines in keys and values read back unchanged."""
+    scorer, path = exported("fusion-small")
+    inputs, outputs = tensor_specs(scorer)
+    params = {"note": TRICKY_VALUE, 'odd "key" \\': "x"}
+    dirs = write_model_repository(path, tmp_path / "repo", "m", 1, inputs, outputs, parameters=params)
+    for model_dir in dirs.values():
+        assert _parameters(_read_config(model_dir)).items() >= params.items()
+    with pytest.raises(ValueError, match="onnx_filename"):
+        write_model_repository(path, tmp_path / "repo", "m", 1, inputs, outputs, parameters={"onnx_filename": "x"})
+
+
+def test_tensor_spec_shapes():
+    assert "reshape: { shape: [ ] }" in TensorSpec("s", "FP32", [1], reshape=[]).to_pbtxt()
+    assert "reshape" not in TensorSpec("m", "FP32", [2, 2]).to_pbtxt()
+    with pytest.raises(ValueError, match="empty dims"):
+        TensorSpec("s", "FP32", [])
+    with pytest.raises(ValueError, match="size of dims"):
+        TensorSpec("m", "FP32", [4], reshape=[3])
+    assert TensorSpec("m", "FP32", [4], reshape=[2, 2]).model_dims == [2, 2]
 
 
 def test_triton_repository_needs_a_saved_artifact(exported, tmp_path):
@@ -144,7 +188,9 @@ def test_external_weights_travel_with_the_repository(tmp_path):
     assert side_files and path.stat().st_size < sum(p.stat().st_size for p in path.parent.iterdir() if p != path)
     dirs = write_triton_repository(scorer, path, tmp_path / "repo")
     for model_dir in dirs.values():
-        assert sorted(p.name for p in (model_dir / "2").iterdir() if p.suffix != ".py") == sorted(["model.onnx", *side_files])
+        assert sorted(p.name for p in (model_dir / "2").iterdir() if p.suffix != ".py") == sorted(
+            ["model.onnx", *side_files]
+        )
     pixels = np.random.default_rng(0).random((2, 3, scorer.input_size, scorer.input_size), dtype=np.float32)
     got = OnnxNetwork(dirs["pc"] / "2" / "model.onnx")(pixels)
     want = scorer.forward(pixels)

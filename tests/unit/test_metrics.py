@@ -143,9 +143,7 @@ def test_threshold_metrics_hand_case():
     scores = [0.1, 0.6, 0.2, 0.7, 0.4]
     got = metrics.threshold_metrics(labels, scores, 0.5)
     # pred = [0,1,0,1,0]: TP=1 FP=1 FN=1 TN=2
-    assert got == pytest.approx(
-        {"acc": 3 / 5, "precision": 0.5, "recall": 0.5, "specificity": 2 / 3, "f1": 0.5}
-    )
+    assert got == pytest.approx({"acc": 3 / 5, "precision": 0.5, "recall": 0.5, "specificity": 2 / 3, "f1": 0.5})
     none_pred = metrics.threshold_metrics(labels, scores, 2.0)
     assert none_pred["precision"] == 0.0 and none_pred["specificity"] == 1.0
 

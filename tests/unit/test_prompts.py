@@ -47,8 +47,11 @@ def _tiny_lm(path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=256, n_embd=16, n_layer=1, n_head=2,
-                               eos_token_id=0, bos_token_id=0)).save_pretrained(path)
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(vocab), n_positions=256, n_embd=16, n_layer=1, n_head=2, eos_token_id=0, bos_token_id=0
+        )
+    ).save_pretrained(path)
 
 
 def test_regenerate_with_tiny_local_lm(tmp_path):

@@ -48,7 +48,7 @@ class FusionConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FusionConfig":
+    def from_dict(cls, data: dict[str, Any]) -> FusionConfig:
         data = dict(data)
         data["vision"] = TowerSpec(**data["vision"])
         data["domain"] = TowerSpec(**data["domain"])

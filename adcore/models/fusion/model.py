@@ -50,7 +50,9 @@ def encode_anchors(text: TextSpec, dim: int, clip_weights: str | None) -> torch.
     bank = load_prompt_bank(text.domain)
     if text.kind == "clip":
         if not clip_weights:
-            raise ValueError("text kind 'clip' needs the vision tower's CLIPModel weights folder (the text tower lives there)")
+            raise ValueError(
+                "text kind 'clip' needs the vision tower's CLIPModel weights folder (the text tower lives there)"
+            )
         tower = text_towers.ClipTextTower(clip_weights)
     else:
         tower = text_towers.load_text_tower(text.kind, text.weights or str(text_towers.minilm_dir()))
@@ -67,8 +69,6 @@ def encode_anchors(text: TextSpec, dim: int, clip_weights: str | None) -> torch.
 
 
 class FusionModel(AnomalyModel):
-    head_kind = "centroids"
-
     def __init__(self, cfg: FusionConfig, anchors: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
@@ -109,7 +109,7 @@ class FusionModel(AnomalyModel):
         return {"family": "fusion", **frozen.to_dict()}
 
     @classmethod
-    def from_config_dict(cls, data: dict) -> "FusionModel":
+    def from_config_dict(cls, data: dict) -> FusionModel:
         data = {k: v for k, v in data.items() if k != "family"}
         cfg = FusionConfig.from_dict(data)
         dim = int(cfg.proj_dim)

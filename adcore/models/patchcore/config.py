@@ -20,7 +20,7 @@ class PatchCoreConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PatchCoreConfig":
+    def from_dict(cls, data: dict) -> PatchCoreConfig:
         data = dict(data)
         data["backbone"] = TowerSpec(**data["backbone"])
         return cls(**data)

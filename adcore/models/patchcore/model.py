@@ -47,8 +47,6 @@ class _CNNBackbone(torch.nn.Module):
 
 
 class PatchCoreModel(AnomalyModel):
-    head_kind = "memory_bank"
-
     def __init__(self, cfg: PatchCoreConfig):
         super().__init__()
         self.cfg = cfg
@@ -63,7 +61,11 @@ class PatchCoreModel(AnomalyModel):
             bad = [i for i in cfg.layers if not 0 < i <= self.tower.depth]
             if bad:
                 raise ValueError(f"layers {bad} outside the backbone's 1..{self.tower.depth}")
-            self.input_size, self.grid, width = self.tower.image_size, self.tower.grid, self.tower.width * len(cfg.layers)
+            self.input_size, self.grid, width = (
+                self.tower.image_size,
+                self.tower.grid,
+                self.tower.width * len(cfg.layers),
+            )
         self.embedding_dim = width
         self.requires_grad_(False)
 
@@ -76,7 +78,7 @@ class PatchCoreModel(AnomalyModel):
         return {"family": "patchcore", **cfg.to_dict()}
 
     @classmethod
-    def from_config_dict(cls, data: dict) -> "PatchCoreModel":
+    def from_config_dict(cls, data: dict) -> PatchCoreModel:
         return cls(PatchCoreConfig.from_dict({k: v for k, v in data.items() if k != "family"}))
 
     def _feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:

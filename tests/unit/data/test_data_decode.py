@@ -40,7 +40,7 @@ def test_ct_small_modality_and_uid():
     assert len(frames) == 1
     f = frames[0]
     assert f.pixels.shape == (128, 128) and f.pixels.dtype == np.float32
-    assert 0.0 <= f.pixels.min() and f.pixels.max() <= 1.0 and f.pixels.std() > 0.05
+    assert f.pixels.min() >= 0.0 and f.pixels.max() <= 1.0 and f.pixels.std() > 0.05
     assert f.modality == "CT" and f.index == 0
     assert f.study_uid == ds.StudyInstanceUID
     assert ds.StudyInstanceUID not in repr(f)  # the raw UID stays out of logs
@@ -222,7 +222,9 @@ def _png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,7 @@ def test_consistent_and_deterministic(name, rgb):
         changed = out != img if out.ndim == 2 else (out != img).any(-1)
         assert not (changed & ~mask).any()  # nothing changes outside the mask
         assert changed[mask].mean() > 0.5
-        assert 0.0 <= out.min() and out.max() <= 1.0
+        assert out.min() >= 0.0 and out.max() <= 1.0
 
 
 def test_lesion_mass_effect_and_area():

@@ -45,6 +45,19 @@ def test_vae_always_returns_k_centroids():
     assert fit_vae_centroids(x, VAEConfig(epochs=1, n_centroids=16)).shape == (16, 6)
 
 
+def test_vae_leaves_global_rng_alone_and_is_deterministic():
+    x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
+    cfg = VAEConfig(epochs=2, batch_size=16, n_centroids=4, seed=3)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = fit_vae_centroids(x, cfg)
+    assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
+    torch.manual_seed(456)  # another global state must not change the result
+    np.testing.assert_array_equal(fit_vae_centroids(x, cfg), first)
+    other = fit_vae_centroids(x, VAEConfig(epochs=2, batch_size=16, n_centroids=4, seed=4))
+    assert not np.array_equal(other, first)  # the seed is what decides
+
+
 def test_greedy_coreset_picks_spread_points():
     rng = np.random.default_rng(0)
     clusters = np.concatenate([c + 0.01 * rng.standard_normal((100, 3)) for c in np.eye(3) * 10])

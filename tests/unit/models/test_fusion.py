@@ -58,3 +58,45 @@ def test_match_tokens_resamples_grid():
     out = match_tokens(tokens, 4)
     assert out.shape == (2, 17, 8)
     assert torch.equal(out[:, 0], tokens[:, 0])
+
+
+@pytest.mark.parametrize("name,overrides", [("fusion-small", {}), ("fusion-large", {"domain": {"image_size": 96}})])
+def test_first_fusion_point_follows_the_paper_formulas(name, overrides):
+    # input_1 = beta * C_1 + gamma * B_1 -> adapter -> alpha * F_1 + (1 - alpha) * C_1 (papers.md section 1).
+    # Distinct weights: swapping beta/gamma, or alpha/(1 - alpha), changes both tensors below.
+    beta, gamma, alpha = 0.3, 0.7, 0.25
+    torch.manual_seed(0)
+    model = create(name, tiny=True, beta=beta, gamma=gamma, alpha=alpha, **overrides).eval()
+    assert (model.cfg.beta, model.cfg.gamma, model.cfg.alpha) == (beta, gamma, alpha)
+    x = torch.rand(2, 3, model.input_size, model.input_size)
+    p, q = model.points[0], model.domain_points[0]
+    assert p < model.vision.depth  # the residual is read as the input of the next vision layer
+
+    seen = {}
+
+    def keep(key):
+        def hook(module, args):  # returns None: the forward's inputs are left as they are
+            seen[key] = args[0].clone()
+
+        return hook
+
+    hooks = [
+        model.adapters[0].register_forward_pre_hook(keep("adapter_in")),
+        model.vision.layers[p].register_forward_pre_hook(keep("residual")),
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()  # before the hand computation, which runs the same layers again
+    with torch.no_grad():
+        # By hand, from each tower run on its own (nothing is fused before the first point).
+        c = model.vision.hidden_states(x)[0][p]
+        b = match_tokens(model.domain_to_vision(model.domain.hidden_states(x)[0][q]), model.vision.grid)
+        fused_in = beta * c + gamma * b
+        f = model.adapters[0](fused_in, model.anchors)[0]
+        residual = alpha * f + (1 - alpha) * c
+    assert not torch.allclose(c, b, atol=1e-3)  # the towers differ, so a swap is visible
+    torch.testing.assert_close(seen["adapter_in"], fused_in, atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen["residual"], residual, atol=1e-5, rtol=0)

@@ -1,0 +1,45 @@
+"""What a method family hands the pipeline: one record per folder under ``adcore/models/``.
+
+A family folder (``adcore/models/<family>/``) exports ``FAMILY``, a :class:`MethodFamily`.
+Generic code (registry, training loop, scorer, export, jobs) only talks to these
+records and never branches on a family's name:
+
+* ``config_class`` / ``model_class``: the network, rebuilt from an artifact's config;
+* ``head_class``: the FAISS-stage head (network outputs -> raw score and map), with
+  ``config()``/``arrays()`` to save it and ``from_saved(config, arrays, use_gpu)`` to rebuild it;
+* ``fit(model, data)``: builds the head from training data (memory bank, centroids,
+  references): a function call without gradients;
+* ``train(model, ctx)``: the family's gradient stages, or None when it has none;
+* ``presets``: the folder of its named presets (JSON).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Head(Protocol):
+    """The FAISS stage of a method: network outputs -> (raw image scores [B], raw maps [B, g, g])."""
+
+    def __call__(self, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def config(self) -> dict: ...
+
+    def arrays(self) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class MethodFamily:
+    name: str
+    config_class: type
+    model_class: type
+    head_class: type
+    fit: Callable[[Any, Any], Head]
+    presets: Path
+    train: Callable[[Any, Any], dict] | None = None  # None: no gradient stages (e.g. PatchCore)
+    description: str = ""

@@ -1,0 +1,133 @@
+"""The fusion model's gradient stages (papers.md section 1).
+
+1. The domain tower fine-tuned as a binary normal/anomalous classifier
+   (AdamW lr 5e-5, focal loss, 5% warm-up) on normal + synthesised anomalies.
+2. Adapters, projection and the vision tower's last layer trained with
+   BCE + Dice + Focal; every epoch ends with validation image/pixel AUROC, and the
+   weights of the best validation epoch are kept (never the test split).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adcore.layers.losses import focal_loss, fusion_loss
+from adcore.training.stages import TrainContext, format_row, run_stage, validate
+
+log = logging.getLogger("adcore.train")
+
+
+class _DomainClassifier(nn.Module):
+    """Stage 1 as a module of its own, so DDP sees the forward it must sync."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.domain_logit(images)
+
+
+def _trained_names(model: nn.Module) -> set[str]:
+    """Parameters any stage trains (stage 1's domain layers too), for checkpoints; leaves stage 2 trainable."""
+    names = set()
+    for stage in (1, 2):
+        model.freeze_for_stage(stage)
+        names |= {n for n, p in model.named_parameters() if p.requires_grad}
+    return names
+
+
+def _trainable_state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names or k == "anchors"}
+
+
+def _fusion_step(mask_size: int):
+    def step(model: nn.Module, batch) -> torch.Tensor:
+        out = model(batch.images)
+        size = (mask_size, mask_size)
+        logits = F.interpolate(out.map_logit[:, None], size=size, mode="bilinear", align_corners=False)
+        target = F.interpolate(batch.masks[:, None], size=size, mode="area")
+        return fusion_loss(out.image_logit, logits[:, 0], batch.labels, (target[:, 0] >= 0.5).float())["loss"]
+
+    return step
+
+
+def _domain_step(model: nn.Module, batch) -> torch.Tensor:
+    return focal_loss(model(batch.images), batch.labels)
+
+
+def train_fusion(model, ctx: TrainContext) -> dict:
+    """Stages 1 and 2; returns what the artifact's training summary adds (the selected epoch)."""
+    cfg, hooks, resume = ctx.cfg, ctx.hooks, ctx.resume
+    if resume.get("stage", 0) < 1:
+        model.freeze_for_stage(1)
+        run_stage(
+            "domain",
+            _DomainClassifier(model),
+            model.trainable_parameters(),
+            ctx,
+            cfg.domain_epochs,
+            cfg.domain_lr,
+            _domain_step,
+            cfg.budget_s(1),
+            cfg.warmup_share,
+        )
+    trained = _trained_names(model)
+    best = resume.get("best") or {"score": -math.inf, "epoch": None, "model": None}
+
+    def keep_if_best(row: dict) -> None:
+        """Model selection on the validation split: mean of its AUROCs."""
+        aurocs = [row[k] for k in ("val_image_auroc", "val_pixel_auroc") if row.get(k) is not None]
+        if aurocs and float(np.mean(aurocs)) > best["score"]:
+            best.update(score=float(np.mean(aurocs)), epoch=row["epoch"], model=_trainable_state(model, trained))
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        model.eval()
+        row = {"stage": "fusion", "epoch": epoch + 1, "loss": loss, **validate(model, ctx.valid, cfg.batch_size)}
+        row["elapsed_s"] = round(ctx.elapsed(), 1)
+        ctx.history.append(row)
+        keep_if_best(row)
+        if hooks.is_main:
+            log.info("validation after epoch %d: %s", epoch + 1, format_row(row))
+        hooks.report(
+            row,
+            lambda: {
+                "stage": 1,
+                "epoch": epoch + 1,
+                "model": _trainable_state(model, trained),
+                "history": ctx.history,
+                "best": best,
+            },
+        )
+
+    start_epoch = int(resume.get("epoch", 0))
+    if start_epoch == 0:  # the adapters as initialised are a candidate too
+        row = {"stage": "fusion", "epoch": 0, "loss": None, **validate(model.eval(), ctx.valid, cfg.batch_size)}
+        ctx.history.append(row)
+        keep_if_best(row)
+        if hooks.is_main:
+            log.info("validation before stage 2: %s", format_row(row))
+    run_stage(
+        "fusion",
+        model,
+        model.trainable_parameters(),
+        ctx,
+        cfg.epochs,
+        cfg.lr,
+        _fusion_step(cfg.mask_size),
+        cfg.budget_s(2, ctx.elapsed()),
+        cfg.warmup_share,
+        start_epoch=start_epoch,
+        on_epoch=on_epoch,
+    )
+    if best["model"] is not None:
+        model.load_state_dict(best["model"], strict=False)
+        if hooks.is_main:
+            log.info("keeping the weights of epoch %s (validation AUROC %.4f)", best["epoch"], best["score"])
+    return {"selected_epoch": best["epoch"]}

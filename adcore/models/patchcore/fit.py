@@ -1,0 +1,21 @@
+"""PatchCore's memory bank: greedy coreset of normal patch features."""
+
+from __future__ import annotations
+
+import logging
+
+from adcore.layers.coreset import greedy_coreset
+from adcore.models.patchcore.head import MemoryBankHead, MemoryBankHeadConfig
+
+log = logging.getLogger("adcore.train")
+
+
+def fit_memory_bank(model, data) -> MemoryBankHead:
+    """Each rank selects its share of the coreset from its own normal patches; the bank is their union."""
+    normal, _ = data.patches_by_class(model, anomaly_share=0.0)
+    cfg = model.cfg
+    n_select = min(cfg.max_bank, max(1, int(len(normal) * cfg.coreset_ratio)))
+    local = greedy_coreset(normal, max(1, n_select // data.world_size), seed=data.seed)
+    bank = data.gather(normal[local])
+    log.info("memory bank: %d of %d patches", len(bank), len(normal) * data.world_size)
+    return MemoryBankHead(bank, MemoryBankHeadConfig(k=cfg.score_k))
