@@ -4,6 +4,13 @@ Calibration is fitted once, from validation data only (never the test set), and
 saved with the model. At inference every image is normalised on its own with the
 stored constants: a nightly job scores one image at a time, so nothing may depend
 on the batch it arrives in.
+
+The calibrated image score (format 2) is the share of normal validation images
+that score lower (ties count half), linear between those scores, with a tail
+beyond the lowest and the highest that approaches 0 and 1 without reaching them.
+It is strictly increasing in the raw score, so it ranks like the raw score.
+Format 1 (artifacts written before it) clipped a linear map to [0, 1]; such
+calibrations still load and normalise exactly as they did.
 """
 
 from __future__ import annotations
@@ -16,8 +23,18 @@ import numpy as np
 
 from adcore.metrics import f1_max, stratified_subsample
 
-# Upper end of the normalisation range: this percentile of all validation scores,
-# so one extreme outlier does not squeeze every other score towards 0.
+# Calibration formats: 1 = image scores clipped linearly between score_lo and score_hi
+# (artifacts written before the score map existed); 2 = the strictly increasing ScoreMap.
+CLIPPED_VERSION = 1
+SCORE_MAP_VERSION = 2
+# Knots kept in the score map: bounds config.json (two lists of floats) whatever the split size,
+# while 256 quantiles keep the map within 1/255 (plus one tied value's share) of the empirical CDF.
+MAX_KNOTS = 256
+# Tail scale: the spread of the highest (lowest) tenth of normal scores, a local width that one
+# extreme score barely moves.
+TAIL_SHARE = 0.1
+# Upper end of the (pixel, and format-1 image) normalisation range: this percentile of all
+# validation scores, so one extreme outlier does not squeeze every other score towards 0.
 HI_PERCENTILE = 99.0
 # Threshold when the validation split has no anomalies: this quantile of normal scores
 # (about 1% of normal images flagged).
@@ -27,36 +44,158 @@ MAX_PIXELS = 2_000_000
 
 
 @dataclass
-class Calibration:
-    """Normalisation constants and thresholds, in normalised units ([0, 1]).
+class ScoreMap:
+    """Strictly increasing map from raw image scores to (0, 1), fitted on normal scores.
+
+    At a knot (a normal validation score) the value is its mid-rank empirical CDF: the share
+    of normal scores below it plus half the share equal to it. Between knots it is linear.
+    Beyond the largest knot ``x_max`` it is ``1 - q / (1 + (x - x_max) / tail_hi)`` with
+    ``q = 1 - levels[-1]``: the share left above the largest normal score halves one tail scale
+    beyond it and keeps shrinking; the lower tail mirrors it towards 0. Hyperbolic rather than
+    exponential tails so that far scores stay apart: an exponential one reaches 1.0 in float64
+    about 37 scales out.
+
+    Float64 limits: the value rounds to 1.0 only once ``q / (1 + z) < 2**-54``, i.e. beyond
+    ``z ~ q * 1.8e16`` tail scales (4e13 scales with 200 normal images); the lower tail never
+    reaches 0 for finite scores. Raw scores closer than about ``2**-53 / slope`` (inside the
+    range, some 1e-16 of the normal scores' spread) may round to one value: consecutive float32
+    raw scores (2**-24 apart relative to their size) stay apart out to ``z ~ q * 5e8`` tail
+    scales (1e6 with 200 normal images), except within ~1e-8 spreads of zero.
 
     Attributes:
-        score_lo: raw image score mapped to 0 (median of normal validation scores).
-        score_hi: raw image score mapped to 1 (99th percentile of all validation scores).
-        image_threshold: max-F1 threshold on validation (or the normal quantile).
+        knots: sorted distinct normal validation scores (at most ``MAX_KNOTS``, min and max kept).
+        levels: mid-rank empirical CDF at each knot, strictly increasing inside (0, 1).
+        tail_lo, tail_hi: tail scales below the smallest and above the largest knot (> 0).
+    """
+
+    knots: list[float]
+    levels: list[float]
+    tail_lo: float
+    tail_hi: float
+
+    def __post_init__(self):
+        self.knots = [float(v) for v in self.knots]
+        self.levels = [float(v) for v in self.levels]
+        k, p = np.asarray(self.knots), np.asarray(self.levels)
+        if k.size == 0 or k.shape != p.shape or not (np.isfinite(k).all() and np.isfinite(p).all()):
+            raise ValueError("score map needs as many finite levels as knots (>0)")
+        if (np.diff(k) <= 0).any() or (np.diff(p) <= 0).any() or p[0] <= 0 or p[-1] >= 1:
+            raise ValueError("score map knots and levels must increase strictly, levels inside (0, 1)")
+        if not (self.tail_lo > 0 and self.tail_hi > 0 and math.isfinite(self.tail_lo + self.tail_hi)):
+            raise ValueError(f"tail scales must be finite and > 0, got {self.tail_lo}, {self.tail_hi}")
+
+    @classmethod
+    def fit(cls, reference: np.ndarray) -> ScoreMap:
+        """The map of a reference sample (normal validation scores), float64, finite, non-empty."""
+        values, counts = np.unique(np.asarray(reference, dtype=np.float64), return_counts=True)
+        levels = (np.cumsum(counts) - 0.5 * counts) / counts.sum()  # mid-rank: ties count half
+        keep = _quantile_knots(levels)
+        tail_lo, tail_hi = _tail_scales(reference)
+        return cls(values[keep].tolist(), levels[keep].tolist(), tail_lo, tail_hi)
+
+    def __call__(self, raw) -> np.ndarray:
+        """Raw scores (any shape) to float64 values in (0, 1); NaN stays NaN.
+
+        Every step is a correctly rounded monotone operation, and each segment is capped at
+        its upper level, so the float64 result never decreases as the raw score grows.
+        """
+        x = np.asarray(raw, dtype=np.float64)
+        k, p = np.asarray(self.knots), np.asarray(self.levels)
+        with np.errstate(over="ignore"):  # far-out scores: the tails decide, not the overflowing segment
+            # Distances floored at 0 keep each tail's denominator >= 1 where np.where discards it.
+            lower = p[0] / (1.0 + np.maximum(k[0] - x, 0.0) / self.tail_lo)
+            upper = 1.0 - (1.0 - p[-1]) / (1.0 + np.maximum(x - k[-1], 0.0) / self.tail_hi)
+            inside = _interpolate(x, k, p)
+        return np.where(x < k[0], lower, np.where(x > k[-1], upper, inside))
+
+
+def _quantile_knots(levels: np.ndarray) -> np.ndarray:
+    """Indices of at most ``MAX_KNOTS`` levels, evenly spread in level, first and last kept."""
+    if levels.size <= MAX_KNOTS:
+        return np.arange(levels.size)
+    targets = np.linspace(levels[0], levels[-1], MAX_KNOTS)
+    return np.unique(np.searchsorted(levels, targets).clip(0, levels.size - 1))
+
+
+def _interpolate(x: np.ndarray, knots: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Piecewise-linear levels between knots, each segment capped at its upper level."""
+    if knots.size == 1:
+        return np.full_like(x, levels[0])
+    i = np.clip(np.searchsorted(knots, x, side="right") - 1, 0, knots.size - 2)
+    t = (x - knots[i]) / (knots[i + 1] - knots[i])
+    return np.minimum(levels[i] + t * (levels[i + 1] - levels[i]), levels[i + 1])
+
+
+def _tail_scales(reference: np.ndarray) -> tuple[float, float]:
+    """Spread of the lowest and of the highest ``TAIL_SHARE`` of the reference scores (> 0).
+
+    A side without spread (ties, tiny sets) falls back to the whole range, then to the
+    scores' magnitude, then to 1.
+    """
+    r = np.asarray(reference, dtype=np.float64)
+    lo, hi = float(r.min()), float(r.max())
+    q_lo, q_hi = (float(v) for v in np.quantile(r, [TAIL_SHARE, 1.0 - TAIL_SHARE]))
+    fallback = (hi - lo) or max(abs(lo), abs(hi)) or 1.0
+    return (q_lo - lo if q_lo > lo else fallback), (hi - q_hi if hi > q_hi else fallback)
+
+
+@dataclass
+class Calibration:
+    """Image score map, pixel normalisation and thresholds; thresholds in normalised units.
+
+    Attributes:
+        image_threshold: max-F1 threshold on validation (or the normal quantile), normalised:
+            ``normalize_scores(raw) >= image_threshold`` iff ``raw >= raw_image_threshold``.
         sensitivity_threshold: highest threshold that still flags ``target_sensitivity``
             of validation anomalies; equals ``image_threshold`` without anomalies.
         target_sensitivity: the recall that ``sensitivity_threshold`` aims for.
-        pixel_lo, pixel_hi, pixel_threshold: the same for anomaly maps; None if no
-            maps were given.
+        version: ``SCORE_MAP_VERSION`` (``score_map``) or ``CLIPPED_VERSION`` (``score_lo``,
+            ``score_hi``); dicts saved without one are format 1.
+        score_map: the image score map (format 2).
+        raw_image_threshold, raw_sensitivity_threshold: the thresholds in raw units (format 2).
+        score_lo: raw image score mapped to 0 (format 1: median of normal validation scores).
+        score_hi: raw image score mapped to 1 (format 1: 99th percentile of validation scores).
+        pixel_lo, pixel_hi, pixel_threshold: clipped linear map normalisation for anomaly maps,
+            as ``score_lo``/``score_hi`` in format 1; None if no maps were given.
         method: how thresholds were chosen ("valid-max-f1" or "normal-quantile-0.99").
         n_valid: number of validation images.
     """
 
-    score_lo: float
-    score_hi: float
     image_threshold: float
     sensitivity_threshold: float
     target_sensitivity: float = 0.95
+    version: int = CLIPPED_VERSION
+    score_map: ScoreMap | None = None
+    raw_image_threshold: float | None = None
+    raw_sensitivity_threshold: float | None = None
+    score_lo: float | None = None
+    score_hi: float | None = None
     pixel_lo: float | None = None
     pixel_hi: float | None = None
     pixel_threshold: float | None = None
     method: str = "valid-max-f1"
     n_valid: int = 0
 
+    def __post_init__(self):
+        if self.version not in (CLIPPED_VERSION, SCORE_MAP_VERSION):
+            raise ValueError(f"calibration format {self.version}: this adcore reads formats 1 and 2")
+        if isinstance(self.score_map, dict):  # as loaded from config.json
+            self.score_map = ScoreMap(**self.score_map)
+        if self.version == SCORE_MAP_VERSION and self.score_map is None:
+            raise ValueError("a format-2 calibration needs a score_map")
+        if self.version == CLIPPED_VERSION and (self.score_lo is None or self.score_hi is None):
+            raise ValueError("a format-1 calibration needs score_lo and score_hi")
+
     def normalize_scores(self, raw) -> np.ndarray:
-        """Raw image scores to [0, 1] (clipped), in float64 like the fitted thresholds."""
-        return _normalize(np.asarray(raw, dtype=np.float64), self.score_lo, self.score_hi)
+        """Raw image scores to [0, 1], in float64 like the fitted thresholds.
+
+        Format 2: strictly increasing, inside (0, 1) (see :class:`ScoreMap`). Format 1: the
+        clipped linear map, as the artifact was scored when it was written.
+        """
+        x = np.asarray(raw, dtype=np.float64)
+        if self.version == SCORE_MAP_VERSION:
+            return self.score_map(x)
+        return _normalize(x, self.score_lo, self.score_hi)
 
     def normalize_maps(self, raw) -> np.ndarray:
         """Raw anomaly maps to [0, 1] (clipped), with the pixel constants; float32 stays float32."""
@@ -75,6 +214,7 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
+        """Load a saved dict, of either format (one without ``version`` is format 1)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -110,6 +250,14 @@ def _sensitivity_raw(anomaly_scores: np.ndarray, target: float) -> float:
     return float(np.sort(anomaly_scores)[::-1][k - 1])
 
 
+def _raw_thresholds(y: np.ndarray, s: np.ndarray, target_sensitivity: float) -> tuple[str, float, float]:
+    """Threshold method, max-F1 (or normal-quantile) raw threshold and sensitivity raw threshold."""
+    if y.any():
+        return "valid-max-f1", f1_max(y, s)[1], _sensitivity_raw(s[y], target_sensitivity)
+    thr = float(np.quantile(s, NORMAL_QUANTILE))
+    return f"normal-quantile-{NORMAL_QUANTILE}", thr, thr
+
+
 def fit_calibration(
     labels,
     scores,
@@ -117,7 +265,7 @@ def fit_calibration(
     maps=None,
     target_sensitivity: float = 0.95,
 ) -> Calibration:
-    """Fit normalisation and thresholds on the validation split (never on the test set).
+    """Fit the score map and thresholds on the validation split (never on the test set).
 
     Args:
         labels: 0 = normal, 1 = anomalous, one per validation image.
@@ -127,10 +275,12 @@ def fit_calibration(
         maps: optional raw anomaly maps (HxW) for the pixel calibration.
         target_sensitivity: recall on anomalies for ``sensitivity_threshold``.
 
+    The score map is fitted on the normal validation scores (on all of them when the
+    split has no normal image): training scores would sit too low for a memory bank.
     With anomalies, thresholds are the max-F1 threshold and the sensitivity operating
-    point. Without anomalies both are the 0.99 quantile of normal scores. Raw
-    thresholds always fall inside [lo, hi], so comparing normalised values decides
-    exactly as comparing raw ones.
+    point; without, both are the 0.99 quantile of normal scores. They are stored raw and
+    mapped through the same strictly increasing map, so comparing normalised values
+    decides exactly as comparing raw ones.
     """
     y = np.asarray(labels).ravel().astype(bool)
     s = np.asarray(scores, dtype=np.float64).ravel()
@@ -141,23 +291,16 @@ def fit_calibration(
     if not 0.0 < target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
 
-    normal = s[~y]
-    lo = float(np.median(normal)) if normal.size else float(s.min())
-    hi = float(np.percentile(s, HI_PERCENTILE))
-    if y.any():
-        method = "valid-max-f1"
-        thr = f1_max(y, s)[1]
-        sens = _sensitivity_raw(s[y], target_sensitivity)
-    else:
-        method = f"normal-quantile-{NORMAL_QUANTILE}"
-        thr = sens = float(np.quantile(normal, NORMAL_QUANTILE))
-    lo, hi = _range(lo, hi, [thr, sens], s)
+    score_map = ScoreMap.fit(s[~y] if (~y).any() else s)
+    method, thr, sens = _raw_thresholds(y, s, target_sensitivity)
     calib = Calibration(
-        score_lo=lo,
-        score_hi=hi,
-        image_threshold=_to_unit(thr, lo, hi),
-        sensitivity_threshold=_to_unit(sens, lo, hi),
+        image_threshold=float(score_map(thr)),
+        sensitivity_threshold=float(score_map(sens)),
         target_sensitivity=target_sensitivity,
+        version=SCORE_MAP_VERSION,
+        score_map=score_map,
+        raw_image_threshold=thr,
+        raw_sensitivity_threshold=sens,
         method=method,
         n_valid=int(y.size),
     )
@@ -167,7 +310,7 @@ def fit_calibration(
 
 
 def _fit_pixels(y: np.ndarray, masks, maps) -> tuple[float, float, float]:
-    """Pixel lo, hi and threshold, fitted like the image ones (max-F1 on anomalous images)."""
+    """Pixel lo, hi and threshold of the clipped linear map (threshold: max-F1 on anomalous images)."""
     maps = [np.asarray(a, dtype=np.float32) for a in maps]
     if len(maps) != y.size:
         raise ValueError(f"{len(maps)} maps for {y.size} validation images")

@@ -65,6 +65,18 @@ def prepare(image: np.ndarray, size: int) -> np.ndarray:
     return t[0].clamp_(0, 1).numpy()
 
 
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Prepared pixels in [0, 1] -> uint8 (4x smaller in transit; the network sees ``value / 255``)."""
+    return np.rint(np.asarray(pixels, dtype=np.float32) * 255.0).astype(np.uint8)
+
+
+def as_float(pixels: np.ndarray) -> np.ndarray:
+    """Network input as float32 in [0, 1], from float pixels or from :func:`to_uint8`'s."""
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32) * np.float32(1 / 255)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
+
+
 def upsample_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Patch-grid maps [k, g, g] -> [k, H, W] by bilinear interpolation."""
     t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]  # [k, 1, g, g]
@@ -125,6 +137,40 @@ class ImageResult:
     area: int | None = None  # pixels in the mask
 
 
+def postprocess(
+    calibration: Calibration | None, raw_scores: np.ndarray, raw_maps: np.ndarray, hws: list[tuple[int, int]]
+) -> Iterator[ImageResult]:
+    """Raw values -> one :class:`ImageResult` per frame, each map at its frame's size ``hws[i]``.
+
+    Upsamples once per run of same-size frames (bounded by ``UPSAMPLE_PIXELS``). A generator:
+    a caller that drops each result as it goes holds one run's maps at a time.
+    """
+    cal = calibration
+    raw_scores = np.asarray(raw_scores, dtype=np.float32)
+    scores = cal.normalize_scores(raw_scores.astype(np.float64)) if cal else None
+    start = 0
+    while start < len(hws):
+        hw = tuple(int(v) for v in hws[start])
+        stop = start + 1
+        while stop < len(hws) and tuple(hws[stop]) == hw and (stop - start + 1) * hw[0] * hw[1] <= UPSAMPLE_PIXELS:
+            stop += 1
+        amap = upsample_maps(raw_maps[start:stop], hw)  # [k, H, W]
+        peaks = np.unravel_index(amap.reshape(stop - start, -1).argmax(1), hw)
+        if cal is not None:
+            nmap = cal.normalize_maps(amap).astype(np.float32, copy=False)
+            masks = nmap >= cal.effective_pixel_threshold
+            areas = masks.reshape(stop - start, -1).sum(1)
+        for j in range(stop - start):
+            i = start + j
+            result = ImageResult(float(raw_scores[i]), amap[j], (int(peaks[0][j]), int(peaks[1][j])))
+            if cal is not None:
+                result.score = float(scores[i])
+                result.label = int(scores[i] >= cal.image_threshold)
+                result.anomaly_map, result.mask, result.area = nmap[j], masks[j], int(areas[j])
+            yield result
+        start = stop
+
+
 class Scorer:
     """Everything needed to score an image, rebuilt from an artifact alone."""
 
@@ -155,8 +201,9 @@ class Scorer:
         return self.meta.get("model_version", "unsaved")
 
     def forward(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """The network stage: [B, 3, S, S] -> score, anomaly_map, patch_embeddings (one backend call)."""
-        return self.network(pixels)
+        """The network stage: [B, 3, S, S] (float in [0, 1] or uint8) -> score, anomaly_map,
+        patch_embeddings (one backend call)."""
+        return self.network(as_float(pixels))
 
     def iter_raw(self, pixels: np.ndarray) -> Iterator[tuple[slice, tuple[np.ndarray, np.ndarray] | Exception]]:
         """Network + head per chunk of at most ``network.max_batch`` rows, in order.
@@ -205,35 +252,8 @@ class Scorer:
     def postprocess(
         self, raw_scores: np.ndarray, raw_maps: np.ndarray, hws: list[tuple[int, int]]
     ) -> Iterator[ImageResult]:
-        """Raw values -> one :class:`ImageResult` per frame, each map at its frame's size ``hws[i]``.
-
-        Upsamples once per run of same-size frames (bounded by ``UPSAMPLE_PIXELS``). A generator:
-        a caller that drops each result as it goes holds one run's maps at a time.
-        """
-        cal = self.calibration
-        raw_scores = np.asarray(raw_scores, dtype=np.float32)
-        scores = cal.normalize_scores(raw_scores.astype(np.float64)) if cal else None
-        start = 0
-        while start < len(hws):
-            hw = tuple(int(v) for v in hws[start])
-            stop = start + 1
-            while stop < len(hws) and tuple(hws[stop]) == hw and (stop - start + 1) * hw[0] * hw[1] <= UPSAMPLE_PIXELS:
-                stop += 1
-            amap = upsample_maps(raw_maps[start:stop], hw)  # [k, H, W]
-            peaks = np.unravel_index(amap.reshape(stop - start, -1).argmax(1), hw)
-            if cal is not None:
-                nmap = cal.normalize_maps(amap).astype(np.float32, copy=False)
-                masks = nmap >= cal.effective_pixel_threshold
-                areas = masks.reshape(stop - start, -1).sum(1)
-            for j in range(stop - start):
-                i = start + j
-                result = ImageResult(float(raw_scores[i]), amap[j], (int(peaks[0][j]), int(peaks[1][j])))
-                if cal is not None:
-                    result.score = float(scores[i])
-                    result.label = int(scores[i] >= cal.image_threshold)
-                    result.anomaly_map, result.mask, result.area = nmap[j], masks[j], int(areas[j])
-                yield result
-            start = stop
+        """Raw values -> one :class:`ImageResult` per frame (see :func:`postprocess`)."""
+        return postprocess(self.calibration, raw_scores, raw_maps, hws)
 
     def score_images(self, images: list[np.ndarray], batch_size: int = 8) -> list[ImageResult]:
         """Score decoded images (HxW or HxWxC in [0, 1]); each map comes back at its image's size."""

@@ -53,13 +53,15 @@ def summarize(scores: str) -> None:
     con = connect(scores)
     (version,) = con.execute("SELECT model_version FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
     print(f"\nTop anomalies of {version} (DuckDB over the Parquet, latest completed run per image):")
+    # score: the share of normal validation images scoring lower (strictly increasing in raw_score,
+    # which breaks the rare float32 ties); four decimals tell the top ones apart.
     rows = con.execute(
-        "SELECT image_uri, score, label, mask_area FROM latest "
-        "WHERE status = 'ok' AND model_version = $v ORDER BY score DESC LIMIT 5",
+        "SELECT image_uri, score, raw_score, label, mask_area FROM latest "
+        "WHERE status = 'ok' AND model_version = $v ORDER BY score DESC, raw_score DESC LIMIT 5",
         {"v": version},
     ).fetchall()
-    for uri, score, label, area in rows:
-        print(f"  {score:.3f}  label={label}  mask_area={area:>6}  {uri}")
+    for uri, score, raw, label, area in rows:
+        print(f"  {score:.4f}  raw={raw:.4g}  label={label}  mask_area={area:>6}  {uri}")
     counts = con.execute(
         "SELECT status, count(*) FROM latest WHERE model_version = $v GROUP BY status ORDER BY status", {"v": version}
     ).fetchall()

@@ -35,11 +35,14 @@ HIST_BINS = 20  # histogram bins over [0, 1]
 HIST_SIZE = (480, 160)
 CONTOUR_RGB = (255, 0, 0)
 
+# ``score`` is strictly increasing in ``raw_score`` (adcore.calibration.ScoreMap), but Parquet keeps it
+# as float32: raw_score orders the rare rows whose scores round to the same float32 (and rows of
+# artifacts calibrated before issue 17, whose scores clip at 0 and 1).
 TOP_ANOMALIES_SQL = """
-SELECT image_uri, frame, score, label, mask_area, peak_row, peak_col, modality, model_version, run_id
+SELECT image_uri, frame, score, raw_score, label, mask_area, peak_row, peak_col, modality, model_version, run_id
 FROM latest
 WHERE status = 'ok'
-ORDER BY score DESC
+ORDER BY score DESC, raw_score DESC
 LIMIT $k
 """
 
@@ -215,7 +218,7 @@ def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
             img = f"<p>image unavailable: {html.escape(type(e).__name__)}</p>"
         figures.append(
             f"<figure>{img}<figcaption>{html.escape(r['image_uri'])} [frame {r['frame']}]<br>"
-            f"score {r['score']:.3f}, mask {r['mask_area']} px</figcaption></figure>"
+            f"score {r['score']:.4f} (raw {r['raw_score']:.4g}), mask {r['mask_area']} px</figcaption></figure>"
         )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Anomaly scores</title>"

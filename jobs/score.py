@@ -2,15 +2,16 @@
 
     python jobs/score.py --input s3://archive/images --model s3://models/brain/v3 \
         --output s3://results/scores [--triton-url 10.0.0.5:8001 --triton-protocol grpc] \
-        [--rescore-all] [--batch-size 64] [--smoke-test]
+        [--replicas 2:16] [--device auto|gpu|cpu] [--rescore-all] [--batch-size 64] [--smoke-test]
 
 Stages: read files (with paths) -> decode + prepare (CPU tasks; a bad file becomes an
-error row) -> network (in-process torch / onnxruntime, or Triton) + FAISS head +
-postprocess (one actor) -> Parquet, written by the driver into this run's own folder,
-then the run's manifest (see ``jobs/scoring/ledger.py`` for the exactly-once rules and
-``jobs/scoring/schema.py`` for the output schema). Ray Data's ``write_parquet`` (which
-appends by default) is not used: the driver writes the streamed result itself, so the
-manifest's counts are exactly the rows in the files, and progress is logged as it goes.
+error row; frames travel as uint8) -> network (in-process torch / onnxruntime, or Triton)
++ FAISS head on the model replicas (an actor pool sized by ``jobs/scoring/resources.py``:
+one per GPU, or per CPU node) -> calibration, upsampling and masks (CPU tasks) -> Parquet
+written by Ray write tasks into this run's own folder (``jobs/scoring/sink.py``), then the
+run's manifest from the tasks' counts (see ``jobs/scoring/ledger.py`` for the exactly-once
+rules and ``jobs/scoring/schema.py`` for the output schema). No result row passes through
+the driver; it logs progress from the write tasks' counts.
 
 Inputs: every file under ``--input`` except hidden ones (name starting with "."); the
 format comes from the content (PNG, JPEG, TIFF, DICOM, NIfTI; volumes one row per
@@ -31,14 +32,15 @@ import pathlib
 import posixpath
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, replace
 
 from adcore import storage
 from adcore.cli import parse_config
 from jobs.scoring import ledger
 from jobs.scoring import schema as S
-from jobs.scoring.stages import Decoder, ScoreStage
+from jobs.scoring.resources import cluster_nodes, node_types, plan_replicas
+from jobs.scoring.sink import ROWS_PER_WRITE, Progress, RunSink
+from jobs.scoring.stages import Decoder, Postprocess, ScoreStage
 
 log = logging.getLogger("jobs.score")
 
@@ -46,6 +48,8 @@ SECRET_ENV = "ADCORE_STUDY_KEY_SECRET"
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; a chest film is 3-9 Mpx, larger is a mistake or a bomb
 DECODE_BATCH = 8  # files per decode call: one NIfTI volume alone can be hundreds of frames
 SMOKE_IMAGES = 8
+# Batches queued at each replica: one computing, one arriving; more lets one replica hoard the queue.
+TASKS_IN_FLIGHT_PER_REPLICA = 2
 # Memory the model actor reserves: its artifact about twice (weights, FAISS arrays, copies made
 # while loading) + a base for torch's runtime + the batch's activations (a ViT-S PatchCore actor
 # peaked at 0.8-1.2 GiB at batch 16-32). Declaring it also keeps Ray Data from fusing the decode
@@ -76,15 +80,22 @@ class ScoreConfig:
     rescore_all: bool = False  # score everything again; the new rows supersede older ones
     batch_size: int = 64  # frames per model+head call
     max_pixels: int = DEFAULT_MAX_PIXELS
-    inference_cpus: float = 0.0  # CPUs of the model actor; 0 = all but one of the largest node's
-    # torch/onnxruntime/FAISS threads of the model actor; 0 = every CPU of the largest node: decoding is
-    # about 1% of a real network's CPU time and fills the gaps, the logical CPU left free keeps it scheduled
+    device: str = "auto"  # model replicas on "gpu" (demanded: an autoscaler starts GPU nodes), "cpu", or "auto"
+    replicas: str = ""  # MIN[:MAX] model replicas; default: one per GPU, or per CPU node
+    cpus_per_replica: float = 0.0  # 0 = the GPU node's CPUs per GPU (or a CPU node's CPUs) less one for decoding
+    gpus_per_replica: float = 1.0  # with --device gpu/auto on a cluster with GPUs
+    autoscaling: bool = False  # the cluster's autoscaler can start nodes: wait for replicas instead of refusing
+    cluster_config: str = ""  # with --autoscaling: the cluster launcher YAML whose node types the plan may use
+    wait_for_replicas_s: float = 600.0  # how long the job waits for its minimum replicas before failing
+    # torch/onnxruntime/FAISS threads per replica; 0 = its CPUs (plus the decode CPU's idle share on CPU nodes)
     inference_threads: int = 0
     files_per_block: int = 64  # read blocks: few and large, Ray's per-block cost dominates otherwise
-    rows_per_file: int = 100_000  # Parquet rows per output file
+    rows_per_file: int = ROWS_PER_WRITE  # rows per write task and Parquet file (one row group)
     progress_every_s: float = 10.0
     ray_address: str = ""
     smoke_test: bool = False
+    # Benchmarks and tests: each model call also sleeps this long (a slow network, orchestration measured alone)
+    simulated_batch_s: float = 0.0
 
 
 # ----------------------------------------------------------------------------- per-run pieces
@@ -102,18 +113,6 @@ def read_artifact_config(uri: str) -> tuple[dict, int]:
     except FileNotFoundError:
         raise SystemExit(f"--model {uri}: no complete artifact there (config.json/manifest.json missing)") from None
     return config, sum(int(e.get("size", 0)) for e in manifest.get("files", {}).values())
-
-
-def plan_resources(total_cpus: float, node_cpus: float, inference_cpus: float = 0.0) -> tuple[float, float]:
-    """(CPUs of the model actor, CPUs per decode task), always leaving CPU for reading.
-
-    An actor pool holding every CPU starves the read stage and hangs without a message.
-    """
-    actor = inference_cpus or max(1.0, min(node_cpus, total_cpus) - 1.0)
-    if total_cpus - actor < 1.0:  # one-CPU machines, or an oversized request: share
-        actor = min(actor, max(0.5, total_cpus / 2))
-    decode = 1.0 if total_cpus - actor >= 1.0 else max(0.25, total_cpus - actor)
-    return actor, decode
 
 
 def batch_bytes(batch_size: int, input_size: int) -> int:
@@ -150,83 +149,39 @@ def check_triton_model(cfg: ScoreConfig, model_name: str, art: dict) -> None:
         raise SystemExit(str(e)) from None
 
 
-class RunWriter:
-    """Writes a run's rows into its own folder, counts them, logs progress."""
+class _ProgressLog:
+    """Logs the write tasks' counts every ``every_s`` seconds while the run writes (a driver thread)."""
 
-    def __init__(
-        self, output: str, run_dir: str, total_files: int, rows_per_file: int, progress_every_s: float, secret_set: bool
-    ):
-        import pyarrow.fs as pafs
+    def __init__(self, progress, total_files: int, every_s: float):
+        import threading
 
-        self.output, self.run_dir = output, run_dir
-        self.fs, self.dir_path = storage.filesystem_for(run_dir)
-        if not storage.is_s3(run_dir):
-            self.fs.create_dir(self.dir_path, recursive=True)
-        self._pafs = pafs
-        self.total_files = total_files
-        self.rows_per_file = rows_per_file
-        self.progress_every_s = progress_every_s
-        self.secret_set = secret_set
-        self.files: list[str] = []
-        self.writer = self.sink = None
-        self.rows_in_file = 0
-        self.status = Counter()
-        self.errors = Counter()
-        self.seen_files: set[str] = set()
-        self.skipped_files = 0
-        self.warned_secret = False
-        self.first_rows_at: float | None = None  # monotonic time of the first written rows
-        self.first_rows = 0
-        self.t0 = self.last_log = time.monotonic()
+        self.progress, self.total, self.every_s = progress, total_files, max(every_s, 0.5)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
+        self.t0 = time.monotonic()
 
-    def write(self, table) -> None:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
+    def _run(self) -> None:
+        import ray
 
-        self.seen_files.update(table.column("image_uri").to_pylist())
-        skipped = pc.equal(table.column("status"), S.STATUS_SKIPPED)
-        self.skipped_files += int(pc.sum(skipped).as_py() or 0)
-        table = table.filter(pc.invert(skipped)).cast(S.SCHEMA)
-        if table.num_rows:
-            self.status.update(table.column("status").to_pylist())
-            self.errors.update(S.error_kind(e) for e in table.column("error").to_pylist() if e)
-            if not self.secret_set and not self.warned_secret and pc.any(pc.is_valid(table.column("modality"))).as_py():
-                log.warning("%s is not set: study_key is null for DICOM inputs", SECRET_ENV)
-                self.warned_secret = True
-            if self.writer is None:
-                name = f"part-{len(self.files):05d}.parquet"
-                self.files.append(name)
-                sink = self.fs.open_output_stream(posixpath.join(self.dir_path, name))
-                self.sink = sink
-                self.writer = pq.ParquetWriter(sink, S.SCHEMA, compression="zstd")
-            self.writer.write_table(table)
-            if self.first_rows_at is None:
-                self.first_rows_at, self.first_rows = time.monotonic(), table.num_rows
-            self.rows_in_file += table.num_rows
-            if self.rows_in_file >= self.rows_per_file:
-                self.close_file()
-        now = time.monotonic()
-        if now - self.last_log >= self.progress_every_s:
-            self.last_log = now
+        while not self.stop.wait(self.every_s):
+            rows, errors, files = ray.get(self.progress.totals.remote())
+            rate = rows / max(time.monotonic() - self.t0, 1e-9)
             log.info(
                 "progress: files %d/%d, rows %d (%.1f rows/s), errors %d",
-                len(self.seen_files),
-                self.total_files,
-                self.rows,
-                self.rows / max(now - self.t0, 1e-9),
-                self.status[S.STATUS_ERROR],
+                min(files, self.total),
+                self.total,
+                rows,
+                rate,
+                errors,
             )
 
-    @property
-    def rows(self) -> int:
-        return sum(self.status.values())
+    def __enter__(self):
+        self.thread.start()
+        return self
 
-    def close_file(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.sink.close()  # ParquetWriter leaves a caller's stream open; S3 commits the object here
-            self.writer = self.sink = None
-            self.rows_in_file = 0
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
 
 
 def init_ray_for(cfg: ScoreConfig):
@@ -276,22 +231,38 @@ def main(cfg: ScoreConfig) -> dict:
     )
 
     ray = init_ray_for(cfg)
-
-    total = ray.cluster_resources().get("CPU", 1.0)
-    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=total)
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    actor_cpus, decode_cpus = plan_resources(total, node_cpus, cfg.inference_cpus)
-    threads = cfg.inference_threads or max(1, int(node_cpus))
+    nodes = cluster_nodes() + (node_types(cfg.cluster_config) if cfg.autoscaling and cfg.cluster_config else [])
+    plan = plan_replicas(
+        nodes,
+        cfg.device,
+        cfg.replicas,
+        cfg.cpus_per_replica,
+        cfg.gpus_per_replica,
+        cfg.inference_threads,
+        cfg.autoscaling,
+    )
+    plan.check(nodes, cfg.autoscaling)
+    gpus = plan.gpus if not cfg.triton_url else 0.0  # through Triton the server holds the GPUs
+    log.info(
+        "model replicas: %d..%d, each %g CPU + %g GPU, %d threads",
+        plan.min_replicas,
+        plan.max_replicas,
+        plan.cpus,
+        gpus,
+        plan.threads,
+    )
     is_s3 = storage.is_s3(cfg.input)
     fs = storage.s3_filesystem() if is_s3 else None
     paths = [p[len(storage.S3_PREFIX) :] for p in inputs] if is_s3 else inputs
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job logs its own progress lines
+    ctx.wait_for_min_actors_s = int(cfg.wait_for_replicas_s)  # fail, never wait forever, on unplaceable replicas
+    ctx.max_tasks_in_flight_per_actor = TASKS_IN_FLIGHT_PER_REPLICA
     # Decoded blocks of about one model batch: the model starts after one batch is decoded (not a whole
     # read block), and each model call's rows come out (and are written) as soon as they are scored.
     ctx.target_max_block_size = max(MIN_BLOCK_BYTES, batch_bytes(cfg.batch_size, input_size))
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES * ctx.target_max_block_size)
+        object_store_memory=max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES * plan.max_replicas * ctx.target_max_block_size)
     )
 
     ds = ray.data.read_binary_files(
@@ -299,14 +270,14 @@ def main(cfg: ScoreConfig) -> dict:
         include_paths=True,
         filesystem=fs,
         override_num_blocks=max(1, math.ceil(len(paths) / cfg.files_per_block)),
+        ray_remote_args={"num_cpus": plan.decode_cpus},  # reads must fit beside the replicas too
     )
     decoder = Decoder(input_size, cfg.max_pixels, scored, storage.S3_PREFIX if is_s3 else "", secret)
-    ds = ds.map_batches(decoder, batch_size=DECODE_BATCH, num_cpus=decode_cpus, batch_format="numpy")
+    ds = ds.map_batches(decoder, batch_size=DECODE_BATCH, num_cpus=plan.decode_cpus, batch_format="numpy")
     stage_kwargs = dict(
         artifact=cfg.model,
-        run_id=run_id,
         engine=cfg.engine,
-        threads=threads,
+        threads=plan.threads,
         triton_url=cfg.triton_url,
         triton_model=triton_model,
         triton_protocol=cfg.triton_protocol,
@@ -314,64 +285,72 @@ def main(cfg: ScoreConfig) -> dict:
         triton_retries=cfg.triton_retries,
         triton_backoff_s=cfg.triton_backoff_s,
         triton_batch=cfg.triton_batch,
+        simulated_batch_s=cfg.simulated_batch_s,
     )
     ds = ds.map_batches(
         ScoreStage,
         fn_constructor_kwargs=stage_kwargs,
         batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=actor_cpus,
-        num_gpus=1 if gpus and not cfg.triton_url else 0,
+        compute=ray.data.ActorPoolStrategy(min_size=plan.min_replicas, max_size=plan.max_replicas),
+        num_cpus=plan.cpus,
+        num_gpus=gpus,
         memory=ACTOR_MEMORY_FACTOR * art_bytes + ACTOR_MEMORY_BASE,
         batch_format="numpy",
         zero_copy_batch=True,
     )
+    # Upsampling, thresholds and PNG masks on CPU tasks after the replicas (not in them).
+    ds = ds.map_batches(
+        Postprocess(art, run_id), batch_size=cfg.batch_size, num_cpus=plan.decode_cpus, batch_format="numpy"
+    )
 
     rdir = ledger.run_dir(cfg.output, run_date, run_id)
-    writer = RunWriter(cfg.output, rdir, len(inputs), cfg.rows_per_file, cfg.progress_every_s, bool(secret))
-    t0 = time.monotonic()
-    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.write(table)
-    writer.close_file()
-    elapsed = time.monotonic() - t0
-    first = (writer.first_rows_at - t0) if writer.first_rows_at is not None else elapsed
-    rel = posixpath.relpath(posixpath.join(writer.dir_path), storage.filesystem_for(cfg.output)[1])
-    manifest = {
-        "run_id": run_id,
-        "run_date": run_date,
-        "schema_version": S.SCHEMA_VERSION,
-        "model_name": model_name,
-        "model_version": model_version,
-        "input": cfg.input,
-        "output": cfg.output,
-        "rescore_all": cfg.rescore_all,
-        "engine": "triton" if cfg.triton_url else cfg.engine,
-        "started_at": started.isoformat(timespec="seconds"),
-        "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "files": [posixpath.join(rel, f) for f in writer.files],
-        "input_files": len(inputs),
-        "skipped_files": writer.skipped_files,
-        "rows": writer.rows,
-        "counts": {S.STATUS_OK: writer.status[S.STATUS_OK], S.STATUS_ERROR: writer.status[S.STATUS_ERROR]},
-        "errors_by_kind": dict(writer.errors),
-        "seconds": round(elapsed, 3),
-        # Startup (model actor start + first batch) vs steady state: rows after the first output / their time.
-        "first_rows_seconds": round(first, 3),
-        "steady_rows_per_s": round((writer.rows - writer.first_rows) / max(elapsed - first, 1e-9), 3)
-        if writer.rows > writer.first_rows
-        else None,
-    }
-    uri = ledger.write_manifest(cfg.output, manifest)
-    log.info(
-        "done: %d rows (%d ok, %d errors %s), %d files skipped as already scored, %.1f rows/s; data %s, manifest %s",
-        writer.rows,
-        writer.status[S.STATUS_OK],
-        writer.status[S.STATUS_ERROR],
-        dict(writer.errors),
-        writer.skipped_files,
-        writer.rows / max(elapsed, 1e-9),
+    progress = ray.remote(num_cpus=0)(Progress).remote()
+    sink = RunSink(
+        cfg.output,
         rdir,
-        uri,
+        {
+            "run_id": run_id,
+            "run_date": run_date,
+            "schema_version": S.SCHEMA_VERSION,
+            "model_name": model_name,
+            "model_version": model_version,
+            "input": cfg.input,
+            "output": cfg.output,
+            "rescore_all": cfg.rescore_all,
+            "engine": "triton" if cfg.triton_url else cfg.engine,
+            "replicas": {"min": plan.min_replicas, "max": plan.max_replicas, "cpus": plan.cpus, "gpus": gpus},
+            "started_at": started.isoformat(timespec="seconds"),
+            "input_files": len(inputs),
+        },
+        rows_per_write=cfg.rows_per_file,
+        progress=progress,
+    )
+    with _ProgressLog(progress, len(inputs), cfg.progress_every_s):
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": plan.decode_cpus})
+    manifest = sink.committed
+    files_done = manifest["skipped_files"] + sink.files_seen
+    log.info(
+        "progress: files %d/%d, rows %d (%.1f rows/s), errors %d",
+        min(files_done, len(inputs)),
+        len(inputs),
+        manifest["rows"],
+        manifest["rows_per_s"],
+        manifest["counts"][S.STATUS_ERROR],
+    )
+    if not secret and manifest.get("dicom_rows"):
+        log.warning("%s is not set: study_key is null for DICOM inputs", SECRET_ENV)
+    log.info(
+        "done: %d rows (%d ok, %d errors %s), %d files skipped as already scored, %.1f rows/s on %d node(s); "
+        "data %s, manifest %s",
+        manifest["rows"],
+        manifest["counts"][S.STATUS_OK],
+        manifest["counts"][S.STATUS_ERROR],
+        manifest["errors_by_kind"],
+        manifest["skipped_files"],
+        manifest["rows_per_s"],
+        len(manifest["rows_by_node"]),
+        rdir,
+        ledger.manifest_uri(cfg.output, run_id),
     )
     return manifest
 

@@ -1,19 +1,29 @@
 """Decode image bytes (PNG, JPEG, TIFF, DICOM, NIfTI) into float frames in [0, 1].
 
-The format is chosen from the file's magic bytes first and its name second. Every
-failure is a :class:`DecodeError` with a ``kind`` the scoring job can count by.
-Error messages never carry DICOM patient identifiers: they are built from this
-module's own text, and any library message is scrubbed of the dataset's identifiers.
-pydicom's own log records may quote element values: jobs drop those with
+The format is chosen from the file's magic bytes first and its name second.
+:func:`decode_image` is the file boundary: whatever a library raises while reading or
+decoding (pydicom, nibabel, PIL, tifffile, numpy) leaves it as a :class:`DecodeError`
+with a ``kind`` the scoring job can count by, never as another exception. A frame of a
+multi-frame file that fails alone fails alone (see ``frame_errors``).
+DICOM error reasons are this module's own text (fixed descriptions, attribute keywords,
+transfer syntax names, exception class names): no library message, which may quote element
+values, is kept. pydicom's own log records may quote element values: jobs drop those with
 :func:`adcore.logs.quiet_third_party_loggers`.
+
+Compressed DICOM is decoded by pydicom's pixel-data plugins: Pillow (JPEG baseline),
+python-gdcm (JPEG lossless, JPEG extended, JPEG-LS, JPEG 2000), pylibjpeg with its
+openjpeg (JPEG 2000, HTJ2K) and rle plugins, pyjpegls (JPEG-LS) and pydicom's own RLE and
+deflate. ``tests/unit/data/test_real_corpus.py`` measures what decodes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import io
 import struct
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,25 +40,11 @@ _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and B
 _GZIP_MAGIC = b"\x1f\x8b"
 _DICOM_PREAMBLE = 128  # bytes before the "DICM" prefix (PS3.10 7.1)
 _NIFTI1_HDR, _NIFTI2_HDR = 348, 540  # sizeof_hdr of NIfTI-1 / NIfTI-2
+_CIFTI_INTENTS = (3000, 3100)  # NIfTI intent codes reserved for CIFTI-2
 _NIFTI_PERCENTILES = (0.5, 99.5)  # per-volume intensity clip, robust to hot voxels
 _MAX_REASON = 200  # characters of a library message kept in a reason
-
-# DICOM attributes that identify a patient; their values are scrubbed from any message.
-_PHI_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientBirthTime",
-    "OtherPatientIDs",
-    "OtherPatientNames",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "PatientMotherBirthName",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "InstitutionName",
-    "IssuerOfPatientID",
-)
+_JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"  # JPEG Extended (Process 2 and 4): 8- or 12-bit
+_FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "dicom": "DICOM", "dicom_raw": "DICOM", "nifti": "NIfTI"}
 
 
 @dataclass
@@ -61,17 +57,22 @@ class Frame:
         modality: DICOM Modality (e.g. "CT", "MR"), None for other formats.
         study_uid: Raw DICOM StudyInstanceUID. Kept in memory only so the scoring job
             can hash it; it must never be written out or logged as is.
+        error: Set when this frame alone could not be decoded (the file's other frames
+            could); ``pixels`` is then an empty ``0x0`` array. Only returned by
+            :func:`decode_image` with ``frame_errors=True``.
     """
 
     pixels: np.ndarray
     index: int = 0
     modality: str | None = None
     study_uid: str | None = None
+    error: DecodeError | None = None
 
     def __repr__(self) -> str:  # keeps the raw UID out of logs and tracebacks
+        err = f", error={self.error.kind!r}" if self.error is not None else ""
         return (
             f"Frame(shape={tuple(self.pixels.shape)}, index={self.index}, "
-            f"modality={self.modality!r}, study_uid={'<set>' if self.study_uid else None})"
+            f"modality={self.modality!r}, study_uid={'<set>' if self.study_uid else None}{err})"
         )
 
 
@@ -82,44 +83,66 @@ def _quiet():
         yield
 
 
-def decode_path(path, *, max_pixels: int = 50_000_000) -> list[Frame]:
+def decode_path(path, *, max_pixels: int = 50_000_000, frame_errors: bool = False) -> list[Frame]:
     """Reads a local file and decodes it (see :func:`decode_image`)."""
     path = Path(path)
-    return decode_image(path.read_bytes(), str(path), max_pixels=max_pixels)
+    return decode_image(path.read_bytes(), str(path), max_pixels=max_pixels, frame_errors=frame_errors)
 
 
-def decode_image(data: bytes, name: str, *, max_pixels: int = 50_000_000) -> list[Frame]:
+def decode_image(data: bytes, name: str, *, max_pixels: int = 50_000_000, frame_errors: bool = False) -> list[Frame]:
     """Decodes one file's bytes into frames.
+
+    This is the file boundary: any exception raised while reading or decoding becomes a
+    :class:`DecodeError`; nothing else leaves it (except ``BaseException``s such as
+    ``KeyboardInterrupt``).
 
     Args:
         data: The whole file.
         name: Its name, path or URI; used for the extension fallback and in errors.
         max_pixels: Refuse files whose header announces more pixels (all frames) than this,
             before any pixel is decoded.
+        frame_errors: When some frames of a multi-frame file fail and others decode, also
+            return the failed ones, as Frames whose ``error`` is set (and ``pixels`` empty).
+            When False (the default) such frames are left out. A file none of whose frames
+            decode always raises.
 
     Returns:
         One Frame per image, frame or slice, in file order.
 
     Raises:
-        DecodeError: kind "empty", "truncated", "unsupported", "corrupt" or "too_large".
+        DecodeError: kind "empty", "truncated", "unsupported", "corrupt", "too_large" or
+            "invalid_header".
     """
     if not data:
         raise DecodeError(name, "empty", "zero bytes")
-    fmt = _sniff(data, name)
-    if fmt in ("png", "jpeg"):
-        frames = _decode_pil(data, name, fmt, max_pixels)
-    elif fmt == "tiff":
-        frames = _decode_tiff(data, name, max_pixels)
-    elif fmt in ("dicom", "dicom_raw"):
-        frames = _decode_dicom(data, name, max_pixels, force=fmt == "dicom_raw")
-    elif fmt == "nifti":
-        frames = _decode_nifti(data, name, max_pixels)
-    elif fmt is not None and fmt.startswith("misnamed:"):
-        raise DecodeError(name, "corrupt", f"content does not start with a {fmt.split(':')[1]} signature")
-    else:
-        raise DecodeError(name, "unsupported", f"unknown format (supported: {', '.join(SUPPORTED_SUFFIXES)})")
-    for f in frames:
-        f.pixels = np.ascontiguousarray(np.clip(np.nan_to_num(f.pixels), 0.0, 1.0), dtype=np.float32)
+    fmt = None
+    try:
+        fmt = _sniff(data, name)
+        if fmt in ("png", "jpeg"):
+            frames = _decode_pil(data, name, fmt, max_pixels)
+        elif fmt == "tiff":
+            frames = _decode_tiff(data, name, max_pixels)
+        elif fmt in ("dicom", "dicom_raw"):
+            frames = _decode_dicom(data, name, max_pixels, force=fmt == "dicom_raw")
+        elif fmt == "nifti":
+            frames = _decode_nifti(data, name, max_pixels)
+        elif fmt is not None and fmt.startswith("misnamed:"):
+            raise DecodeError(name, "corrupt", f"content does not start with a {fmt.split(':')[1]} signature")
+        else:
+            raise DecodeError(name, "unsupported", f"unknown format (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+        for f in frames:
+            if f.error is None:
+                f.pixels = np.ascontiguousarray(np.clip(np.nan_to_num(f.pixels), 0.0, 1.0), dtype=np.float32)
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise DecodeError(name, "too_large", "ran out of memory while decoding") from None
+    except Exception as e:  # the file boundary: a bad file is an error row, never a failed task
+        # Only the class name: a library message may quote the file's content.
+        what = _FORMAT_NAMES.get(fmt or "", "file")
+        raise DecodeError(name, "corrupt", f"{what} decoder failed ({type(e).__name__})") from None
+    if not frame_errors:
+        frames = [f for f in frames if f.error is None]
     return frames
 
 
@@ -200,25 +223,67 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int) -> list[Frame]:
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
                 series = tif.series[0]
                 shape, axes = tuple(series.shape), series.axes
-                color = axes.endswith("S") and shape[-1] in (3, 4)
-                n_pix = int(np.prod(shape[:-1] if color else shape))
+                # Samples last (contiguous) or just before the image axes (planar configuration 2).
+                s_axis = axes.rfind("S")
+                color = s_axis in (len(axes) - 1, len(axes) - 3) and shape[s_axis] in (3, 4)
+                n_pix = int(np.prod(shape)) // (shape[s_axis] if color else 1)
                 if n_pix > max_pixels:
                     raise DecodeError(
                         name, "too_large", f"{n_pix} pixels ({axes}={shape}) exceeds max_pixels={max_pixels}"
                     )
-                arr = series.asarray()
+                errors: dict[int, DecodeError] = {}
+                try:
+                    arr = series.asarray()
+                except Exception as e:
+                    pages = list(series.pages)
+                    if len(pages) <= 1:
+                        raise
+                    arr, errors = _tiff_pages(pages, name)  # one bad page fails that page only
+                    if arr is None:
+                        raise _tiff_error(name, e) from None
         except DecodeError:
             raise
         except Exception as e:  # tifffile raises many types for damaged files
-            kind = "truncated" if isinstance(e, (EOFError, struct.error)) or "truncat" in str(e).lower() else "corrupt"
-            raise DecodeError(name, kind, f"TIFF read failed ({_short(e)})") from None
+            raise _tiff_error(name, e) from None
     if color:
+        if s_axis == len(axes) - 3:  # planar RGB: samples to the last axis
+            arr = np.moveaxis(arr, -3, -1)
         arr = arr[..., :3]
         stack = arr.reshape((-1,) + arr.shape[-3:])
     else:
         stack = arr.reshape((-1,) + arr.shape[-2:])
     scaled = _scale_by_dtype(stack)
-    return [Frame(scaled[i], i) for i in range(scaled.shape[0])]
+    if not errors:
+        return [Frame(scaled[i], i) for i in range(scaled.shape[0])]
+    frames, k = [], 0
+    for i in range(len(errors) + scaled.shape[0]):
+        if i in errors:
+            frames.append(Frame(np.zeros((0, 0), np.float32), i, error=errors[i]))
+        else:
+            frames.append(Frame(scaled[k], i))
+            k += 1
+    return frames
+
+
+def _tiff_error(name: str, e: BaseException) -> DecodeError:
+    kind = "truncated" if isinstance(e, (EOFError, struct.error)) or "truncat" in str(e).lower() else "corrupt"
+    return DecodeError(name, kind, f"TIFF read failed ({_short(e)})")
+
+
+def _tiff_pages(pages, name: str):
+    """Reads a multi-page series page by page: ([P_ok, ...] or None, {page index: error})."""
+    good, errors = [], {}
+    for i, page in enumerate(pages):
+        try:
+            if page is None:
+                raise EOFError("page missing")
+            good.append(page.asarray())
+        except Exception as e:
+            err = _tiff_error(name, e)
+            errors[i] = DecodeError(name, err.kind, f"page {i}: {err.reason}")
+    if not good or len({a.shape for a in good}) > 1:
+        return None, errors
+    return np.stack(good), errors
 
 
 def _scale_by_dtype(a: np.ndarray) -> np.ndarray:
@@ -246,6 +311,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, force: bool) -> list[
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    _silence_gdcm()  # before pydicom's GDCM plugin first runs
     with _quiet():
         try:
             ds = pydicom.dcmread(io.BytesIO(data), force=force)
@@ -258,35 +324,185 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, force: bool) -> list[
             raise DecodeError(name, "corrupt", f"cannot parse DICOM ({type(e).__name__})") from None
         if len(ds) == 0:
             raise DecodeError(name, "corrupt", "no DICOM data elements could be parsed")
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        rows, cols = _int_attr(ds, "Rows", name), _int_attr(ds, "Columns", name)
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             if (rows and cols) or _is_image_sop(ds):  # an image object without pixels: cut short
                 raise DecodeError(name, "truncated", "image object but pixel data missing")
             raise DecodeError(name, "unsupported", "DICOM object has no pixel data")
-        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        n_frames = _int_attr(ds, "NumberOfFrames", name, default=1) or 1
         if rows <= 0 or cols <= 0:
             raise DecodeError(name, "corrupt", "DICOM Rows/Columns missing or zero")
+        if n_frames < 0:
+            raise DecodeError(name, "invalid_header", "NumberOfFrames is negative")
         if rows * cols * n_frames > max_pixels:
             raise DecodeError(
                 name, "too_large", f"{n_frames} frame(s) of {rows}x{cols} exceeds max_pixels={max_pixels}"
             )
-        ts = _transfer_syntax(ds)
+        for kw in ("SamplesPerPixel", "BitsAllocated", "BitsStored", "PixelRepresentation"):
+            _int_attr(ds, kw, name)  # fail early and by name on a malformed pixel description
+        try:
+            ts = _transfer_syntax(ds)
+            ts_name = ts.name if ts.is_transfer_syntax else "a private transfer syntax"
+        except Exception as e:
+            raise DecodeError(name, "invalid_header", f"unusable TransferSyntaxUID ({type(e).__name__})") from None
+        errors: dict[int, DecodeError] = {}
         try:
             arr = ds.pixel_array
-        except (NotImplementedError, RuntimeError) as e:
-            ts_name = f"{ts.name} ({ts})" if ts is not None else "unknown transfer syntax"
-            raise DecodeError(name, "unsupported", f"{ts_name}: {_scrub(_short(e), ds)}") from None
+            stack = arr[None] if n_frames == 1 else arr  # [F, R, C(, 3)]
         except Exception as e:
-            msg = _scrub(_short(e), ds)
-            kind = "truncated" if ("less than expected" in msg or "truncat" in msg.lower()) else "corrupt"
-            raise DecodeError(name, kind, msg) from None
+            whole = _pixel_error(name, e, ts_name)
+            if ts == _JPEG_EXTENDED and whole.kind in ("unsupported", "corrupt"):
+                # pydicom's permissively licensed plugins decline 12-bit JPEG Extended; GDCM's own reader decodes it.
+                stack = _gdcm_stack(data, n_frames, rows, cols)
+                if stack is None:
+                    raise whole from None
+            # Otherwise frame by frame, so that one bad frame fails that frame only: encapsulated
+            # frames decode one by one; native data only when its buffer is short (the frames it
+            # holds whole are then still good).
+            elif whole.kind == "unsupported" or n_frames <= 1 or not (ts.is_encapsulated or whole.kind == "truncated"):
+                raise whole from None
+            else:
+                stack, errors = _decode_frames(ds, name, n_frames, ts_name)
+                if stack is None:
+                    raise whole from None
         try:
-            stack = _dicom_to_float(arr, ds, n_frames)
+            stack = _dicom_to_float(stack, ds)
         except Exception as e:
-            raise DecodeError(name, "corrupt", f"pixel transform failed ({_scrub(_short(e), ds)})") from None
-    modality = str(ds.get("Modality", "") or "") or None
-    study_uid = str(ds.get("StudyInstanceUID", "") or "") or None
-    return [Frame(stack[i], i, modality, study_uid) for i in range(stack.shape[0])]
+            # Keyword-level detail only: the values themselves never enter the reason.
+            raise DecodeError(
+                name, "invalid_header", f"modality LUT / VOI attributes unusable ({type(e).__name__})"
+            ) from None
+        modality = _text_attr(ds, "Modality")  # inside _quiet(): a malformed value warns with the value
+        study_uid = _text_attr(ds, "StudyInstanceUID")
+    frames, k = [], 0
+    for i in range(n_frames if errors else stack.shape[0]):
+        if i in errors:
+            frames.append(Frame(np.zeros((0, 0), np.float32), i, modality, study_uid, error=errors[i]))
+        else:
+            frames.append(Frame(stack[k], i, modality, study_uid))
+            k += 1
+    return frames
+
+
+def _int_attr(ds, keyword: str, name: str, default: int = 0) -> int:
+    """An integer attribute (US/IS) of `ds`; a malformed value is an ``invalid_header`` error."""
+    try:
+        value = ds.get(keyword, default)
+        if value is None or value == "":
+            return default
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0]
+        return int(value)
+    except Exception as e:
+        raise DecodeError(name, "invalid_header", f"{keyword} is not a valid number ({type(e).__name__})") from None
+
+
+def _text_attr(ds, keyword: str) -> str | None:
+    """A text attribute of `ds`, or None when absent or unreadable (it is metadata, not pixels)."""
+    try:
+        return str(ds.get(keyword, "") or "") or None
+    except Exception:
+        return None
+
+
+def _no_plugin(e: Exception) -> bool:
+    """pydicom has no decoder for the syntax, or none of its plugins is installed."""
+    return isinstance(e, NotImplementedError) or (isinstance(e, RuntimeError) and "missing dependencies" in str(e))
+
+
+def _pixel_error(name: str, e: Exception, ts_name: str) -> DecodeError:
+    """A pixel decoding failure as a DecodeError; the library message is read, never kept."""
+    if isinstance(e, MemoryError):
+        return DecodeError(name, "too_large", f"ran out of memory decoding {ts_name} pixel data")
+    msg = str(e).lower()
+    if "less than expected" in msg or "truncat" in msg or isinstance(e, EOFError):
+        return DecodeError(name, "truncated", f"pixel data shorter than the header announces ({ts_name})")
+    if _no_plugin(e):
+        return DecodeError(name, "unsupported", f"{ts_name}: no installed pixel-data plugin decodes it")
+    if isinstance(e, RuntimeError) and "raised by all available plugins" in msg:
+        plugin_lines = [ln for ln in msg.splitlines()[1:] if ln.strip()]
+        if plugin_lines and all("does not support" in ln or "not supported" in ln for ln in plugin_lines):
+            return DecodeError(name, "unsupported", f"{ts_name}: the installed plugins do not support this variant")
+        return DecodeError(name, "corrupt", f"{ts_name} pixel data: every installed plugin failed to decode it")
+    return DecodeError(name, "corrupt", f"{ts_name} pixel data failed to decode ({type(e).__name__})")
+
+
+def _gdcm_stack(data: bytes, n_frames: int, rows: int, cols: int) -> np.ndarray | None:
+    """Stored values [F, R, C] of a monochrome file read by GDCM's own reader; None when it cannot.
+
+    pydicom's GDCM plugin declines 12-bit JPEG Extended; GDCM's ImageReader decodes it (checked
+    against pydicom's reference values for ``JPGExtended.dcm``). The only other 12-bit decoder
+    pydicom knows, pylibjpeg-libjpeg, is GPL-3.
+    """
+    try:
+        import gdcm
+    except ImportError:
+        return None
+    dtypes = {
+        gdcm.PixelFormat.UINT8: np.uint8,
+        gdcm.PixelFormat.INT8: np.int8,
+        gdcm.PixelFormat.UINT12: np.uint16,
+        gdcm.PixelFormat.INT12: np.int16,
+        gdcm.PixelFormat.UINT16: np.uint16,
+        gdcm.PixelFormat.INT16: np.int16,
+    }
+    try:
+        with tempfile.NamedTemporaryFile(suffix=".dcm") as tmp:  # GDCM's Python reader takes a file name
+            tmp.write(data)
+            tmp.flush()
+            reader = gdcm.ImageReader()
+            reader.SetFileName(tmp.name)
+            if not reader.Read():
+                return None
+            img = reader.GetImage()
+            pf = img.GetPixelFormat()
+            dtype = dtypes.get(pf.GetScalarType())
+            if dtype is None or pf.GetSamplesPerPixel() != 1:
+                return None
+            buf = img.GetBuffer().encode("utf-8", "surrogateescape")  # GDCM returns char* as str
+        arr = np.frombuffer(buf, dtype=dtype)
+        if arr.size != n_frames * rows * cols:
+            return None
+        return arr.reshape(n_frames, rows, cols)
+    except Exception:
+        return None
+
+
+@functools.cache
+def _silence_gdcm() -> None:
+    """GDCM's trace messages go straight to stderr and may quote element values: turn them off."""
+    try:
+        import gdcm
+    except ImportError:
+        return
+    gdcm.Trace.DebugOff()
+    gdcm.Trace.WarningOff()
+    gdcm.Trace.ErrorOff()
+
+
+def _decode_frames(ds, name: str, n_frames: int, ts_name: str):
+    """Decodes frame by frame after the whole-file decode failed: ([F_ok, R, C(, 3)] or None, {index: error})."""
+    from pydicom.pixels import get_decoder
+    from pydicom.pixels.utils import as_pixel_options
+
+    ts = ds.file_meta.TransferSyntaxUID
+    decoder = get_decoder(ts)
+    opts = as_pixel_options(ds)
+    # Native data whose buffer is short: check each frame's bytes instead of the whole buffer's.
+    validate = ts.is_encapsulated
+    good, errors = [], {}
+    for i in range(n_frames):
+        try:
+            good.append(decoder.as_array(ds, index=i, validate=validate, **opts)[0])
+        except Exception as e:
+            if validate:
+                err = _pixel_error(name, e, ts_name)
+                errors[i] = DecodeError(name, err.kind, f"frame {i}: {err.reason}")
+            else:  # native data: only a frame whose bytes are missing fails
+                errors[i] = DecodeError(name, "truncated", f"frame {i}: pixel data ends before this frame does")
+    if not good:
+        return None, errors
+    return np.stack(good), errors
 
 
 def _is_image_sop(ds) -> bool:
@@ -308,13 +524,12 @@ def _transfer_syntax(ds):
     return UID(ts)
 
 
-def _dicom_to_float(arr: np.ndarray, ds, n_frames: int) -> np.ndarray:
+def _dicom_to_float(arr: np.ndarray, ds) -> np.ndarray:
+    """Stored values [F, R, C(, 3)] -> [0, 1]: modality LUT, then VOI (LUT or window), MONOCHROME1 inverted."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if n_frames == 1:
-        arr = arr[None]  # [F, R, C(, 3)]
     if photometric == "PALETTE COLOR":
         return _scale_by_dtype(apply_color_lut(arr, ds))
     if samples > 1:  # pydicom returns YBR data converted to RGB
@@ -349,24 +564,6 @@ def _window(values: np.ndarray, ds) -> np.ndarray:
     return np.clip((x - (c - 0.5)) / (w - 1.0) + 0.5, 0.0, 1.0) if w > 1 else (x > c).astype(np.float32)
 
 
-def _scrub(msg: str, ds) -> str:
-    """Removes any identifier value of `ds` that a library message might quote."""
-    for kw in _PHI_KEYWORDS:
-        try:
-            elem = ds.data_element(kw)
-        except Exception:
-            continue
-        if elem is None:
-            continue
-        raw = elem.value
-        vals = raw if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" else [raw]
-        for v in vals:
-            for text in {str(v), str(v).replace("^", " ")}:
-                if len(text.strip()) >= 2:
-                    msg = msg.replace(text, "<redacted>")
-    return msg
-
-
 # ----------------------------------------------------------------------------- NIfTI
 def _decode_nifti(data: bytes, name: str, max_pixels: int) -> list[Frame]:
     import nibabel as nib
@@ -392,9 +589,12 @@ def _decode_nifti(data: bytes, name: str, max_pixels: int) -> list[Frame]:
         header = cls.header_class.from_fileobj(io.BytesIO(head[:hdr_len]))
         shape = tuple(int(s) for s in header.get_data_shape())
         magic = bytes(header["magic"]).rstrip(b"\x00")
+        intent = int(header["intent_code"])
         expected = int(header.get_data_offset()) + int(np.prod(shape)) * header.get_data_dtype().itemsize
     except Exception as e:
         raise DecodeError(name, "corrupt", f"bad NIfTI header ({_short(e)})") from None
+    if _CIFTI_INTENTS[0] <= intent < _CIFTI_INTENTS[1]:
+        raise DecodeError(name, "unsupported", "CIFTI-2 file (a matrix over brain ordinates, not an image)")
     if magic in (b"ni1", b"ni2"):
         raise DecodeError(name, "unsupported", "NIfTI .hdr/.img pair; only single-file .nii is supported")
     n_vox = int(np.prod(shape)) if shape else 0

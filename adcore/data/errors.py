@@ -6,7 +6,9 @@ DICOM patient identifiers: decoders build them from their own text.
 
 from __future__ import annotations
 
-DECODE_ERROR_KINDS = ("empty", "truncated", "unsupported", "corrupt", "too_large")
+# invalid_header: the file parses, but an attribute the decoder needs holds an unusable value
+# (a DICOM IS/DS element holding "1A", a negative size, ...).
+DECODE_ERROR_KINDS = ("empty", "truncated", "unsupported", "corrupt", "too_large", "invalid_header")
 
 
 class DecodeError(ValueError):

@@ -24,7 +24,7 @@ model_version   string     artifact's model_version (name-vN-<fingerprint>)
 scored_at       timestamp  UTC time the row was produced
 status          string     "ok" or "error"
 error           string     "<kind>: <reason>" for errors (kinds: empty, truncated,
-                           unsupported, corrupt, too_large, inference), else null
+                           unsupported, corrupt, too_large, invalid_header, inference), else null
 run_id          string     the run that wrote the row (sortable: UTC time + random)
 schema_version  int16      ``SCHEMA_VERSION``
 =============== ========== ==========================================================

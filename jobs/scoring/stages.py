@@ -1,14 +1,16 @@
-"""The scoring job's Ray Data stages: decode+prepare (CPU tasks) and score (one actor class).
+"""The scoring job's Ray Data stages: decode (CPU tasks), score (model replicas), postprocess (CPU tasks).
 
-Both are plain callables on column batches, testable without Ray:
+All are plain callables on column batches, testable without Ray:
 
 * :class:`Decoder` (stateless task): file bytes -> one row per frame with the prepared
   ``[3, S, S]`` pixels, or one error row; frames already scored are dropped (a file that
   is wholly done becomes one ``skipped`` marker row, counted for progress, never written).
-* :class:`ScoreStage` (actor): ``adcore.scorer.Scorer`` with its network backend
-  (in-process torch, onnxruntime, or Triton), FAISS head and batched postprocessing,
-  so a batch crosses no process boundary between model and head. Returns a
-  ``pyarrow.Table`` in ``schema.SCHEMA``.
+* :class:`ScoreStage` (model replicas, actors): ``adcore.scorer.Scorer`` with its network
+  backend (in-process torch, onnxruntime, or Triton) and FAISS head, so a batch crosses no
+  process boundary between model and head. Returns raw scores and patch-grid maps.
+* :class:`Postprocess` (CPU tasks): ``adcore.scorer.postprocess`` with the artifact's
+  calibration (map upsampling, thresholds, PNG masks), returning a ``pyarrow.Table`` in
+  ``schema.SCHEMA`` plus the node each row was scored on.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import datetime as dt
 import logging
 import os
 import tempfile
+import time
 
 import numpy as np
+import pyarrow as pa
 
 from adcore.data.decode import decode_image
 from adcore.data.errors import DecodeError
-from adcore.scorer import prepare
+from adcore.scorer import postprocess, prepare, to_uint8
 from jobs.scoring import schema as S
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,7 @@ class Decoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
         pixels: list[np.ndarray] = []
-        blank = np.zeros((3, self.input_size, self.input_size), np.float32)  # error/skip rows
+        blank = np.zeros((3, self.input_size, self.input_size), np.uint8)  # error/skip rows
 
         def emit(uri, sha, frame, status, error=None, px=None, hw=(None, None), modality=None, key=None):
             for c, v in zip(ROW_COLUMNS, (uri, sha, frame, hw[0], hw[1], modality, key, status, error)):
@@ -80,7 +84,7 @@ class Decoder:
                 emit(uri, sha, 0, S.STATUS_SKIPPED)
                 continue
             try:
-                frames = decode_image(data, uri, max_pixels=self.max_pixels)
+                frames = decode_image(data, uri, max_pixels=self.max_pixels, frame_errors=True)
             except DecodeError as e:
                 if 0 not in done:
                     emit(uri, sha, 0, S.STATUS_ERROR, S.format_error(e.kind, e.reason))
@@ -92,12 +96,16 @@ class Decoder:
                 emit(uri, sha, 0, S.STATUS_SKIPPED)
             for f in todo:
                 key = S.study_key(f.study_uid, self._secret)
+                if f.error is not None:  # this frame alone failed to decode: its own error row
+                    error = S.format_error(f.error.kind, f.error.reason)
+                    emit(uri, sha, f.index, S.STATUS_ERROR, error, modality=f.modality, key=key)
+                    continue
                 emit(
                     uri,
                     sha,
                     f.index,
                     S.STATUS_OK,
-                    px=prepare(f.pixels, self.input_size),
+                    px=to_uint8(prepare(f.pixels, self.input_size)),
                     hw=f.pixels.shape[:2],
                     modality=f.modality,
                     key=key,
@@ -105,16 +113,18 @@ class Decoder:
         out = {c: np.array(v, dtype=object) for c, v in cols.items()}
         for c in ("frame", "height", "width"):
             out[c] = np.array([-1 if v is None else v for v in cols[c]], dtype=np.int64)
-        out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, self.input_size, self.input_size), np.float32)
+        out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, self.input_size, self.input_size), np.uint8)
         return out
 
 
 class ScoreStage:
-    """Network + FAISS head + postprocessing on batches of prepared frames (a Ray actor).
+    """Network + FAISS head on batches of prepared frames: one model replica (a Ray actor).
+
+    Returns raw scores and patch-grid maps (a few KB per frame); :class:`Postprocess` turns
+    them into the output rows on CPU tasks.
 
     Args:
         artifact: Artifact URI (local or s3://).
-        run_id: Written into every row.
         engine: ``"torch"`` (in-process, the default) or ``"onnx"`` (onnxruntime); ignored
             when ``triton_url`` is given.
         threads: Intra-op threads of torch / onnxruntime and FAISS's OpenMP threads.
@@ -122,12 +132,12 @@ class ScoreStage:
         triton_model: Model name in Triton's repository.
         triton_protocol, triton_timeout_s, triton_retries, triton_backoff_s: Client settings.
         triton_batch: Largest batch sent in one request (<= the model's max_batch_size).
+        simulated_batch_s: Extra seconds each call sleeps (benchmarks of the orchestration alone).
     """
 
     def __init__(
         self,
         artifact: str,
-        run_id: str,
         engine: str = "torch",
         threads: int = 1,
         triton_url: str = "",
@@ -137,6 +147,7 @@ class ScoreStage:
         triton_retries: int = 3,
         triton_backoff_s: float = 0.5,
         triton_batch: int = 16,
+        simulated_batch_s: float = 0.0,
     ):
         import faiss
         import torch
@@ -149,7 +160,16 @@ class ScoreStage:
         self.scorer = load(artifact)
         if self.scorer.calibration is None:
             raise ValueError(f"artifact {artifact} has no calibration; calibrate it on a validation split first")
-        self.run_id = run_id
+        self.node_id = _node_id()
+        self.simulated_batch_s = simulated_batch_s
+        if torch.cuda.is_available():
+            log.info("model replica on node %s: CUDA device %s", self.node_id, torch.cuda.get_device_name())
+        elif _ray_gpu_ids():
+            log.warning(
+                "model replica on node %s holds Ray GPU(s) %s but sees no CUDA device: runs on CPU",
+                self.node_id,
+                _ray_gpu_ids(),
+            )
         if triton_url:
             from adcore.serving import TritonClient, TritonNetwork
 
@@ -170,37 +190,83 @@ class ScoreStage:
         elif engine != "torch":
             raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
 
-    def __call__(self, batch: dict[str, np.ndarray]):
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Prepared frames -> raw scores and patch-grid maps (post-processing runs after, on CPU)."""
+        if self.simulated_batch_s:
+            time.sleep(self.simulated_batch_s)
         n = len(batch["image_uri"])
-        status = list(batch["status"])
-        error = [_text(v) for v in batch["error"]]
-        res: dict[str, list] = {c: [None] * n for c in RESULT_COLUMNS}
-        ok = np.flatnonzero(np.asarray(batch["status"]) == S.STATUS_OK)
-        hws = [(int(h), int(w)) for h, w in zip(batch["height"][ok], batch["width"][ok])]
+        status = np.array([str(v) for v in batch["status"]], dtype=object)
+        error = np.array([_text(v) for v in batch["error"]], dtype=object)
+        g = self.scorer.model.grid
+        raw_score = np.full(n, np.nan, np.float32)
+        raw_map = np.zeros((n, g, g), np.float32)
+        ok = np.flatnonzero(status == S.STATUS_OK)
         for rows, out in self.scorer.iter_raw(_gather(batch["pixels"], ok)):
             idx = ok[rows]
             if isinstance(out, Exception):  # a failed model call marks its rows, the job goes on
-                msg = S.format_error(S.INFERENCE_ERROR, f"{type(out).__name__}: {str(out)[:300]}")
-                for i in idx:
-                    status[i], error[i] = S.STATUS_ERROR, msg
+                status[idx] = S.STATUS_ERROR
+                error[idx] = S.format_error(S.INFERENCE_ERROR, f"{type(out).__name__}: {str(out)[:300]}")
                 continue
-            for i, r in zip(idx, self.scorer.postprocess(*out, hws[rows])):
-                row = (r.score, r.raw_score, r.label, S.encode_mask(r.mask), r.area, r.peak[0], r.peak[1])
-                for c, v in zip(RESULT_COLUMNS, row):
-                    res[c][i] = v
+            raw_score[idx], raw_map[idx] = out
+        # Text columns through _text: Ray turns an all-null column into float NaN, which would not merge.
+        passed = {c: _texts(batch[c]) if c in TEXT_COLUMNS else batch[c] for c in PASSED_COLUMNS}
+        node = np.full(n, self.node_id, dtype=object)
+        return {
+            **passed,
+            "status": status,
+            "error": error,
+            "raw_score": raw_score,
+            "raw_map": raw_map,
+            NODE_COLUMN: node,
+        }
+
+
+class Postprocess:
+    """Raw scores and maps -> the output table: calibration, map upsampling, masks (CPU tasks).
+
+    Loads only the artifact's config (its calibration), not its weights, so it runs as a plain
+    task after the model replicas and keeps their GPUs on the network and head.
+    """
+
+    def __init__(self, artifact_config: dict, run_id: str):
+        from adcore.calibration import Calibration
+
+        if not artifact_config.get("calibration"):
+            raise ValueError("the artifact has no calibration; calibrate it on a validation split first")
+        self.calibration = Calibration.from_dict(artifact_config["calibration"])
+        self.model_name = artifact_config.get("model_name", "model")
+        self.model_version = artifact_config.get("model_version", "unsaved")
+        self.run_id = run_id
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        n = len(batch["image_uri"])
+        status = [str(v) for v in batch["status"]]
+        res: dict[str, list] = {c: [None] * n for c in RESULT_COLUMNS}
+        ok = [i for i in range(n) if status[i] == S.STATUS_OK]
+        hws = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
+        results = postprocess(self.calibration, batch["raw_score"][ok], batch["raw_map"][ok], hws)
+        for i, r in zip(ok, results):
+            row = (r.score, r.raw_score, r.label, S.encode_mask(r.mask), r.area, r.peak[0], r.peak[1])
+            for c, v in zip(RESULT_COLUMNS, row):
+                res[c][i] = v
         cols = {c: [_text(v) for v in batch[c]] for c in ("image_uri", "content_sha256", "modality", "study_key")}
         for c in ("frame", "height", "width"):
             cols[c] = [None if v < 0 else int(v) for v in batch[c]]
         cols["frame"] = [0 if v is None else v for v in cols["frame"]]
-        return S.to_table(
-            {**cols, **res, "status": status, "error": error},
-            model_name=self.scorer.name,
-            model_version=self.scorer.version,
+        table = S.to_table(
+            {**cols, **res, "status": status, "error": [_text(v) for v in batch["error"]]},
+            model_name=self.model_name,
+            model_version=self.model_version,
             run_id=self.run_id,
             scored_at=dt.datetime.now(dt.timezone.utc),
         )
+        return table.append_column(NODE_COLUMN, pa.array([_text(v) for v in batch[NODE_COLUMN]], pa.string()))
 
 
+# Carried from the decoder through the replicas to the output.
+PASSED_COLUMNS = ("image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key")
+# The Ray node a row was scored on: counted into the manifest's rows_by_node, not written to Parquet.
+NODE_COLUMN = "_node_id"
 RESULT_COLUMNS = ("score", "raw_score", "label", "mask_png", "mask_area", "peak_row", "peak_col")
 
 
@@ -209,6 +275,31 @@ def _gather(pixels: np.ndarray, idx: np.ndarray) -> np.ndarray:
     if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
         return pixels[idx[0] : idx[-1] + 1]
     return pixels[idx]
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 (outside Ray: plain calls in tests)
+        return None
+
+
+def _ray_gpu_ids() -> list:
+    try:
+        import ray
+
+        return list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001
+        return []
+
+
+TEXT_COLUMNS = ("image_uri", "content_sha256", "modality", "study_key")
+
+
+def _texts(values) -> np.ndarray:
+    return np.array([_text(v) for v in values], dtype=object)
 
 
 def _text(v) -> str | None:

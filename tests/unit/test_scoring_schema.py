@@ -8,7 +8,6 @@ import hmac
 import json
 
 import numpy as np
-import pytest
 
 from jobs.scoring import ledger
 from jobs.scoring import schema as S
@@ -73,14 +72,6 @@ def test_to_table_casts_to_schema():
     )
     assert t.schema.equals(S.SCHEMA) and t.column("score").null_count == 1
     assert S.error_kind(t.column("error")[0].as_py()) == "empty"
-
-
-@pytest.mark.parametrize("total,node,want_actor", [(2, 2, 1.0), (16, 16, 15.0), (1, 1, 0.5), (2, 1, 1.0)])
-def test_plan_resources_always_leaves_cpu_for_reading(total, node, want_actor):
-    from jobs.score import plan_resources
-
-    actor, decode = plan_resources(total, node)
-    assert actor == want_actor and actor < total and decode <= total - actor
 
 
 def _run(tmp_path, run_id, rows):

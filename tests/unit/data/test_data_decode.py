@@ -210,10 +210,19 @@ def test_tiff_16bit_multipage(tmp_path):
     rng = np.random.default_rng(2)
     stack = rng.integers(0, 65536, (3, 16, 24), dtype=np.uint16)
     path = tmp_path / "s.tif"
-    tifffile.imwrite(path, stack)
+    tifffile.imwrite(path, stack, photometric="minisblack")  # a (3, H, W) array is planar RGB by default
     frames = decode_path(path)
     assert [f.index for f in frames] == [0, 1, 2]
     np.testing.assert_allclose(frames[1].pixels, stack[1] / 65535.0, atol=1e-6)
+
+
+def test_tiff_planar_rgb_is_one_colour_frame(tmp_path):
+    rgb = np.random.default_rng(3).integers(0, 256, (3, 16, 24), dtype=np.uint8)
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb", planarconfig="separate")
+    frames = decode_path(path)
+    assert len(frames) == 1 and frames[0].pixels.shape == (16, 24, 3)
+    np.testing.assert_allclose(frames[0].pixels, np.moveaxis(rgb, 0, -1) / 255.0, atol=1e-6)
 
 
 # ------------------------------------------------------------------ broken files

@@ -1,0 +1,159 @@
+"""Distributed Parquet writes of a scoring run: write tasks, then the manifest from their results.
+
+Each write task (:meth:`RunSink.write`, on whichever node Ray runs it) writes one file
+``part-<task index>.parquet`` into the run's folder: a retried task overwrites its own
+file, and a failed run leaves no manifest, so nothing it wrote is ever read. The driver
+holds no result rows: tasks return only their file name and counts, and
+:meth:`RunSink.on_write_complete` writes the manifest from those (ledger rules apply).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import posixpath
+import time
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data.datasource.datasink import Datasink, WriteResult
+
+from adcore import storage
+from jobs.scoring import schema as S
+from jobs.scoring.stages import NODE_COLUMN
+
+log = logging.getLogger("jobs.score")
+
+# Rows per write task (and per Parquet row group): large row groups read fast in DuckDB and
+# keep per-file metadata small; a task's rows stay in memory until it writes them.
+ROWS_PER_WRITE = 20_000
+
+
+class Progress:
+    """Counts write tasks report (a Ray actor), for the driver's progress lines."""
+
+    def __init__(self):
+        self.rows = self.errors = self.files = 0
+
+    def add(self, rows: int, errors: int, files: int) -> None:
+        self.rows += rows
+        self.errors += errors
+        self.files += files
+
+    def totals(self) -> tuple[int, int, int]:
+        return self.rows, self.errors, self.files
+
+
+class RunSink(Datasink[dict]):
+    """Writes a run's rows into its folder; ``on_write_complete`` commits the manifest.
+
+    Args:
+        output: The job's ``--output``.
+        run_dir: This run's folder under it.
+        manifest: The manifest's fields known before the run (counts are added at the end).
+        rows_per_write: Rows each write task collects before writing one file.
+        progress: A :class:`Progress` actor handle, or None.
+    """
+
+    def __init__(
+        self, output: str, run_dir: str, manifest: dict, rows_per_write: int = ROWS_PER_WRITE, progress: Any = None
+    ):
+        self.output, self.run_dir = output, run_dir
+        self.manifest = dict(manifest)
+        self.rows_per_write = rows_per_write
+        self.progress = progress
+        self.t0 = time.time()  # wall clock: write tasks on other nodes report theirs
+        self.committed: dict | None = None
+        self.files_seen = 0  # files with a frame-0 row in this run (for the final progress line)
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_write
+
+    def get_name(self) -> str:
+        return "AdcoreRun"
+
+    def write(self, blocks, ctx) -> dict:
+        """One task: filter skip markers, write one file, return its name and counts."""
+        tables = [pa.table(b) if not isinstance(b, pa.Table) else b for b in blocks]
+        table = pa.concat_tables(tables, promote_options="permissive") if tables else None
+        result = {
+            "file": None,
+            "rows": 0,
+            "skipped_files": 0,
+            "status": {},
+            "errors_by_kind": {},
+            "rows_by_node": {},
+            "files_seen": 0,
+            "dicom_rows": 0,
+            "written_at": None,
+        }
+        if table is None or table.num_rows == 0:
+            return result
+        skipped = pc.equal(table.column("status"), S.STATUS_SKIPPED)
+        result["skipped_files"] = int(pc.sum(skipped).as_py() or 0)
+        table = table.filter(pc.invert(skipped))
+        nodes = table.column(NODE_COLUMN).to_pylist()
+        table = table.drop_columns([NODE_COLUMN]).cast(S.SCHEMA)
+        if table.num_rows:
+            fs, dir_path = storage.filesystem_for(self.run_dir)
+            if not storage.is_s3(self.run_dir):
+                fs.create_dir(dir_path, recursive=True)
+            name = f"part-{ctx.task_idx:05d}.parquet"
+            with fs.open_output_stream(posixpath.join(dir_path, name)) as sink:
+                pq.write_table(table, sink, compression="zstd", row_group_size=max(table.num_rows, 1))
+            statuses = table.column("status").to_pylist()
+            result.update(
+                file=name,
+                rows=table.num_rows,
+                status=dict(Counter(statuses)),
+                errors_by_kind=dict(Counter(S.error_kind(e) for e in table.column("error").to_pylist() if e)),
+                rows_by_node=dict(Counter(n or "unknown" for n in nodes)),
+                files_seen=int(pc.sum(pc.equal(table.column("frame"), 0)).as_py() or 0),
+                dicom_rows=int(pc.sum(pc.is_valid(table.column("modality"))).as_py() or 0),
+                written_at=time.time(),
+            )
+        if self.progress is not None:
+            errors = result["status"].get(S.STATUS_ERROR, 0)
+            self.progress.add.remote(result["rows"], errors, result["files_seen"] + result["skipped_files"])
+        return result
+
+    def on_write_complete(self, write_result: WriteResult[dict]) -> None:
+        """Sum the tasks' results and commit the manifest (written last: the run now exists)."""
+        from jobs.scoring import ledger
+
+        parts = [r for r in write_result.write_returns if r]
+        status, errors, nodes = Counter(), Counter(), Counter()
+        for r in parts:
+            status.update(r["status"])
+            errors.update(r["errors_by_kind"])
+            nodes.update(r["rows_by_node"])
+        rel = posixpath.relpath(storage.filesystem_for(self.run_dir)[1], storage.filesystem_for(self.output)[1])
+        elapsed = time.time() - self.t0
+        rows = sum(r["rows"] for r in parts)
+        # Start-up (replicas started + first file written) vs steady state: rows after the first file / their time.
+        timed = sorted((r["written_at"], r["rows"]) for r in parts if r["written_at"])
+        first = (timed[0][0] - self.t0) if timed else elapsed
+        later = sum(n for _, n in timed[1:])
+        steady = later / max(timed[-1][0] - timed[0][0], 1e-9) if later else None
+        manifest = {
+            **self.manifest,
+            "files": sorted(posixpath.join(rel, r["file"]) for r in parts if r["file"]),
+            "skipped_files": sum(r["skipped_files"] for r in parts),
+            "rows": rows,
+            "counts": {S.STATUS_OK: status[S.STATUS_OK], S.STATUS_ERROR: status[S.STATUS_ERROR]},
+            "errors_by_kind": dict(errors),
+            "rows_by_node": dict(nodes),
+            "dicom_rows": sum(r["dicom_rows"] for r in parts),
+            "seconds": round(elapsed, 3),
+            "rows_per_s": round(rows / max(elapsed, 1e-9), 3),
+            "first_rows_seconds": round(first, 3),
+            "steady_rows_per_s": round(steady, 3) if steady else None,
+        }
+        manifest["completed_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        ledger.write_manifest(self.output, manifest)
+        self.files_seen = sum(r["files_seen"] for r in parts)
+        self.committed = manifest
