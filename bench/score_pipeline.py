@@ -179,7 +179,7 @@ def run_modes(
         )
         server = LocalTriton(tmp / "repo", models=[name]).start()
         modes.append(
-            ("triton", "onnxruntime", dict(triton_url=server.http_url, triton_model=name, triton_batch=batch), onnx)
+            ("triton", "onnxruntime", dict(triton_url=server.grpc_url, triton_model=name, triton_batch=batch), onnx)
         )
     tag = label.split(",")[0]  # S3-safe
     lines = []

@@ -150,7 +150,7 @@ def main(args: DemoConfig) -> None:
         from adcore.serving import LocalTriton
 
         with LocalTriton(str(repo)) as server:
-            run(score_cmd + ["--triton-url", server.http_url], env)
+            run(score_cmd + ["--triton-url", server.grpc_url], env)
     else:
         run(score_cmd, env)
     report = out / "report.html"

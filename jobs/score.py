@@ -70,12 +70,15 @@ class ScoreConfig:
     model: str = ""  # artifact (local folder or s3:// prefix)
     output: str = ""  # local folder or s3:// prefix of the Parquet dataset
     triton_url: str = ""  # host:port; empty = run the network in-process
-    triton_protocol: str = "http"
+    triton_protocol: str = "grpc"  # grpc (several requests in flight per replica) or http (one)
     triton_model: str = ""  # model name in Triton; default: the artifact's model_name
     triton_timeout_s: float = 30.0
     triton_retries: int = 3  # then the batch's rows become error rows (kind "inference")
     triton_backoff_s: float = 0.5  # first wait between retries, doubled each time
     triton_batch: int = 16  # largest request; must not exceed the Triton model's max_batch_size
+    # gRPC requests each replica keeps in flight: at least twice the server's model instances, so its
+    # dynamic batcher has requests to merge
+    triton_in_flight: int = 4
     engine: str = "torch"  # in-process network: "torch" or "onnx" (onnxruntime)
     rescore_all: bool = False  # score everything again; the new rows supersede older ones
     batch_size: int = 64  # frames per model+head call
@@ -285,6 +288,7 @@ def main(cfg: ScoreConfig) -> dict:
         triton_retries=cfg.triton_retries,
         triton_backoff_s=cfg.triton_backoff_s,
         triton_batch=cfg.triton_batch,
+        triton_in_flight=cfg.triton_in_flight,
         simulated_batch_s=cfg.simulated_batch_s,
     )
     ds = ds.map_batches(

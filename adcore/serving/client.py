@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import numpy as np
@@ -57,6 +58,7 @@ class TritonClient:
         self.backoff_s = backoff_s
         self.model_version = model_version
         self._client = None
+        self._lock = threading.Lock()
         self._inputs: dict[str, str] | None = None  # name -> Triton dtype
         self._outputs: list[str] | None = None
 
@@ -162,15 +164,16 @@ class TritonClient:
         return mod
 
     def _get_client(self):
-        if self._client is None:
-            mod = self._module()
-            if self.protocol == "grpc":
-                self._client = mod.InferenceServerClient(self.url)
-            else:
-                self._client = mod.InferenceServerClient(
-                    self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
-                )
-        return self._client
+        with self._lock:  # gRPC calls come from several threads: one client for all of them
+            if self._client is None:
+                mod = self._module()
+                if self.protocol == "grpc":
+                    self._client = mod.InferenceServerClient(self.url)
+                else:
+                    self._client = mod.InferenceServerClient(
+                        self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+                    )
+            return self._client
 
     def _reset(self) -> None:
         if self._client is not None:

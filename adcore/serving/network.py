@@ -16,6 +16,10 @@ DEFAULT_IN_FLIGHT = 1
 class TritonNetwork:
     """A Triton model exported from an artifact (``jobs/export.py``), as a scorer's network.
 
+    Over gRPC, ``in_flight`` requests run at once (the gRPC client is thread-safe), so the
+    server's dynamic batcher can merge them. The HTTP client (gevent) works only from the thread
+    that made it: every HTTP call goes through one thread, so at most one is in flight.
+
     Args:
         client: A :class:`TritonClient` on the served model.
         max_batch: Largest batch per request (at most the model's ``max_batch_size``).
@@ -27,12 +31,13 @@ class TritonNetwork:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.client = client
         self.max_batch = max_batch
-        self.in_flight = in_flight
-        # The HTTP client (gevent) works only from the thread that made it: every call goes
-        # through this one thread, whichever thread of the caller asks.
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton")
+        pinned = client.protocol == "http"
+        self.in_flight = min(in_flight, 1) if pinned else in_flight
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton") if pinned else None
 
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        if self._thread is None:
+            return self._infer(pixels)
         return self._thread.submit(self._infer, pixels).result()
 
     def _infer(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -42,6 +47,9 @@ class TritonNetwork:
         return from_triton(self.client.infer({INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)}))
 
     def close(self) -> None:
-        """Close the client (from its own thread) and stop the thread."""
+        """Close the client (from its own thread, for HTTP) and stop that thread."""
+        if self._thread is None:
+            self.client.close()
+            return
         self._thread.submit(self.client.close).result()
         self._thread.shutdown()

@@ -132,6 +132,7 @@ class ScoreStage:
         triton_model: Model name in Triton's repository.
         triton_protocol, triton_timeout_s, triton_retries, triton_backoff_s: Client settings.
         triton_batch: Largest batch sent in one request (<= the model's max_batch_size).
+        triton_in_flight: Requests kept in flight over gRPC (HTTP keeps one).
         simulated_batch_s: Extra seconds each call sleeps (benchmarks of the orchestration alone).
     """
 
@@ -147,6 +148,7 @@ class ScoreStage:
         triton_retries: int = 3,
         triton_backoff_s: float = 0.5,
         triton_batch: int = 16,
+        triton_in_flight: int = 4,
         simulated_batch_s: float = 0.0,
     ):
         import faiss
@@ -181,7 +183,7 @@ class ScoreStage:
                 retries=triton_retries,
                 backoff_s=triton_backoff_s,
             )
-            self.scorer.network = TritonNetwork(client, max_batch=triton_batch)
+            self.scorer.network = TritonNetwork(client, max_batch=triton_batch, in_flight=triton_in_flight)
         elif engine == "onnx":
             from adcore.export import OnnxNetwork, export_onnx
 

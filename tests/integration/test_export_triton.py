@@ -110,11 +110,21 @@ def test_every_backend_and_call_shape_scores_alike(served, preset, batch):
     images = [rng.random((40 + 7 * i, 50), dtype=np.float32) for i in range(batch + 2)]
     onnx_path = served["repo"] / name / str(PRESETS[preset]) / "model.onnx"
     # Requests of at most 2 images with one in flight: the Scorer chunks and pipelines them.
+    # gRPC also with 3 requests in flight at once (its client is shared by the Scorer's threads).
     tritons = [
-        TritonNetwork(TritonClient(url, name, protocol=protocol, timeout_s=60), max_batch=2)
-        for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url))
+        TritonNetwork(TritonClient(url, name, protocol=protocol, timeout_s=60), max_batch=2, in_flight=n)
+        for protocol, url, n in (
+            ("http", server.http_url, 1),
+            ("grpc", server.grpc_url, 1),
+            ("grpc", server.grpc_url, 3),
+        )
     ]
-    backends = {"onnxruntime": OnnxNetwork(onnx_path, threads=1), "triton-http": tritons[0], "triton-grpc": tritons[1]}
+    backends = {
+        "onnxruntime": OnnxNetwork(onnx_path, threads=1),
+        "triton-http": tritons[0],
+        "triton-grpc": tritons[1],
+        "triton-grpc-3-in-flight": tritons[2],
+    }
     want = base.score_images(images, batch_size=batch)
     try:
         for source, network in {"torch": base.network, **backends}.items():

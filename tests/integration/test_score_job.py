@@ -318,7 +318,9 @@ def test_triton_stopped_mid_run_then_rerun_fixes_errors(ray_local, tiny_artifact
 
     server = LocalTriton(repo, models=[name]).start()
     result = {}
-    job = threading.Thread(target=lambda: result.update(m=main(config(triton_url=server.http_url, **kw))))
+    job = threading.Thread(
+        target=lambda: result.update(m=main(config(triton_url=server.http_url, triton_protocol="http", **kw)))
+    )
     try:
         job.start()
         deadline = time.monotonic() + 120
