@@ -273,7 +273,7 @@ def main(cfg: ScoreConfig) -> dict:
         include_paths=True,
         filesystem=fs,
         override_num_blocks=max(1, math.ceil(len(paths) / cfg.files_per_block)),
-        ray_remote_args={"num_cpus": plan.decode_cpus},  # reads must fit beside the replicas too
+        num_cpus=plan.decode_cpus,  # reads must fit beside the replicas too
     )
     decoder = Decoder(input_size, cfg.max_pixels, scored, storage.S3_PREFIX if is_s3 else "", secret)
     ds = ds.map_batches(decoder, batch_size=DECODE_BATCH, num_cpus=plan.decode_cpus, batch_format="numpy")

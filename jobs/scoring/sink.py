@@ -23,13 +23,18 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from adcore import storage
 from jobs.scoring import schema as S
-from jobs.scoring.stages import NODE_COLUMN
+from jobs.scoring.stages import NODE_COLUMN, TIME_COLUMN
 
 log = logging.getLogger("jobs.score")
 
 # Rows per write task (and per Parquet row group): large row groups read fast in DuckDB and
 # keep per-file metadata small; a task's rows stay in memory until it writes them.
 ROWS_PER_WRITE = 20_000
+
+
+def _rows_by_time(times: list[float]) -> list[tuple[float, int]]:
+    """(unix seconds, rows) per distinct replica time (one per model batch)."""
+    return sorted(Counter(t for t in times if t is not None).items())
 
 
 class Progress:
@@ -89,7 +94,7 @@ class RunSink(Datasink[dict]):
             "rows_by_node": {},
             "files_seen": 0,
             "dicom_rows": 0,
-            "written_at": None,
+            "scored": [],  # (unix seconds, rows): one entry per model batch
         }
         if table is None or table.num_rows == 0:
             return result
@@ -97,7 +102,8 @@ class RunSink(Datasink[dict]):
         result["skipped_files"] = int(pc.sum(skipped).as_py() or 0)
         table = table.filter(pc.invert(skipped))
         nodes = table.column(NODE_COLUMN).to_pylist()
-        table = table.drop_columns([NODE_COLUMN]).cast(S.SCHEMA)
+        scored = _rows_by_time(table.column(TIME_COLUMN).to_pylist())
+        table = table.drop_columns([NODE_COLUMN, TIME_COLUMN]).cast(S.SCHEMA)
         if table.num_rows:
             fs, dir_path = storage.filesystem_for(self.run_dir)
             if not storage.is_s3(self.run_dir):
@@ -114,7 +120,7 @@ class RunSink(Datasink[dict]):
                 rows_by_node=dict(Counter(n or "unknown" for n in nodes)),
                 files_seen=int(pc.sum(pc.equal(table.column("frame"), 0)).as_py() or 0),
                 dicom_rows=int(pc.sum(pc.is_valid(table.column("modality"))).as_py() or 0),
-                written_at=time.time(),
+                scored=scored,
             )
         if self.progress is not None:
             errors = result["status"].get(S.STATUS_ERROR, 0)
@@ -134,11 +140,11 @@ class RunSink(Datasink[dict]):
         rel = posixpath.relpath(storage.filesystem_for(self.run_dir)[1], storage.filesystem_for(self.output)[1])
         elapsed = time.time() - self.t0
         rows = sum(r["rows"] for r in parts)
-        # Start-up (replicas started + first file written) vs steady state: rows after the first file / their time.
-        timed = sorted((r["written_at"], r["rows"]) for r in parts if r["written_at"])
-        first = (timed[0][0] - self.t0) if timed else elapsed
-        later = sum(n for _, n in timed[1:])
-        steady = later / max(timed[-1][0] - timed[0][0], 1e-9) if later else None
+        # Start-up (replicas started, first batch scored) vs steady state: rows after the first batch / their time.
+        scored = sorted(t for r in parts for t in r["scored"])
+        first = (scored[0][0] - self.t0) if scored else elapsed
+        later = sum(n for _, n in scored[1:])
+        steady = later / max(scored[-1][0] - scored[0][0], 1e-9) if later else None
         manifest = {
             **self.manifest,
             "files": sorted(posixpath.join(rel, r["file"]) for r in parts if r["file"]),

@@ -213,6 +213,7 @@ class ScoreStage:
         # Text columns through _text: Ray turns an all-null column into float NaN, which would not merge.
         passed = {c: _texts(batch[c]) if c in TEXT_COLUMNS else batch[c] for c in PASSED_COLUMNS}
         node = np.full(n, self.node_id, dtype=object)
+        scored = np.full(n, time.time(), dtype=np.float64)
         return {
             **passed,
             "status": status,
@@ -220,6 +221,7 @@ class ScoreStage:
             "raw_score": raw_score,
             "raw_map": raw_map,
             NODE_COLUMN: node,
+            TIME_COLUMN: scored,
         }
 
 
@@ -262,13 +264,16 @@ class Postprocess:
             run_id=self.run_id,
             scored_at=dt.datetime.now(dt.timezone.utc),
         )
-        return table.append_column(NODE_COLUMN, pa.array([_text(v) for v in batch[NODE_COLUMN]], pa.string()))
+        table = table.append_column(NODE_COLUMN, pa.array([_text(v) for v in batch[NODE_COLUMN]], pa.string()))
+        return table.append_column(TIME_COLUMN, pa.array(batch[TIME_COLUMN], pa.float64()))
 
 
 # Carried from the decoder through the replicas to the output.
 PASSED_COLUMNS = ("image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key")
 # The Ray node a row was scored on: counted into the manifest's rows_by_node, not written to Parquet.
 NODE_COLUMN = "_node_id"
+# When the replica scored the row (unix seconds): the manifest's start-up vs steady-state rates.
+TIME_COLUMN = "_scored_unix"
 RESULT_COLUMNS = ("score", "raw_score", "label", "mask_png", "mask_area", "peak_row", "peak_col")
 
 
