@@ -86,44 +86,13 @@ def main(args: DemoConfig) -> None:
     fusion, patchcore = models / "fusion-small", models / "patchcore"
     t0 = time.monotonic()
     run([py, "-m", "adcore.data.demo", "--out", str(data)], env)
+    # One training worker on the whole machine (see CPUS).
+    train = [py, "jobs/train.py", "--data", str(data), "--num-workers", "1", "--cpus-per-worker", str(CPUS)]
     run(
-        [
-            py,
-            "jobs/train.py",
-            "--data",
-            str(data),
-            "--preset",
-            "fusion-small",
-            "--output",
-            str(fusion),
-            "--minutes",
-            str(args.minutes),
-            "--epochs",
-            "8",
-            "--num-workers",
-            "1",
-            "--cpus-per-worker",
-            str(CPUS),
-        ],
+        [*train, "--preset", "fusion-small", "--output", str(fusion), "--minutes", str(args.minutes), "--epochs", "8"],
         env,
     )
-    run(
-        [
-            py,
-            "jobs/train.py",
-            "--data",
-            str(data),
-            "--preset",
-            "patchcore",
-            "--output",
-            str(patchcore),
-            "--num-workers",
-            "1",
-            "--cpus-per-worker",
-            str(CPUS),
-        ],
-        env,
-    )
+    run([*train, "--preset", "patchcore", "--output", str(patchcore)], env)
     run(
         [
             py,

@@ -119,8 +119,8 @@ def read_artifact_config(uri: str) -> tuple[dict, int]:
 
 
 def batch_bytes(batch_size: int, input_size: int) -> int:
-    """Bytes of one model batch of prepared pixels ([B, 3, S, S] float32)."""
-    return batch_size * 3 * input_size * input_size * 4
+    """Bytes of one model batch of prepared pixels as the decoder ships them ([B, 3, S, S] uint8)."""
+    return batch_size * 3 * input_size * input_size
 
 
 def check_triton_model(cfg: ScoreConfig, model_name: str, art: dict) -> None:

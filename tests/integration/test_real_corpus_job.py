@@ -40,17 +40,6 @@ def _one_frame_damaged(path: str, index: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-corpus")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield ray
-    ray.shutdown()
-
-
 def test_corpus_folder_scores_with_a_row_for_every_file(ray_local, tiny_artifact, tmp_path, monkeypatch, caplog, capfd):
     from jobs.score import SECRET_ENV, ScoreConfig, main
 

@@ -126,17 +126,6 @@ def config(**kw):
     return ScoreConfig(**({"max_pixels": MAX_PIXELS, "batch_size": 8, "progress_every_s": 0.5} | kw))
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-score")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    yield ray
-    ray.shutdown()
-
-
 def test_s3_archive_end_to_end(s3_server, ray_local, tiny_artifact, monkeypatch, caplog, capfd):
     from jobs.score import main
 
