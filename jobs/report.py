@@ -2,11 +2,12 @@
 
     python jobs/report.py --scores s3://results/scores --report report.html [--top-k 12]
 
-DuckDB queries the rows of the completed runs (those with a manifest; see
+DuckDB queries the compacted ``latest`` table (plus any run committed after it; see
 ``jobs/scoring/ledger.py``), loaded through pyarrow so local folders and S3 work the same
 offline (DuckDB's httpfs extension cannot be installed without network). Two relations:
-``scores`` (every row of every completed run) and ``latest`` (one row per
-``(image_uri, frame, model_version)``, from the latest run: what analysts normally want).
+``latest`` (one row per ``(image_uri, frame, model_version)``, from the latest run, frames
+a changed volume no longer has left out: what analysts normally want) and ``scores`` (the
+rows of the newest ``REPORT_RUNS`` runs, for per-run tables and the shift between runs).
 The SQL constants below are what an analyst would type; the README shows them.
 
 The HTML is self-contained: inline CSS, images as base64 data URIs. Top-K images are
@@ -83,18 +84,28 @@ class ReportConfig:
     smoke_test: bool = False
 
 
+REPORT_RUNS = 8  # the runs whose own rows the per-run tables read (the newest ones)
+
+
 def connect(scores: str):
-    """A DuckDB connection with ``scores``, ``latest`` and ``runs`` over the completed runs."""
+    """A DuckDB connection with ``latest`` (visible rows), ``scores`` (the newest runs' rows) and ``runs``.
+
+    ``latest`` comes from the compacted table (plus any run committed after it), never from
+    all history; masks are left out and read per image by :func:`jobs.scoring.ledger.read_row`.
+    """
     import duckdb
     import pyarrow as pa
 
-    manifests = ledger.completed_runs(scores)
-    table = ledger.read_runs(scores, manifests)
-    if table is None:
+    visible = ledger.visible_rows(scores, columns=LATEST_COLUMNS)
+    if visible is None:
         raise SystemExit(f"{scores}: no completed scoring run")
+    manifests = ledger.completed_runs(scores)
+    recent = manifests[-REPORT_RUNS:]
     con = duckdb.connect()
-    con.register("scores", table)
-    con.execute(ledger.LATEST_VIEW_SQL)
+    con.register("visible", visible)
+    con.execute("CREATE VIEW latest AS SELECT * EXCLUDE (superseded) FROM visible WHERE NOT superseded")
+    table = ledger.read_runs(scores, recent, columns=[c for c in LATEST_COLUMNS if c != "superseded"])
+    con.register("scores", table if table is not None else visible.slice(0, 0).drop_columns(["superseded"]))
     con.register(
         "runs",
         pa.Table.from_pylist(
@@ -102,6 +113,14 @@ def connect(scores: str):
         ),
     )
     return con
+
+
+# Every output column but the masks (read per image), plus ``superseded``.
+LATEST_COLUMNS = [
+    "image_uri", "content_sha256", "frame", "height", "width", "score", "raw_score", "label", "mask_area",
+    "peak_row", "peak_col", "modality", "model_name", "model_version", "scored_at", "status", "error", "run_id",
+    "superseded",
+]  # fmt: skip
 
 
 def query(con, sql: str, **params) -> list[dict]:
@@ -204,13 +223,8 @@ def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
     latest_scores = [r["score"] for r in query(con, "SELECT score FROM latest WHERE status = 'ok'")]
     figures = []
     for r in top:
-        mask = query(
-            con,
-            "SELECT mask_png FROM latest WHERE image_uri = $u AND frame = $f AND run_id = $r",
-            u=r["image_uri"],
-            f=r["frame"],
-            r=r["run_id"],
-        )[0]["mask_png"]
+        found = ledger.read_row(scores, r["image_uri"], r["frame"], ["mask_png", "model_version"])
+        mask = next(m["mask_png"] for m in found if m["model_version"] == r["model_version"])
         try:
             src = overlay(r["image_uri"], r["frame"], mask)
             img = f'<img src="{src}">'

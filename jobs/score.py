@@ -26,18 +26,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import os
 import pathlib
-import posixpath
 import tempfile
 import time
 from dataclasses import dataclass, replace
 
 from adcore import storage
 from adcore.cli import parse_config
+from jobs.scoring import lease as leases
 from jobs.scoring import ledger
 from jobs.scoring import schema as S
+from jobs.scoring.lease import DEFAULT_TTL_S
 from jobs.scoring.resources import cluster_nodes, node_types, plan_replicas
 from jobs.scoring.sink import ROWS_PER_WRITE, Progress, RunSink
 from jobs.scoring.stages import Decoder, Postprocess, ScoreStage
@@ -95,6 +95,10 @@ class ScoreConfig:
     files_per_block: int = 64  # read blocks: few and large, Ray's per-block cost dominates otherwise
     rows_per_file: int = ROWS_PER_WRITE  # rows per write task and Parquet file (one row group)
     progress_every_s: float = 10.0
+    retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
+    wait_for_lease: float = 0.0  # seconds to wait while another run holds the output's lease; 0 = refuse at once
+    lease_ttl_s: float = DEFAULT_TTL_S  # a run that stops renewing its lease (crashed) loses it after this long
+    latest_buckets: int = ledger.DEFAULT_BUCKETS  # hash buckets of a new latest table (fixed once it exists)
     ray_address: str = ""
     smoke_test: bool = False
     # Benchmarks and tests: each model call also sleeps this long (a slow network, orchestration measured alone)
@@ -102,10 +106,12 @@ class ScoreConfig:
 
 
 # ----------------------------------------------------------------------------- per-run pieces
-def list_inputs(uri: str) -> list[str]:
-    """Every non-hidden file under ``uri`` (full URIs, sorted)."""
-    files = storage.list_files(uri)
-    return [f for f in files if not posixpath.basename(f).startswith(".")]
+def list_inputs(uri: str):
+    """Every non-hidden file under ``uri`` with its size and version (``storage.list_objects``), as Arrow."""
+    try:
+        return storage.list_objects(uri)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--input {uri}: {e}") from None
 
 
 def read_artifact_config(uri: str) -> tuple[dict, int]:
@@ -155,10 +161,11 @@ def check_triton_model(cfg: ScoreConfig, model_name: str, art: dict) -> None:
 class _ProgressLog:
     """Logs the write tasks' counts every ``every_s`` seconds while the run writes (a driver thread)."""
 
-    def __init__(self, progress, total_files: int, every_s: float):
+    def __init__(self, progress, total_files: int, every_s: float, already: int = 0):
         import threading
 
         self.progress, self.total, self.every_s = progress, total_files, max(every_s, 0.5)
+        self.already = already  # files skipped from the listing alone
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
         self.t0 = time.monotonic()
@@ -171,7 +178,7 @@ class _ProgressLog:
             rate = rows / max(time.monotonic() - self.t0, 1e-9)
             log.info(
                 "progress: files %d/%d, rows %d (%.1f rows/s), errors %d",
-                min(files, self.total),
+                min(files + self.already, self.total),
                 self.total,
                 rows,
                 rate,
@@ -206,33 +213,114 @@ def main(cfg: ScoreConfig) -> dict:
     # Ray workers run elsewhere than the driver's directory: pass absolute paths on.
     cfg = replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in ("input", "model", "output")})
     art, art_bytes = read_artifact_config(cfg.model)
-    model_name, model_version = art.get("model_name", "model"), art.get("model_version", "unsaved")
-    input_size = int(art["input_size"])
-    triton_model = cfg.triton_model or model_name
+    triton_model = cfg.triton_model or art.get("model_name", "model")
     if cfg.triton_url:
         check_triton_model(cfg, triton_model, art)
 
+    try:
+        lease = leases.acquire(cfg.output, S.new_run_id(), cfg.lease_ttl_s, cfg.wait_for_lease)
+    except leases.LeaseHeld as e:
+        raise SystemExit(str(e)) from None
+    with lease:
+        # The run id is taken under the lease, so it sorts after every run committed before it
+        # (even one that ended this very second, or whose host's clock ran ahead).
+        started, run_id = next_run_id(cfg.output)
+        lease.rename(run_id)
+        manifest = _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model)
+    return manifest
+
+
+def next_run_id(output: str) -> tuple[dt.datetime, str]:
+    """(start time, run id) for a new run: after the latest completed run's id."""
     started = dt.datetime.now(dt.timezone.utc)
     run_id = S.new_run_id(started)
+    last = max(ledger.completed_ids(output), default="")
+    if run_id <= last:
+        started = dt.datetime.strptime(last[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+        started += dt.timedelta(seconds=1)
+        run_id = S.new_run_id(started)
+    return started, run_id
+
+
+def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) -> dict:
+    model_name, model_version = art.get("model_name", "model"), art.get("model_version", "unsaved")
+    input_size = int(art["input_size"])
     run_date = started.strftime("%Y-%m-%d")
-    runs = ledger.completed_runs(cfg.output)
-    ledger.cleanup_incomplete(cfg.output, {m["run_id"] for m in runs})
-    scored = {} if cfg.rescore_all else ledger.scored_index(cfg.output, model_version)
-    inputs = list_inputs(cfg.input)
-    if not inputs:
+    # Holding the lease, every other run has ended: folders without a manifest are dead runs'.
+    ledger.cleanup_incomplete(cfg.output, ledger.completed_ids(cfg.output), keep=run_id)
+    ledger.cleanup_latest(cfg.output)
+    ledger.compact(cfg.output, cfg.latest_buckets)  # a run that died between commit and compaction
+    listing = list_inputs(cfg.input)
+    if not listing.num_rows:
         raise SystemExit(f"--input {cfg.input}: no files to score")
+    todo, skipped = ledger.plan_inputs(cfg.output, listing, model_version, cfg.rescore_all)
     secret = os.environ.get(SECRET_ENV, "").encode() or None
     log.info(
-        "run %s: %d files from %s, model %s (%s), %d file(s) already scored, output %s",
+        "run %s: %d files listed under %s, %d unchanged since scored with model %s (skipped unread), %d to read; "
+        "network %s, output %s",
         run_id,
-        len(inputs),
+        listing.num_rows,
         cfg.input,
+        skipped,
         model_version,
+        todo.num_rows,
         "triton " + cfg.triton_url if cfg.triton_url else cfg.engine,
-        len(scored),
         cfg.output,
     )
+    fields = {
+        "run_id": run_id,
+        "run_date": run_date,
+        "schema_version": S.SCHEMA_VERSION,
+        "model_name": model_name,
+        "model_version": model_version,
+        "input": cfg.input,
+        "output": cfg.output,
+        "rescore_all": cfg.rescore_all,
+        "engine": "triton" if cfg.triton_url else cfg.engine,
+        "started_at": started.isoformat(timespec="seconds"),
+        "input_files": listing.num_rows,
+        "unchanged_files": skipped,
+    }
+    if todo.num_rows:
+        manifest, files_seen = _score(
+            cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model, secret
+        )
+    else:  # nothing changed: no Ray pipeline, no GET
+        manifest, files_seen = RunSink.empty_manifest(fields, time.time() - started.timestamp()), 0
+    manifest["skipped_files"] += skipped
+    lease.check()  # a run that lost its lease must not commit: the new holder may be scoring the same files
+    ledger.write_manifest(cfg.output, manifest)
+    ledger.compact(cfg.output, cfg.latest_buckets)
+    expired = ledger.expire_runs(cfg.output, cfg.retain_runs)
+    files_done = manifest["skipped_files"] + files_seen
+    log.info(
+        "progress: files %d/%d, rows %d (%.1f rows/s), errors %d",
+        min(files_done, listing.num_rows),
+        listing.num_rows,
+        manifest["rows"],
+        manifest["rows_per_s"],
+        manifest["counts"][S.STATUS_ERROR],
+    )
+    if not secret and manifest.get("dicom_rows"):
+        log.warning("%s is not set: study_key is null for DICOM inputs", SECRET_ENV)
+    log.info(
+        "done: %d rows (%d ok, %d errors %s), %d files skipped as already scored, %.1f rows/s on %d node(s); "
+        "manifest %s%s",
+        manifest["rows"],
+        manifest["counts"][S.STATUS_OK],
+        manifest["counts"][S.STATUS_ERROR],
+        manifest["errors_by_kind"],
+        manifest["skipped_files"],
+        manifest["rows_per_s"],
+        len(manifest["rows_by_node"]),
+        ledger.manifest_uri(cfg.output, run_id),
+        f", expired {len(expired)} old run(s)" if expired else "",
+    )
+    return manifest
 
+
+def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model, secret) -> tuple[dict, int]:
+    """The Ray pipeline over the files to read; returns the run's manifest (not yet committed)."""
     ray = init_ray_for(cfg)
     nodes = cluster_nodes() + (node_types(cfg.cluster_config) if cfg.autoscaling and cfg.cluster_config else [])
     plan = plan_replicas(
@@ -254,9 +342,6 @@ def main(cfg: ScoreConfig) -> dict:
         gpus,
         plan.threads,
     )
-    is_s3 = storage.is_s3(cfg.input)
-    fs = storage.s3_filesystem() if is_s3 else None
-    paths = [p[len(storage.S3_PREFIX) :] for p in inputs] if is_s3 else inputs
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job logs its own progress lines
     ctx.wait_for_min_actors_s = int(cfg.wait_for_replicas_s)  # fail, never wait forever, on unplaceable replicas
@@ -268,14 +353,10 @@ def main(cfg: ScoreConfig) -> dict:
         object_store_memory=max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES * plan.max_replicas * ctx.target_max_block_size)
     )
 
-    ds = ray.data.read_binary_files(
-        paths,
-        include_paths=True,
-        filesystem=fs,
-        override_num_blocks=max(1, math.ceil(len(paths) / cfg.files_per_block)),
-        num_cpus=plan.decode_cpus,  # reads must fit beside the replicas too
-    )
-    decoder = Decoder(input_size, cfg.max_pixels, scored, storage.S3_PREFIX if is_s3 else "", secret)
+    # The files to read travel as Arrow listing blocks; each decode task reads its own files once.
+    step = max(1, cfg.files_per_block)
+    ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
+    decoder = Decoder(input_size, cfg.max_pixels, secret)
     ds = ds.map_batches(decoder, batch_size=DECODE_BATCH, num_cpus=plan.decode_cpus, batch_format="numpy")
     stage_kwargs = dict(
         artifact=cfg.model,
@@ -309,54 +390,15 @@ def main(cfg: ScoreConfig) -> dict:
 
     rdir = ledger.run_dir(cfg.output, run_date, run_id)
     progress = ray.remote(num_cpus=0)(Progress).remote()
-    sink = RunSink(
-        cfg.output,
-        rdir,
-        {
-            "run_id": run_id,
-            "run_date": run_date,
-            "schema_version": S.SCHEMA_VERSION,
-            "model_name": model_name,
-            "model_version": model_version,
-            "input": cfg.input,
-            "output": cfg.output,
-            "rescore_all": cfg.rescore_all,
-            "engine": "triton" if cfg.triton_url else cfg.engine,
-            "replicas": {"min": plan.min_replicas, "max": plan.max_replicas, "cpus": plan.cpus, "gpus": gpus},
-            "started_at": started.isoformat(timespec="seconds"),
-            "input_files": len(inputs),
-        },
-        rows_per_write=cfg.rows_per_file,
-        progress=progress,
-    )
-    with _ProgressLog(progress, len(inputs), cfg.progress_every_s):
+    fields = {
+        **fields,
+        "replicas": {"min": plan.min_replicas, "max": plan.max_replicas, "cpus": plan.cpus, "gpus": gpus},
+    }
+    sink = RunSink(cfg.output, rdir, fields, rows_per_write=cfg.rows_per_file, progress=progress)
+    total = int(fields["input_files"])
+    with _ProgressLog(progress, total, cfg.progress_every_s, already=int(fields["unchanged_files"])):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": plan.decode_cpus})
-    manifest = sink.committed
-    files_done = manifest["skipped_files"] + sink.files_seen
-    log.info(
-        "progress: files %d/%d, rows %d (%.1f rows/s), errors %d",
-        min(files_done, len(inputs)),
-        len(inputs),
-        manifest["rows"],
-        manifest["rows_per_s"],
-        manifest["counts"][S.STATUS_ERROR],
-    )
-    if not secret and manifest.get("dicom_rows"):
-        log.warning("%s is not set: study_key is null for DICOM inputs", SECRET_ENV)
-    log.info(
-        "done: %d rows (%d ok, %d errors %s), %d files skipped as already scored, %.1f rows/s on %d node(s); "
-        "data %s, manifest %s",
-        manifest["rows"],
-        manifest["counts"][S.STATUS_OK],
-        manifest["counts"][S.STATUS_ERROR],
-        manifest["errors_by_kind"],
-        manifest["skipped_files"],
-        manifest["rows_per_s"],
-        len(manifest["rows_by_node"]),
-        rdir,
-        ledger.manifest_uri(cfg.output, run_id),
-    )
-    return manifest
+    return sink.committed, sink.files_seen
 
 
 def smoke_inputs(cfg: ScoreConfig) -> ScoreConfig:

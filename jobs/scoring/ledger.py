@@ -1,63 +1,104 @@
-"""Exactly-once bookkeeping: run folders, manifests, and what is already scored.
+"""Exactly-once bookkeeping: run folders, manifests, the compacted ``latest`` table, what to skip.
 
 Layout under ``--output`` (local folder or ``s3://`` prefix)::
 
     run_date=2025-01-31/run_id=20250131T020000Z-1a2b3c4d/part-00000.parquet
     _manifests/20250131T020000Z-1a2b3c4d.json
+    _latest/_manifest.json
+    _latest/bucket=007/rows-20250131T020000Z-1a2b3c4d.parquet
+    _latest/bucket=007/files-20250131T020000Z-1a2b3c4d.parquet
+    _leases/000000000042.json                      (see jobs/scoring/lease.py)
 
-A run writes its Parquet files into its own ``run_id=`` folder (a fresh folder per run,
-so Ray's or pyarrow's append-vs-overwrite never matters), then writes its manifest LAST,
+A run writes its Parquet files into its own ``run_id=`` folder, then its manifest LAST,
 atomically (a local rename or one S3 PUT). The manifest lists the run's files and counts.
 
-Rules every reader follows (``jobs/report.py`` and the rerun skip logic do):
+**Visible rows.** The visible row for a key ``(image_uri, frame, model_version)`` is the
+one from the latest completed run (largest ``run_id``; run ids sort by start time). A
+frame whose file was rescored with other content (a volume re-uploaded with fewer slices)
+and that the newer content no longer has is ``superseded``. :func:`window_sql` is that view.
 
-* Only runs with a manifest exist. A ``run_id=`` folder without one is a run that died or
-  is still writing; it is ignored, and the next run deletes it (one scoring job per output
-  at a time: a second concurrent job would delete the first one's folder).
-* Only the files a manifest lists are read (stray files are ignored).
-* The visible row for a key ``(image_uri, frame, model_version)`` is the one from the
-  latest completed run (largest ``run_id``; run ids sort by start time). A ``--rescore-all``
-  run therefore supersedes every earlier row, and a rerun's fixed row supersedes the
-  earlier error row. ``LATEST_VIEW_SQL`` is that view in SQL.
+**The compacted ``latest`` table.** After a run commits, :func:`compact` folds it into
+``_latest``: the visible rows (with ``superseded``), hash-bucketed by ``image_uri``, so a
+night rewrites only the buckets its rows fall in. Each bucket also has a ``files`` table,
+one row per (file, model version): the listing metadata it was scored at, its content hash,
+the frames that are done and a 64-bit ``key`` of (uri, size, version, model version) when
+every frame is done. ``_latest/_manifest.json`` names the current file of each bucket and
+the last run folded in (``through_run_id``); it is replaced atomically, so readers see the
+old or the new table, never a mix. Readers (``jobs/report.py``, the skip decision, the
+README's SQL) read ``latest`` plus any run committed after ``through_run_id``
+(:func:`connect`), never the whole history. Old run folders can then be expired
+(:func:`expire_runs`, ``--retain-runs``) without changing what is visible.
 
-A rerun skips a frame whose visible row has the same model_version and content_sha256
-and is ``ok`` or a deterministic decode error; rows with a transient error (the model
-call failed) are scored again. Killing a run at any point therefore loses nothing
-(no manifest: all its frames are still "not scored") and duplicates nothing.
+**Skipping.** :func:`plan_inputs` decides from the listing alone: a file whose
+(uri, size, ETag or mtime) key is in the sorted array of done keys is skipped with no GET;
+the others are read once. A file whose listing is unchanged but some of whose frames
+failed transiently (``inference``, ``read``) gets ``prior_done``: only its other frames are
+scored again. Killing a run at any point loses nothing (no manifest: its files are still
+"not scored") and duplicates nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import posixpath
-from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from adcore import storage
-from jobs.scoring.schema import STATUS_ERROR, STATUS_OK, TRANSIENT_ERROR_KINDS, error_kind
+from jobs.scoring import schema as S
+from jobs.scoring.schema import TRANSIENT_ERROR_KINDS
 
 log = logging.getLogger(__name__)
 
 MANIFESTS = "_manifests"
 MANIFEST_FORMAT = "adcore-score-run/1"
+LATEST = "_latest"
+LATEST_FORMAT = "adcore-latest/1"
+DEFAULT_BUCKETS = 64
+KEY_HASH_CHUNK = 65_536  # listing entries hashed per chunk (bounds the transient Python strings)
 
-# The view readers query: one row per key, from the latest completed run (table `scores`
-# holds the rows of every completed run's listed files).
-LATEST_VIEW_SQL = """
-CREATE OR REPLACE VIEW latest AS
-SELECT * EXCLUDE (_rank) FROM (
-    SELECT *, row_number() OVER (
-        PARTITION BY image_uri, frame, model_version ORDER BY run_id DESC
-    ) AS _rank
-    FROM scores
+# Internal columns of the window: not written.
+_WINDOW = """
+SELECT * EXCLUDE (_rank, _newest), (content_sha256 IS DISTINCT FROM _newest) AS superseded FROM (
+    SELECT *,
+        row_number() OVER (PARTITION BY image_uri, frame, model_version ORDER BY run_id DESC) AS _rank,
+        arg_max_null(content_sha256, run_id) OVER (PARTITION BY image_uri, model_version) AS _newest
+    FROM {source}
 ) WHERE _rank = 1
 """
 
 
+def window_sql(source: str) -> str:
+    """The visible rows of relation ``source`` (rows of completed runs), with ``superseded``."""
+    return _WINDOW.format(source=source)
+
+
+# The view over a table ``scores`` of completed runs' rows (what ``latest`` must equal).
+LATEST_VIEW_SQL = f"CREATE OR REPLACE VIEW latest AS {window_sql('scores')}"
+
+# Per file and model version, from the visible rows: what the next run needs to skip it.
+_FILES_SQL = """
+SELECT image_uri, model_version,
+    arg_max_null(content_sha256, run_id) AS content_sha256,
+    arg_max_null(file_size, run_id) AS file_size,
+    arg_max_null(file_version, run_id) AS file_version,
+    list(frame ORDER BY frame) FILTER (WHERE _done) AS done_frames,
+    bool_and(_done) AS complete
+FROM (
+    SELECT *, (status = 'ok' OR (status = 'error' AND split_part(error, ':', 1) NOT IN ({transient}))) AS _done
+    FROM visible WHERE NOT superseded
+)
+GROUP BY image_uri, model_version
+""".format(transient=", ".join(f"'{k}'" for k in TRANSIENT_ERROR_KINDS))
+
+
+# ----------------------------------------------------------------------------- runs
 def run_dir(output: str, run_date: str, run_id: str) -> str:
     return storage.join(output, f"run_date={run_date}", f"run_id={run_id}")
 
@@ -66,13 +107,18 @@ def manifest_uri(output: str, run_id: str) -> str:
     return storage.join(output, MANIFESTS, f"{run_id}.json")
 
 
-def completed_runs(output: str) -> list[dict]:
-    """Manifests of every completed run under ``output``, oldest first."""
+def completed_runs(output: str, after: str | None = None) -> list[dict]:
+    """Manifests of the completed runs under ``output`` (those after run id ``after``), oldest first.
+
+    Manifests are named by run id, so runs up to ``after`` are not read at all.
+    """
     uri = storage.join(output, MANIFESTS)
     if not storage.exists(uri):
         return []
     out = []
     for m in storage.list_files(uri, suffixes=[".json"], recursive=False):
+        if after is not None and posixpath.basename(m)[: -len(".json")] <= after:
+            continue
         try:
             manifest = json.loads(storage.read_bytes(m))
         except (ValueError, OSError) as e:
@@ -80,6 +126,15 @@ def completed_runs(output: str) -> list[dict]:
         if manifest.get("format") == MANIFEST_FORMAT:
             out.append(manifest)
     return sorted(out, key=lambda m: m["run_id"])
+
+
+def completed_ids(output: str) -> set[str]:
+    """Run ids of the completed runs, from the manifests' names alone (none is read)."""
+    uri = storage.join(output, MANIFESTS)
+    if not storage.exists(uri):
+        return set()
+    names = storage.list_files(uri, suffixes=[".json"], recursive=False)
+    return {posixpath.basename(m)[: -len(".json")] for m in names}
 
 
 def run_files(output: str, manifest: dict) -> list[str]:
@@ -100,78 +155,389 @@ def incomplete_run_dirs(output: str, completed_ids: set[str]) -> list[str]:
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
         return []
     found = set()
-    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-        parts = posixpath.relpath(info.path, base).split("/")
-        if len(parts) >= 2 and parts[0].startswith("run_date=") and parts[1].startswith("run_id="):
-            if parts[1][len("run_id=") :] not in completed_ids:
-                found.add(posixpath.join(base, parts[0], parts[1]))
+    for date_dir in fs.get_file_info(pafs.FileSelector(base)):
+        if date_dir.type != pafs.FileType.Directory or not date_dir.base_name.startswith("run_date="):
+            continue
+        for run in fs.get_file_info(pafs.FileSelector(date_dir.path)):
+            name = run.base_name
+            if name.startswith("run_id=") and name[len("run_id=") :] not in completed_ids:
+                found.add(run.path)
     prefix = storage.S3_PREFIX if storage.is_s3(output) else ""
     return sorted(prefix + p for p in found)
 
 
-def cleanup_incomplete(output: str, completed_ids: set[str]) -> list[str]:
-    """Delete the folders of runs that never completed; returns what was removed."""
-    removed = incomplete_run_dirs(output, completed_ids)
+def cleanup_incomplete(output: str, completed_ids: set[str], keep: str | None = None) -> list[str]:
+    """Delete the folders of runs that never completed (but run ``keep``'s); returns what was removed.
+
+    Call it only while holding the output's lease (``jobs/scoring/lease.py``): then every other
+    run's lease has ended, and a folder without a manifest is a dead run's.
+    """
+    removed = [u for u in incomplete_run_dirs(output, completed_ids) if not keep or not u.endswith(f"run_id={keep}")]
     for uri in removed:
-        fs, path = storage.filesystem_for(uri)
-        fs.delete_dir(path)
+        storage.delete_dir(uri)
         log.info("removed incomplete run folder %s", uri)
     return removed
 
 
 def read_runs(output: str, manifests: list[dict], columns: list[str] | None = None) -> pa.Table | None:
     """The rows of the given completed runs (None if they hold no file)."""
-    files = [f for m in manifests for f in run_files(output, m)]
-    if not files:
+    return _read_tables([f for m in manifests for f in run_files(output, m)], columns)
+
+
+def _read_tables(uris: list[str], columns: list[str] | None = None) -> pa.Table | None:
+    """Parquet files (local or S3) as one table; files of older schemas get null columns."""
+    if not uris:
         return None
-    fs, _ = storage.filesystem_for(output)
-    tables = [pq.read_table(storage.filesystem_for(f)[1], columns=columns, filesystem=fs) for f in files]
-    return pa.concat_tables(tables)
+    tables = []
+    for uri in uris:
+        fs, path = storage.filesystem_for(uri)
+        schema = pq.read_schema(path, filesystem=fs)
+        cols = None if columns is None else [c for c in columns if c in schema.names]
+        tables.append(pq.read_table(path, columns=cols, filesystem=fs))
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def latest_rows(table: pa.Table) -> pa.Table:
-    """One row per (image_uri, frame, model_version): the latest run's."""
+    """The visible rows (with ``superseded``) of a table of completed runs' rows."""
     import duckdb
 
     con = duckdb.connect()
     con.register("scores", table)
-    con.execute(LATEST_VIEW_SQL)
-    return con.sql("SELECT * FROM latest").to_arrow_table()
+    return con.sql(window_sql("scores")).to_arrow_table()
 
 
-@dataclass(frozen=True)
-class FileState:
-    """What completed runs hold for one file under the current model version."""
-
-    sha256: str
-    done_frames: frozenset[int]  # frames not to score again (ok, or a deterministic error)
-    complete: bool  # every recorded frame is done: skip the file without decoding
+# ----------------------------------------------------------------------------- the latest table
+LATEST_SCHEMA = S.SCHEMA.append(pa.field("superseded", pa.bool_(), nullable=False))
 
 
-def scored_index(output: str, model_version: str) -> dict[str, FileState]:
-    """``image_uri -> FileState`` for the visible rows of ``model_version``."""
-    manifests = [m for m in completed_runs(output) if m.get("model_version") == model_version]
-    cols = ["image_uri", "content_sha256", "frame", "model_version", "status", "error", "run_id"]
-    table = read_runs(output, manifests, cols)
-    if table is None:
-        return {}
-    rows = latest_rows(table).to_pylist()
-    by_uri: dict[str, list[dict]] = {}
-    for r in rows:
-        by_uri.setdefault(r["image_uri"], []).append(r)
-    index = {}
-    for uri, recs in by_uri.items():
-        newest = max(recs, key=lambda r: r["run_id"])
-        sha = newest["content_sha256"]
-        done = frozenset(
-            r["frame"]
-            for r in recs
-            if r["content_sha256"] == sha
-            and (
-                r["status"] == STATUS_OK
-                or (r["status"] == STATUS_ERROR and error_kind(r["error"]) not in TRANSIENT_ERROR_KINDS)
+def latest_manifest_uri(output: str) -> str:
+    return storage.join(output, LATEST, "_manifest.json")
+
+
+def read_latest(output: str) -> dict | None:
+    """The ``latest`` table's manifest, or None before the first compaction."""
+    uri = latest_manifest_uri(output)
+    if not storage.exists(uri):
+        return None
+    manifest = json.loads(storage.read_bytes(uri))
+    if manifest.get("format") != LATEST_FORMAT:
+        raise ValueError(f"{uri}: not an adcore latest-table manifest")
+    return manifest
+
+
+def bucket_of(uris, buckets: int) -> np.ndarray:
+    """Stable bucket of each image URI (the first 8 bytes of its MD5, modulo ``buckets``)."""
+    return np.array(
+        [int.from_bytes(hashlib.md5(u.encode()).digest()[:8], "little") % buckets for u in uris], dtype=np.int32
+    )
+
+
+def file_keys(uris, sizes, versions, model_version: str) -> np.ndarray:
+    """64-bit key of (uri, size, version, model version) per file: equal keys = nothing changed."""
+    mv = model_version.encode()
+    out = np.empty(len(uris), dtype=np.uint64)
+    for i, (u, s, v) in enumerate(zip(uris, sizes, versions)):
+        h = hashlib.blake2b(digest_size=8)
+        for part in (u.encode(), str(s).encode(), (v or "").encode(), mv):
+            h.update(part)
+            h.update(b"\0")
+        out[i] = int.from_bytes(h.digest(), "little")
+    return out
+
+
+def _bucket_files(through: str, bucket: int) -> tuple[str, str]:
+    d = f"bucket={bucket:03d}"
+    return f"{d}/rows-{through}.parquet", f"{d}/files-{through}.parquet"
+
+
+def _split_run_file(uri: str, buckets: int, staging: str, index: int) -> list[int]:
+    """Phase 1 of compaction (one task per new run file): its rows into per-bucket fragments."""
+    fs, path = storage.filesystem_for(uri)
+    table = pq.read_table(path, filesystem=fs)
+    uris = table.column("image_uri")
+    unique = pc.unique(uris)
+    bucket = np.asarray(bucket_of(unique.to_pylist(), buckets))[pc.index_in(uris, unique).to_numpy()]
+    touched = []
+    for b in np.unique(bucket):
+        part = table.filter(pa.array(bucket == b))
+        storage.makedirs(storage.join(staging, f"bucket={b:03d}"))
+        sfs, spath = storage.filesystem_for(storage.join(staging, f"bucket={b:03d}", f"{index:06d}.parquet"))
+        pq.write_table(part, spath, filesystem=sfs)
+        touched.append(int(b))
+    return touched
+
+
+def _merge_bucket(old_rows: str | None, fragments: list[str], rows_out: str, files_out: str) -> dict:
+    """Phase 2 of compaction (one task per touched bucket): old visible rows + new rows -> visible rows."""
+    import duckdb
+
+    old = _read_tables([old_rows]) if old_rows else None
+    if old is not None and "superseded" in old.column_names:
+        old = old.drop_columns(["superseded"])
+    new = _read_tables(fragments)
+    table = new if old is None else pa.concat_tables([old, new], promote_options="permissive")
+    for name, typ in (("file_size", pa.int64()), ("file_version", pa.string())):  # rows of schema 1 runs
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, typ))
+    con = duckdb.connect()
+    con.register("scores", table)
+    visible = con.sql(window_sql("scores") + " ORDER BY image_uri, frame, model_version").to_arrow_table()
+    visible = visible.select(LATEST_SCHEMA.names).cast(LATEST_SCHEMA)  # DuckDB renames the UTC zone
+    con.register("visible", visible)
+    files = con.sql(_FILES_SQL).to_arrow_table()
+    keys = np.zeros(files.num_rows, dtype=np.uint64)  # 0 = not every frame done: never matches a listing key
+    complete = files.column("complete").to_numpy(zero_copy_only=False)
+    if complete.any():
+        idx = np.flatnonzero(complete)
+        sub = files.take(pa.array(idx))
+        for mv in set(sub.column("model_version").to_pylist()):
+            sel = np.flatnonzero(np.array(sub.column("model_version").to_pylist()) == mv)
+            cols = [sub.column(c).take(pa.array(sel)).to_pylist() for c in ("image_uri", "file_size", "file_version")]
+            has_meta = np.array([s is not None and v is not None for s, v in zip(cols[1], cols[2])])
+            k = file_keys(*cols, mv)
+            keys[idx[sel[has_meta]]] = k[has_meta]  # rows without listing metadata (schema 1) never skip by key
+    files = files.append_column("key", pa.array(keys, pa.uint64()))
+    for uri, t in ((rows_out, visible), (files_out, files)):
+        fs, path = storage.filesystem_for(uri)
+        storage.makedirs(posixpath.dirname(uri) if not storage.is_s3(uri) else uri)
+        pq.write_table(t, path, filesystem=fs, compression="zstd", row_group_size=max(t.num_rows, 1))
+    return {"rows": visible.num_rows, "files": files.num_rows}
+
+
+def _map(fn, args: list[tuple]) -> list:
+    """``fn(*a)`` for each ``a``: Ray tasks when Ray is running (spread over the cluster), else in turn."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+            return ray.get([remote.remote(*a) for a in args])
+    except ImportError:
+        pass
+    return [fn(*a) for a in args]
+
+
+def compact(output: str, buckets: int = DEFAULT_BUCKETS) -> dict | None:
+    """Fold the runs committed after ``latest`` into it; returns the new latest manifest (None: no runs).
+
+    Rewrites only the buckets the new runs' rows fall in: phase 1 splits each new run file by
+    bucket (a task per file), phase 2 merges each touched bucket's old file with its fragments
+    (a task per bucket), then the new manifest replaces the old one in one write. Task outputs
+    have deterministic names, so a retried task overwrites its own file. Call it while holding
+    the output's lease.
+    """
+    current = read_latest(output)
+    through = current["through_run_id"] if current else None
+    pending = completed_runs(output, after=through)
+    if not pending:
+        return current
+    buckets = current["buckets"] if current else buckets
+    new_through = pending[-1]["run_id"]
+    staging = storage.join(output, LATEST, "_staging", new_through)
+    files = [f for m in pending for f in run_files(output, m)]
+    split = _map(_split_run_file, [(f, buckets, staging, i) for i, f in enumerate(files)])
+    touched = sorted({b for bs in split for b in bs})
+    old = dict(current["bucket_files"]) if current else {}
+    jobs = []
+    for b in touched:
+        rows_rel, files_rel = _bucket_files(new_through, b)
+        frag_dir = storage.join(staging, f"bucket={b:03d}")
+        frags = storage.list_files(frag_dir, suffixes=[".parquet"])
+        prev = old.get(f"{b:03d}")
+        jobs.append(
+            (
+                storage.join(output, LATEST, prev["rows"]) if prev else None,
+                frags,
+                storage.join(output, LATEST, rows_rel),
+                storage.join(output, LATEST, files_rel),
             )
         )
-        complete = all(r["frame"] in done for r in recs if r["content_sha256"] == sha)
-        index[uri] = FileState(sha, done, complete)
-    return index
+    results = _map(_merge_bucket, jobs)
+    bucket_files = dict(old)
+    for b, r in zip(touched, results):
+        rows_rel, files_rel = _bucket_files(new_through, b)
+        bucket_files[f"{b:03d}"] = {"rows": rows_rel, "files": files_rel, "n_rows": r["rows"], "n_files": r["files"]}
+    manifest = {
+        "format": LATEST_FORMAT,
+        "through_run_id": new_through,
+        "buckets": buckets,
+        "bucket_files": dict(sorted(bucket_files.items())),
+        "rows": sum(v["n_rows"] for v in bucket_files.values()),
+        "runs_folded": [m["run_id"] for m in pending],
+    }
+    storage.write_bytes(latest_manifest_uri(output), json.dumps(manifest, indent=1).encode())
+    for b in touched:  # the replaced files: no reader of the new manifest needs them
+        prev = old.get(f"{b:03d}")
+        if prev:
+            for rel in (prev["rows"], prev["files"]):
+                storage.delete(storage.join(output, LATEST, rel))
+    storage.delete_dir(staging)
+    log.info(
+        "latest: folded %d run(s) into %d of %d buckets (%d visible rows)",
+        len(pending),
+        len(touched),
+        buckets,
+        manifest["rows"],
+    )
+    return manifest
+
+
+def cleanup_latest(output: str) -> list[str]:
+    """Delete ``_latest`` files no manifest names (a compaction that died half-way). Hold the lease."""
+    current = read_latest(output)
+    named = set()
+    if current:
+        for v in current["bucket_files"].values():
+            named.update((v["rows"], v["files"]))
+    base = storage.join(output, LATEST)
+    if not storage.exists(base):
+        return []
+    removed = []
+    for f in storage.list_files(base):
+        rel = posixpath.relpath(storage.filesystem_for(f)[1], storage.filesystem_for(base)[1])
+        if rel != "_manifest.json" and rel not in named:
+            storage.delete(f)
+            removed.append(rel)
+    return removed
+
+
+def latest_files(output: str, kind: str = "rows") -> list[str]:
+    """URIs of the ``latest`` table's current files (``rows`` or ``files``)."""
+    current = read_latest(output)
+    if not current:
+        return []
+    return [storage.join(output, LATEST, v[kind]) for v in current["bucket_files"].values()]
+
+
+def visible_rows(output: str, columns: list[str] | None = None) -> pa.Table | None:
+    """The visible rows: ``latest`` plus the runs committed after it, windowed (None: nothing yet)."""
+    current = read_latest(output)
+    pending = completed_runs(output, after=current["through_run_id"] if current else None)
+    cols = None if columns is None else list(dict.fromkeys([*columns, *_WINDOW_COLUMNS]))
+    base = _read_tables(latest_files(output), cols)
+    if not pending:
+        return None if base is None else base.select(columns) if columns else base
+    new = read_runs(output, pending, None if cols is None else [c for c in cols if c != "superseded"])
+    if base is not None:
+        base = base.drop_columns(["superseded"])
+    table = new if base is None else pa.concat_tables([base, new], promote_options="permissive")
+    if table is None:
+        return None
+    out = latest_rows(table)
+    return out.select(columns) if columns else out
+
+
+_WINDOW_COLUMNS = ("image_uri", "frame", "model_version", "run_id", "content_sha256", "superseded")
+
+
+def read_row(output: str, image_uri: str, frame: int, columns: list[str]) -> list[dict]:
+    """Columns of one image's visible rows, reading only the bucket file it falls in."""
+    current = read_latest(output)
+    rows = []
+    if current:
+        b = f"{int(bucket_of([image_uri], current['buckets'])[0]):03d}"
+        entry = current["bucket_files"].get(b)
+        if entry:
+            fs, path = storage.filesystem_for(storage.join(output, LATEST, entry["rows"]))
+            flt = (pc.field("image_uri") == image_uri) & (pc.field("frame") == frame)
+            rows = pq.read_table(path, filesystem=fs, columns=[*columns, "run_id"], filters=flt).to_pylist()
+    pending = completed_runs(output, after=current["through_run_id"] if current else None)
+    for m in pending:  # newer runs win
+        for f in run_files(output, m):
+            fs, path = storage.filesystem_for(f)
+            flt = (pc.field("image_uri") == image_uri) & (pc.field("frame") == frame)
+            found = pq.read_table(path, filesystem=fs, columns=[*columns, "run_id"], filters=flt).to_pylist()
+            rows = found or rows
+    return [{k: r[k] for k in columns} for r in rows]
+
+
+def expire_runs(output: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` runs already folded into ``latest``; returns their run ids.
+
+    The manifest goes first (the run stops existing for readers), then its folder. What is
+    visible does not change: ``latest`` holds every folded run's visible rows. Hold the lease.
+    """
+    current = read_latest(output)
+    if keep <= 0 or not current:
+        return []
+    runs = completed_runs(output)
+    expired = [m for m in runs[:-keep] if m["run_id"] <= current["through_run_id"]]
+    for m in expired:
+        storage.delete(manifest_uri(output, m["run_id"]))
+        storage.delete_dir(run_dir(output, m["run_date"], m["run_id"]))
+        log.info("expired run %s", m["run_id"])
+    return [m["run_id"] for m in expired]
+
+
+# ----------------------------------------------------------------------------- the skip decision
+LISTING_COLUMNS = ("uri", "size", "version")
+
+
+def listing_keys(listing: pa.Table, model_version: str) -> np.ndarray:
+    """:func:`file_keys` of every listing entry, hashed a chunk at a time."""
+    out = np.empty(listing.num_rows, dtype=np.uint64)
+    for start in range(0, listing.num_rows, KEY_HASH_CHUNK):
+        part = listing.slice(start, KEY_HASH_CHUNK)
+        cols = [part.column(c).to_pylist() for c in LISTING_COLUMNS]
+        out[start : start + part.num_rows] = file_keys(*cols, model_version)
+    return out
+
+
+def done_keys(output: str) -> np.ndarray:
+    """Sorted keys of the files every frame of which is done, over all buckets of ``latest``."""
+    parts = []
+    for f in latest_files(output, "files"):
+        fs, path = storage.filesystem_for(f)
+        keys = pq.read_table(path, filesystem=fs, columns=["key"]).column("key").to_numpy()
+        parts.append(keys[keys != 0])
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+
+
+def plan_inputs(output: str, listing: pa.Table, model_version: str, rescore_all: bool = False) -> tuple[pa.Table, int]:
+    """(files to read, number skipped) for tonight's listing; call after :func:`compact`.
+
+    The result is the listing's rows that changed or are new (all of them with
+    ``rescore_all``), with ``prior_sha`` and ``prior_done`` (frames already done) set for files
+    whose listing is unchanged but which have frames left to score.
+    """
+    n = listing.num_rows
+    if rescore_all or n == 0:
+        todo = listing
+    else:
+        keys = listing_keys(listing, model_version)
+        done = done_keys(output)
+        pos = np.searchsorted(done, keys)
+        hit = (pos < len(done)) & (done[np.minimum(pos, len(done) - 1)] == keys) if len(done) else np.zeros(n, bool)
+        todo = listing.filter(pa.array(~hit))
+    todo = _with_prior(output, todo, model_version) if not rescore_all else _no_prior(todo)
+    return todo, n - todo.num_rows
+
+
+def _no_prior(todo: pa.Table) -> pa.Table:
+    return todo.append_column("prior_sha", pa.nulls(todo.num_rows, pa.string())).append_column(
+        "prior_done", pa.nulls(todo.num_rows, pa.list_(pa.int32()))
+    )
+
+
+def _with_prior(output: str, todo: pa.Table, model_version: str) -> pa.Table:
+    """Join the partly-done files' state (rare: files with transient errors) onto ``todo``."""
+    parts = []
+    flt = (pc.field("model_version") == model_version) & ~pc.field("complete")
+    for f in latest_files(output, "files"):
+        fs, path = storage.filesystem_for(f)
+        cols = ["image_uri", "model_version", "complete", "file_size", "file_version", "content_sha256", "done_frames"]
+        parts.append(pq.read_table(path, filesystem=fs, columns=cols, filters=flt))
+    partial = pa.concat_tables(parts) if parts else None
+    if partial is None or partial.num_rows == 0 or todo.num_rows == 0:
+        return _no_prior(todo)
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("todo", todo)
+    con.register("partial", partial)
+    return con.sql(
+        """SELECT t.*, p.content_sha256 AS prior_sha, CAST(p.done_frames AS INTEGER[]) AS prior_done
+        FROM todo t LEFT JOIN partial p
+        ON t.uri = p.image_uri AND t.size = p.file_size AND t.version = p.file_version
+        ORDER BY t.uri"""
+    ).to_arrow_table()

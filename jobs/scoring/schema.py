@@ -1,4 +1,4 @@
-"""The scoring job's output schema (version 1), and the pure per-row helpers that fill it.
+"""The scoring job's output schema (version 2), and the pure per-row helpers that fill it.
 
 One Parquet row per scored image or frame (a NIfTI slice, a DICOM frame):
 
@@ -24,9 +24,12 @@ model_version   string     artifact's model_version (name-vN-<fingerprint>)
 scored_at       timestamp  UTC time the row was produced
 status          string     "ok" or "error"
 error           string     "<kind>: <reason>" for errors (kinds: empty, truncated,
-                           unsupported, corrupt, too_large, invalid_header, inference), else null
+                           unsupported, corrupt, too_large, invalid_header, inference, read), else null
 run_id          string     the run that wrote the row (sortable: UTC time + random)
 schema_version  int16      ``SCHEMA_VERSION``
+file_size       int64      the file's size in the listing it was scored from (version 2)
+file_version    string     its ETag on S3, its mtime in ns locally (version 2): with the size,
+                           what the next run compares to skip the file without reading it
 =============== ========== ==========================================================
 
 Score columns are null on error rows. No patient name, ID, birth date or raw DICOM UID
@@ -44,11 +47,12 @@ import io
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUS_OK, STATUS_ERROR = "ok", "error"
 STATUS_SKIPPED = "skipped"  # internal marker for progress counts; never written
 INFERENCE_ERROR = "inference"  # error kind of rows whose model call failed (transient: retried)
-TRANSIENT_ERROR_KINDS = (INFERENCE_ERROR,)
+READ_ERROR = "read"  # the file could not be read (gone since the listing, store down): transient
+TRANSIENT_ERROR_KINDS = (INFERENCE_ERROR, READ_ERROR)
 KEY_COLUMNS = ("image_uri", "frame", "model_version")
 
 SCHEMA = pa.schema(
@@ -73,6 +77,8 @@ SCHEMA = pa.schema(
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("run_id", pa.string(), nullable=False),
+        pa.field("file_size", pa.int64()),
+        pa.field("file_version", pa.string()),
         pa.field("schema_version", pa.int16(), nullable=False),
     ],
     metadata={"adcore.schema_version": str(SCHEMA_VERSION)},

@@ -128,25 +128,28 @@ class RunSink(Datasink[dict]):
         return result
 
     def on_write_complete(self, write_result: WriteResult[dict]) -> None:
-        """Sum the tasks' results and commit the manifest (written last: the run now exists)."""
-        from jobs.scoring import ledger
-
+        """Sum the tasks' results into the run's manifest (``committed``; the job writes it, last)."""
         parts = [r for r in write_result.write_returns if r]
+        rel = posixpath.relpath(storage.filesystem_for(self.run_dir)[1], storage.filesystem_for(self.output)[1])
+        self.committed = self.summarise(self.manifest, parts, rel, time.time() - self.t0, self.t0)
+        self.files_seen = sum(r["files_seen"] for r in parts)
+
+    @staticmethod
+    def summarise(fields: dict, parts: list[dict], rel: str, elapsed: float, t0: float) -> dict:
+        """The manifest from the write tasks' results."""
         status, errors, nodes = Counter(), Counter(), Counter()
         for r in parts:
             status.update(r["status"])
             errors.update(r["errors_by_kind"])
             nodes.update(r["rows_by_node"])
-        rel = posixpath.relpath(storage.filesystem_for(self.run_dir)[1], storage.filesystem_for(self.output)[1])
-        elapsed = time.time() - self.t0
         rows = sum(r["rows"] for r in parts)
         # Start-up (replicas started, first batch scored) vs steady state: rows after the first batch / their time.
         scored = sorted(t for r in parts for t in r["scored"])
-        first = (scored[0][0] - self.t0) if scored else elapsed
+        first = (scored[0][0] - t0) if scored else elapsed
         later = sum(n for _, n in scored[1:])
         steady = later / max(scored[-1][0] - scored[0][0], 1e-9) if later else None
         manifest = {
-            **self.manifest,
+            **fields,
             "files": sorted(posixpath.join(rel, r["file"]) for r in parts if r["file"]),
             "skipped_files": sum(r["skipped_files"] for r in parts),
             "rows": rows,
@@ -160,6 +163,9 @@ class RunSink(Datasink[dict]):
             "steady_rows_per_s": round(steady, 3) if steady else None,
         }
         manifest["completed_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        ledger.write_manifest(self.output, manifest)
-        self.files_seen = sum(r["files_seen"] for r in parts)
-        self.committed = manifest
+        return manifest
+
+    @classmethod
+    def empty_manifest(cls, fields: dict, elapsed: float) -> dict:
+        """The manifest of a run that had nothing to read (every file unchanged)."""
+        return cls.summarise(fields, [], "", elapsed, time.time() - elapsed)

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from adcore import storage
 from adcore.data.decode import decode_image
 from adcore.data.errors import DecodeError
 from adcore.scorer import postprocess, prepare, to_uint8
@@ -32,86 +33,103 @@ from jobs.scoring import schema as S
 log = logging.getLogger(__name__)
 
 # Columns the decoder emits besides the pixels.
-ROW_COLUMNS = ("image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key", "status", "error")
+ROW_COLUMNS = (
+    "image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key", "status", "error",
+    "file_size", "file_version",
+)  # fmt: skip
 
 
 class Decoder:
-    """File bytes -> frames prepared for the network (a Ray Data batch function).
+    """Listed files -> frames prepared for the network (a Ray Data batch function).
+
+    A batch holds listing rows (``uri``, ``size``, ``version``, ``prior_sha``,
+    ``prior_done``: see ``ledger.plan_inputs``); each file is read here, once, inside the
+    task (or a batch holds ``bytes`` and ``path`` already read: benchmarks, tests). A read
+    that fails becomes an error row of kind ``read`` (transient: the next run retries it).
 
     Args:
         input_size: The network's square input size S.
         max_pixels: Files whose header announces more pixels are error rows (kind too_large),
             refused before any pixel is decoded.
-        scored: ``image_uri -> FileState`` from ``ledger.scored_index`` (what to skip).
-        uri_prefix: Put back in front of the paths Ray returns (``"s3://"`` for S3 input).
         secret: HMAC key of ``study_key``; None leaves it null.
     """
 
-    def __init__(
-        self,
-        input_size: int,
-        max_pixels: int,
-        scored: dict | None = None,
-        uri_prefix: str = "",
-        secret: bytes | None = None,
-    ):
+    def __init__(self, input_size: int, max_pixels: int, secret: bytes | None = None):
         self.input_size = input_size
         self.max_pixels = max_pixels
-        self.scored = scored or {}
-        self.uri_prefix = uri_prefix
         self._secret = secret
+        self._fs = None  # filesystem, made once per task
 
     def __repr__(self) -> str:  # Ray may print the callable: never the secret
         return f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels})"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None}
+
+    def _read(self, uri: str) -> bytes:
+        if self._fs is None:
+            self._fs = storage.filesystem_for(uri)[0]
+        path = storage.filesystem_for(uri)[1] if storage.is_s3(uri) else storage.local_path(uri)
+        with self._fs.open_input_stream(path) as f:
+            return f.read()
+
+    def _files(self, batch: dict[str, np.ndarray]):
+        """(uri, bytes or an exception, size, version, prior sha, prior done frames) per file."""
+        if "bytes" in batch:
+            for data, path in zip(batch["bytes"], batch["path"]):
+                data = bytes(data)
+                yield str(path), data, len(data), None, None, frozenset()
+            return
+        for i, uri in enumerate(batch["uri"]):
+            uri = str(uri)
+            try:
+                data = self._read(uri)
+            except OSError as e:  # gone since the listing, or the store failed: retried next run
+                data = e
+            prior = batch["prior_done"][i] if "prior_done" in batch else None
+            done = frozenset() if prior is None or not len(prior) else frozenset(int(f) for f in prior)
+            yield uri, data, int(batch["size"][i]), _text(batch["version"][i]), _text(batch["prior_sha"][i]), done
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
         pixels: list[np.ndarray] = []
         blank = np.zeros((3, self.input_size, self.input_size), np.uint8)  # error/skip rows
 
-        def emit(uri, sha, frame, status, error=None, px=None, hw=(None, None), modality=None, key=None):
-            for c, v in zip(ROW_COLUMNS, (uri, sha, frame, hw[0], hw[1], modality, key, status, error)):
+        def emit(file, sha, frame, status, error=None, px=None, hw=(None, None), modality=None, key=None):
+            (uri, size, version) = file
+            for c, v in zip(ROW_COLUMNS, (uri, sha, frame, hw[0], hw[1], modality, key, status, error, size, version)):
                 cols[c].append(v)
             pixels.append(blank if px is None else px)
 
-        for data, path in zip(batch["bytes"], batch["path"]):
-            uri = self.uri_prefix + str(path)
-            data = bytes(data)
-            sha = S.content_sha256(data)
-            state = self.scored.get(uri)
-            done = state.done_frames if state is not None and state.sha256 == sha else frozenset()
-            if state is not None and state.sha256 == sha and state.complete:
-                emit(uri, sha, 0, S.STATUS_SKIPPED)
+        for uri, data, size, version, prior_sha, prior_done in self._files(batch):
+            file = (uri, size, version)
+            if isinstance(data, Exception):
+                reason = f"{type(data).__name__}: {str(data)[:200]}"
+                emit(file, None, 0, S.STATUS_ERROR, S.format_error(S.READ_ERROR, reason))
                 continue
+            sha = S.content_sha256(data)
+            done = prior_done if prior_sha == sha else frozenset()
             try:
                 frames = decode_image(data, uri, max_pixels=self.max_pixels, frame_errors=True)
             except DecodeError as e:
                 if 0 not in done:
-                    emit(uri, sha, 0, S.STATUS_ERROR, S.format_error(e.kind, e.reason))
+                    emit(file, sha, 0, S.STATUS_ERROR, S.format_error(e.kind, e.reason))
                 else:
-                    emit(uri, sha, 0, S.STATUS_SKIPPED)
+                    emit(file, sha, 0, S.STATUS_SKIPPED)
                 continue
             todo = [f for f in frames if f.index not in done]
             if not todo:
-                emit(uri, sha, 0, S.STATUS_SKIPPED)
+                emit(file, sha, 0, S.STATUS_SKIPPED)
             for f in todo:
                 key = S.study_key(f.study_uid, self._secret)
                 if f.error is not None:  # this frame alone failed to decode: its own error row
                     error = S.format_error(f.error.kind, f.error.reason)
-                    emit(uri, sha, f.index, S.STATUS_ERROR, error, modality=f.modality, key=key)
+                    emit(file, sha, f.index, S.STATUS_ERROR, error, modality=f.modality, key=key)
                     continue
-                emit(
-                    uri,
-                    sha,
-                    f.index,
-                    S.STATUS_OK,
-                    px=to_uint8(prepare(f.pixels, self.input_size)),
-                    hw=f.pixels.shape[:2],
-                    modality=f.modality,
-                    key=key,
-                )
+                px = to_uint8(prepare(f.pixels, self.input_size))
+                emit(file, sha, f.index, S.STATUS_OK, px=px, hw=f.pixels.shape[:2], modality=f.modality, key=key)
         out = {c: np.array(v, dtype=object) for c, v in cols.items()}
-        for c in ("frame", "height", "width"):
+        for c in ("frame", "height", "width", "file_size"):
             out[c] = np.array([-1 if v is None else v for v in cols[c]], dtype=np.int64)
         out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, self.input_size, self.input_size), np.uint8)
         return out
@@ -253,8 +271,8 @@ class Postprocess:
             row = (r.score, r.raw_score, r.label, S.encode_mask(r.mask), r.area, r.peak[0], r.peak[1])
             for c, v in zip(RESULT_COLUMNS, row):
                 res[c][i] = v
-        cols = {c: [_text(v) for v in batch[c]] for c in ("image_uri", "content_sha256", "modality", "study_key")}
-        for c in ("frame", "height", "width"):
+        cols = {c: [_text(v) for v in batch[c]] for c in TEXT_COLUMNS}
+        for c in ("frame", "height", "width", "file_size"):
             cols[c] = [None if v < 0 else int(v) for v in batch[c]]
         cols["frame"] = [0 if v is None else v for v in cols["frame"]]
         table = S.to_table(
@@ -269,7 +287,9 @@ class Postprocess:
 
 
 # Carried from the decoder through the replicas to the output.
-PASSED_COLUMNS = ("image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key")
+PASSED_COLUMNS = (
+    "image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key", "file_size", "file_version",
+)  # fmt: skip
 # The Ray node a row was scored on: counted into the manifest's rows_by_node, not written to Parquet.
 NODE_COLUMN = "_node_id"
 # When the replica scored the row (unix seconds): the manifest's start-up vs steady-state rates.
@@ -302,7 +322,7 @@ def _ray_gpu_ids() -> list:
         return []
 
 
-TEXT_COLUMNS = ("image_uri", "content_sha256", "modality", "study_key")
+TEXT_COLUMNS = ("image_uri", "content_sha256", "modality", "study_key", "file_version")
 
 
 def _texts(values) -> np.ndarray:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import json
 
 import numpy as np
 
-from jobs.scoring import ledger
 from jobs.scoring import schema as S
 
 
@@ -74,61 +72,26 @@ def test_to_table_casts_to_schema():
     assert S.error_kind(t.column("error")[0].as_py()) == "empty"
 
 
-def _run(tmp_path, run_id, rows):
-    import pyarrow.parquet as pq
-
-    d = tmp_path / f"run_date=2025-01-01/run_id={run_id}"
-    d.mkdir(parents=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    cols = {k: [r[i] for r in rows] for i, k in enumerate(("image_uri", "content_sha256", "frame", "status", "error"))}
-    pq.write_table(
-        S.to_table(cols, model_name="m", model_version="v", run_id=run_id, scored_at=now), d / "part-00000.parquet"
-    )
-    return d
-
-
-def test_ledger_view_skip_index_and_cleanup(tmp_path):
-    out = str(tmp_path)
-    _run(
-        tmp_path,
-        "r1",
-        [
-            ("a", "h1", 0, "ok", None),
-            ("a", "h1", 1, "error", "inference: down"),
-            ("b", "h2", 0, "error", "corrupt: bad"),
-        ],
-    )
-    ledger.write_manifest(
-        out, {"run_id": "r1", "model_version": "v", "files": ["run_date=2025-01-01/run_id=r1/part-00000.parquet"]}
-    )
-    _run(tmp_path, "r2", [("a", "h1", 1, "ok", None)])
-    ledger.write_manifest(
-        out, {"run_id": "r2", "model_version": "v", "files": ["run_date=2025-01-01/run_id=r2/part-00000.parquet"]}
-    )
-    dead = _run(tmp_path, "r3", [("c", "h3", 0, "ok", None)])  # no manifest: a killed run
-    assert [m["run_id"] for m in ledger.completed_runs(out)] == ["r1", "r2"]
-    index = ledger.scored_index(out, "v")
-    assert index["a"] == ledger.FileState("h1", frozenset({0, 1}), True)
-    assert index["b"].complete and "c" not in index
-    latest = ledger.latest_rows(ledger.read_runs(out, ledger.completed_runs(out)))
-    assert sorted(zip(latest["image_uri"].to_pylist(), latest["frame"].to_pylist(), latest["run_id"].to_pylist())) == [
-        ("a", 0, "r1"),
-        ("a", 1, "r2"),
-        ("b", 0, "r1"),
-    ]
-    assert ledger.cleanup_incomplete(out, {"r1", "r2"}) == [str(dead)] and not dead.exists()
-    assert json.loads((tmp_path / "_manifests/r1.json").read_text())["format"] == ledger.MANIFEST_FORMAT
-
-
-def test_decoder_skips_done_frames_and_reports_errors():
+def test_decoder_reads_listed_files_skips_done_frames_and_reports_errors(tmp_path):
     from jobs.scoring.stages import Decoder
 
     png = S.encode_mask(np.ones((8, 8), bool))
     sha = S.content_sha256(png)
-    dec = Decoder(16, 10_000, {"done.png": ledger.FileState(sha, frozenset({0}), True)}, secret=b"s")
-    out = dec({"bytes": np.array([png, png, b""], dtype=object), "path": np.array(["done.png", "new.png", "z.png"])})
-    assert list(out["status"]) == ["skipped", "ok", "error"] and out["pixels"].shape == (3, 3, 16, 16)
-    assert out["error"][2].startswith("empty:")
+    for name in ("done.png", "new.png", "z.png"):
+        (tmp_path / name).write_bytes(b"" if name == "z.png" else png)
+    uris = [str(tmp_path / n) for n in ("done.png", "new.png", "z.png", "gone.png")]
+    batch = {
+        "uri": np.array(uris, dtype=object),
+        "size": np.array([len(png), len(png), 0, 5]),
+        "version": np.array(["1", "2", "3", "4"], dtype=object),
+        "prior_sha": np.array([sha, None, None, None], dtype=object),
+        "prior_done": np.array([[0], None, None, None], dtype=object),
+    }
+    out = Decoder(16, 10_000, secret=b"s")(batch)
+    assert list(out["status"]) == ["skipped", "ok", "error", "error"] and out["pixels"].shape == (4, 3, 16, 16)
+    assert out["error"][2].startswith("empty:") and out["error"][3].startswith("read:")
+    assert list(out["file_version"]) == ["1", "2", "3", "4"] and list(out["file_size"]) == [len(png), len(png), 0, 5]
+    assert out["content_sha256"][3] is None  # nothing was read
 
 
 def test_decoder_holds_the_job_secret_but_never_shows_it(monkeypatch):
@@ -144,7 +107,7 @@ def test_decoder_holds_the_job_secret_but_never_shows_it(monkeypatch):
     text = "decoder-secret-Zq81xv"
     monkeypatch.setenv(SECRET_ENV, text)
     secret = os.environ.get(SECRET_ENV, "").encode() or None  # as jobs/score.py reads it
-    dec = Decoder(128, 100_000, {}, "", secret)  # as jobs/score.py builds it (CT_small is 128x128)
+    dec = Decoder(128, 100_000, secret)  # as jobs/score.py builds it (CT_small is 128x128)
     # It does hold the secret: a DICOM's study_key is keyed by it.
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     buf = io.BytesIO()
