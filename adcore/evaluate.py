@@ -1,11 +1,16 @@
 """Evaluate artifacts on a BMAD split.
 
-``python -m adcore.evaluate --data DIR --model ARTIFACT [--model ARTIFACT2] [--split test] [--json OUT]``
+``python -m adcore.evaluate --data DIR --model ARTIFACT [--model ARTIFACT2] [--split test] [--json OUT]
+[--engine auto|torch|onnx] [--variant fp32|int8|fp16]``
 
 Threshold-free metrics (image/pixel AUROC, AUPRO, F1-max) are computed on the raw
 scores and maps; the calibration stored in the artifact (fit on validation data at
 training time) is used only where a threshold decides (ACC, precision, recall,
 specificity, Dice, IoU). Nothing here is tuned on the split being evaluated.
+
+The network runs on the engine the scoring job would pick (``adcore.engine``: onnxruntime on
+CPU, torch on CUDA) unless ``--engine`` says otherwise; ``--variant`` scores with a quantised
+graph from the artifact's engine cache, measured or not (this is how one measures it).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import numpy as np
 
 from adcore import metrics
 from adcore.cli import parse_config
-from adcore.scorer import Scorer, load
+from adcore.engine import load_scorer
+from adcore.scorer import Scorer
 from adcore.training.loop import load_split
 
 TABLE_KEYS = (
@@ -45,6 +51,8 @@ class EvaluateConfig:
     json: str | None = None  # write the metrics here
     limit: int | None = None  # evaluate an evenly spread subset of this many images
     batch_size: int = 8
+    engine: str = "auto"  # network engine: auto (onnxruntime on CPU, torch on CUDA), torch or onnx
+    variant: str = "fp32"  # ONNX precision variant: fp32, int8 or fp16 (needs engine auto or onnx)
 
 
 def evaluate(scorer: Scorer, data: str, split: str = "test", batch_size: int = 8, limit: int | None = None) -> dict:
@@ -98,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--split must be train, valid or test, got {cfg.split!r}")
     rows = []
     for uri in cfg.model:
-        scorer = load(uri)
+        scorer = load_scorer(uri, engine=cfg.engine, variant=cfg.variant, require_usable=False)
         row = evaluate(scorer, cfg.data, cfg.split, cfg.batch_size, limit=cfg.limit)
-        row["name"] = scorer.name
+        row["name"] = scorer.name if cfg.variant == "fp32" else f"{scorer.name} ({cfg.variant})"
+        row["engine"], row["variant"] = type(scorer.network).__name__, cfg.variant
         rows.append(row)
     print(format_table(rows))
     if cfg.json:

@@ -77,6 +77,14 @@ def as_float(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
+def as_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Network input as uint8 (for graphs that take the decoder's frames as they are): uint8 unchanged,
+    float pixels in [0, 1] through :func:`to_uint8`."""
+    if pixels.dtype == np.uint8:
+        return np.ascontiguousarray(pixels)
+    return to_uint8(pixels)
+
+
 def upsample_maps(maps: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Patch-grid maps [k, g, g] -> [k, H, W] by bilinear interpolation."""
     t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]  # [k, 1, g, g]
@@ -88,7 +96,8 @@ class Network(Protocol):
 
     ``max_batch`` is the largest batch one call takes (None: any); ``in_flight`` is how many
     calls may run ahead of the head (0: none; a remote server computes the next chunk while
-    this process runs the head on the current one).
+    this process runs the head on the current one). A backend with ``input_dtype = "uint8"``
+    (the exported graphs) gets uint8 pixels instead (:func:`as_uint8`).
     """
 
     max_batch: int | None
@@ -203,6 +212,8 @@ class Scorer:
     def forward(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         """The network stage: [B, 3, S, S] (float in [0, 1] or uint8) -> score, anomaly_map,
         patch_embeddings (one backend call)."""
+        if getattr(self.network, "input_dtype", "float32") == "uint8":
+            return self.network(as_uint8(pixels))
         return self.network(as_float(pixels))
 
     def iter_raw(self, pixels: np.ndarray) -> Iterator[tuple[slice, tuple[np.ndarray, np.ndarray] | Exception]]:

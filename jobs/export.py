@@ -1,14 +1,21 @@
 """Export a model artifact's network to a Triton model repository.
 
-    python jobs/export.py --model s3://models/fusion-small/v3 --repository triton-repo
+    python jobs/export.py --model s3://models/fusion-small/v3 --repository triton-repo [--data BMAD_DIR]
     python jobs/export.py --smoke-test        # tiny random model, then a real local Triton answers
 
-Only the network (pixels -> score, anomaly_map, patch_embeddings) goes to
-Triton. The centroid / memory-bank matching and the calibration stay in the
-artifact, which stays where it is: the scoring job loads it for the FAISS
-stage and checks, with ``adcore.export.check_served_model``, that the server
-runs the network of that same artifact (``model_version`` and ``fingerprint``
-are recorded as ``parameters`` in each config.pbtxt).
+Only the network (uint8 pixels -> score, anomaly_map, patch_embeddings) goes to
+Triton, in each precision variant (``--variants``: fp32 as ``<name>``, int8 as
+``<name>_int8``, fp16 as ``<name>_fp16``, each with its ``_ort`` twin). The graphs come
+from the artifact's engine cache (``adcore.engine``: exported once, reused by the
+scoring job). With ``--data`` the variants are scored on that BMAD folder's validation
+split and the image/pixel AUROC of each is recorded in the cache's manifest; a variant
+within 0.005 of fp32 on both is marked usable (the scoring job refuses the others).
+
+The centroid / memory-bank matching and the calibration stay in the artifact, which
+stays where it is: the scoring job loads it for the FAISS stage and checks, with
+``adcore.export.check_served_model``, that the server runs the network of that same
+artifact (``model_version`` and ``fingerprint`` are recorded as ``parameters`` in each
+config.pbtxt).
 """
 
 import logging
@@ -18,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from adcore import engine, storage
 from adcore import export as onnx_export
-from adcore import storage
 from adcore.cli import parse_config
 from adcore.scorer import OUTPUT_NAMES, Scorer
-from adcore.scorer import load as load_scorer
 
 log = logging.getLogger("jobs.export")
 
@@ -42,7 +48,9 @@ class ExportConfig:
     name: str | None = None  # Triton model name; default: the artifact's model_name
     max_batch_size: int = DEFAULT_MAX_BATCH
     intra_op_threads: int = 0  # onnxruntime threads in the CPU (Python-backend) model; 0 = onnxruntime's choice
-    opset: int | None = None  # ONNX opset; None = torch's default
+    variants: str = "fp32,int8,fp16"  # comma-separated precision variants to write and serve
+    data: str | None = None  # BMAD folder: measure each variant's AUROC on its validation split (usable or not)
+    limit: int | None = None  # measure on an evenly spread subset of this many validation images
     smoke_test: bool = False  # also start the local CPU Triton on the result and compare it with torch
 
 
@@ -64,7 +72,8 @@ def serve_and_compare(scorer: Scorer, repository: Path, model_name: str, onnx_pa
     from adcore.serving import LocalTriton, TritonClient, TritonNetwork
 
     rng = np.random.default_rng(0)
-    pixels = rng.random((SMOKE_BATCH, 3, scorer.input_size, scorer.input_size), dtype=np.float32)
+    # uint8 frames, as the scoring job's decoder ships them: torch sees value / 255, the graph casts the same way.
+    pixels = rng.integers(0, 256, (SMOKE_BATCH, 3, scorer.input_size, scorer.input_size), dtype=np.uint8)
     torch_out = scorer.forward(pixels)
     ort_out = onnx_export.OnnxNetwork(onnx_path)(pixels)
     with LocalTriton(repository, models=[model_name]) as server:
@@ -105,8 +114,27 @@ def how_to_serve(repository: Path, model_name: str, artifact: str) -> str:
     )
 
 
+def parse_variants(text: str) -> list[str]:
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in variants if v not in onnx_export.VARIANTS]
+    if bad or not variants:
+        raise SystemExit(f"--variants {text!r}: choose among {','.join(onnx_export.VARIANTS)}")
+    return list(dict.fromkeys(["fp32", *variants]))  # fp32: the reference every variant is measured against
+
+
+def format_measured(record: dict) -> str:
+    """The variants' validation AUROC side by side."""
+    lines = [f"{'variant':8s} {'image AUROC':>12s} {'pixel AUROC':>12s} {'max delta':>10s}  usable"]
+    for variant, row in record["variants"].items():
+        cells = [row.get("image_auroc"), row.get("pixel_auroc"), row.get("max_auroc_delta")]
+        text = ["-" if v is None else f"{v:.4f}" for v in cells]
+        lines.append(f"{variant:8s} {text[0]:>12s} {text[1]:>12s} {text[2]:>10s}  {'yes' if row['usable'] else 'NO'}")
+    return "\n".join(lines)
+
+
 def main(cfg: ExportConfig) -> dict:
-    """Export, write the repository, optionally smoke-test it; returns what was written."""
+    """Export, write the repository, optionally measure and smoke-test it; returns what was written."""
+    variants = parse_variants(cfg.variants)
     with tempfile.TemporaryDirectory(prefix="adcore-export-") as tmp:
         tmp = Path(tmp)
         artifact = cfg.model
@@ -120,17 +148,24 @@ def main(cfg: ExportConfig) -> dict:
             raise SystemExit(f"--repository {cfg.repository}: write to a local folder, then copy it where Triton reads")
         repository = Path(cfg.repository) if cfg.repository else tmp / "repository"
 
-        scorer = load_scorer(artifact)
+        scorer = engine.load_scorer(artifact, engine="torch")
         log.info("exporting %s (version %s) from %s", scorer.version, scorer.meta.get("version"), artifact)
-        onnx_path = onnx_export.export_onnx(scorer, tmp / "model.onnx", opset=cfg.opset)
-        dirs = onnx_export.write_triton_repository(
-            scorer,
-            onnx_path,
-            repository,
-            model_name=cfg.name,
-            max_batch_size=cfg.max_batch_size,
-            intra_op_num_threads=cfg.intra_op_threads,
-        )
+        paths = {v: engine.ensure_onnx(scorer, v) for v in variants}
+        measured = engine.measure_variants(scorer, cfg.data, tuple(variants), limit=cfg.limit) if cfg.data else None
+        if storage.is_s3(artifact):
+            engine.upload_cache(scorer, artifact)  # every node's scoring job downloads these instead of exporting
+        dirs: dict[str, Path] = {}
+        for variant in variants:
+            suffix = "" if variant == "fp32" else f"_{variant}"
+            dirs |= onnx_export.write_triton_repository(
+                scorer,
+                paths[variant],
+                repository,
+                model_name=cfg.name + suffix if cfg.name else None,
+                max_batch_size=cfg.max_batch_size,
+                intra_op_num_threads=cfg.intra_op_threads,
+                variant=variant,
+            )
         model_name = next(iter(dirs))
         summary = {
             "artifact": artifact,
@@ -138,13 +173,20 @@ def main(cfg: ExportConfig) -> dict:
             "version": int(scorer.meta["version"]),
             "repository": str(repository.resolve()),
             "models": {name: str(path) for name, path in dirs.items()},
-            "onnx_bytes": onnx_path.stat().st_size,
+            "onnx": {v: str(p) for v, p in paths.items()},
+            "onnx_bytes": {v: p.stat().st_size for v, p in paths.items()},
+            "measured": measured,
         }
         for name, path in dirs.items():
             files = sorted(str(p.relative_to(repository)) for p in path.rglob("*") if p.is_file())
             print(f"wrote {name}: {', '.join(files)}")
+        if measured:
+            print(f"validation split of {cfg.data} ({measured['n_images']} images), tolerance {measured['tolerance']}:")
+            print(format_measured(measured))
+        else:
+            print("variants not measured (no --data): the scoring job uses fp32 only until they are")
         if cfg.smoke_test:
-            summary["max_abs_diff"] = serve_and_compare(scorer, repository, model_name, onnx_path)
+            summary["max_abs_diff"] = serve_and_compare(scorer, repository, model_name, paths["fp32"])
             print("smoke test: torch, onnxruntime and Triton agree:", summary["max_abs_diff"])
         if cfg.repository:
             print(how_to_serve(repository.resolve(), model_name, artifact))

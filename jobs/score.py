@@ -79,7 +79,8 @@ class ScoreConfig:
     # gRPC requests each replica keeps in flight: at least twice the server's model instances, so its
     # dynamic batcher has requests to merge
     triton_in_flight: int = 4
-    engine: str = "torch"  # in-process network: "torch" or "onnx" (onnxruntime)
+    engine: str = "auto"  # in-process network: auto (onnxruntime on CPU, torch on CUDA), torch or onnx
+    variant: str = "fp32"  # fp32, int8 or fp16 ONNX; refused unless jobs/export.py --data measured it usable
     rescore_all: bool = False  # score everything again; the new rows supersede older ones
     batch_size: int = 64  # frames per model+head call
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -361,6 +362,7 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     stage_kwargs = dict(
         artifact=cfg.model,
         engine=cfg.engine,
+        variant=cfg.variant,
         threads=plan.threads,
         triton_url=cfg.triton_url,
         triton_model=triton_model,
@@ -390,8 +392,13 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
 
     rdir = ledger.run_dir(cfg.output, run_date, run_id)
     progress = ray.remote(num_cpus=0)(Progress).remote()
+    if not cfg.triton_url:
+        from adcore.engine import choose_engine
+
+        fields["engine"] = choose_engine(cfg.engine, "cuda" if gpus else "cpu", cfg.variant)
     fields = {
         **fields,
+        "variant": cfg.variant,
         "replicas": {"min": plan.min_replicas, "max": plan.max_replicas, "cpus": plan.cpus, "gpus": gpus},
     }
     sink = RunSink(cfg.output, rdir, fields, rows_per_write=cfg.rows_per_file, progress=progress)

@@ -67,8 +67,12 @@ class TritonClient:
         """The URL without any ``user:password@`` part, for messages."""
         return _USERINFO.sub(r"\1", self.url)
 
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model on ``inputs`` and return every output by name."""
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the model on ``inputs`` and return ``outputs`` by name (None: every output).
+
+        Only the outputs asked for cross the network (and, with adcore's Python-backend
+        models, only those are computed).
+        """
         self._ensure_metadata()
         unknown = sorted(set(inputs) - set(self._inputs))
         missing = sorted(set(self._inputs) - set(inputs))
@@ -77,8 +81,44 @@ class TritonClient:
                 f"model {self.model_name!r} at {self.safe_url} takes inputs {sorted(self._inputs)}; "
                 f"unknown {unknown}, missing {missing}"
             )
+        names = list(self._outputs) if outputs is None else list(outputs)
+        strange = sorted(set(names) - set(self._outputs))
+        if strange or not names:
+            raise ValueError(
+                f"model {self.model_name!r} at {self.safe_url} has outputs {self._outputs}; asked for {names}"
+            )
         arrays = {name: _as_dtype(np.asarray(inputs[name]), self._inputs[name]) for name in self._inputs}
-        return self._with_retries(lambda: self._infer_once(arrays), "infer")
+        return self._with_retries(lambda: self._infer_once(arrays, names), "infer")
+
+    @property
+    def input_dtypes(self) -> dict[str, str]:
+        """The model's inputs and their Triton dtypes (e.g. ``{"pixel_values": "UINT8"}``), from its metadata."""
+        self._ensure_metadata()
+        return dict(self._inputs)
+
+    def statistics(self) -> dict[str, int]:
+        """The server's cumulative counters for this model: ``inference_count`` (images, i.e. batch rows),
+        ``execution_count`` (model executions: batches the dynamic batcher formed) and ``request_count``.
+
+        The average batch the server formed between two calls is the difference of
+        ``inference_count`` over the difference of ``execution_count``.
+        """
+
+        def fetch():
+            client = self._get_client()
+            if self.protocol == "grpc":
+                return client.get_inference_statistics(
+                    self.model_name, self.model_version, as_json=True, client_timeout=self.timeout_s
+                )
+            return client.get_inference_statistics(self.model_name, self.model_version)
+
+        stats = self._with_retries(fetch, "get_inference_statistics")
+        totals = {"inference_count": 0, "execution_count": 0, "request_count": 0}
+        for model in stats.get("model_stats", []):
+            totals["inference_count"] += int(model.get("inference_count", 0))
+            totals["execution_count"] += int(model.get("execution_count", 0))
+            totals["request_count"] += int(model.get("inference_stats", {}).get("success", {}).get("count", 0))
+        return totals
 
     def is_ready(self) -> bool:
         """True when the server answers and the model is loaded (one attempt, no retries)."""
@@ -100,7 +140,7 @@ class TritonClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _infer_once(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _infer_once(self, arrays: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         mod = self._module()
         client = self._get_client()
         request = []
@@ -108,10 +148,10 @@ class TritonClient:
             tensor = mod.InferInput(name, list(array.shape), self._inputs[name])
             tensor.set_data_from_numpy(array)
             request.append(tensor)
-        wanted = [mod.InferRequestedOutput(name) for name in self._outputs]
+        wanted = [mod.InferRequestedOutput(name) for name in names]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         result = client.infer(self.model_name, request, model_version=self.model_version, outputs=wanted, **kwargs)
-        return {name: result.as_numpy(name) for name in self._outputs}
+        return {name: result.as_numpy(name) for name in names}
 
     def _ensure_metadata(self) -> None:
         if self._inputs is not None:

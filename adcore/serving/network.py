@@ -20,17 +20,31 @@ class TritonNetwork:
     server's dynamic batcher can merge them. The HTTP client (gevent) works only from the thread
     that made it: every HTTP call goes through one thread, so at most one is in flight.
 
+    Pixels travel as uint8 (what the decoder ships; the exported graph casts them itself), 4x
+    fewer bytes than float32; a model exported before that (FP32 input) gets ``value / 255``.
+    Only ``outputs`` come back (the head's: :func:`adcore.engine.head_outputs`).
+
     Args:
         client: A :class:`TritonClient` on the served model.
         max_batch: Largest batch per request (at most the model's ``max_batch_size``).
         in_flight: Requests sent ahead of the one being consumed.
+        outputs: Outputs to fetch; None: every output the model has.
     """
 
-    def __init__(self, client: TritonClient, max_batch: int = 16, in_flight: int = DEFAULT_IN_FLIGHT):
+    input_dtype = "uint8"  # Scorer.forward hands the frames over as they are
+
+    def __init__(
+        self,
+        client: TritonClient,
+        max_batch: int = 16,
+        in_flight: int = DEFAULT_IN_FLIGHT,
+        outputs: tuple[str, ...] | None = None,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.client = client
         self.max_batch = max_batch
+        self.outputs = None if outputs is None else list(outputs)
         pinned = client.protocol == "http"
         self.in_flight = min(in_flight, 1) if pinned else in_flight
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton") if pinned else None
@@ -42,9 +56,11 @@ class TritonNetwork:
 
     def _infer(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         from adcore.export import from_triton
-        from adcore.scorer import INPUT_NAME
+        from adcore.scorer import INPUT_NAME, as_float, as_uint8
 
-        return from_triton(self.client.infer({INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)}))
+        served = self.client.input_dtypes.get(INPUT_NAME)
+        x = as_uint8(pixels) if served == "UINT8" else as_float(pixels)
+        return from_triton(self.client.infer({INPUT_NAME: x}, outputs=self.outputs))
 
     def close(self) -> None:
         """Close the client (from its own thread, for HTTP) and stop that thread."""

@@ -82,26 +82,30 @@ class TritonPythonModel:
     def execute(self, requests):
         try:
             feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs} for r in requests]
+            # Only what the callers asked for (none named: every output), computed once for the whole batch.
+            wanted = [list(r.requested_output_names()) or list(self.outputs) for r in requests]
+            names = [n for n in self.outputs if any(n in w for w in wanted)]
             if self.batched and len(requests) > 1:
                 # One onnxruntime call for everything the dynamic batcher gathered.
                 sizes = [len(f[self.inputs[0]]) for f in feeds]
                 merged = {n: np.concatenate([f[n] for f in feeds]) for n in self.inputs}
-                results = self.session.run(list(self.outputs), merged)
+                results = self.session.run(names, merged)
                 bounds = np.cumsum(sizes)[:-1]
                 per_request = list(zip(*[np.split(r, bounds) for r in results]))
             else:
-                per_request = [self.session.run(list(self.outputs), f) for f in feeds]
+                per_request = [self.session.run(names, f) for f in feeds]
         except Exception as exc:  # report to every caller instead of crashing the stub
             error = pb_utils.TritonError(f"onnxruntime failed: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
         return [
             pb_utils.InferenceResponse(
                 output_tensors=[
-                    pb_utils.Tensor(name, np.ascontiguousarray(value.astype(dtype, copy=False)))
-                    for (name, dtype), value in zip(self.outputs.items(), values)
+                    pb_utils.Tensor(name, np.ascontiguousarray(value.astype(self.outputs[name], copy=False)))
+                    for name, value in zip(names, values)
+                    if name in want
                 ]
             )
-            for values in per_request
+            for values, want in zip(per_request, wanted)
         ]
 
     def finalize(self):

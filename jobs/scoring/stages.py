@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import tempfile
 import time
 
 import numpy as np
@@ -143,8 +141,11 @@ class ScoreStage:
 
     Args:
         artifact: Artifact URI (local or s3://).
-        engine: ``"torch"`` (in-process, the default) or ``"onnx"`` (onnxruntime); ignored
-            when ``triton_url`` is given.
+        engine: ``"auto"`` (onnxruntime on CPU, torch on CUDA: ``adcore.engine.choose_engine``),
+            ``"torch"`` or ``"onnx"``; ignored when ``triton_url`` is given.
+        variant: ONNX variant, ``"fp32"``, ``"int8"`` or ``"fp16"`` (refused unless ``jobs/export.py
+            --data`` measured it usable). The graphs come from the artifact's engine cache,
+            exported once per artifact, never per replica.
         threads: Intra-op threads of torch / onnxruntime and FAISS's OpenMP threads.
         triton_url: ``host:port`` of a Triton server; the network then runs there.
         triton_model: Model name in Triton's repository.
@@ -157,7 +158,8 @@ class ScoreStage:
     def __init__(
         self,
         artifact: str,
-        engine: str = "torch",
+        engine: str = "auto",
+        variant: str = "fp32",
         threads: int = 1,
         triton_url: str = "",
         triton_model: str = "",
@@ -172,12 +174,13 @@ class ScoreStage:
         import faiss
         import torch
 
-        from adcore.scorer import load
+        from adcore import engine as engines
 
         threads = max(1, threads)
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the actor's CPUs otherwise
-        self.scorer = load(artifact)
+        in_process = "torch" if triton_url else engine  # through Triton the network is replaced below: no export
+        self.scorer = engines.load_scorer(artifact, engine=in_process, variant=variant, threads=threads)
         if self.scorer.calibration is None:
             raise ValueError(f"artifact {artifact} has no calibration; calibrate it on a validation split first")
         self.node_id = _node_id()
@@ -201,14 +204,9 @@ class ScoreStage:
                 retries=triton_retries,
                 backoff_s=triton_backoff_s,
             )
-            self.scorer.network = TritonNetwork(client, max_batch=triton_batch, in_flight=triton_in_flight)
-        elif engine == "onnx":
-            from adcore.export import OnnxNetwork, export_onnx
-
-            path = export_onnx(self.scorer, os.path.join(tempfile.mkdtemp(prefix="adcore-onnx-"), "model.onnx"))
-            self.scorer.network = OnnxNetwork(path, threads=threads)
-        elif engine != "torch":
-            raise ValueError(f"engine must be 'torch' or 'onnx', got {engine!r}")
+            self.scorer.network = TritonNetwork(
+                client, max_batch=triton_batch, in_flight=triton_in_flight, outputs=engines.head_outputs(self.scorer)
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Prepared frames -> raw scores and patch-grid maps (post-processing runs after, on CPU)."""

@@ -21,7 +21,7 @@ from adcore.export import (  # noqa: E402
     write_triton_repository,
 )
 from adcore.models import list_models  # noqa: E402
-from adcore.scorer import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
+from adcore.scorer import INPUT_NAME, OUTPUT_NAMES, to_uint8  # noqa: E402
 from adcore.serving import TensorSpec, write_model_repository  # noqa: E402
 from adcore.testing import tiny_scorer  # noqa: E402
 
@@ -65,8 +65,10 @@ def test_export_matches_torch_at_any_batch(exported, name):
     assert "CPUExecutionProvider" in net.providers
     rng = np.random.default_rng(1)
     g, e, s = scorer.model.grid, scorer.model.embedding_dim, scorer.input_size
+    assert net.input_dtype == "uint8"
     for batch in (1, 3, 5):  # the example batch at export was 2: none of these was traced
-        pixels = rng.random((batch, 3, s, s), dtype=np.float32)
+        # uint8 frames as the decoder ships them: torch sees value / 255, the graph casts them the same way.
+        pixels = rng.integers(0, 256, (batch, 3, s, s), dtype=np.uint8)
         want, got = scorer.forward(pixels), net(pixels)
         assert list(got) == list(OUTPUT_NAMES)
         shapes = {"score": (batch,), "anomaly_map": (batch, g, g), "patch_embeddings": (batch, g * g, e)}
@@ -74,9 +76,26 @@ def test_export_matches_torch_at_any_batch(exported, name):
             assert got[key].shape == shapes[key] and got[key].dtype == np.float32
             np.testing.assert_allclose(got[key], want[key], atol=TOLERANCE, rtol=0, err_msg=f"{name} {key} b={batch}")
     # The FAISS head sees the same thing whichever network produced it.
-    pixels = rng.random((2, 3, s, s), dtype=np.float32)
+    pixels = rng.integers(0, 256, (2, 3, s, s), dtype=np.uint8)
     for a, b in zip(scorer.head(scorer.forward(pixels)), scorer.head(net(pixels))):
         np.testing.assert_allclose(a, b, atol=TOLERANCE, rtol=0)
+    # Float pixels are rounded to uint8 first (to_uint8), exactly as the decoder does.
+    floats = rng.random((2, 3, s, s), dtype=np.float32)
+    for key, value in net(floats).items():
+        np.testing.assert_array_equal(value, net(to_uint8(floats))[key], err_msg=key)
+
+
+def test_graph_takes_uint8_and_returns_only_what_is_asked(exported):
+    scorer, path = exported("patchcore")
+    proto = onnx.load(str(path))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert tensor_specs(scorer)[0][0].dtype == "UINT8"
+    net = OnnxNetwork(path, threads=1, outputs=("patch_embeddings", "anomaly_map"))
+    s = scorer.input_size
+    got = net(np.zeros((2, 3, s, s), np.uint8))
+    assert sorted(got) == ["anomaly_map", "patch_embeddings"]
+    with pytest.raises(ValueError, match="choose among"):
+        OnnxNetwork(path, outputs=("logits",))
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -116,7 +135,8 @@ def test_triton_repository_files(exported, tmp_path):
         assert config.max_batch_size == 8 and list(config.dynamic_batching.preferred_batch_size) == [4, 8]
     assert "reshape: { shape: [ ] }" in (dirs[name] / "config.pbtxt").read_text()
     assert _read_config(dirs[name + "_ort"]).backend == "onnxruntime"
-    assert set(_parameters(_read_config(dirs[name + "_ort"]))) == set(identity)
+    assert set(_parameters(_read_config(dirs[name + "_ort"]))) == set(identity) | {"variant"}
+    assert _parameters(_read_config(dirs[name]))["variant"] == "fp32"
     assert _parameters(_read_config(dirs[name]))["onnx_filename"] == "model.onnx"  # the Python model keeps its own
 
 
@@ -191,7 +211,7 @@ def test_external_weights_travel_with_the_repository(tmp_path):
         assert sorted(p.name for p in (model_dir / "2").iterdir() if p.suffix != ".py") == sorted(
             ["model.onnx", *side_files]
         )
-    pixels = np.random.default_rng(0).random((2, 3, scorer.input_size, scorer.input_size), dtype=np.float32)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, scorer.input_size, scorer.input_size), dtype=np.uint8)
     got = OnnxNetwork(dirs["pc"] / "2" / "model.onnx")(pixels)
     want = scorer.forward(pixels)
     np.testing.assert_allclose(got["patch_embeddings"], want["patch_embeddings"], atol=TOLERANCE, rtol=0)
