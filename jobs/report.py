@@ -1,6 +1,7 @@
 """Analyst report over the scoring job's Parquet: top anomalies, distributions, errors, run-to-run shift.
 
     python jobs/report.py --scores s3://results/scores --report report.html [--top-k 12]
+    python jobs/report.py --scores s3://results/scores --report image.html --image s3://archive/a.dcm [--frame 3]
 
 DuckDB queries the compacted ``latest`` table (plus any run committed after it; see
 ``jobs/scoring/ledger.py``), loaded through pyarrow so local folders and S3 work the same
@@ -10,8 +11,11 @@ a changed volume no longer has left out: what analysts normally want) and ``scor
 rows of the newest ``REPORT_RUNS`` runs, for per-run tables and the shift between runs).
 The SQL constants below are what an analyst would type; the README shows them.
 
-The HTML is self-contained: inline CSS, images as base64 data URIs. Top-K images are
-re-read from their URIs and drawn with their mask's contour in red.
+The HTML is self-contained: inline CSS, images as base64 data URIs, plots as inline SVG drawn
+here (score histograms per modality and run, the shift against the previous run, errors by kind
+over runs; no plotting library). Top-K images are re-read from their URIs and drawn with their
+mask's contour in red; each has its own section (overlay, score, label, model version), and
+``--image`` writes that page alone for any scored image.
 """
 
 from __future__ import annotations
@@ -70,10 +74,32 @@ RUN_SCORES_SQL = "SELECT score FROM scores WHERE status = 'ok' AND run_id = $run
 
 RUNS_SQL = "SELECT DISTINCT run_id FROM scores ORDER BY run_id"
 
+# Score histograms per run and modality, binned in DuckDB (no score list in Python).
+HISTOGRAM_SQL = f"""
+SELECT run_id, coalesce(modality, 'non-DICOM') AS modality,
+       least(CAST(floor(score * {HIST_BINS}) AS INTEGER), {HIST_BINS - 1}) AS bin, count(*) AS n
+FROM scores
+WHERE status = 'ok'
+GROUP BY ALL
+ORDER BY ALL
+"""
+
+IMAGE_SQL = """
+SELECT image_uri, frame, score, raw_score, label, mask_area, peak_row, peak_col, modality, model_name, model_version,
+       run_id, scored_at
+FROM latest
+WHERE status = 'ok' AND image_uri = $uri AND frame = $frame
+ORDER BY run_id DESC
+LIMIT 1
+"""
+
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}
 .grid{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;width:260px;font-size:12px;word-break:break-all}img{border:1px solid #999}"""
+figure{margin:0;width:260px;font-size:12px;word-break:break-all}img{border:1px solid #999}
+.plots{display:flex;flex-wrap:wrap;gap:16px}svg{border:1px solid #ccc;background:#fff}
+section.image{border-top:1px solid #ccc;margin-top:1.5em}"""
+PALETTE = ("#4668c8", "#e07b39", "#3a9d5d", "#b94a9c", "#8c6d31", "#d63b3b", "#5ab4c4", "#7f7f7f")
 
 
 @dataclass
@@ -81,6 +107,8 @@ class ReportConfig:
     scores: str = ""  # the scoring job's --output (local or s3://)
     report: str = "report.html"  # where the HTML goes (local or s3://)
     top_k: int = 12
+    image: str = ""  # an image_uri: write the page of that one image (overlay, score, label, model) instead
+    frame: int = 0  # with --image: the frame / slice
     smoke_test: bool = False
 
 
@@ -157,8 +185,8 @@ def score_shift(con) -> dict | None:
     return out
 
 
-def overlay(uri: str, frame: int, mask_png: bytes | None) -> str:
-    """Data URI of the frame with its mask contour in red (re-read from the image's URI)."""
+def overlay(uri: str, frame: int, mask_png: bytes | None, size: int = THUMB) -> str:
+    """Data URI of the frame with its mask contour in red (re-read from the image's URI), at most ``size`` px."""
     from PIL import Image
 
     from adcore.data.decode import decode_image
@@ -173,7 +201,7 @@ def overlay(uri: str, frame: int, mask_png: bytes | None) -> str:
         inner[1:-1, 1:-1] &= m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
         img[m & ~inner] = CONTOUR_RGB
     im = Image.fromarray(img)
-    im.thumbnail((THUMB, THUMB))
+    im.thumbnail((size, size))
     return _data_uri(im)
 
 
@@ -213,6 +241,161 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+# ----------------------------------------------------------------------------- plots (inline SVG)
+PLOT_W, PLOT_H, PAD = 420, 180, 30
+
+
+def _svg(title: str, body: str, legend: list[tuple[str, str]], w: int = PLOT_W, h: int = PLOT_H) -> str:
+    """An inline SVG with a title, the plot ``body`` and a legend of (colour, label) below it."""
+    rows = "".join(
+        f"<rect x='{PAD + 130 * (i % 3)}' y='{h + 8 + 14 * (i // 3)}' width='10' height='10' fill='{c}'/>"
+        f"<text x='{PAD + 14 + 130 * (i % 3)}' y='{h + 17 + 14 * (i // 3)}' font-size='10'>{html.escape(t)}</text>"
+        for i, (c, t) in enumerate(legend)
+    )
+    total_h = h + 12 + 14 * ((len(legend) + 2) // 3)
+    return (
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{total_h}' role='img' "
+        f"aria-label='{html.escape(title)}'><title>{html.escape(title)}</title>"
+        f"<text x='{PAD}' y='14' font-size='12' font-weight='bold'>{html.escape(title)}</text>"
+        f"<line x1='{PAD}' y1='{h - PAD}' x2='{w - 10}' y2='{h - PAD}' stroke='#444'/>"
+        f"<line x1='{PAD}' y1='22' x2='{PAD}' y2='{h - PAD}' stroke='#444'/>{body}{rows}</svg>"
+    )
+
+
+def _bins(hist: list[dict], run_id: str, modality: str | None = None) -> np.ndarray:
+    counts = np.zeros(HIST_BINS, np.int64)
+    for r in hist:
+        if r["run_id"] == run_id and (modality is None or r["modality"] == modality):
+            counts[r["bin"]] += r["n"]
+    return counts
+
+
+def _step(counts: np.ndarray, top: float, colour: str, fill: bool = False, w: int = PLOT_W, h: int = PLOT_H) -> str:
+    """Bars (``fill``) or a step outline of a histogram over [0, 1]."""
+    x0, y0, bw = PAD, h - PAD, (w - 10 - PAD) / HIST_BINS
+    ys = [y0 - (h - PAD - 26) * c / max(top, 1) for c in counts]
+    if fill:
+        return "".join(
+            f"<rect x='{x0 + i * bw + 1:.1f}' y='{y:.1f}' width='{bw - 2:.1f}' height='{y0 - y:.1f}' fill='{colour}'/>"
+            for i, y in enumerate(ys)
+        )
+    pts = [f"{x0:.1f},{y0:.1f}"]
+    for i, y in enumerate(ys):
+        pts += [f"{x0 + i * bw:.1f},{y:.1f}", f"{x0 + (i + 1) * bw:.1f},{y:.1f}"]
+    pts.append(f"{x0 + HIST_BINS * bw:.1f},{y0:.1f}")
+    return f"<polyline points='{' '.join(pts)}' fill='none' stroke='{colour}' stroke-width='2'/>"
+
+
+def _axis(top: int, w: int = PLOT_W, h: int = PLOT_H) -> str:
+    return (
+        f"<text x='{PAD}' y='{h - PAD + 12}' font-size='10'>0</text>"
+        f"<text x='{w - 16}' y='{h - PAD + 12}' font-size='10'>1</text>"
+        f"<text x='{(w + PAD) / 2 - 12}' y='{h - PAD + 12}' font-size='10'>score</text>"
+        f"<text x='2' y='30' font-size='10'>{top}</text>"
+    )
+
+
+def histograms_svg(hist: list[dict]) -> str:
+    """One plot per modality: a step histogram of its scores for each recent run."""
+    if not hist:
+        return "<p>no scored rows</p>"
+    runs = sorted({r["run_id"] for r in hist})
+    plots = []
+    for modality in sorted({r["modality"] for r in hist}):
+        counts = {run: _bins(hist, run, modality) for run in runs}
+        top = int(max(c.max() for c in counts.values()))
+        body = _axis(top) + "".join(
+            _step(c, top, PALETTE[i % len(PALETTE)]) for i, c in enumerate(counts.values()) if c.any()
+        )
+        legend = [(PALETTE[i % len(PALETTE)], run) for i, (run, c) in enumerate(counts.items()) if c.any()]
+        plots.append(_svg(f"{modality}: scores per run", body, legend))
+    return "".join(plots)
+
+
+def shift_svg(hist: list[dict], shift: dict) -> str:
+    """The latest run's histogram (outline) over the previous run's (bars), all modalities."""
+    cur, prev = _bins(hist, shift["run"]), _bins(hist, shift["previous_run"])
+    top = int(max(cur.max(), prev.max()))
+    body = _axis(top) + _step(prev, top, "#bbbbbb", fill=True) + _step(cur, top, PALETTE[0])
+    title = f"shift: mean {shift['mean_delta']:+.4f}, KS {shift['ks_statistic']:.3f}"
+    return _svg(title, body, [("#bbbbbb", f"previous {shift['previous_run']}"), (PALETTE[0], f"latest {shift['run']}")])
+
+
+def errors_svg(errors: list[dict]) -> str:
+    """Stacked bars: error rows per run, by kind."""
+    if not errors:
+        return "<p>no error rows</p>"
+    runs = sorted({e["run_id"] for e in errors})
+    kinds = sorted({e["kind"] for e in errors})
+    n = {(e["run_id"], e["kind"]): e["n"] for e in errors}
+    top = max(sum(n.get((r, k), 0) for k in kinds) for r in runs)
+    bw = (PLOT_W - 10 - PAD) / len(runs)
+    body = f"<text x='2' y='30' font-size='10'>{top}</text>"
+    for i, run in enumerate(runs):
+        y = PLOT_H - PAD
+        for j, kind in enumerate(kinds):
+            hgt = (PLOT_H - PAD - 26) * n.get((run, kind), 0) / top
+            if hgt:
+                body += (
+                    f"<rect x='{PAD + i * bw + 2:.1f}' y='{y - hgt:.1f}' width='{max(bw - 4, 1):.1f}' "
+                    f"height='{hgt:.1f}' fill='{PALETTE[j % len(PALETTE)]}'><title>{html.escape(run)} "
+                    f"{html.escape(kind)}: {n[(run, kind)]}</title></rect>"
+                )
+                y -= hgt
+        body += f"<text x='{PAD + i * bw + 2:.1f}' y='{PLOT_H - PAD + 12}' font-size='9'>{html.escape(run[:15])}</text>"
+    return _svg("error rows per run, by kind", body, [(PALETTE[j % len(PALETTE)], k) for j, k in enumerate(kinds)])
+
+
+# ----------------------------------------------------------------------------- one image
+IMAGE_SIZE = 512  # longest side of the overlay on an image's own page
+
+
+def _mask_of(scores: str, r: dict) -> bytes | None:
+    found = ledger.read_row(scores, r["image_uri"], r["frame"], ["mask_png", "model_version", "run_id"])
+    same_run = [m for m in found if m["run_id"] == r["run_id"]]
+    return next((m["mask_png"] for m in same_run or found if m["model_version"] == r["model_version"]), None)
+
+
+def _overlay_img(r: dict, mask: bytes | None, size: int) -> str:
+    try:
+        return f'<img src="{overlay(r["image_uri"], r["frame"], mask, size)}" alt="overlay">'
+    except Exception as e:  # noqa: BLE001 (a moved or unreadable image must not sink the report)
+        return f"<p>image unavailable: {html.escape(type(e).__name__)}</p>"
+
+
+def image_section(r: dict, mask: bytes | None, anchor: str) -> str:
+    """One image: its overlay at ``IMAGE_SIZE`` and what was scored (score, label, model version)."""
+    facts = {
+        "image": f"{r['image_uri']} [frame {r['frame']}]",
+        "score": f"{r['score']:.4f} (raw {r['raw_score']:.4g})",
+        "label": "anomalous" if r["label"] else "normal",
+        "mask area": f"{r['mask_area']} px, peak at ({r['peak_row']}, {r['peak_col']})",
+        "modality": r.get("modality") or "non-DICOM",
+        "model version": r["model_version"],
+        "run": r["run_id"],
+    }
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+    return (
+        f"<section class='image' id='{anchor}'><h3>{html.escape(r['image_uri'])} [frame {r['frame']}]</h3>"
+        f"{_overlay_img(r, mask, IMAGE_SIZE)}<table>{rows}</table></section>"
+    )
+
+
+def build_image_page(scores: str, uri: str, frame: int = 0) -> tuple[str, dict]:
+    """The self-contained page of one scored image (its latest ok row)."""
+    con = connect(scores)
+    found = query(con, IMAGE_SQL, uri=uri, frame=frame)
+    if not found:
+        raise SystemExit(f"--image: no scored row for frame {frame} of that image in {scores}")
+    r = found[0]
+    text = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Anomaly score of one image</title>"
+        f"<style>{CSS}</style></head><body><h1>Anomaly score of one image</h1>"
+        f"{image_section(r, _mask_of(scores, r), 'image')}</body></html>"
+    )
+    return text, r
+
+
 def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
     """HTML text and the figures it shows (for tests and notebooks)."""
     con = connect(scores)
@@ -221,19 +404,16 @@ def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
     errors = query(con, ERROR_COUNTS_SQL)
     shift = score_shift(con)
     latest_scores = [r["score"] for r in query(con, "SELECT score FROM latest WHERE status = 'ok'")]
-    figures = []
-    for r in top:
-        found = ledger.read_row(scores, r["image_uri"], r["frame"], ["mask_png", "model_version"])
-        mask = next(m["mask_png"] for m in found if m["model_version"] == r["model_version"])
-        try:
-            src = overlay(r["image_uri"], r["frame"], mask)
-            img = f'<img src="{src}">'
-        except Exception as e:  # noqa: BLE001 (a moved or unreadable image must not sink the report)
-            img = f"<p>image unavailable: {html.escape(type(e).__name__)}</p>"
+    hist = query(con, HISTOGRAM_SQL)
+    figures, pages = [], []
+    for i, r in enumerate(top):
+        mask = _mask_of(scores, r)
+        img = _overlay_img(r, mask, THUMB)
         figures.append(
-            f"<figure>{img}<figcaption>{html.escape(r['image_uri'])} [frame {r['frame']}]<br>"
+            f"<figure><a href='#image-{i}'>{img}</a><figcaption>{html.escape(r['image_uri'])} [frame {r['frame']}]<br>"
             f"score {r['score']:.4f} (raw {r['raw_score']:.4g}), mask {r['mask_area']} px</figcaption></figure>"
         )
+        pages.append(image_section(r, mask, f"image-{i}"))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Anomaly scores</title>"
         f"<style>{CSS}</style></head><body>",
@@ -241,15 +421,21 @@ def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
         f"<h2>Top {top_k} anomalies</h2><div class='grid'>{''.join(figures)}</div>",
         _table([{k: v for k, v in r.items()} for r in top]),
         f"<h2>Score histogram (visible rows)</h2><img src='{histogram(latest_scores)}'>",
+        "<h2 id='histograms'>Score histograms per modality and run</h2>",
+        f"<div class='plots'>{histograms_svg(hist)}</div>",
         "<h2>Score distribution per run and modality</h2>",
         _table(dist),
-        "<h2>Errors per run and kind</h2>",
+        "<h2 id='errors'>Errors per run and kind</h2>",
+        f"<div class='plots'>{errors_svg(errors)}</div>",
         _table(errors),
-        "<h2>Shift against the previous run</h2>",
+        "<h2 id='shift'>Shift against the previous run</h2>",
+        f"<div class='plots'>{shift_svg(hist, shift)}</div>" if shift else "",
         _table([shift] if shift else []),
+        "<h2>Top anomalies, one by one</h2>",
+        *pages,
         "</body></html>",
     ]
-    return "\n".join(parts), {"top": top, "distribution": dist, "errors": errors, "shift": shift}
+    return "\n".join(parts), {"top": top, "distribution": dist, "errors": errors, "shift": shift, "histogram": hist}
 
 
 def main(cfg: ReportConfig) -> dict:
@@ -261,6 +447,11 @@ def main(cfg: ReportConfig) -> dict:
         cfg = ReportConfig(**{**cfg.__dict__, "scores": manifest["output"]})
     if not cfg.scores:
         raise SystemExit("--scores is required (the scoring job's --output)")
+    if cfg.image:
+        text, row = build_image_page(cfg.scores, cfg.image, cfg.frame)
+        storage.write_bytes(cfg.report, text.encode())
+        log.info("image page written to %s", cfg.report)
+        return {"image": row}
     text, figures = build_report(cfg.scores, cfg.top_k)
     storage.write_bytes(cfg.report, text.encode())
     log.info("report written to %s (%d top anomalies)", cfg.report, len(figures["top"]))

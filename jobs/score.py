@@ -2,7 +2,8 @@
 
     python jobs/score.py --input s3://archive/images --model s3://models/brain/v3 \
         --output s3://results/scores [--triton-url 10.0.0.5:8001 --triton-protocol grpc] \
-        [--replicas 2:16] [--device auto|gpu|cpu] [--rescore-all] [--batch-size 64] [--smoke-test]
+        [--replicas 2:16] [--device auto|gpu|cpu] [--rescore-all] [--batch-size 64] [--smoke-test] \
+        [--dicom-output s3://pacs-outbox/adcore]
 
 Stages: read files (with paths) -> decode + prepare (CPU tasks; a bad file becomes an
 error row; frames travel as uint8) -> network (in-process torch / onnxruntime, or Triton)
@@ -19,6 +20,10 @@ slice). A file whose header announces more than ``--max-pixels`` pixels is an er
 of kind ``too_large`` (refused before decoding; it is not downscaled). S3 endpoint and
 credentials come from the standard AWS_* environment variables. DICOM studies get a
 pseudonymous ``study_key`` keyed by ``ADCORE_STUDY_KEY_SECRET``.
+
+With ``--dicom-output`` DICOM inputs scored ok also get a DICOM Segmentation and a TID 1500
+measurement report (``jobs/scoring/dicom_out.py``), written under ``<dicom-output>/<run_id>/``
+only: they carry the source's patient and study modules, the Parquet never does.
 """
 
 from __future__ import annotations
@@ -28,14 +33,15 @@ import json
 import logging
 import os
 import pathlib
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
 
 from adcore import storage
 from adcore.cli import parse_config
+from jobs.scoring import dicom_out, ledger
 from jobs.scoring import lease as leases
-from jobs.scoring import ledger
 from jobs.scoring import schema as S
 from jobs.scoring.lease import DEFAULT_TTL_S
 from jobs.scoring.resources import cluster_nodes, node_types, plan_replicas
@@ -96,6 +102,11 @@ class ScoreConfig:
     files_per_block: int = 64  # read blocks: few and large, Ray's per-block cost dominates otherwise
     rows_per_file: int = ROWS_PER_WRITE  # rows per write task and Parquet file (one row group)
     progress_every_s: float = 10.0
+    # auto: one line redrawn in place on a terminal (stderr a TTY), periodic log lines otherwise; or "line", "log"
+    progress: str = "auto"
+    # local folder or s3:// prefix: DICOM-SEG + SR per scored DICOM instance, under <dicom-output>/<run_id>/
+    # (they carry the source's patient/study modules: PACS-bound, never mixed into --output)
+    dicom_output: str = ""
     retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
     wait_for_lease: float = 0.0  # seconds to wait while another run holds the output's lease; 0 = refuse at once
     lease_ttl_s: float = DEFAULT_TTL_S  # a run that stops renewing its lease (crashed) loses it after this long
@@ -160,12 +171,22 @@ def check_triton_model(cfg: ScoreConfig, model_name: str, art: dict) -> None:
 
 
 class _ProgressLog:
-    """Logs the write tasks' counts every ``every_s`` seconds while the run writes (a driver thread)."""
+    """Progress from the write tasks' counts while the run writes (a driver thread).
 
-    def __init__(self, progress, total_files: int, every_s: float, already: int = 0):
+    On a terminal (``mode`` "line", or "auto" with stderr a TTY) one line for the whole run,
+    redrawn in place every ``TTY_REDRAW_S``: files done of total, rows/s, errors, ETA. Otherwise
+    (logs) a ``progress:`` log line every ``every_s`` seconds.
+    """
+
+    def __init__(self, progress, total_files: int, every_s: float, already: int = 0, mode: str = "auto", stream=None):
         import threading
 
-        self.progress, self.total, self.every_s = progress, total_files, max(every_s, 0.5)
+        if mode not in PROGRESS_MODES:
+            raise SystemExit(f"--progress {mode!r}: expected one of {', '.join(PROGRESS_MODES)}")
+        self.stream = stream or sys.stderr
+        self.line = mode == "line" or (mode == "auto" and _isatty(self.stream))
+        self.progress, self.total = progress, total_files
+        self.every_s = min(max(every_s, 0.5), TTY_REDRAW_S) if self.line else max(every_s, 0.5)
         self.already = already  # files skipped from the listing alone
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="progress", daemon=True)
@@ -176,14 +197,20 @@ class _ProgressLog:
 
         while not self.stop.wait(self.every_s):
             rows, errors, files = ray.get(self.progress.totals.remote())
-            rate = rows / max(time.monotonic() - self.t0, 1e-9)
+            elapsed = max(time.monotonic() - self.t0, 1e-9)
+            done = min(files + self.already, self.total)
+            if self.line:
+                self.stream.write("\r" + progress_line(done, self.total, rows, errors, elapsed, files) + "\033[K")
+                self.stream.flush()
+                continue
             log.info(
-                "progress: files %d/%d, rows %d (%.1f rows/s), errors %d",
-                min(files + self.already, self.total),
+                "progress: files %d/%d, rows %d (%.1f rows/s), errors %d, ETA %s",
+                done,
                 self.total,
                 rows,
-                rate,
+                rows / elapsed,
                 errors,
+                _eta(self.total - done, files, elapsed),
             )
 
     def __enter__(self):
@@ -193,6 +220,38 @@ class _ProgressLog:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
+        if self.line:  # leave the terminal at the start of an empty line for the closing log lines
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+PROGRESS_MODES = ("auto", "line", "log")
+TTY_REDRAW_S = 1.0  # a terminal's progress line is redrawn at least this often
+
+
+def progress_line(done: int, total: int, rows: int, errors: int, elapsed: float, files_this_run: int) -> str:
+    """The terminal's progress line: ``files 12/100 (12%), rows 30 (4.1 rows/s), errors 1, ETA 0:01:20``."""
+    pct = 100.0 * done / total if total else 100.0
+    return (
+        f"scoring: files {done}/{total} ({pct:.0f}%), rows {rows} ({rows / max(elapsed, 1e-9):.1f} rows/s), "
+        f"errors {errors}, ETA {_eta(total - done, files_this_run, elapsed)}"
+    )
+
+
+def _eta(remaining: int, files_this_run: int, elapsed: float) -> str:
+    """Remaining files at this run's file rate so far, as H:MM:SS (``--`` before the first file)."""
+    if remaining <= 0:
+        return "0:00:00"
+    if files_this_run <= 0:
+        return "--"
+    return str(dt.timedelta(seconds=round(remaining * elapsed / files_this_run)))
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def init_ray_for(cfg: ScoreConfig):
@@ -213,6 +272,11 @@ def main(cfg: ScoreConfig) -> dict:
         raise SystemExit("--input, --model and --output are required (or --smoke-test)")
     # Ray workers run elsewhere than the driver's directory: pass absolute paths on.
     cfg = replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in ("input", "model", "output")})
+    if cfg.progress not in PROGRESS_MODES:
+        raise SystemExit(f"--progress {cfg.progress!r}: expected one of {', '.join(PROGRESS_MODES)}")
+    if cfg.dicom_output:
+        cfg = replace(cfg, dicom_output=storage.absolute(cfg.dicom_output))
+        _check_dicom_output(cfg)
     art, art_bytes = read_artifact_config(cfg.model)
     triton_model = cfg.triton_model or art.get("model_name", "model")
     if cfg.triton_url:
@@ -249,6 +313,9 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     run_date = started.strftime("%Y-%m-%d")
     # Holding the lease, every other run has ended: folders without a manifest are dead runs'.
     ledger.cleanup_incomplete(cfg.output, ledger.completed_ids(cfg.output), keep=run_id)
+    if cfg.dicom_output:
+        dicom_out.cleanup_incomplete(cfg.dicom_output, cfg.output, ledger.completed_ids(cfg.output), keep=run_id)
+        dicom_out.write_run_marker(cfg.dicom_output, run_id, cfg.output)
     ledger.cleanup_latest(cfg.output)
     ledger.compact(cfg.output, cfg.latest_buckets)  # a run that died between commit and compaction
     listing = list_inputs(cfg.input)
@@ -282,6 +349,8 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
         "input_files": listing.num_rows,
         "unchanged_files": skipped,
     }
+    if cfg.dicom_output:  # the run's DICOM folder; the manifest then lists every object in it
+        fields["dicom_output"] = dicom_out.run_root(cfg.dicom_output, run_id)
     if todo.num_rows:
         manifest, files_seen = _score(
             cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model, secret
@@ -389,6 +458,11 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     ds = ds.map_batches(
         Postprocess(art, run_id), batch_size=cfg.batch_size, num_cpus=plan.decode_cpus, batch_format="numpy"
     )
+    if cfg.dicom_output:  # DICOM-SEG + SR of the DICOM rows (re-read from their URIs), on CPU tasks too
+        writer = dicom_out.DicomWriter(
+            cfg.dicom_output, run_id, art.get("model_name", "model"), art.get("model_version", "unsaved"), _version()
+        )
+        ds = ds.map_batches(writer, batch_size=None, num_cpus=plan.decode_cpus, batch_format="pyarrow")
 
     rdir = ledger.run_dir(cfg.output, run_date, run_id)
     progress = ray.remote(num_cpus=0)(Progress).remote()
@@ -403,9 +477,27 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     }
     sink = RunSink(cfg.output, rdir, fields, rows_per_write=cfg.rows_per_file, progress=progress)
     total = int(fields["input_files"])
-    with _ProgressLog(progress, total, cfg.progress_every_s, already=int(fields["unchanged_files"])):
+    with _ProgressLog(progress, total, cfg.progress_every_s, int(fields["unchanged_files"]), cfg.progress):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": plan.decode_cpus})
     return sink.committed, sink.files_seen
+
+
+def _check_dicom_output(cfg: ScoreConfig) -> None:
+    """Refuse a --dicom-output inside --output or --input: PACS-bound objects stay apart from both."""
+    mine = cfg.dicom_output.rstrip("/") + "/"
+    for flag in ("output", "input"):
+        other = getattr(cfg, flag).rstrip("/") + "/"
+        if mine.startswith(other) or other.startswith(mine):
+            raise SystemExit(f"--dicom-output must lie outside --{flag} (its objects carry patient data)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adcore")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def smoke_inputs(cfg: ScoreConfig) -> ScoreConfig:

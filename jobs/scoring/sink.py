@@ -23,6 +23,7 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from adcore import storage
 from jobs.scoring import schema as S
+from jobs.scoring.dicom_out import DICOM_COLUMN, DICOM_ERROR_COLUMN
 from jobs.scoring.stages import NODE_COLUMN, TIME_COLUMN
 
 log = logging.getLogger("jobs.score")
@@ -94,6 +95,8 @@ class RunSink(Datasink[dict]):
             "rows_by_node": {},
             "files_seen": 0,
             "dicom_rows": 0,
+            "dicom_objects": [],  # DICOM-SEG/SR written for these rows (paths under the run's DICOM folder)
+            "dicom_failed": {},  # instances whose DICOM objects were not written, by reason
             "scored": [],  # (unix seconds, rows): one entry per model batch
         }
         if table is None or table.num_rows == 0:
@@ -103,6 +106,11 @@ class RunSink(Datasink[dict]):
         table = table.filter(pc.invert(skipped))
         nodes = table.column(NODE_COLUMN).to_pylist()
         scored = _rows_by_time(table.column(TIME_COLUMN).to_pylist())
+        if DICOM_COLUMN in table.column_names:  # --dicom-output: counted here, never written to Parquet
+            result["dicom_objects"] = [p for ps in table.column(DICOM_COLUMN).to_pylist() for p in ps or ()]
+            failed = table.column(DICOM_ERROR_COLUMN).to_pylist()
+            result["dicom_failed"] = dict(Counter(e for e in failed if e))
+            table = table.drop_columns([DICOM_COLUMN, DICOM_ERROR_COLUMN])
         table = table.drop_columns([NODE_COLUMN, TIME_COLUMN]).cast(S.SCHEMA)
         if table.num_rows:
             fs, dir_path = storage.filesystem_for(self.run_dir)
@@ -162,6 +170,17 @@ class RunSink(Datasink[dict]):
             "first_rows_seconds": round(first, 3),
             "steady_rows_per_s": round(steady, 3) if steady else None,
         }
+        if "dicom_output" in fields:  # the run's DICOM folder: every object in it is listed here
+            objects = sorted(p for r in parts for p in r.get("dicom_objects", ()))
+            failed = Counter()
+            for r in parts:
+                failed.update(r.get("dicom_failed", {}))
+            manifest["dicom_objects"] = {
+                "seg": sum(p.endswith(".seg.dcm") for p in objects),
+                "sr": sum(p.endswith(".sr.dcm") for p in objects),
+                "failed": dict(failed),
+                "files": objects,
+            }
         manifest["completed_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         return manifest
 

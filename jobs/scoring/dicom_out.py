@@ -1,0 +1,321 @@
+"""DICOM outputs for a PACS: a Segmentation and a TID 1500 measurement report per scored DICOM instance.
+
+:class:`DicomWriter` is a Ray Data stage after ``Postprocess`` (CPU tasks). For the rows of
+DICOM inputs scored ``ok`` it re-reads the source file from its ``image_uri``, builds with
+highdicom
+
+* a Segmentation (BINARY, one segment "anomaly": the rows' masks, at the source's own
+  resolution), referencing its source instance (and frames), and
+* a Comprehensive 3D SR holding a TID 1500 measurement report: per frame the calibrated
+  score, the label (SCT Abnormal / Normal), the mask area in pixels (and in mm² when the
+  source has a pixel spacing), the model name and version (the algorithm and the observing
+  device), with the source and the Segmentation as evidence,
+
+and writes them under ``<dicom-output>/<run_id>/`` as ``<key>.seg.dcm`` / ``<key>.sr.dcm``,
+``key`` = the first 20 hex digits of SHA-256(image_uri) (plus ``-f<first>-<last>`` for a
+multi-frame source): deterministic, so a retried task overwrites its own files, and nothing
+identifying in the name. Their UIDs are derived from the run, the file and the frames
+(``2.25.`` UUID UIDs). A SEG series and an SR series per source series and run.
+
+A multi-frame source whose frames are split over several model batches gets one SEG + SR per
+batch (frame range in the name): each SEG holds the anomalous frames of its range (empty frames
+are omitted, highdicom's default), each SR the measurements of every frame of its range. A
+split range with no anomalous pixel gets no SEG (an all-empty SEG would claim every frame of the
+source), only its SR.
+
+The objects carry the source's patient and study modules, as DICOM requires: they go only
+under ``--dicom-output``, never into the Parquet, and nothing here logs a value read from
+them. The table passes on with the written paths (relative to the run's folder) in
+``DICOM_COLUMN`` and failures in ``DICOM_ERROR_COLUMN`` (both on the first row of each
+object pair, counted into the manifest by ``jobs.scoring.sink``, dropped before Parquet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from adcore import storage
+from jobs.scoring import schema as S
+
+log = logging.getLogger("jobs.score")
+
+DICOM_COLUMN = "_dicom_objects"  # list<string>: objects written for the row's instance (first row of a group)
+DICOM_ERROR_COLUMN = "_dicom_error"  # string: why an instance's objects were not written (first row of a group)
+RUN_MARKER = "_run.json"  # in each run's folder: which scoring output it belongs to (for cleanup)
+SEG_SERIES_NUMBER = 9701  # series numbers of the derived series: high, to sort after the source series
+SR_SERIES_NUMBER = 9702
+KEY_HEX = 20  # hex digits of SHA-256(image_uri) in object names (80 bits: no collision in any archive)
+MANUFACTURER = "adcore"
+# Private codes (coding scheme designator "99" + name: DICOM PS3.16 8.2) for what no standard code names.
+CODING_SCHEME = "99ADCORE"
+
+
+def _codes():
+    from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
+
+    return {
+        "score": Code("anomaly-score", CODING_SCHEME, "Anomaly score"),
+        "area_px": Code("anomaly-area", CODING_SCHEME, "Anomaly mask area"),
+        "no_units": Code("1", "UCUM", "no units"),
+        "pixels": Code("{pixels}", "UCUM", "pixels"),
+        "mm2": codes.UCUM.SquareMillimeter,
+        "area": codes.SCT.Area,
+        "finding": codes.DCM.Finding,
+        "abnormal": codes.SCT.Abnormal,
+        "normal": codes.SCT.Normal,
+        "category": codes.SCT.MorphologicallyAbnormalStructure,
+        "property": codes.SCT.Lesion,
+        "ai": codes.cid7162.ArtificialIntelligence,
+        "device": codes.cid270.Device,
+        "procedure": codes.cid100.ImagingProcedure,
+    }
+
+
+def object_key(image_uri: str, frames: list[int] | None = None) -> str:
+    """The file name stem of an instance's objects (``frames`` for a multi-frame source)."""
+    key = hashlib.sha256(image_uri.encode()).hexdigest()[:KEY_HEX]
+    return f"{key}-f{min(frames):05d}-{max(frames):05d}" if frames is not None else key
+
+
+def run_root(dicom_output: str, run_id: str) -> str:
+    return storage.join(dicom_output, run_id)
+
+
+def _uid(*parts: str) -> str:
+    from pydicom.uid import generate_uid
+
+    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+
+
+@contextlib.contextmanager
+def _quiet():
+    """pydicom and highdicom warnings may quote element values: none reach the logs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class DicomWriter:
+    """Ray Data stage: Postprocess's table -> the same table with the DICOM objects' paths.
+
+    Args:
+        dicom_output: The job's ``--dicom-output`` (local folder or s3:// prefix).
+        run_id: This run; objects go to ``<dicom_output>/<run_id>/``.
+        model_name, model_version: The artifact's identity, written into both objects.
+        software_version: adcore's version (the SEG's Software Versions).
+    """
+
+    def __init__(self, dicom_output: str, run_id: str, model_name: str, model_version: str, software_version: str):
+        self.root = run_root(dicom_output, run_id)
+        self.run_id = run_id
+        self.model_name, self.model_version = model_name, model_version
+        self.software_version = software_version
+        self._fs = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None}
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        paths: list[list[str]] = [[] for _ in range(n)]
+        errors: list[str | None] = [None] * n
+        ok = pc.and_(pc.equal(table.column("status"), S.STATUS_OK), pc.is_valid(table.column("modality")))
+        groups: dict[str, list[int]] = {}
+        for i in np.flatnonzero(ok.to_numpy(zero_copy_only=False)):
+            groups.setdefault(table.column("image_uri")[int(i)].as_py(), []).append(int(i))
+        if groups:
+            logging.getLogger("highdicom").setLevel(logging.WARNING)
+        for uri, idx in groups.items():
+            rows = table.take(idx).select(["frame", "content_sha256", "score", "label", "mask_png", "mask_area"])
+            try:
+                paths[idx[0]] = self.write_instance(uri, rows.to_pylist())
+            except OSError:
+                raise  # the store failed: the task is retried, and rewrites the same files
+            except Exception as e:  # noqa: BLE001 (a source highdicom refuses must not sink the run)
+                errors[idx[0]] = type(e).__name__
+                log.warning("DICOM outputs of one instance not written: %s", type(e).__name__)
+        table = table.append_column(DICOM_COLUMN, pa.array(paths, pa.list_(pa.string())))
+        return table.append_column(DICOM_ERROR_COLUMN, pa.array(errors, pa.string()))
+
+    def _read(self, uri: str) -> bytes:
+        if self._fs is None:
+            self._fs = storage.filesystem_for(uri)[0]
+        path = storage.filesystem_for(uri)[1] if storage.is_s3(uri) else storage.local_path(uri)
+        with self._fs.open_input_stream(path) as f:
+            return f.read()
+
+    def write_instance(self, uri: str, rows: list[dict]) -> list[str]:
+        """Build and write one instance's SEG (unless skipped) and SR; returns their paths under the run."""
+        import pydicom
+
+        data = self._read(uri)
+        if any(r["content_sha256"] != S.content_sha256(data) for r in rows):
+            raise ChangedSinceScored("the file changed since it was scored")
+        with _quiet():
+            src = pydicom.dcmread(io.BytesIO(data), force=True)
+            n_frames = int(src.get("NumberOfFrames", 1) or 1)
+            rows = sorted(rows, key=lambda r: r["frame"])
+            frames = [int(r["frame"]) for r in rows]
+            masks = [S.decode_mask(r["mask_png"]) for r in rows]
+            key = object_key(uri, frames if n_frames > 1 else None)
+            seg = None
+            whole = n_frames == 1 or len(frames) == n_frames
+            if whole or any(m.any() for m in masks):
+                seg = self.segmentation(src, n_frames, frames, masks, key)
+            sr = self.report(src, n_frames, rows, seg, key)
+            out = []
+            for obj, suffix in ((seg, "seg"), (sr, "sr")):
+                if obj is None:
+                    continue
+                buf = io.BytesIO()
+                obj.save_as(buf, enforce_file_format=True)
+                name = f"{key}.{suffix}.dcm"
+                storage.write_bytes(storage.join(self.root, name), buf.getvalue())
+                out.append(name)
+        return out
+
+    def segmentation(self, src, n_frames: int, frames: list[int], masks: list[np.ndarray], key: str):
+        """A BINARY Segmentation of ``src`` with one segment, the frames' masks."""
+        import highdicom as hd
+
+        c = _codes()
+        pixels = np.zeros((n_frames, int(src.Rows), int(src.Columns)), bool)
+        for f, m in zip(frames, masks):
+            if m.shape != pixels.shape[1:]:
+                raise ValueError("mask size differs from the source's Rows/Columns")
+            pixels[f] = m
+        algorithm = hd.AlgorithmIdentificationSequence(name=self.model_name, version=self.model_version, family=c["ai"])
+        segment = hd.seg.SegmentDescription(
+            segment_number=1,
+            segment_label="anomaly",
+            segmented_property_category=c["category"],
+            segmented_property_type=c["property"],
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        series = src.get("SeriesInstanceUID", "")
+        return hd.seg.Segmentation(
+            source_images=[src],
+            pixel_array=pixels,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[segment],
+            series_instance_uid=_uid(self.run_id, series, "seg-series"),
+            series_number=SEG_SERIES_NUMBER,
+            sop_instance_uid=_uid(self.run_id, key, "seg"),
+            instance_number=min(frames) + 1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=self.model_name,
+            software_versions=self.software_version,
+            device_serial_number=self.model_version,
+            series_description=f"adcore anomaly mask ({self.model_name})",
+        )
+
+    def report(self, src, n_frames: int, rows: list[dict], seg, key: str):
+        """A Comprehensive 3D SR with a TID 1500 measurement report: one group per frame."""
+        import highdicom as hd
+
+        c = _codes()
+        algorithm = hd.sr.AlgorithmIdentification(name=self.model_name, version=self.model_version)
+        device = hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_uid(self.model_version, "device"),
+            name=self.model_name,
+            manufacturer_name=MANUFACTURER,
+            model_name=self.model_version,
+        )
+        context = hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(
+                observer_type=c["device"], observer_identifying_attributes=device
+            )
+        )
+        spacing = _pixel_spacing(src)
+        groups = []
+        for r in rows:
+            refs = [int(r["frame"]) + 1] if n_frames > 1 else None
+            measurements = [
+                hd.sr.Measurement(c["score"], float(r["score"]), c["no_units"], algorithm_id=algorithm),
+                hd.sr.Measurement(c["area_px"], int(r["mask_area"]), c["pixels"], algorithm_id=algorithm),
+            ]
+            if spacing is not None:
+                mm2 = float(r["mask_area"]) * spacing[0] * spacing[1]
+                measurements.append(hd.sr.Measurement(c["area"], mm2, c["mm2"], algorithm_id=algorithm))
+            label = c["abnormal"] if r["label"] else c["normal"]
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=_uid(self.run_id, key, r["frame"], "tracking"), identifier=f"frame {r['frame']}"
+                    ),
+                    algorithm_id=algorithm,
+                    measurements=measurements,
+                    qualitative_evaluations=[hd.sr.QualitativeEvaluation(c["finding"], label)],
+                    source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src, refs)],
+                )
+            )
+        content = hd.sr.MeasurementReport(
+            observation_context=context, procedure_reported=c["procedure"], imaging_measurements=groups
+        )
+        series = src.get("SeriesInstanceUID", "")
+        return hd.sr.Comprehensive3DSR(
+            evidence=[src] + ([seg] if seg is not None else []),
+            content=content,
+            series_instance_uid=_uid(self.run_id, series, "sr-series"),
+            series_number=SR_SERIES_NUMBER,
+            sop_instance_uid=_uid(self.run_id, key, "sr"),
+            instance_number=min(int(r["frame"]) for r in rows) + 1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            series_description=f"adcore anomaly report ({self.model_name})",
+        )
+
+
+class ChangedSinceScored(Exception):
+    """The source's bytes differ from those scored (replaced between decoding and this stage)."""
+
+
+def _pixel_spacing(src) -> tuple[float, float] | None:
+    """Row and column spacing in mm: the image's own, or a multi-frame image's shared one."""
+    try:
+        if "PixelSpacing" in src:
+            return float(src.PixelSpacing[0]), float(src.PixelSpacing[1])
+        shared = src.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        return float(shared.PixelSpacing[0]), float(shared.PixelSpacing[1])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+
+
+def write_run_marker(dicom_output: str, run_id: str, output: str) -> None:
+    """``<dicom_output>/<run_id>/_run.json``: names the scoring output, so cleanup deletes only its own runs."""
+    marker = storage.join(run_root(dicom_output, run_id), RUN_MARKER)
+    storage.write_bytes(marker, json.dumps({"output": output}).encode())
+
+
+def cleanup_incomplete(dicom_output: str, output: str, completed_ids: set[str], keep: str) -> list[str]:
+    """Delete the DICOM folders of this output's runs that never completed (call it holding the lease)."""
+    fs, base = storage.filesystem_for(dicom_output)
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return []
+    prefix = storage.S3_PREFIX if storage.is_s3(dicom_output) else ""
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(base)):
+        name = info.base_name
+        if info.type != pafs.FileType.Directory or name == keep or name in completed_ids:
+            continue
+        try:
+            marker = json.loads(storage.read_bytes(storage.join(prefix + info.path, RUN_MARKER)))
+        except (FileNotFoundError, ValueError):
+            continue  # not a run folder this job wrote: left alone
+        if marker.get("output") == output:
+            storage.delete_dir(prefix + info.path)
+            removed.append(name)
+            log.info("removed the DICOM folder of incomplete run %s", name)
+    return removed
