@@ -8,9 +8,8 @@ folder or a per-node cached copy of an ``s3://`` prefix. Every stage-2 epoch rep
 loss and validation AUROC through ``ray.train.report``; rank 0 attaches the training
 state as a checkpoint in ``--storage``. A restarted worker group (``--max-failures``) or
 a rerun with the same ``--storage`` and run name resumes from the latest checkpoint.
-Rank 0 saves the artifact to ``--output``. With ``--use-gpu`` the network runs on the
-worker's GPU (NCCL) while the library's loop keeps its tensors on the CPU (see
-``_bridge_device``).
+Rank 0 saves the artifact to ``--output``. With ``--use-gpu`` each worker trains on its GPU
+(model, batches, loss, optimiser; NCCL; autocast unless ``--no-mixed-precision``).
 """
 
 from __future__ import annotations
@@ -30,17 +29,12 @@ from torch import nn
 
 from adcore import storage
 from adcore.cli import parse_configs, setup_logging
-from adcore.models import AnomalyModel
-from adcore.training import TrainConfig, TrainHooks, train
+from adcore.training import TrainConfig, TrainHooks, dist, train
 from jobs.common import init_ray, local_copy, run_name, storage_args
 
 log = logging.getLogger("jobs.train")
 
 STATE_FILE = "state.pt"  # the training state inside each checkpoint folder
-# DDP's search for parameters without a gradient: on tiny fusion-small every trainable
-# parameter gets one in both stages, but presets differ in which layers train; the search
-# (one extra graph walk per step) keeps a preset that leaves one unused from failing.
-FIND_UNUSED_PARAMETERS = True
 KEEP_CHECKPOINTS = 2  # bounded storage; resuming only needs the latest
 RUN_PREFIX = "train"  # run names are train-<hash of --output> unless --run-name is given
 
@@ -67,48 +61,24 @@ class JobConfig:
         return self.run_name or run_name(RUN_PREFIX, self.output)
 
 
-def _bridge_device(module: nn.Module, device: torch.device) -> None:
-    """Move ``module`` to ``device``; inputs move there and outputs back to the CPU.
-
-    The library's loop, validation and head building work on CPU tensors; this lets the
-    network itself run on the worker's GPU without them knowing.
-    """
-    module.to(device)
-    targets = [module] + [m for m in module.modules() if isinstance(m, AnomalyModel) and m is not module]
-    for m in targets:
-        if getattr(m, "_adcore_bridged", False):
-            continue
-        m._adcore_bridged = True
-        m.register_forward_pre_hook(lambda _m, args: tuple(a.to(device) if torch.is_tensor(a) else a for a in args))
-        m.register_forward_hook(lambda _m, _args, out: _to_cpu(out))
-
-
-def _to_cpu(out: Any) -> Any:
-    if torch.is_tensor(out):
-        return out.cpu()
-    if dataclasses.is_dataclass(out):
-        return dataclasses.replace(out, **{f.name: _to_cpu(getattr(out, f.name)) for f in dataclasses.fields(out)})
-    return out
-
-
-def make_wrap(use_gpu: bool, world_size: int) -> Callable[[nn.Module], nn.Module]:
-    """The loop's ``wrap`` hook: device placement, then DDP over the trainable parameters.
+def make_wrap(world_size: int) -> Callable[[nn.Module], nn.Module]:
+    """The loop's ``wrap`` hook: DDP over the trainable parameters of a module already on its device.
 
     DDP registers only parameters with ``requires_grad``, so each stage's wrap syncs
     exactly that stage's parameter set (gloo on CPU, NCCL on GPU: Ray's process group).
+    DDP's search for parameters without a gradient (an extra graph walk per step) runs only
+    for a module that asks for it (``adcore.training.dist.FIND_UNUSED_ATTR``).
     """
     import ray.train.torch
 
     def wrap(module: nn.Module) -> nn.Module:
-        if use_gpu:
-            _bridge_device(module, ray.train.torch.get_device())
         if world_size == 1:
             return module
         return ray.train.torch.prepare_model(
             module,
             move_to_device=False,
             parallel_strategy="ddp",
-            parallel_strategy_kwargs={"find_unused_parameters": FIND_UNUSED_PARAMETERS},
+            parallel_strategy_kwargs={"find_unused_parameters": dist.needs_unused_parameter_search(module)},
         )
 
     return wrap
@@ -142,7 +112,8 @@ def progress_line(metrics: dict[str, Any], epochs: int, seconds: float) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
     return (
-        f"[train] epoch {metrics.get('epoch')}/{epochs} loss {fmt(metrics.get('loss'))} "
+        f"[train] {metrics.get('stage', '')} epoch {metrics.get('epoch')}/{metrics.get('epochs', epochs)} "
+        f"loss {fmt(metrics.get('loss'))} "
         f"val_image_auroc {fmt(metrics.get('val_image_auroc'))} "
         f"val_pixel_auroc {fmt(metrics.get('val_pixel_auroc'))} ({seconds:.1f} s)"
     )
@@ -162,6 +133,7 @@ def load_state(checkpoint) -> dict | None:
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker function: one rank of ``adcore.training.train``."""
     import ray.train
+    import ray.train.torch
 
     started_unix, started = time.time(), time.monotonic()
     setup_logging()
@@ -170,11 +142,14 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     resume = load_state(ray.train.get_checkpoint())
     if resume is not None and rank == 0:
-        log.info("[train] resuming from checkpoint at epoch %s", resume.get("epoch"))
+        log.info("[train] resuming from checkpoint: stage %s, epoch %s", resume.get("stage"), resume.get("epoch"))
     data = local_copy(job.data)
     data_s = time.monotonic() - started
     reporter = Reporter(rank, cfg.epochs)
-    hooks = TrainHooks(rank=rank, world_size=world, wrap=make_wrap(job.use_gpu, world), report=reporter, resume=resume)
+    device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
+    hooks = TrainHooks(
+        rank=rank, world_size=world, device=device, wrap=make_wrap(world), report=reporter, resume=resume
+    )
     train(data, cfg, output=job.output, hooks=hooks)
     if rank == 0 and job.timings:
         timings = {

@@ -3,6 +3,8 @@
 ::
 
     root/train/good/*.png            or  root/train/good/img/*.png
+    root/train/Ungood/img/*.png      labelled anomalies (optional; used with labelled=N)
+    root/train/Ungood/anomaly_mask/*.png                     (optional masks of those)
     root/{valid,test}/good/img/*.png
     root/{valid,test}/Ungood/img/*.png
     root/{valid,test}/Ungood/anomaly_mask/*.png   or  .../Ungood/label/*.png   (same file names)
@@ -59,15 +61,46 @@ def _find_mask(mask_dir: Path, image: Path) -> Path:
     raise DatasetLayoutError(mask_dir, f"a mask named {image.name} for {image}")
 
 
-def list_split(root, split: str) -> list[Sample]:
+def _masked(bad_dir: Path, bad: list[Path]) -> list[Sample]:
+    """Anomalous samples of ``bad_dir``, with masks when it has a mask folder."""
+    mask_dir = next((bad_dir / d for d in MASK_DIRS if (bad_dir / d).is_dir()), None)
+    masked = mask_dir is not None
+    return [Sample(p, 1, _find_mask(mask_dir, p) if masked else None, masked) for p in bad]
+
+
+def _labelled(split_dir: Path, labelled: int, seed: int) -> list[Sample]:
+    """``labelled`` anomalies of ``train/Ungood``, drawn with ``seed``, sorted by file name."""
+    bad_dir = split_dir / ANOMALY_DIR
+    bad = _images_in(bad_dir) if bad_dir.is_dir() else []
+    if len(bad) < labelled:
+        raise DatasetLayoutError(
+            bad_dir,
+            f"{labelled} labelled anomalies (images under {ANOMALY_DIR}/img, masks optional under "
+            f"{ANOMALY_DIR}/anomaly_mask) for labelled={labelled}; found {len(bad)}",
+        )
+    chosen = sorted(np.random.default_rng(seed).choice(len(bad), labelled, replace=False).tolist())
+    return _masked(bad_dir, [bad[i] for i in chosen])
+
+
+def list_split(root, split: str, *, labelled: int = 0, seed: int = 0) -> list[Sample]:
     """Lists a split's samples, normal first, each group sorted by file name.
 
+    Args:
+        root: The dataset folder.
+        split: One of ``SPLITS``.
+        labelled: Train split only: this many labelled anomalies from ``train/Ungood``, drawn with
+            ``seed`` (0: none, the train split is normal images only).
+        seed: Seed of that draw.
+
     Raises:
-        ValueError: ``split`` is not one of ``SPLITS``.
-        DatasetLayoutError: a folder is missing, holds no images, or a mask is missing.
+        ValueError: ``split`` is not one of ``SPLITS``, or ``labelled`` is negative or given for another split.
+        DatasetLayoutError: a folder is missing, holds no images, or a mask is missing; fewer than
+            ``labelled`` images under ``train/Ungood``.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if labelled < 0 or (labelled and split != "train"):
+        raise ValueError(f"labelled must be >= 0 and applies to the train split only, got {labelled} for {split!r}")
     root = Path(root)
     split_dir = root / split
     if not split_dir.is_dir():
@@ -79,17 +112,15 @@ def list_split(root, split: str) -> list[Sample]:
     if not good:
         raise DatasetLayoutError(good_dir, "normal images (*.png) directly or under img/")
     if split == "train":
-        return [Sample(p, 0) for p in good]
+        return [Sample(p, 0) for p in good] + (_labelled(split_dir, labelled, seed) if labelled else [])
     if not bad_dir.is_dir():
         raise DatasetLayoutError(bad_dir, f"an '{ANOMALY_DIR}' folder in the {split} split")
     bad = _images_in(bad_dir)
     if not bad:
         raise DatasetLayoutError(bad_dir, "anomalous images (*.png) directly or under img/")
-    mask_dir = next((bad_dir / d for d in MASK_DIRS if (bad_dir / d).is_dir()), None)
-    masked = mask_dir is not None
-    samples = [Sample(p, 0, None, masked) for p in good]
-    samples += [Sample(p, 1, _find_mask(mask_dir, p) if masked else None, masked) for p in bad]
-    return samples
+    anomalous = _masked(bad_dir, bad)
+    masked = bool(anomalous) and anomalous[0].split_has_masks
+    return [Sample(p, 0, None, masked) for p in good] + anomalous
 
 
 def has_masks(samples: list[Sample]) -> bool:

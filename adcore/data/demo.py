@@ -6,7 +6,15 @@ given its own contrast, bias field and noise. Anomalous images carry a synthetic
 (:mod:`adcore.data.synth`): an irregular textured mass, darker or brighter than the tissue,
 sometimes with a necrotic core or mass effect. Masks are written as 0/255 PNGs.
 
+With ``kinds`` (names of :data:`adcore.data.synth.LESION_KINDS`), each anomalous image gets one
+kind in turn (hyperintense mass, hypointense cyst, diffuse region) instead of the mixed lesion;
+``n_train_anomalous`` writes labelled anomalies to ``train/Ungood`` (images and masks). The kind of
+every anomalous image is recorded in ``lesions.json`` (path relative to the root -> kind), which is
+written only when either option is used, so default folders are byte for byte what they were.
+
     python -m adcore.data.demo --out /tmp/brain_demo --seed 0
+    python -m adcore.data.demo --out /tmp/kinds --kinds hyperintense_mass --kinds hypointense_cyst \
+        --kinds diffuse_region --n-train-anomalous 30
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,7 +31,7 @@ from scipy import ndimage
 
 from adcore.data.bmad import ANOMALY_DIR, NORMAL_DIR
 from adcore.data.imageops import resize, save_mask_png, save_png
-from adcore.data.synth import LesionConfig, lesion_mask, mass_effect, paint_lesion
+from adcore.data.synth import LESION_KINDS, LesionConfig, lesion_mask, mass_effect, paint_lesion
 
 DEMO_VERSION = 1  # bump when the generator changes so existing folders are regenerated
 _TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -31,6 +39,9 @@ _SLAB_MIN_AREA = 0.75  # central slab: axial slices with >= 75% of the largest b
 _BRAIN_LEVEL = 0.02  # template is skull-stripped: anything above this is brain
 _LESION = LesionConfig(mass_effect_p=0.5)
 _SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
+_TRAIN_ANOMALOUS_ID = 3  # seed stream of train/Ungood images
+LESIONS_FILE = "lesions.json"  # anomalous image (path relative to the root) -> lesion kind
+MIXED_KIND = "mixed"  # the kind recorded for the default generator's lesions
 
 
 @dataclass
@@ -42,6 +53,15 @@ class DemoConfig:
     n_test: int = 100  # half normal, half anomalous
     size: int = 224
     seed: int = 0
+    kinds: list[str] = field(default_factory=list)  # lesion kinds taken in turn (LESION_KINDS); none: mixed lesions
+    n_train_anomalous: int = 0  # labelled anomalies written to train/Ungood (kinds in turn)
+
+    def record(self) -> dict:
+        """What ``demo.json`` holds: the new options only when used, so default records are unchanged."""
+        out = asdict(self)
+        if not self.kinds and not self.n_train_anomalous:
+            del out["kinds"], out["n_train_anomalous"]
+        return out
 
 
 def _template_path() -> Path | None:
@@ -111,36 +131,69 @@ def rand_intensity(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(noisy, 0, 1).astype(np.float32)  # magnitude MRI noise is Rician
 
 
-def make_sample(rng: np.random.Generator, size: int = 224, anomalous: bool = False):
-    """One demo image and, when anomalous, its lesion mask (else None)."""
+def make_sample(rng: np.random.Generator, size: int = 224, anomalous: bool = False, kind: str | None = None):
+    """One demo image and, when anomalous, its lesion mask (else None); ``kind`` names a LESION_KINDS entry."""
     images, brains = _slices(size)
     z = int(rng.integers(len(images)))
     image, brain = rand_deform(rng, images[z], brains[z])
     mask = None
     if anomalous:
-        mask, center, radius = lesion_mask(rng, brain, _LESION.area_frac, _LESION.irregularity)
-        if rng.random() < _LESION.mass_effect_p:
-            image, brain = mass_effect(image, brain, center, radius, rng.uniform(*_LESION.mass_effect))
+        lesion = _LESION if kind is None else LESION_KINDS[kind]
+        mask, center, radius = lesion_mask(rng, brain, lesion.area_frac, lesion.irregularity)
+        if rng.random() < lesion.mass_effect_p:
+            image, brain = mass_effect(image, brain, center, radius, rng.uniform(*lesion.mass_effect))
             mask &= brain
-        image = paint_lesion(rng, image, mask, radius, _LESION)
+        image = paint_lesion(rng, image, mask, radius, lesion)
     return rand_intensity(rng, image), mask
 
 
-def _write_split(root: Path, split: str, n: int, cfg: DemoConfig) -> None:
+def _write_split(root: Path, split: str, n: int, cfg: DemoConfig, kinds: dict[str, str]) -> None:
+    """Writes a split; records each anomalous image's lesion kind in ``kinds``."""
     n_bad = 0 if split == "train" else n // 2
     for i in range(n):
         anomalous = i >= n - n_bad
         rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], i])
-        image, mask = make_sample(rng, cfg.size, anomalous)
+        kind = cfg.kinds[(i - (n - n_bad)) % len(cfg.kinds)] if anomalous and cfg.kinds else None
+        image, mask = make_sample(rng, cfg.size, anomalous, kind)
         name = f"{i:04d}.png"
         folder = root / split / (ANOMALY_DIR if anomalous else NORMAL_DIR)
         save_png(folder / "img" / name, image)
         if anomalous:
             save_mask_png(folder / "label" / name, mask)
+            kinds[f"{split}/{ANOMALY_DIR}/img/{name}"] = kind or MIXED_KIND
+
+
+def _write_train_anomalous(root: Path, cfg: DemoConfig, kinds: dict[str, str]) -> None:
+    """Labelled training anomalies: train/Ungood/img and train/Ungood/anomaly_mask."""
+    folder = root / "train" / ANOMALY_DIR
+    for i in range(cfg.n_train_anomalous):
+        rng = np.random.default_rng([cfg.seed, _TRAIN_ANOMALOUS_ID, i])
+        kind = cfg.kinds[i % len(cfg.kinds)] if cfg.kinds else None
+        image, mask = make_sample(rng, cfg.size, True, kind)
+        name = f"{i:04d}.png"
+        save_png(folder / "img" / name, image)
+        save_mask_png(folder / "anomaly_mask" / name, mask)
+        kinds[f"train/{ANOMALY_DIR}/img/{name}"] = kind or MIXED_KIND
+
+
+def lesion_kinds(root) -> dict[str, str]:
+    """Lesion kind of every anomalous image of a demo folder (path relative to ``root`` -> kind)."""
+    path = Path(root) / LESIONS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: make the demo folder with --kinds or --n-train-anomalous")
+    return json.loads(path.read_text())
 
 
 def make_demo_dataset(
-    root, *, n_train: int = 200, n_valid: int = 40, n_test: int = 100, size: int = 224, seed: int = 0
+    root,
+    *,
+    n_train: int = 200,
+    n_valid: int = 40,
+    n_test: int = 100,
+    size: int = 224,
+    seed: int = 0,
+    kinds: list[str] | tuple[str, ...] = (),
+    n_train_anomalous: int = 0,
 ) -> Path:
     """Writes the demo dataset under `root` (BMAD layout) and returns `root`.
 
@@ -148,19 +201,29 @@ def make_demo_dataset(
     made with another config is rebuilt; split folders not made by this function are refused.
     """
     root = Path(root)
-    cfg = DemoConfig(n_train, n_valid, n_test, size, seed)
-    record = {"version": DEMO_VERSION, **asdict(cfg)}
+    unknown = sorted(set(kinds) - set(LESION_KINDS))
+    if unknown:
+        raise ValueError(f"unknown lesion kinds {unknown}; known: {sorted(LESION_KINDS)}")
+    if n_train_anomalous < 0:
+        raise ValueError(f"n_train_anomalous must be >= 0, got {n_train_anomalous}")
+    cfg = DemoConfig(n_train, n_valid, n_test, size, seed, list(kinds), n_train_anomalous)
+    record = {"version": DEMO_VERSION, **cfg.record()}
     meta = root / "demo.json"
     if meta.is_file():
         if json.loads(meta.read_text()) == record:
             return root
         meta.unlink()
+        (root / LESIONS_FILE).unlink(missing_ok=True)
         for split in _SPLIT_IDS:
             shutil.rmtree(root / split, ignore_errors=True)
     elif any((root / s).exists() for s in _SPLIT_IDS):
         raise FileExistsError(f"{root} holds split folders without demo.json; not overwriting them")
+    kind_of: dict[str, str] = {}
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
-        _write_split(root, split, n, cfg)
+        _write_split(root, split, n, cfg, kind_of)
+    _write_train_anomalous(root, cfg, kind_of)
+    if cfg.kinds or cfg.n_train_anomalous:
+        (root / LESIONS_FILE).write_text(json.dumps(kind_of, indent=1, sort_keys=True))
     meta.write_text(json.dumps(record, indent=1))  # last: a half-written folder is redone
     return root
 

@@ -285,3 +285,87 @@ class RandLesion:
         if self.rng.random() < self.cfg.mass_effect_p:
             image, _ = mass_effect(image, fg, center, radius, self.rng.uniform(*self.cfg.mass_effect))
         return paint_lesion(self.rng, image, mask, radius, self.cfg), mask
+
+
+class RandCutMix:
+    """DRA's CutMix pseudo anomaly: a colour-jittered rectangle copied to another place.
+
+    As in DRA's official ``CutMix``: area a fraction of the image, aspect ratio log-uniform in
+    [aspect, 1/aspect], source and target anywhere in the image (not restricted to the foreground),
+    brightness/contrast/saturation jitter of the patch (hue is not jittered: medical images are grey).
+    The official class defines a +-45 degree rotation but never applies it; ``rotation`` (degrees)
+    defaults to that behaviour (0: none).
+
+    Args:
+        rng: Seeded generator.
+        area: Patch area as a fraction of the image (official: 0.02-0.15).
+        aspect: Smallest aspect ratio (official: 0.3).
+        jitter: Colour jitter strength (official: 0.1).
+        rotation: Max rotation of the patch in degrees.
+    """
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        *,
+        area=(0.02, 0.15),
+        aspect: float = 0.3,
+        jitter: float = 0.1,
+        rotation: float = 0.0,
+    ):
+        self.rng, self.area, self.aspect, self.jitter, self.rotation = rng, area, aspect, jitter, rotation
+
+    def __call__(self, image: np.ndarray, foreground=None):
+        del foreground  # CutMix places patches anywhere, as the official code does
+        image = np.asarray(image, dtype=np.float32)
+        h, w = image.shape[:2]
+        area = self.rng.uniform(*self.area) * h * w
+        ratio = np.exp(self.rng.uniform(np.log(self.aspect), -np.log(self.aspect)))
+        cw = int(np.clip(round(np.sqrt(area * ratio)), 1, w - 1))
+        ch = int(np.clip(round(np.sqrt(area / ratio)), 1, h - 1))
+        sy, sx = int(self.rng.integers(0, h - ch + 1)), int(self.rng.integers(0, w - cw + 1))
+        ty, tx = int(self.rng.integers(0, h - ch + 1)), int(self.rng.integers(0, w - cw + 1))
+        patch = image[sy : sy + ch, sx : sx + cw].copy()
+        j = self.jitter
+        patch = patch * self.rng.uniform(1 - j, 1 + j)  # brightness
+        patch = (patch - patch.mean()) * self.rng.uniform(1 - j, 1 + j) + patch.mean()  # contrast
+        if patch.ndim == 3:  # saturation: towards or away from the patch's grey
+            gray = patch.mean(-1, keepdims=True)
+            patch = (patch - gray) * self.rng.uniform(1 - j, 1 + j) + gray
+        if self.rotation:
+            angle = self.rng.uniform(-self.rotation, self.rotation)
+            patch = ndimage.rotate(patch, angle, axes=(1, 0), reshape=False, order=1, mode="nearest")
+        out = image.copy()
+        out[ty : ty + ch, tx : tx + cw] = np.clip(patch, 0, 1)
+        changed = out != image
+        mask = changed.any(-1) if image.ndim == 3 else changed
+        return out, mask
+
+
+# Lesion kinds of the demo's seen/unseen protocols (DRA, papers.md section 4): each a LesionConfig.
+LESION_KINDS = {
+    # compact, brighter than tissue, textured, sometimes with a necrotic core
+    "hyperintense_mass": LesionConfig(
+        area_frac=(0.03, 0.15), hypo_p=0.0, hyper_factor=(1.3, 1.7), ring_p=0.3, mass_effect_p=0.5
+    ),
+    # round, dark, homogeneous, sharp-edged
+    "hypointense_cyst": LesionConfig(
+        area_frac=(0.02, 0.10),
+        hypo_p=1.0,
+        hypo_factor=(0.15, 0.4),
+        ring_p=0.0,
+        texture_amp=(0.0, 0.03),
+        edge_frac=(0.05, 0.12),
+        irregularity=(0.05, 0.15),
+    ),
+    # large, ill-defined, mild change of signal with very soft edges
+    "diffuse_region": LesionConfig(
+        area_frac=(0.10, 0.25),
+        hypo_p=0.5,
+        hypo_factor=(0.6, 0.8),
+        hyper_factor=(1.2, 1.4),
+        ring_p=0.0,
+        edge_frac=(0.4, 0.7),
+        irregularity=(0.5, 0.9),
+    ),
+}

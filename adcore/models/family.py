@@ -10,7 +10,8 @@ records and never branches on a family's name:
 * ``fit(model, data)``: builds the head from training data (memory bank, centroids,
   references): a function call without gradients;
 * ``train(model, ctx)``: the family's gradient stages, or None when it has none;
-* ``presets``: the folder of its named presets (JSON).
+* ``presets``: the folder of its named presets (JSON);
+* ``needs_labelled_anomalies``: the training loop refuses to train it without labelled anomalies.
 """
 
 from __future__ import annotations
@@ -42,4 +43,5 @@ class MethodFamily:
     fit: Callable[[Any, Any], Head]
     presets: Path
     train: Callable[[Any, Any], dict] | None = None  # None: no gradient stages (e.g. PatchCore)
+    needs_labelled_anomalies: bool = False  # trains on labelled anomalies (train/Ungood, --labelled N), e.g. DRA
     description: str = ""

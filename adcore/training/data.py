@@ -45,6 +45,13 @@ class Batch:
     masks: torch.Tensor  # [B, S, S] float {0, 1}
     labels: torch.Tensor  # [B] float {0, 1}
 
+    def to(self, device: torch.device) -> Batch:
+        """This batch on ``device`` (pinned and copied asynchronously to a GPU)."""
+        if device.type == "cpu":
+            return self
+        move = lambda t: t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        return Batch(move(self.images), move(self.masks), move(self.labels))
+
 
 class SyntheticAnomalyBatches:
     """Iterates shuffled batches of normal images, a share made anomalous by synthesis.

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adcore.training import dist
+
 # A patch is anomalous when at least this share of its pixels is in the mask, normal when none is.
 ANOMALOUS_PATCH_SHARE = 0.5
 FIT_EPOCH = 10_000  # synthesis seed of the fit's pass, distinct from training epochs
@@ -47,8 +49,9 @@ class FitData:
         Every normal image gets a synthetic anomaly with probability ``anomaly_share``.
         """
         normal, anomalous = [], []
+        device = next(model.parameters()).device
         for batch in self.batches.epoch(FIT_EPOCH, anomaly_share=anomaly_share):
-            out = model(batch.images)
+            out = model(batch.images.to(device))
             emb = out.patch_embeddings.float().cpu().numpy()  # [B, g*g, E]
             share = F.adaptive_avg_pool2d(batch.masks[:, None], model.grid).flatten(1).numpy()  # [B, g*g]
             normal.append(emb[share == 0])
@@ -63,13 +66,14 @@ class FitData:
 
 
 def gather_across_ranks(world_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Concatenate an array over the ranks of an initialised process group (identity alone)."""
-    if world_size == 1 or not torch.distributed.is_initialized():
+    """Concatenate an array over the ranks of an initialised process group (identity alone).
+
+    Tensor collectives on the process group's device (NCCL: the rank's GPU), not pickles.
+    """
+    if not dist.active(world_size):
         return _identity
 
     def gather(array: np.ndarray) -> np.ndarray:
-        parts: list = [None] * world_size
-        torch.distributed.all_gather_object(parts, array)
-        return np.concatenate(parts)
+        return dist.gather_arrays(array, world_size)
 
     return gather

@@ -26,9 +26,10 @@ from adcore.calibration import fit_calibration
 from adcore.data import bmad
 from adcore.models import create, family_for
 from adcore.scorer import Scorer
+from adcore.training import dist
 from adcore.training.data import SyntheticAnomalyBatches, load_images
 from adcore.training.fit import FitData, gather_across_ranks
-from adcore.training.stages import TrainContext
+from adcore.training.stages import STATE_FORMAT, TrainContext
 
 log = logging.getLogger("adcore.train")
 
@@ -47,9 +48,11 @@ class TrainConfig:
     domain_epochs: int = 1
     warmup_share: float = 0.05  # paper, stage 1; stage 2 uses it too (large early logits otherwise)
     anomaly_share: float = 0.5  # share of normal training images given a synthetic anomaly
+    labelled: int = 0  # labelled anomalies drawn (with --seed) from train/Ungood/img; DRA needs >= 1 (paper: 1 or 10)
     mask_size: int = 56  # resolution of the segmentation loss (maps upsampled, masks area-pooled)
     max_valid: int = 200  # validation images used per epoch and for calibration
     target_sensitivity: float = 0.95
+    mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + GradScaler); CPU: off
     version: int = 1
     seed: int = 0
     smoke_test: bool = False  # a few steps on a few images, to check the plumbing
@@ -71,7 +74,9 @@ class TrainHooks:
 
     rank: int = 0
     world_size: int = 1
-    wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+    device: str | torch.device | None = None  # None: CUDA when torch sees it, else the CPU
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m  # e.g. DDP; the module is on ``device`` already
+    # Called on every rank after every epoch; the callable builds the checkpoint state (rank 0 saves it).
     report: Callable[[dict[str, Any], Callable[[], dict] | None], None] = lambda metrics, state: None
     resume: dict | None = None  # a state produced by the state callback of an earlier report
 
@@ -80,12 +85,20 @@ class TrainHooks:
         return self.rank == 0
 
 
-def load_split(data: str, split: str, limit: int | None, rank: int = 0, world_size: int = 1) -> dict:
-    samples = bmad.list_split(data, split)
+def load_split(
+    data: str, split: str, limit: int | None, rank: int = 0, world_size: int = 1, labelled: int = 0, seed: int = 0
+) -> dict:
+    samples = bmad.list_split(data, split, labelled=labelled, seed=seed)
+    # Labelled training anomalies are a handful: every rank gets all of them, and no limit drops them.
+    few = [s for s in samples if s.label == 1] if split == "train" else []
+    samples = samples[: len(samples) - len(few)]
     if limit is not None and len(samples) > limit:
         step = len(samples) / limit  # even spread keeps both classes
         samples = [samples[int(i * step)] for i in range(limit)]
-    samples = samples[rank::world_size]
+    if world_size > 1 and split == "train" and len(samples) % world_size:
+        # Equal shards (as DistributedSampler pads): a few images repeated, none dropped.
+        samples = samples + samples[: world_size - len(samples) % world_size]
+    samples = samples[rank::world_size] + few
     images, masks, labels = load_images(samples)
     has_masks = bmad.has_masks(samples)
     if has_masks:
@@ -96,12 +109,18 @@ def load_split(data: str, split: str, limit: int | None, rank: int = 0, world_si
 def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHooks | None = None) -> Scorer:
     """Train ``cfg.preset`` on a BMAD-layout folder; save the artifact to ``output`` (main rank)."""
     hooks = hooks or TrainHooks()
+    device = dist.resolve_device(hooks.device)
     torch.manual_seed(cfg.seed)
     t0 = time.monotonic()
     model = create(cfg.preset, weights=cfg.weights or None, tiny=cfg.tiny, **cfg.overrides)
     family = family_for(model)
+    if family.needs_labelled_anomalies and cfg.labelled < 1:
+        raise ValueError(
+            f"{cfg.preset!r} trains on labelled anomalies: put a few under train/Ungood/img "
+            "and pass --labelled N (N >= 1)"
+        )
     limit = SMOKE_IMAGES if cfg.smoke_test else None
-    train_set = load_split(data, "train", limit, hooks.rank, hooks.world_size)
+    train_set = load_split(data, "train", limit, hooks.rank, hooks.world_size, cfg.labelled, cfg.seed)
     valid = load_split(data, "valid", SMOKE_IMAGES if cfg.smoke_test else cfg.max_valid)
     batches = SyntheticAnomalyBatches(
         train_set["images"],
@@ -113,9 +132,23 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         seed=cfg.seed + 1000 * hooks.rank,
     )
     resume = hooks.resume or {}
+    if resume and resume.get("format") != STATE_FORMAT:
+        log.warning("checkpoint of an older layout (no optimiser or stage state): starting afresh")
+        resume = hooks.resume = {}
     if resume.get("model"):
         model.load_state_dict(resume["model"], strict=False)
-    ctx = TrainContext(cfg, hooks, batches, valid, t0, history=list(resume.get("history", [])))
+    model.to(device)
+    log.info("rank %d/%d trains on %s", hooks.rank, hooks.world_size, device)
+    ctx = TrainContext(
+        cfg,
+        hooks,
+        batches,
+        valid,
+        t0 - float(resume.get("elapsed_s", 0.0)),  # a resumed run keeps its time budget
+        history=list(resume.get("history", [])),
+        stages_done=list(resume.get("stages_done", [])),
+        device=device,
+    )
     summary: dict[str, Any] = {}
     if family.train is not None:
         summary |= family.train(model, ctx)

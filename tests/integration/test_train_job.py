@@ -35,7 +35,8 @@ FAST_REPORTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENA
 RUN_TIMEOUT_S = 150
 # Enough epochs that the first run is still going when its first checkpoint lands.
 RESUME_EPOCHS = 24
-PROGRESS = re.compile(r"\[train\] epoch (\d+)/(\d+)")
+PROGRESS = re.compile(r"\[train\] fusion epoch (\d+)/(\d+)")
+RESUMED = re.compile(r"resuming from checkpoint: stage (\w+), epoch (\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_two_nodes_s3(dataset, s3_server, ray_tmp, tmp_path, monkeypatch):
     assert states, "no checkpoint reached S3 storage"
     summary = _score_one(f"{bucket}/model", dataset)
     assert summary["train_images"] == 8  # two shards of 4 (the smoke test keeps 8 images)
-    assert [row["epoch"] for row in summary["history"]] == [0, 1, 2]  # 0: validation before stage 2
+    assert [row["epoch"] for row in summary["history"] if row["stage"] == "fusion"] == [0, 1, 2]  # 0: before stage 2
 
 
 def _job_cmd(dataset: Path, out: Path, store: Path, epochs: int) -> list[str]:
@@ -176,12 +177,93 @@ def test_kill_and_resume(dataset, ray_tmp, tmp_path):
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     text = second.stdout + second.stderr
     assert second.returncode == 0, text[-3000:]
-    resumed = re.search(r"resuming from checkpoint at epoch (\d+)", text)
-    assert resumed and int(resumed.group(1)) >= 1, text[-3000:]
+    resumed = RESUMED.search(text)
+    assert resumed and int(resumed.group(2)) >= 1, text[-3000:]
     epochs = [int(m.group(1)) for m in PROGRESS.finditer(text)]
-    assert epochs and min(epochs) == int(resumed.group(1)) + 1 and max(epochs) == RESUME_EPOCHS
+    first_fusion = int(resumed.group(2)) + 1 if resumed.group(1) == "fusion" else 1
+    assert epochs and min(epochs) == first_fusion and max(epochs) == RESUME_EPOCHS
     history = _score_one(str(out), dataset)["history"]
-    assert [row["epoch"] for row in history] == list(range(0, RESUME_EPOCHS + 1))  # resumed history kept
+    fusion = [row["epoch"] for row in history if row["stage"] == "fusion"]
+    assert fusion == list(range(0, RESUME_EPOCHS + 1))  # resumed history kept
+
+
+def _train_workers(ray_tmp: str) -> list[int]:
+    """PIDs of the Ray Train workers of our own cluster (its RAY_TMPDIR is in their environment)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if b"RayTrainWorker" in cmdline and f"RAY_TMPDIR={ray_tmp}".encode() in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+KILL_EPOCHS = 8  # fusion epochs of the worker-kill run
+KILL_AFTER = 3  # the worker is killed once this fusion epoch has been reported
+
+
+def test_killed_worker_resumes_with_the_same_losses(dataset, ray_tmp, tmp_path):
+    """SIGKILL the training worker mid-run: Ray Train restarts it (--max-failures), it resumes from the
+    latest checkpoint, and the per-epoch losses are those of an uninterrupted run (no second warm-up)."""
+    import torch
+
+    from adcore.training import TrainHooks, train
+
+    out, store = tmp_path / "model", tmp_path / "ckpt"
+    cmd = _job_cmd(dataset, out, store, KILL_EPOCHS) + ["--max-failures", "1", "--warmup-share", "0.5"]
+    log = tmp_path / "job.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=_env(ray_tmp, tmp_path / "cache"),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    killed = []
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not killed:
+            if f"fusion epoch {KILL_AFTER}/" in log.read_text(errors="replace"):
+                for pid in _train_workers(ray_tmp):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.05)
+        assert killed, f"no worker to kill:\n{log.read_text()[-3000:]}"
+        proc.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    resumed = RESUMED.search(text)
+    # The controller registers a reported checkpoint on its next poll: the latest one may be an epoch older.
+    assert resumed and resumed.group(1) == "fusion" and 1 <= int(resumed.group(2)) <= KILL_AFTER, text[-3000:]
+    history = _score_one(str(out), dataset)["history"]
+
+    # The same run without Ray or a failure, one thread as in the Ray worker.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = []
+        cfg = TrainConfig(
+            preset="fusion-small", tiny=True, smoke_test=True, epochs=KILL_EPOCHS, batch_size=4, warmup_share=0.5
+        )
+        train(str(dataset), cfg, hooks=TrainHooks(device="cpu", report=lambda m, s: reference.append(m)))
+    finally:
+        torch.set_num_threads(threads)
+    got = [(r["stage"], r["epoch"]) for r in history if r["loss"] is not None]
+    assert got == [(r["stage"], r["epoch"]) for r in reference]
+    assert [r["loss"] for r in history if r["loss"] is not None] == pytest.approx(
+        [r["loss"] for r in reference], rel=1e-4
+    ), "losses after the restart differ from an uninterrupted run's"
 
 
 def test_ray_job_submit_patchcore(dataset, ray_tmp, tmp_path):

@@ -44,7 +44,7 @@ def _trained_names(model: nn.Module) -> set[str]:
 
 
 def _trainable_state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in names or k == "anchors"}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names or k == "anchors"}
 
 
 def _fusion_step(mask_size: int):
@@ -63,9 +63,15 @@ def _domain_step(model: nn.Module, batch) -> torch.Tensor:
 
 
 def train_fusion(model, ctx: TrainContext) -> dict:
-    """Stages 1 and 2; returns what the artifact's training summary adds (the selected epoch)."""
+    """Stages 1 and 2; returns what the artifact's training summary adds (the selected epoch).
+
+    Both stages checkpoint after every epoch (``run_stage``); a resumed run skips what the
+    checkpoint says is done and continues the stage it was in.
+    """
     cfg, hooks, resume = ctx.cfg, ctx.hooks, ctx.resume
-    if resume.get("stage", 0) < 1:
+    world = hooks.world_size
+    trained = _trained_names(model)  # leaves stage 2's parameters trainable
+    if not ctx.finished("domain"):
         model.freeze_for_stage(1)
         run_stage(
             "domain",
@@ -77,38 +83,31 @@ def train_fusion(model, ctx: TrainContext) -> dict:
             _domain_step,
             cfg.budget_s(1),
             cfg.warmup_share,
+            state_fn=lambda: {"model": _trainable_state(model, trained)},
         )
-    trained = _trained_names(model)
+    model.freeze_for_stage(2)
     best = resume.get("best") or {"score": -math.inf, "epoch": None, "model": None}
 
     def keep_if_best(row: dict) -> None:
-        """Model selection on the validation split: mean of its AUROCs."""
+        """Model selection on the validation split: mean of its AUROCs (averaged over ranks: one decision)."""
         aurocs = [row[k] for k in ("val_image_auroc", "val_pixel_auroc") if row.get(k) is not None]
         if aurocs and float(np.mean(aurocs)) > best["score"]:
             best.update(score=float(np.mean(aurocs)), epoch=row["epoch"], model=_trainable_state(model, trained))
 
-    def on_epoch(epoch: int, loss: float) -> None:
+    def on_epoch(epoch: int, loss: float) -> dict:
         model.eval()
-        row = {"stage": "fusion", "epoch": epoch + 1, "loss": loss, **validate(model, ctx.valid, cfg.batch_size)}
+        row = {"stage": "fusion", "epoch": epoch + 1, "loss": loss, **validate(model, ctx.valid, cfg.batch_size, world)}
         row["elapsed_s"] = round(ctx.elapsed(), 1)
         ctx.history.append(row)
         keep_if_best(row)
         if hooks.is_main:
             log.info("validation after epoch %d: %s", epoch + 1, format_row(row))
-        hooks.report(
-            row,
-            lambda: {
-                "stage": 1,
-                "epoch": epoch + 1,
-                "model": _trainable_state(model, trained),
-                "history": ctx.history,
-                "best": best,
-            },
-        )
+        return row
 
-    start_epoch = int(resume.get("epoch", 0))
-    if start_epoch == 0:  # the adapters as initialised are a candidate too
-        row = {"stage": "fusion", "epoch": 0, "loss": None, **validate(model.eval(), ctx.valid, cfg.batch_size)}
+    saved = ctx.resume_for("fusion")
+    if saved is None:  # the adapters as initialised are a candidate too
+        row = {"stage": "fusion", "epoch": 0, "loss": None}
+        row |= validate(model.eval(), ctx.valid, cfg.batch_size, world)
         ctx.history.append(row)
         keep_if_best(row)
         if hooks.is_main:
@@ -123,8 +122,8 @@ def train_fusion(model, ctx: TrainContext) -> dict:
         _fusion_step(cfg.mask_size),
         cfg.budget_s(2, ctx.elapsed()),
         cfg.warmup_share,
-        start_epoch=start_epoch,
         on_epoch=on_epoch,
+        state_fn=lambda: {"model": _trainable_state(model, trained), "best": best},
     )
     if best["model"] is not None:
         model.load_state_dict(best["model"], strict=False)

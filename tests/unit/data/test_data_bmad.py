@@ -92,3 +92,49 @@ def test_mask_shape_mismatch(tmp_path):
     save_mask_png(tmp_path / "m.png", np.ones((5, 5), bool))
     with pytest.raises(DatasetLayoutError, match="m.png"):
         load_sample(Sample(tmp_path / "a.png", 1, tmp_path / "m.png", True))
+
+
+def _train_ungood(root, n=4, masks=True):
+    truth = {}
+    for i in range(n):
+        _img(root / "train" / "Ungood" / "img", f"a{i}.png", 0.9)
+        if masks:
+            truth[f"a{i}.png"] = _mask(root / "train" / "Ungood" / "anomaly_mask", f"a{i}.png", i)
+    return truth
+
+
+def test_labelled_training_anomalies_are_a_seeded_draw(tmp_path):
+    make_tree(tmp_path)
+    truth = _train_ungood(tmp_path)
+    assert [s.label for s in list_split(tmp_path, "train")] == [0, 0, 0], "labelled=0: train/Ungood is not read"
+    two = list_split(tmp_path, "train", labelled=2, seed=0)
+    assert [s.label for s in two] == [0, 0, 0, 1, 1]
+    assert two == list_split(tmp_path, "train", labelled=2, seed=0)
+    draws = {tuple(s.path.name for s in list_split(tmp_path, "train", labelled=2, seed=k)[3:]) for k in range(8)}
+    assert len(draws) > 1, "the seed picks which anomalies"
+    for s in two[3:]:
+        image, mask = load_sample(s)
+        np.testing.assert_array_equal(mask, truth[s.path.name])
+    normal_image, normal_mask = load_sample(two[0])
+    assert normal_mask is None  # a training normal's mask stays unknown (the loop fills zeros when needed)
+    assert [s.path.name for s in list_split(tmp_path, "train", labelled=4)[3:]] == [
+        "a0.png",
+        "a1.png",
+        "a2.png",
+        "a3.png",
+    ]
+
+
+def test_labelled_training_anomalies_masks_optional_and_errors(tmp_path):
+    make_tree(tmp_path)
+    with pytest.raises(DatasetLayoutError, match="1 labelled anomalies .*found 0"):
+        list_split(tmp_path, "train", labelled=1)
+    _train_ungood(tmp_path, n=2, masks=False)
+    samples = list_split(tmp_path, "train", labelled=2)
+    assert [(s.label, s.mask_path) for s in samples[3:]] == [(1, None), (1, None)] and not has_masks(samples)
+    with pytest.raises(DatasetLayoutError, match="3 labelled anomalies .*found 2"):
+        list_split(tmp_path, "train", labelled=3)
+    with pytest.raises(ValueError, match="train split only"):
+        list_split(tmp_path, "valid", labelled=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        list_split(tmp_path, "train", labelled=-1)

@@ -32,7 +32,9 @@ def test_smoke_training_produces_a_loadable_calibrated_artifact(demo, tmp_path, 
     cfg = TrainConfig(preset=preset, tiny=True, smoke_test=True, epochs=2, batch_size=4)
     scorer = train(demo, cfg, output=str(tmp_path / "art"), hooks=hooks)
     if preset == "fusion-small":
-        assert [m["epoch"] for m, _ in reports] == [1, 2], "one report per stage-2 epoch"
+        assert [(m["stage"], m["epoch"]) for m, _ in reports] == [("domain", 1), ("fusion", 1), ("fusion", 2)], (
+            "one report per epoch of each stage"
+        )
         assert {"loss", "val_image_auroc", "val_pixel_auroc"} <= set(reports[-1][0])
         assert reports[-1][1]["epoch"] == 2 and reports[-1][1]["model"], (
             "checkpoint state carries the trainable weights"
@@ -55,9 +57,9 @@ def test_resume_skips_finished_epochs(demo, tmp_path):
     assert any(k.startswith("domain_head.") for k in saved), "stage 1's fine-tuned domain weights are checkpointed"
     assert any(k.startswith("adapters.") for k in saved)
     seen = []
-    resumed = TrainHooks(report=lambda metrics, state: seen.append(metrics["epoch"]), resume=states[-1])
+    resumed = TrainHooks(report=lambda m, state: seen.append((m["stage"], m["epoch"])), resume=states[-1])
     train(demo, TrainConfig(tiny=True, smoke_test=True, epochs=3, batch_size=4), hooks=resumed)
-    assert seen == [2, 3]
+    assert seen == [("fusion", 2), ("fusion", 3)], "stage 1 and the finished epoch are not run again"
 
 
 def test_cli_train_then_evaluate(demo, tmp_path, capsys):

@@ -1,0 +1,22 @@
+"""DRA: open-set supervised detection from a few labelled anomalies (Ding, Pang, Shen, CVPR 2022)."""
+
+from pathlib import Path
+
+from adcore.models.dra.config import DRAConfig
+from adcore.models.dra.fit import fit_dra
+from adcore.models.dra.head import DRAHead
+from adcore.models.dra.model import DRAModel
+from adcore.models.dra.train import train_dra
+from adcore.models.family import MethodFamily
+
+FAMILY = MethodFamily(
+    name="dra",
+    config_class=DRAConfig,
+    model_class=DRAModel,
+    head_class=DRAHead,
+    fit=fit_dra,
+    train=train_dra,
+    presets=Path(__file__).parent / "presets",
+    needs_labelled_anomalies=True,
+    description="DRA: seen, pseudo and latent-residual anomaly heads against a normal head",
+)
