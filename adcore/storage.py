@@ -146,6 +146,29 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         raise FileNotFoundError(f"no such file: {uri}") from None
 
 
+class Reader:
+    """Reads whole files (local or S3) with one filesystem per kind, made on first use.
+
+    For a task that reads many files: :func:`read_bytes` makes a filesystem (an S3 client) per
+    call. The filesystems are not pickled: a reader shipped to a Ray task makes its own.
+    """
+
+    def __init__(self):
+        self._fs: dict[bool, pafs.FileSystem] = {}
+
+    def __getstate__(self) -> dict:
+        return {"_fs": {}}
+
+    def read(self, uri: str | os.PathLike) -> bytes:
+        s3 = is_s3(uri)
+        fs = self._fs.get(s3)
+        if fs is None:
+            fs = self._fs[s3] = s3_filesystem() if s3 else pafs.LocalFileSystem()
+        path = str(uri)[len(S3_PREFIX) :] if s3 else local_path(uri)
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     """Write a file, creating parent folders.
 

@@ -121,10 +121,7 @@ class DicomWriter:
         self.run_id = run_id
         self.model_name, self.model_version = model_name, model_version
         self.software_version = software_version
-        self._fs = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None}
+        self._reader = storage.Reader()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
@@ -148,18 +145,11 @@ class DicomWriter:
         table = table.append_column(DICOM_COLUMN, pa.array(paths, pa.list_(pa.string())))
         return table.append_column(DICOM_ERROR_COLUMN, pa.array(errors, pa.string()))
 
-    def _read(self, uri: str) -> bytes:
-        if self._fs is None:
-            self._fs = storage.filesystem_for(uri)[0]
-        path = storage.filesystem_for(uri)[1] if storage.is_s3(uri) else storage.local_path(uri)
-        with self._fs.open_input_stream(path) as f:
-            return f.read()
-
     def write_instance(self, uri: str, rows: list[dict]) -> list[str]:
         """Build and write one instance's SEG (unless skipped) and SR; returns their paths under the run."""
         import pydicom
 
-        data = self._read(uri)
+        data = self._reader.read(uri)
         if any(r["content_sha256"] != S.content_sha256(data) for r in rows):
             raise ChangedSinceScored("the file changed since it was scored")
         with _quiet():

@@ -56,20 +56,10 @@ class Decoder:
         self.input_size = input_size
         self.max_pixels = max_pixels
         self._secret = secret
-        self._fs = None  # filesystem, made once per task
+        self._reader = storage.Reader()  # one filesystem per task
 
     def __repr__(self) -> str:  # Ray may print the callable: never the secret
         return f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels})"
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fs": None}
-
-    def _read(self, uri: str) -> bytes:
-        if self._fs is None:
-            self._fs = storage.filesystem_for(uri)[0]
-        path = storage.filesystem_for(uri)[1] if storage.is_s3(uri) else storage.local_path(uri)
-        with self._fs.open_input_stream(path) as f:
-            return f.read()
 
     def _files(self, batch: dict[str, np.ndarray]):
         """(uri, bytes or an exception, size, version, prior sha, prior done frames) per file."""
@@ -81,7 +71,7 @@ class Decoder:
         for i, uri in enumerate(batch["uri"]):
             uri = str(uri)
             try:
-                data = self._read(uri)
+                data = self._reader.read(uri)
             except OSError as e:  # gone since the listing, or the store failed: retried next run
                 data = e
             prior = batch["prior_done"][i] if "prior_done" in batch else None
