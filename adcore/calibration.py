@@ -16,12 +16,15 @@ calibrations still load and normalise exactly as they did.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from adcore.metrics import f1_max, stratified_subsample
+
+log = logging.getLogger("adcore.calibration")
 
 # Calibration formats: 1 = image scores clipped linearly between score_lo and score_hi
 # (artifacts written before the score map existed); 2 = the strictly increasing ScoreMap.
@@ -36,9 +39,11 @@ TAIL_SHARE = 0.1
 # Upper end of the (pixel, and format-1 image) normalisation range: this percentile of all
 # validation scores, so one extreme outlier does not squeeze every other score towards 0.
 HI_PERCENTILE = 99.0
-# Threshold when the validation split has no anomalies: this quantile of normal scores
-# (about 1% of normal images flagged).
-NORMAL_QUANTILE = 0.99
+# Threshold when the validation split has no anomalies (the common case in hospitals): the score
+# that this share of normal validation images stays below (1% of normal images flagged).
+DEFAULT_SPECIFICITY = 0.99
+# Below this many validation anomalies the max-F1 threshold rests on a handful of images: said in the log.
+MIN_STABLE_ANOMALIES = 20
 # Pixels used to fit the pixel calibration are subsampled to this many (memory bound).
 MAX_PIXELS = 2_000_000
 
@@ -157,7 +162,8 @@ class Calibration:
         score_hi: raw image score mapped to 1 (format 1: 99th percentile of validation scores).
         pixel_lo, pixel_hi, pixel_threshold: clipped linear map normalisation for anomaly maps,
             as ``score_lo``/``score_hi`` in format 1; None if no maps were given.
-        method: how thresholds were chosen ("valid-max-f1" or "normal-quantile-0.99").
+        method: how thresholds were chosen ("valid-max-f1", or "normal-specificity-0.99" when the
+            split has no anomalies; "normal-quantile-0.99" in artifacts written before).
         n_valid: number of validation images.
     """
 
@@ -250,12 +256,21 @@ def _sensitivity_raw(anomaly_scores: np.ndarray, target: float) -> float:
     return float(np.sort(anomaly_scores)[::-1][k - 1])
 
 
-def _raw_thresholds(y: np.ndarray, s: np.ndarray, target_sensitivity: float) -> tuple[str, float, float]:
-    """Threshold method, max-F1 (or normal-quantile) raw threshold and sensitivity raw threshold."""
+def _raw_thresholds(
+    y: np.ndarray, s: np.ndarray, target_sensitivity: float, target_specificity: float
+) -> tuple[str, float, float]:
+    """Threshold method, max-F1 (or specificity) raw threshold and sensitivity raw threshold."""
     if y.any():
+        if y.sum() < MIN_STABLE_ANOMALIES:
+            log.warning(
+                "max-F1 threshold from only %d validation anomalies: it may not hold on new data "
+                "(%d or more make it stable)",
+                int(y.sum()),
+                MIN_STABLE_ANOMALIES,
+            )
         return "valid-max-f1", f1_max(y, s)[1], _sensitivity_raw(s[y], target_sensitivity)
-    thr = float(np.quantile(s, NORMAL_QUANTILE))
-    return f"normal-quantile-{NORMAL_QUANTILE}", thr, thr
+    thr = float(np.quantile(s, target_specificity))
+    return f"normal-specificity-{target_specificity:g}", thr, thr
 
 
 def fit_calibration(
@@ -264,6 +279,7 @@ def fit_calibration(
     masks=None,
     maps=None,
     target_sensitivity: float = 0.95,
+    target_specificity: float = DEFAULT_SPECIFICITY,
 ) -> Calibration:
     """Fit the score map and thresholds on the validation split (never on the test set).
 
@@ -274,11 +290,14 @@ def fit_calibration(
             None for normal images.
         maps: optional raw anomaly maps (HxW) for the pixel calibration.
         target_sensitivity: recall on anomalies for ``sensitivity_threshold``.
+        target_specificity: without validation anomalies, the share of normal validation images
+            left below both thresholds.
 
     The score map is fitted on the normal validation scores (on all of them when the
     split has no normal image): training scores would sit too low for a memory bank.
     With anomalies, thresholds are the max-F1 threshold and the sensitivity operating
-    point; without, both are the 0.99 quantile of normal scores. They are stored raw and
+    point; without (normal-only validation data), both are the ``target_specificity``
+    quantile of normal scores. They are stored raw and
     mapped through the same strictly increasing map, so comparing normalised values
     decides exactly as comparing raw ones.
     """
@@ -290,9 +309,11 @@ def fit_calibration(
         raise ValueError("validation scores contain NaN or infinite values")
     if not 0.0 < target_sensitivity <= 1.0:
         raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+    if not 0.0 < target_specificity < 1.0:
+        raise ValueError(f"target_specificity must be in (0, 1), got {target_specificity}")
 
     score_map = ScoreMap.fit(s[~y] if (~y).any() else s)
-    method, thr, sens = _raw_thresholds(y, s, target_sensitivity)
+    method, thr, sens = _raw_thresholds(y, s, target_sensitivity, target_specificity)
     calib = Calibration(
         image_threshold=float(score_map(thr)),
         sensitivity_threshold=float(score_map(sens)),
@@ -350,6 +371,6 @@ def _fit_pixels(y: np.ndarray, masks, maps) -> tuple[float, float, float]:
             a_px, a_gt = a_px[keep], a_gt[keep]
         thr = f1_max(a_gt, a_px)[1]
     else:
-        thr = float(np.quantile(normal_px, NORMAL_QUANTILE))
+        thr = float(np.quantile(normal_px, DEFAULT_SPECIFICITY))
     lo, hi = _range(lo, hi, [thr], px)
     return lo, hi, _to_unit(thr, lo, hi)

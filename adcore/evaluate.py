@@ -11,6 +11,13 @@ specificity, Dice, IoU). Nothing here is tuned on the split being evaluated.
 The network runs on the engine the scoring job would pick (``adcore.engine``: onnxruntime on
 CPU, torch on CUDA) unless ``--engine`` says otherwise; ``--variant`` scores with a quantised
 graph from the artifact's engine cache, measured or not (this is how one measures it).
+
+For a model whose head tells anomaly categories apart (SD-MAD) on a split with categories
+(``categories.csv``, :mod:`adcore.data.bmad`), the table adds the three multi-anomaly protocols
+(:func:`adcore.metrics.multi_anomaly_metrics`): normal against any anomaly (image AUROC), each
+category against the rest (AUROC, averaged), and accuracy and macro-F1 over {normal, categories},
+the predicted class being "normal" below the calibrated threshold and the most likely category
+above it. Anomalous images without a category are left out of the three.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ TABLE_KEYS = (
     "iou",
     "n_images",
 )
+# Rows of the multi-anomaly protocols (models with categories only).
+MULTI_KEYS = ("normal_vs_any_auroc", "category_auroc", "accuracy", "macro_f1")
 
 
 @dataclass
@@ -82,8 +91,23 @@ def evaluate(scorer: Scorer, data: str, split: str = "test", batch_size: int = 8
             anomalous = [i for i, y in enumerate(labels) if y]
             out["dice"] = float(np.mean([metrics.dice(results[i].mask, masks[i]) for i in anomalous]))
             out["iou"] = float(np.mean([metrics.iou(results[i].mask, masks[i]) for i in anomalous]))
+    if scorer.categories and cal:
+        out |= multi_anomaly(scorer.categories, ds["samples"], results)
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
+
+
+def multi_anomaly(names: tuple[str, ...], samples, results) -> dict:
+    """The three protocols on the normal images and the anomalous ones of a known category."""
+    keep = [i for i, s in enumerate(samples) if s.label == 0 or s.category in names]
+    truth = [samples[i].category if samples[i].label else None for i in keep]
+    if len({t for t in truth if t}) < 1 or all(t is None for t in truth):
+        return {}
+    raw = np.array([results[i].raw_score for i in keep])
+    per_cat = np.array([[results[i].category_scores[n] for n in names] for i in keep])
+    predicted = [results[i].category for i in keep]
+    m = metrics.multi_anomaly_metrics(truth, raw, per_cat, list(names), predicted)
+    return {**m, "categories": list(names), "n_categorised": int(sum(t is not None for t in truth))}
 
 
 def format_table(rows: list[dict], keys=TABLE_KEYS) -> str:
@@ -94,9 +118,10 @@ def format_table(rows: list[dict], keys=TABLE_KEYS) -> str:
 
     names = [r.get("name", r["model"]) for r in rows]
     width = max(len("metric"), *(len(n) for n in names))
-    lines = ["metric".ljust(14) + "".join(n.rjust(width + 2) for n in names)]
+    first = max(14, *(len(k) + 1 for k in keys))
+    lines = ["metric".ljust(first) + "".join(n.rjust(width + 2) for n in names)]
     for k in keys:
-        lines.append(k.ljust(14) + "".join(fmt(r.get(k)).rjust(width + 2) for r in rows))
+        lines.append(k.ljust(first) + "".join(fmt(r.get(k)).rjust(width + 2) for r in rows))
     return "\n".join(lines)
 
 
@@ -111,7 +136,12 @@ def main(argv: list[str] | None = None) -> None:
         row["name"] = scorer.name if cfg.variant == "fp32" else f"{scorer.name} ({cfg.variant})"
         row["engine"], row["variant"] = type(scorer.network).__name__, cfg.variant
         rows.append(row)
-    print(format_table(rows))
+    multi = any(k in r for r in rows for k in MULTI_KEYS)
+    print(format_table(rows, TABLE_KEYS + MULTI_KEYS if multi else TABLE_KEYS))
+    for r in rows:
+        if "category_auroc_per" in r:
+            per = ", ".join(f"{k} {v:.4f}" for k, v in r["category_auroc_per"].items())
+            print(f"{r['name']}: one-vs-rest AUROC per category: {per}")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(rows[0] if len(rows) == 1 else rows, f, indent=1)

@@ -256,3 +256,72 @@ __all__: Sequence[str] = (
     "stratified_subsample",
     "threshold_metrics",
 )
+
+
+# ----------------------------------------------------------------------------- multi-anomaly protocols
+# SD-MAD (papers.md section 2) names three protocols without defining them; adcore's three:
+# (1) normal vs any anomaly, image AUROC; (2) each category against the rest (normals included),
+# AUROC averaged over categories; (3) accuracy and macro-F1 over the classes {normal, categories}.
+NORMAL_CLASS = "normal"
+
+
+def _category_labels(categories: Sequence) -> np.ndarray:
+    """Per-image class names: None / NaN / "normal" -> NORMAL_CLASS."""
+    out = []
+    for c in categories:
+        missing = c is None or (isinstance(c, float) and np.isnan(c))
+        out.append(NORMAL_CLASS if missing else str(c))
+    return np.array(out, dtype=object)
+
+
+def category_auroc(categories: Sequence, category_scores, names: Sequence[str]) -> dict[str, float]:
+    """Protocol 2: one-vs-rest AUROC per category, and their mean (``"mean"``).
+
+    Args:
+        categories: Each image's true category (None or ``"normal"`` for normal images).
+        category_scores: [N, C] per-category scores, columns in ``names`` order.
+        names: Category names; a category absent from ``categories`` is left out of the mean.
+    """
+    y = _category_labels(categories)
+    s = np.asarray(category_scores, dtype=np.float64)
+    if s.shape != (len(y), len(names)):
+        raise ValueError(f"category_scores must be [{len(y)}, {len(names)}], got {s.shape}")
+    out = {name: image_auroc(y == name, s[:, j]) for j, name in enumerate(names) if 0 < (y == name).sum() < len(y)}
+    if not out:
+        raise ValueError("no category has both positive and negative images")
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+def multiclass_metrics(true: Sequence, predicted: Sequence, classes: Sequence[str] | None = None) -> dict:
+    """Protocol 3: accuracy and macro-F1 over {normal, categories} (None counts as normal).
+
+    Macro-F1 averages the per-class F1 over ``classes`` (default: every class in ``true``); a
+    class never predicted and never true is left out, one predicted but absent from ``true``
+    lowers precision elsewhere only.
+    """
+    t, p = _category_labels(true), _category_labels(predicted)
+    if t.shape != p.shape or not t.size:
+        raise ValueError(f"true and predicted must be equal, non-empty lengths: {t.shape} vs {p.shape}")
+    classes = list(dict.fromkeys(classes)) if classes is not None else sorted(set(t))
+    f1 = {}
+    for c in classes:
+        tp, fp, fn = np.sum((p == c) & (t == c)), np.sum((p == c) & (t != c)), np.sum((p != c) & (t == c))
+        if tp + fp + fn:
+            f1[c] = _safe_div(2 * tp, 2 * tp + fp + fn)
+    return {"accuracy": float(np.mean(t == p)), "macro_f1": float(np.mean(list(f1.values()))), "f1": f1}
+
+
+def multi_anomaly_metrics(
+    categories: Sequence, anomaly_scores, category_scores, names: Sequence[str], predicted: Sequence
+) -> dict:
+    """All three protocols: ``normal_vs_any_auroc``, ``category_auroc`` (mean) with per-category
+    values, ``accuracy`` and ``macro_f1`` over {normal, categories} of the ``predicted`` classes."""
+    y = _category_labels(categories)
+    out = {"normal_vs_any_auroc": image_auroc(y != NORMAL_CLASS, anomaly_scores)}
+    per = category_auroc(categories, category_scores, names)
+    out["category_auroc"] = per.pop("mean")
+    out["category_auroc_per"] = per
+    mc = multiclass_metrics(categories, predicted, [NORMAL_CLASS, *names])
+    out |= {"accuracy": mc["accuracy"], "macro_f1": mc["macro_f1"], "f1_per_class": mc["f1"]}
+    return out

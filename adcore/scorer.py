@@ -9,7 +9,10 @@ scores through a :class:`Scorer`, rebuilt from one artifact directory:
     results = scorer.postprocess(scores, maps, hws)  # calibrated score, label, map, mask, area, peak
 
 The network backend is one small interface (:class:`Network`): a callable from
-pixels to the named outputs, with the largest batch it takes. Scores are
+pixels to the named outputs, with the largest batch it takes. A head that tells anomaly
+categories apart (e.g. SD-MAD's) also declares ``categories`` (names) and
+``category_scores(out) -> [B, C]``; results then carry per-category scores and the most
+likely category of each anomalous frame (:func:`head_categories`; other heads: none, as before). Scores are
 normalised and thresholded with the calibration stored in the artifact (fit on
 validation data at training time), so one image can be scored alone.
 """
@@ -125,6 +128,19 @@ class TorchNetwork:
         return {k: getattr(out, k).float().cpu().numpy() for k in OUTPUT_NAMES}
 
 
+def head_categories(head) -> tuple[str, ...]:
+    """The anomaly categories a head tells apart (its ``categories``); empty for a plain anomaly head."""
+    return tuple(str(c) for c in (getattr(head, "categories", None) or ()))
+
+
+def most_likely_category(categories: tuple[str, ...], scores: np.ndarray | None, label: int | None) -> str | None:
+    """The category with the highest score for a frame labelled anomalous; None for normal frames,
+    frames without a calibrated label, and heads without categories."""
+    if not categories or scores is None or label != 1:
+        return None
+    return categories[int(np.argmax(scores))]
+
+
 class NetworkOnlyHead:
     """The network's own score and map as the raw values (training-time validation, before any head is fit)."""
 
@@ -144,16 +160,28 @@ class ImageResult:
     anomaly_map: np.ndarray | None = None  # [H, W] calibrated, in [0, 1]
     mask: np.ndarray | None = None  # [H, W] bool at the artifact's pixel threshold
     area: int | None = None  # pixels in the mask
+    category_scores: dict[str, float] | None = None  # per-category scores (heads with categories only)
+    category: str | None = None  # the most likely category when label is 1, else None
 
 
 def postprocess(
-    calibration: Calibration | None, raw_scores: np.ndarray, raw_maps: np.ndarray, hws: list[tuple[int, int]]
+    calibration: Calibration | None,
+    raw_scores: np.ndarray,
+    raw_maps: np.ndarray,
+    hws: list[tuple[int, int]],
+    category_scores: np.ndarray | None = None,
+    categories: tuple[str, ...] = (),
 ) -> Iterator[ImageResult]:
     """Raw values -> one :class:`ImageResult` per frame, each map at its frame's size ``hws[i]``.
 
     Upsamples once per run of same-size frames (bounded by ``UPSAMPLE_PIXELS``). A generator:
-    a caller that drops each result as it goes holds one run's maps at a time.
+    a caller that drops each result as it goes holds one run's maps at a time. With
+    ``categories`` and their ``category_scores`` [N, C], each result also carries them and the
+    most likely category of a frame labelled anomalous.
     """
+    categories = tuple(categories)
+    if categories and (category_scores is None or np.shape(category_scores) != (len(hws), len(categories))):
+        raise ValueError(f"category_scores must be [{len(hws)}, {len(categories)}], got {np.shape(category_scores)}")
     cal = calibration
     raw_scores = np.asarray(raw_scores, dtype=np.float32)
     scores = cal.normalize_scores(raw_scores.astype(np.float64)) if cal else None
@@ -176,6 +204,10 @@ def postprocess(
                 result.score = float(scores[i])
                 result.label = int(scores[i] >= cal.image_threshold)
                 result.anomaly_map, result.mask, result.area = nmap[j], masks[j], int(areas[j])
+            if categories:
+                row = np.asarray(category_scores[i], np.float32)
+                result.category_scores = {c: float(v) for c, v in zip(categories, row)}
+                result.category = most_likely_category(categories, row, result.label)
             yield result
         start = stop
 
@@ -202,6 +234,11 @@ class Scorer:
         return self.model.input_size
 
     @property
+    def categories(self) -> tuple[str, ...]:
+        """The head's anomaly categories (empty for a plain anomaly head)."""
+        return head_categories(self.head)
+
+    @property
     def name(self) -> str:
         return self.meta.get("model_name", getattr(self.model, "preset_name", "model"))
 
@@ -216,13 +253,18 @@ class Scorer:
             return self.network(as_uint8(pixels))
         return self.network(as_float(pixels))
 
-    def iter_raw(self, pixels: np.ndarray) -> Iterator[tuple[slice, tuple[np.ndarray, np.ndarray] | Exception]]:
+    def iter_raw(
+        self, pixels: np.ndarray, with_categories: bool = False
+    ) -> Iterator[tuple[slice, tuple[np.ndarray, ...] | Exception]]:
         """Network + head per chunk of at most ``network.max_batch`` rows, in order.
 
         Yields ``(rows, (raw scores, raw maps))``, or ``(rows, exception)`` for a chunk whose
         network or head call failed, so a caller can mark just those rows. With a network that
         allows calls in flight, the next chunks' network calls run while the head matches this one.
+        ``with_categories`` adds a third value: the per-category scores [b, C] (None for a head
+        without categories).
         """
+        categories = self.categories
         n = len(pixels)
         step = self.network.max_batch or max(1, n)
         chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
@@ -237,7 +279,10 @@ class Scorer:
             if isinstance(out, Exception):
                 return out
             try:
-                return self.head(out)
+                scores, maps = self.head(out)
+                if not with_categories:
+                    return scores, maps
+                return scores, maps, (self.head.category_scores(out) if categories else None)
             except Exception as e:  # noqa: BLE001
                 return e
 
@@ -260,19 +305,34 @@ class Scorer:
             maps.append(out[1])
         return np.concatenate(scores), np.concatenate(maps)
 
+    def raw_with_categories(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`raw` plus the per-category scores [B, C] (None for a head without categories)."""
+        parts = []
+        for _, out in self.iter_raw(pixels, with_categories=True):
+            if isinstance(out, Exception):
+                raise out
+            parts.append(out)
+        cats = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), cats
+
     def postprocess(
-        self, raw_scores: np.ndarray, raw_maps: np.ndarray, hws: list[tuple[int, int]]
+        self,
+        raw_scores: np.ndarray,
+        raw_maps: np.ndarray,
+        hws: list[tuple[int, int]],
+        category_scores: np.ndarray | None = None,
     ) -> Iterator[ImageResult]:
         """Raw values -> one :class:`ImageResult` per frame (see :func:`postprocess`)."""
-        return postprocess(self.calibration, raw_scores, raw_maps, hws)
+        cats = self.categories if category_scores is not None else ()
+        return postprocess(self.calibration, raw_scores, raw_maps, hws, category_scores, cats)
 
     def score_images(self, images: list[np.ndarray], batch_size: int = 8) -> list[ImageResult]:
         """Score decoded images (HxW or HxWxC in [0, 1]); each map comes back at its image's size."""
         results: list[ImageResult] = []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            scores, maps = self.raw(np.stack([prepare(im, self.input_size) for im in chunk]))
-            results += self.postprocess(scores, maps, [im.shape[:2] for im in chunk])
+            scores, maps, cats = self.raw_with_categories(np.stack([prepare(im, self.input_size) for im in chunk]))
+            results += self.postprocess(scores, maps, [im.shape[:2] for im in chunk], cats)
         return results
 
     # --- artifact I/O -------------------------------------------------------
@@ -300,6 +360,7 @@ class Scorer:
             "model": self.model.config_dict(),
             "head": self.head.config(),
             "calibration": self.calibration.to_dict() if self.calibration else None,
+            **({"categories": list(self.categories)} if self.categories else {}),
             **({"training": extra} if extra else {}),
         }
         return save_artifact(uri, config, state, arrays)

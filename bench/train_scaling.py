@@ -1,4 +1,4 @@
-"""Benchmark jobs/train.py: samples/s with 1 vs 2 workers, and where the wall time goes.
+"""Benchmark jobs/train.py: samples/s with 1 vs 2 workers, where the wall time goes, and the streamed input.
 
 Runs on two simulated Ray nodes (1 CPU each) on this machine, on a generated demo
 dataset, and prints per run: wall time, gradient samples/s (end to end and compute
@@ -7,7 +7,11 @@ staging, the library's own compute, and finishing (head, calibration, artifact,
 teardown). On a 2-core machine shared with other work, scaling cannot show; the
 numbers are printed as measured.
 
-    .venv/bin/python bench/train_scaling.py [--n-train 96] [--epochs 5] [--no-tiny]
+Then, with one worker, the streamed train split (Ray Data decode tasks, the default) against the
+in-memory one (``--no-stream``): compute samples/s of each and their ratio, and the worker's peak
+RSS for N and 4N training images (issue 10's target: growth under 20 % when streamed).
+
+    .venv/bin/python bench/train_scaling.py [--n-train 96] [--epochs 5] [--no-tiny] [--memory-images 96]
 """
 
 from __future__ import annotations
@@ -40,31 +44,50 @@ class BenchConfig:
     batch_size: int = 8
     preset: str = "fusion-small"
     tiny: bool = True  # the preset's tiny variant: the full one needs minutes per epoch on 2 cores
+    memory_images: int = 96  # N of the memory rows (N and 4N images; 0: skip the streamed/in-memory part)
+    memory_image_size: int = 256  # stored image size of the memory rows (what an in-memory shard holds)
+    memory_epochs: int = 2
 
 
-def run_once(cluster_address: str, data: str, work: pathlib.Path, workers: int, bench: BenchConfig) -> dict:
-    """One training run; returns the wall-time breakdown in seconds."""
-    timings = work / f"timings-{workers}.json"
+def run_once(
+    cluster_address: str,
+    data: str,
+    work: pathlib.Path,
+    workers: int,
+    bench: BenchConfig,
+    *,
+    stream: bool = True,
+    n_train: int | None = None,
+    epochs: int | None = None,
+    tag: str = "",
+) -> dict:
+    """One training run; returns the wall-time breakdown in seconds and the worker's peak RSS."""
+    name = f"{workers}{tag}"
+    timings = work / f"timings-{name}.json"
     job = train_job.JobConfig(
         data=data,
-        output=str(work / f"model-{workers}"),
+        output=str(work / f"model-{name}"),
         storage=str(work / "ray"),
-        run_name=f"bench-{workers}",
+        run_name=f"bench-{name}",
         num_workers=workers,
         address=cluster_address,
         timings=str(timings),
         max_failures=0,
+        stream=stream,
     )
-    cfg = TrainConfig(preset=bench.preset, tiny=bench.tiny, epochs=bench.epochs, batch_size=bench.batch_size)
+    epochs = epochs or bench.epochs
+    cfg = TrainConfig(preset=bench.preset, tiny=bench.tiny, epochs=epochs, batch_size=bench.batch_size)
     t0 = time.time()
     train_job.main(job, cfg)
     wall = time.time() - t0
     t = json.loads(timings.read_text())
     startup = t["worker_start_unix"] - t0
     compute = t["worker_s"] - t["report_s"] - t["data_s"]
-    samples = bench.n_train * (cfg.domain_epochs + cfg.epochs)
+    samples = (n_train or bench.n_train) * (cfg.domain_epochs + cfg.epochs)
     return {
         "workers": workers,
+        "streamed": t.get("streamed"),
+        "peak_rss_mb": t.get("peak_rss_mb"),
         "wall_s": wall,
         "samples": samples,
         "startup_s": startup,
@@ -101,6 +124,52 @@ def print_table(rows: list[dict]) -> None:
     print("(finish = head/centroids, calibration, artifact save, then Ray teardown: part compute, part overhead)")
 
 
+def memory_rows(cluster_address: str, work: pathlib.Path, bench: BenchConfig) -> list[dict]:
+    """One worker, streamed and in memory, on N and 4N images."""
+    rows = []
+    for n in (bench.memory_images, 4 * bench.memory_images):
+        data = make_demo_dataset(
+            work / f"data-{n}", n_train=n, n_valid=8, n_test=2, size=bench.memory_image_size, seed=1
+        )
+        for stream in (True, False):
+            tag = f"-{n}-{'stream' if stream else 'memory'}"
+            row = run_once(
+                cluster_address,
+                str(data),
+                work,
+                1,
+                bench,
+                stream=stream,
+                n_train=n,
+                epochs=bench.memory_epochs,
+                tag=tag,
+            )
+            rows.append({**row, "n_train": n})
+    return rows
+
+
+def print_memory(rows: list[dict], bench: BenchConfig) -> None:
+    print()
+    print(f"one worker, {bench.memory_image_size} px images, {bench.memory_epochs} epochs:")
+    print(f"{'images':>7} {'input':>9} {'compute samples/s':>17} {'worker peak RSS MB':>18}")
+    for r in rows:
+        kind = "streamed" if r["streamed"] else "in-memory"
+        print(f"{r['n_train']:>7} {kind:>9} {r['samples'] / r['compute_s']:>17.1f} {r['peak_rss_mb']:>18.0f}")
+    by = {(r["n_train"], bool(r["streamed"])): r for r in rows}
+    n, n4 = bench.memory_images, 4 * bench.memory_images
+    for size in (n, n4):
+        s, m = by[(size, True)], by[(size, False)]
+        ratio = (s["samples"] / s["compute_s"]) / (m["samples"] / m["compute_s"])
+        print(f"streamed / in-memory compute samples/s at {size} images: {ratio:.2f}")
+    for streamed in (True, False):
+        a, b = by[(n, streamed)]["peak_rss_mb"], by[(n4, streamed)]["peak_rss_mb"]
+        kind = "streamed" if streamed else "in-memory"
+        print(
+            f"{kind} worker peak RSS {n} -> {n4} images: {a:.0f} -> {b:.0f} MB "
+            f"({b / a - 1:+.1%}; target < +20 % streamed)"
+        )
+
+
 def main(bench: BenchConfig) -> list[dict]:
     import ray
     from ray.cluster_utils import Cluster
@@ -115,12 +184,15 @@ def main(bench: BenchConfig) -> list[dict]:
         cluster.add_node(num_cpus=1)
         for workers in WORKER_COUNTS:
             rows.append(run_once(cluster.address, str(data), work, workers, bench))
+        memory = memory_rows(cluster.address, work, bench) if bench.memory_images else []
     finally:
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
-    return rows
+    if memory:
+        print_memory(memory, bench)
+    return rows + memory
 
 
 if __name__ == "__main__":

@@ -86,12 +86,13 @@ def cache_dir_for(uri: str) -> Path:
     return Path(root) / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
 
 
-def local_copy(uri: str) -> str:
+def local_copy(uri: str, only: str | None = None) -> str:
     """A local folder holding ``uri``: the path itself, or this node's cached copy of an S3 prefix.
 
     Workers on one node share the copy: the first downloads it under a file lock, the
     others wait and reuse it. A copy is reused until its folder is deleted (inputs are
-    treated as immutable datasets).
+    treated as immutable datasets). ``only`` (e.g. ``"valid"``) copies just that sub-folder of
+    the prefix (the rest is streamed), into the same place in the copy.
     """
     if not storage.is_s3(uri):
         path = storage.local_path(uri)
@@ -99,13 +100,17 @@ def local_copy(uri: str) -> str:
             raise FileNotFoundError(f"no such data folder: {uri}")
         return path
     target = cache_dir_for(uri)
+    source, dest, done = uri, target, target / _DONE_MARKER
+    if only:
+        source, dest = f"{uri.rstrip('/')}/{only}", target / only
+        done = target / f"{_DONE_MARKER}-{only}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{target}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / _DONE_MARKER).is_file():
-            log.info("downloading %s to %s", uri, target)
-            storage.download_dir(uri, target)
-            (target / _DONE_MARKER).touch()
+        if not done.is_file() and not (target / _DONE_MARKER).is_file():
+            log.info("downloading %s to %s", source, dest)
+            storage.download_dir(source, dest)
+            done.touch()
     return str(target)
 
 

@@ -44,7 +44,8 @@ CONTOUR_RGB = (255, 0, 0)
 # as float32: raw_score orders the rare rows whose scores round to the same float32 (and rows of
 # artifacts calibrated before issue 17, whose scores clip at 0 and 1).
 TOP_ANOMALIES_SQL = """
-SELECT image_uri, frame, score, raw_score, label, mask_area, peak_row, peak_col, modality, model_version, run_id
+SELECT image_uri, frame, score, raw_score, label, category, mask_area, peak_row, peak_col, modality, model_version,
+       run_id
 FROM latest
 WHERE status = 'ok'
 ORDER BY score DESC, raw_score DESC
@@ -74,6 +75,17 @@ RUN_SCORES_SQL = "SELECT score FROM scores WHERE status = 'ok' AND run_id = $run
 
 RUNS_SQL = "SELECT DISTINCT run_id FROM scores ORDER BY run_id"
 
+# Rows per anomaly category (models whose head tells categories apart: schema 3's ``category``;
+# null for normal rows and for models without categories: counted as "normal" or "(no category)").
+CATEGORY_COUNTS_SQL = """
+SELECT model_version, coalesce(category, CASE WHEN label = 1 THEN '(no category)' ELSE 'normal' END) AS category,
+       count(*) AS n, avg(score) AS mean_score
+FROM latest
+WHERE status = 'ok'
+GROUP BY ALL
+ORDER BY model_version, n DESC, category
+"""
+
 # Score histograms per run and modality, binned in DuckDB (no score list in Python).
 HISTOGRAM_SQL = f"""
 SELECT run_id, coalesce(modality, 'non-DICOM') AS modality,
@@ -85,8 +97,8 @@ ORDER BY ALL
 """
 
 IMAGE_SQL = """
-SELECT image_uri, frame, score, raw_score, label, mask_area, peak_row, peak_col, modality, model_name, model_version,
-       run_id, scored_at
+SELECT image_uri, frame, score, raw_score, label, category, mask_area, peak_row, peak_col, modality, model_name,
+       model_version, run_id, scored_at
 FROM latest
 WHERE status = 'ok' AND image_uri = $uri AND frame = $frame
 ORDER BY run_id DESC
@@ -147,7 +159,7 @@ def connect(scores: str):
 LATEST_COLUMNS = [
     "image_uri", "content_sha256", "frame", "height", "width", "score", "raw_score", "label", "mask_area",
     "peak_row", "peak_col", "modality", "model_name", "model_version", "scored_at", "status", "error", "run_id",
-    "superseded",
+    "category", "superseded",
 ]  # fmt: skip
 
 
@@ -369,6 +381,7 @@ def image_section(r: dict, mask: bytes | None, anchor: str) -> str:
         "image": f"{r['image_uri']} [frame {r['frame']}]",
         "score": f"{r['score']:.4f} (raw {r['raw_score']:.4g})",
         "label": "anomalous" if r["label"] else "normal",
+        **({"category": r["category"]} if r.get("category") else {}),
         "mask area": f"{r['mask_area']} px, peak at ({r['peak_row']}, {r['peak_col']})",
         "modality": r.get("modality") or "non-DICOM",
         "model version": r["model_version"],
@@ -402,6 +415,7 @@ def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
     top = query(con, TOP_ANOMALIES_SQL, k=top_k)
     dist = query(con, SCORE_DISTRIBUTION_SQL)
     errors = query(con, ERROR_COUNTS_SQL)
+    categories = query(con, CATEGORY_COUNTS_SQL)
     shift = score_shift(con)
     latest_scores = [r["score"] for r in query(con, "SELECT score FROM latest WHERE status = 'ok'")]
     hist = query(con, HISTOGRAM_SQL)
@@ -425,6 +439,8 @@ def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
         f"<div class='plots'>{histograms_svg(hist)}</div>",
         "<h2>Score distribution per run and modality</h2>",
         _table(dist),
+        "<h2 id='categories'>Images per category (visible rows)</h2>",
+        _table(categories),
         "<h2 id='errors'>Errors per run and kind</h2>",
         f"<div class='plots'>{errors_svg(errors)}</div>",
         _table(errors),
@@ -435,7 +451,8 @@ def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
         *pages,
         "</body></html>",
     ]
-    return "\n".join(parts), {"top": top, "distribution": dist, "errors": errors, "shift": shift, "histogram": hist}
+    figures = {"top": top, "distribution": dist, "errors": errors, "shift": shift, "histogram": hist}
+    return "\n".join(parts), figures | {"categories": categories}
 
 
 def main(cfg: ReportConfig) -> dict:

@@ -3,8 +3,13 @@
     python jobs/train.py --data s3://bucket/bmad/brain --preset fusion-small \
         --output s3://bucket/models/brain --storage s3://bucket/ray --num-workers 4 --use-gpu
 
-Each worker reads its shard of the train split (the loop shards by rank) from a local
-folder or a per-node cached copy of an ``s3://`` prefix. Every stage-2 epoch reports
+The train split is streamed (``adcore.training.stream``): the driver lists it once (local folder or
+``s3://`` prefix, no image read), cuts the listing into one equal shard per rank, and Ray Data
+decodes and resizes each shard in CPU tasks; a rank holds only the batches in flight and synthesises
+anomalies with a seed of (seed, epoch, image). Only the small validation split is read whole by each
+rank (from S3: one cached copy of ``valid/`` per node). Families that index their images
+(``MethodFamily.needs_images_in_memory``, DRA) and ``--no-stream`` load each rank's shard into memory
+instead. Every stage-2 epoch reports
 loss and validation AUROC through ``ray.train.report``; rank 0 attaches the training
 state as a checkpoint in ``--storage``. A restarted worker group (``--max-failures``) or
 a rerun with the same ``--storage`` and run name resumes from the latest checkpoint.
@@ -29,7 +34,10 @@ from torch import nn
 
 from adcore import storage
 from adcore.cli import parse_configs, setup_logging
+from adcore.models import create, family_for
 from adcore.training import TrainConfig, TrainHooks, dist, train
+from adcore.training.loop import SMOKE_IMAGES
+from adcore.training.stream import StreamedBatches, decode_train, shard_listing, train_listing
 from jobs.common import init_ray, local_copy, run_name, storage_args
 
 log = logging.getLogger("jobs.train")
@@ -37,6 +45,10 @@ log = logging.getLogger("jobs.train")
 STATE_FILE = "state.pt"  # the training state inside each checkpoint folder
 KEEP_CHECKPOINTS = 2  # bounded storage; resuming only needs the latest
 RUN_PREFIX = "train"  # run names are train-<hash of --output> unless --run-name is given
+TRAIN_DATASET = "train"  # rank r reads the Ray Dataset named train_<r>
+DECODE_BLOCK_ROWS = 64  # listing rows per Ray Data block: the unit of parallel decoding
+DECODE_BATCH = 16  # images per map_batches call inside a decode task
+SHUFFLE_BUFFER = 256  # decoded images a rank shuffles among (about 150 MB at 384 px)
 
 
 @dataclass
@@ -53,6 +65,9 @@ class JobConfig:
     max_failures: int = 2  # worker-group restarts, each resuming from the latest checkpoint
     address: str | None = None  # Ray address; default: RAY_ADDRESS or a new local cluster
     timings: str | None = None  # rank 0 writes its timings here as JSON (local or s3://; benchmarks)
+    stream: bool = True  # stream the train split through Ray Data; --no-stream: each rank loads its shard
+    decode_cpus: float = 1.0  # CPUs per decode task (0 when the training workers leave none free)
+    decode_tasks: int = 4  # decode tasks in flight per rank's dataset
 
     def storage_uri(self) -> str:
         return self.storage or self.output.rstrip("/") + "-checkpoints"
@@ -143,13 +158,22 @@ def train_worker(config: dict) -> None:
     resume = load_state(ray.train.get_checkpoint())
     if resume is not None and rank == 0:
         log.info("[train] resuming from checkpoint: stage %s, epoch %s", resume.get("stage"), resume.get("epoch"))
-    data = local_copy(job.data)
+    streamed = config.get("stream")
+    data = local_copy(job.data, only="valid" if streamed else None)
     data_s = time.monotonic() - started
     reporter = Reporter(rank, cfg.epochs)
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     hooks = TrainHooks(
         rank=rank, world_size=world, device=device, wrap=make_wrap(world), report=reporter, resume=resume
     )
+    if streamed:
+        # Ray Data logs three INFO lines per rank and pass (start, plan, finish); the [train] lines suffice.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        shard = ray.train.get_dataset_shard(f"{TRAIN_DATASET}_{rank}")
+        hooks.train_batches = StreamedBatches(
+            _epoch_iterator(shard, cfg), streamed["rows_per_rank"], cfg.batch_size, cfg.anomaly_share, seed=cfg.seed
+        )
+        hooks.train_images = streamed["images"]
     train(data, cfg, output=job.output, hooks=hooks)
     if rank == 0 and job.timings:
         timings = {
@@ -158,19 +182,105 @@ def train_worker(config: dict) -> None:
             "worker_s": time.monotonic() - started,
             "report_s": reporter.seconds,
             "world_size": world,
+            "streamed": bool(streamed),
+            "peak_rss_mb": _peak_rss_mb(),
         }
         storage.write_bytes(job.timings, json.dumps(timings).encode())
 
 
+def _epoch_iterator(shard, cfg: TrainConfig) -> Callable[[int], Any]:
+    """``epoch -> batches`` of a rank's Ray Data shard, shuffled within a buffer with a seed of the epoch."""
+
+    def iterate(epoch: int):
+        return shard.iter_batches(
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            local_shuffle_seed=cfg.seed * 1_000_003 + epoch,
+        )
+
+    return iterate
+
+
+def train_datasets(job: JobConfig, cfg: TrainConfig) -> tuple[dict, dict]:
+    """One Ray Dataset per rank (its shard of the train split, decoded in CPU tasks) and what the
+    ranks need to know about them; ``({}, {})`` when the family keeps its images in memory."""
+    import ray.data
+
+    model = create(cfg.preset, weights=cfg.weights or None, tiny=cfg.tiny, **cfg.overrides)
+    if not job.stream or family_for(model).needs_images_in_memory:
+        return {}, {}
+    listing = train_listing(job.data, cfg.labelled, cfg.seed)
+    if cfg.smoke_test:
+        listing = listing.take(_smoke_rows(listing.column("label").to_numpy()))
+    shards = [shard_listing(listing, r, job.num_workers) for r in range(job.num_workers)]
+    cpus = _decode_cpus(job)
+    datasets = {}
+    for r, shard in enumerate(shards):
+        blocks = [shard.slice(i, DECODE_BLOCK_ROWS) for i in range(0, shard.num_rows, DECODE_BLOCK_ROWS)]
+        datasets[f"{TRAIN_DATASET}_{r}"] = ds = ray.data.from_arrow(blocks).map_batches(
+            decode_train,
+            fn_kwargs={"size": model.input_size},
+            batch_size=DECODE_BATCH,
+            num_cpus=cpus,
+            compute=ray.data.TaskPoolStrategy(size=max(1, min(job.decode_tasks, len(blocks)))),
+        )
+        ds.context.enable_progress_bars = False  # one bar per rank and epoch; the [train] lines say it
+    info = {"rows_per_rank": shards[0].num_rows, "images": listing.num_rows}
+    log.info(
+        "streaming %d training images: %d per rank, decoded at %d px in Ray Data tasks",
+        info["images"],
+        info["rows_per_rank"],
+        model.input_size,
+    )
+    return datasets, info
+
+
+def _decode_cpus(job: JobConfig) -> float:
+    """``--decode-cpus``, or 0 when the training workers hold every CPU of the cluster (a laptop, a
+    test cluster): decoding then shares their cores instead of waiting forever for a free one."""
+    import ray
+
+    free = ray.cluster_resources().get("CPU", 0) - job.num_workers * job.cpus_per_worker
+    if free >= job.decode_cpus:
+        return job.decode_cpus
+    log.warning(
+        "the training workers take every CPU (%.0f free): decode tasks share their cores (raise the "
+        "cluster's CPUs or lower --cpus-per-worker for dedicated decoding)",
+        max(free, 0),
+    )
+    return 0.0
+
+
+def _smoke_rows(labels) -> list[int]:
+    """The smoke test's images: ``SMOKE_IMAGES`` normal ones spread evenly, and every labelled anomaly."""
+    normal = [i for i, v in enumerate(labels) if v == 0]
+    step = max(1, len(normal) // SMOKE_IMAGES)
+    return normal[::step][:SMOKE_IMAGES] + [i for i, v in enumerate(labels) if v == 1]
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def build_trainer(job: JobConfig, cfg: TrainConfig):
     """A ``TorchTrainer`` for the job (not started)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     path, fs = storage_args(job.storage_uri())
+    datasets, streamed = train_datasets(job, cfg)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"job": asdict(job), "train": asdict(cfg)},
+        train_loop_config={"job": asdict(job), "train": asdict(cfg), "stream": streamed},
+        datasets=datasets or None,
+        # Each rank reads its own dataset whole (the shards are cut by the driver, equal in size);
+        # order preserved so a rerun or a resumed run sees the same batches.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         scaling_config=ScalingConfig(
             num_workers=job.num_workers,
             use_gpu=job.use_gpu,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,3 +75,23 @@ def tiny_artifact(tmp_path_factory) -> str:
     from adcore.testing import tiny_artifact as make
 
     return make(tmp_path_factory.mktemp("artifact") / "fusion-small-tiny")
+
+
+# The interpreter's own teardown after the last test once ended in a segmentation fault in CI
+# (after "308 passed", exit 139): native libraries loaded into this one long-lived process (Ray's
+# core worker, onnxruntime, FAISS, pyarrow's S3 client, gRPC) finalise in an order none of them
+# controls. The jobs themselves run in their own processes, whose exit codes the tests check. So the
+# test process ends with the session's own exit status as soon as pytest is done with it.
+_SESSION_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _SESSION_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _SESSION_STATUS and not hasattr(config, "workerinput"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_SESSION_STATUS[-1])

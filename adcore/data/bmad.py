@@ -11,10 +11,20 @@
 
 Classification-only sets (e.g. histopathology) have no mask folder. ``img/`` may be absent,
 with the images directly under ``good/`` or ``Ungood/``.
+
+**Anomaly categories** (optional, for multi-anomaly methods such as SD-MAD): ``root/categories.csv``
+with a header ``path,category`` and one row per anomalous image, ``path`` relative to the root with
+``/`` separators (``test/Ungood/img/0042.png,hypointense_cyst``). Each anomalous :class:`Sample`
+then carries its ``category``; images the file does not list (and every normal image) have None.
+With categories, ``labelled=N`` draws the N labelled training anomalies stratified by category
+(``N // C`` each, the remainder to the first categories in sorted order), so ``labelled = k * C``
+is k shots per category. Without the file nothing changes.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +37,7 @@ SPLITS = ("train", "valid", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_DIRS = ("anomaly_mask", "label")  # both conventions occur in BMAD's subsets
 NORMAL_DIR, ANOMALY_DIR = "good", "Ungood"
+CATEGORIES_FILE = "categories.csv"  # path,category per anomalous image (paths relative to the root)
 
 
 @dataclass
@@ -39,12 +50,53 @@ class Sample:
         mask_path: Ground-truth mask of an anomalous image, None when there is none.
         split_has_masks: True when the split carries masks, so a normal image's mask is
             all zeros rather than unknown.
+        category: The anomaly category (``categories.csv``), None for normal or unlisted images.
     """
 
     path: Path
     label: int
     mask_path: Path | None = None
     split_has_masks: bool = False
+    category: str | None = None
+
+
+def read_categories(root) -> dict[str, str]:
+    """``categories.csv`` of a dataset (relative path -> category); empty when the file is absent."""
+    path = Path(root) / CATEGORIES_FILE
+    if not path.is_file():
+        return {}
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    if rows and not {"path", "category"} <= set(rows[0]):
+        raise DatasetLayoutError(path, "a header 'path,category'")
+    out = {}
+    for row in rows:
+        if not row["path"] or not row["category"]:
+            raise DatasetLayoutError(path, f"a path and a category on every row, got {row}")
+        out[row["path"].strip()] = row["category"].strip()
+    return out
+
+
+def write_categories(root, categories: dict[str, str]) -> Path:
+    """Writes ``categories.csv`` (relative path -> category), rows sorted by path."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "category"])
+    writer.writerows(sorted(categories.items()))
+    path = Path(root) / CATEGORIES_FILE
+    path.write_text(buf.getvalue())
+    return path
+
+
+def list_categories(root) -> list[str]:
+    """The dataset's anomaly categories, sorted (empty without ``categories.csv``)."""
+    return sorted(set(read_categories(root).values()))
+
+
+def _with_categories(root: Path, samples: list[Sample], categories: dict[str, str]) -> list[Sample]:
+    for s in samples:
+        if s.label == 1:
+            s.category = categories.get(s.path.relative_to(root).as_posix())
+    return samples
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -68,8 +120,9 @@ def _masked(bad_dir: Path, bad: list[Path]) -> list[Sample]:
     return [Sample(p, 1, _find_mask(mask_dir, p) if masked else None, masked) for p in bad]
 
 
-def _labelled(split_dir: Path, labelled: int, seed: int) -> list[Sample]:
-    """``labelled`` anomalies of ``train/Ungood``, drawn with ``seed``, sorted by file name."""
+def _labelled(split_dir: Path, labelled: int, seed: int, categories: dict[str, str]) -> list[Sample]:
+    """``labelled`` anomalies of ``train/Ungood``, drawn with ``seed``, sorted by file name
+    (stratified by category when the dataset has categories)."""
     bad_dir = split_dir / ANOMALY_DIR
     bad = _images_in(bad_dir) if bad_dir.is_dir() else []
     if len(bad) < labelled:
@@ -78,8 +131,21 @@ def _labelled(split_dir: Path, labelled: int, seed: int) -> list[Sample]:
             f"{labelled} labelled anomalies (images under {ANOMALY_DIR}/img, masks optional under "
             f"{ANOMALY_DIR}/anomaly_mask) for labelled={labelled}; found {len(bad)}",
         )
-    chosen = sorted(np.random.default_rng(seed).choice(len(bad), labelled, replace=False).tolist())
-    return _masked(bad_dir, [bad[i] for i in chosen])
+    rng = np.random.default_rng(seed)
+    root = split_dir.parent
+    of = [categories.get(p.relative_to(root).as_posix()) for p in bad]
+    names = sorted({c for c in of if c is not None})
+    if not names:
+        chosen = sorted(rng.choice(len(bad), labelled, replace=False).tolist())
+        return _masked(bad_dir, [bad[i] for i in chosen])
+    chosen = []
+    for j, name in enumerate(names):
+        want = labelled // len(names) + (j < labelled % len(names))
+        pool = [i for i, c in enumerate(of) if c == name]
+        if len(pool) < want:
+            raise DatasetLayoutError(bad_dir, f"{want} labelled anomalies of category {name!r}; found {len(pool)}")
+        chosen += rng.choice(pool, want, replace=False).tolist()
+    return _masked(bad_dir, [bad[i] for i in sorted(chosen)])
 
 
 def list_split(root, split: str, *, labelled: int = 0, seed: int = 0) -> list[Sample]:
@@ -111,14 +177,19 @@ def list_split(root, split: str, *, labelled: int = 0, seed: int = 0) -> list[Sa
     good = _images_in(good_dir)
     if not good:
         raise DatasetLayoutError(good_dir, "normal images (*.png) directly or under img/")
+    categories = read_categories(root)
     if split == "train":
-        return [Sample(p, 0) for p in good] + (_labelled(split_dir, labelled, seed) if labelled else [])
+        few = _labelled(split_dir, labelled, seed, categories) if labelled else []
+        return [Sample(p, 0) for p in good] + _with_categories(root, few, categories)
+    if split == "valid" and not (bad_dir.is_dir() and _images_in(bad_dir)):
+        # Normal-only validation (the common case in hospitals): thresholds come from a target specificity.
+        return [Sample(p, 0) for p in good]
     if not bad_dir.is_dir():
         raise DatasetLayoutError(bad_dir, f"an '{ANOMALY_DIR}' folder in the {split} split")
     bad = _images_in(bad_dir)
     if not bad:
         raise DatasetLayoutError(bad_dir, "anomalous images (*.png) directly or under img/")
-    anomalous = _masked(bad_dir, bad)
+    anomalous = _with_categories(root, _masked(bad_dir, bad), categories)
     masked = bool(anomalous) and anomalous[0].split_has_masks
     return [Sample(p, 0, None, masked) for p in good] + anomalous
 

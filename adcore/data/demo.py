@@ -11,10 +11,15 @@ kind in turn (hyperintense mass, hypointense cyst, diffuse region) instead of th
 ``n_train_anomalous`` writes labelled anomalies to ``train/Ungood`` (images and masks). The kind of
 every anomalous image is recorded in ``lesions.json`` (path relative to the root -> kind), which is
 written only when either option is used, so default folders are byte for byte what they were.
+With ``categories`` (needs ``kinds``) the kinds are also the anomaly categories of the dataset:
+``categories.csv`` at the root (columns ``path,category``, the BMAD reader's convention, see
+:mod:`adcore.data.bmad`) lists every anomalous image with its kind.
 
     python -m adcore.data.demo --out /tmp/brain_demo --seed 0
     python -m adcore.data.demo --out /tmp/kinds --kinds hyperintense_mass --kinds hypointense_cyst \
         --kinds diffuse_region --n-train-anomalous 30
+    python -m adcore.data.demo --out /tmp/cats --kinds hyperintense_mass --kinds hypointense_cyst \
+        --kinds diffuse_region --kinds calcified_foci --n-train-anomalous 32 --categories
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from adcore.data.bmad import ANOMALY_DIR, NORMAL_DIR
+from adcore.data.bmad import ANOMALY_DIR, CATEGORIES_FILE, NORMAL_DIR, write_categories
 from adcore.data.imageops import resize, save_mask_png, save_png
-from adcore.data.synth import LESION_KINDS, LesionConfig, lesion_mask, mass_effect, paint_lesion
+from adcore.data.synth import LESION_KINDS, LesionConfig, foci_mask, lesion_mask, mass_effect, paint_lesion
 
 DEMO_VERSION = 1  # bump when the generator changes so existing folders are regenerated
 _TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -55,12 +60,15 @@ class DemoConfig:
     seed: int = 0
     kinds: list[str] = field(default_factory=list)  # lesion kinds taken in turn (LESION_KINDS); none: mixed lesions
     n_train_anomalous: int = 0  # labelled anomalies written to train/Ungood (kinds in turn)
+    categories: bool = False  # write categories.csv: each anomalous image's kind is its category
 
     def record(self) -> dict:
         """What ``demo.json`` holds: the new options only when used, so default records are unchanged."""
         out = asdict(self)
         if not self.kinds and not self.n_train_anomalous:
             del out["kinds"], out["n_train_anomalous"]
+        if not self.categories:
+            del out["categories"]
         return out
 
 
@@ -139,7 +147,10 @@ def make_sample(rng: np.random.Generator, size: int = 224, anomalous: bool = Fal
     mask = None
     if anomalous:
         lesion = _LESION if kind is None else LESION_KINDS[kind]
-        mask, center, radius = lesion_mask(rng, brain, lesion.area_frac, lesion.irregularity)
+        if lesion.n_foci[1] > 1:  # scattered foci (e.g. calcified_foci)
+            mask, center, radius = foci_mask(rng, brain, lesion)
+        else:
+            mask, center, radius = lesion_mask(rng, brain, lesion.area_frac, lesion.irregularity)
         if rng.random() < lesion.mass_effect_p:
             image, brain = mass_effect(image, brain, center, radius, rng.uniform(*lesion.mass_effect))
             mask &= brain
@@ -194,6 +205,7 @@ def make_demo_dataset(
     seed: int = 0,
     kinds: list[str] | tuple[str, ...] = (),
     n_train_anomalous: int = 0,
+    categories: bool = False,
 ) -> Path:
     """Writes the demo dataset under `root` (BMAD layout) and returns `root`.
 
@@ -206,7 +218,9 @@ def make_demo_dataset(
         raise ValueError(f"unknown lesion kinds {unknown}; known: {sorted(LESION_KINDS)}")
     if n_train_anomalous < 0:
         raise ValueError(f"n_train_anomalous must be >= 0, got {n_train_anomalous}")
-    cfg = DemoConfig(n_train, n_valid, n_test, size, seed, list(kinds), n_train_anomalous)
+    if categories and not kinds:
+        raise ValueError("categories=True needs lesion kinds (--kinds): the kinds are the categories")
+    cfg = DemoConfig(n_train, n_valid, n_test, size, seed, list(kinds), n_train_anomalous, categories)
     record = {"version": DEMO_VERSION, **cfg.record()}
     meta = root / "demo.json"
     if meta.is_file():
@@ -214,6 +228,7 @@ def make_demo_dataset(
             return root
         meta.unlink()
         (root / LESIONS_FILE).unlink(missing_ok=True)
+        (root / CATEGORIES_FILE).unlink(missing_ok=True)
         for split in _SPLIT_IDS:
             shutil.rmtree(root / split, ignore_errors=True)
     elif any((root / s).exists() for s in _SPLIT_IDS):
@@ -224,6 +239,8 @@ def make_demo_dataset(
     _write_train_anomalous(root, cfg, kind_of)
     if cfg.kinds or cfg.n_train_anomalous:
         (root / LESIONS_FILE).write_text(json.dumps(kind_of, indent=1, sort_keys=True))
+    if cfg.categories:
+        write_categories(root, kind_of)
     meta.write_text(json.dumps(record, indent=1))  # last: a half-written folder is redone
     return root
 

@@ -191,6 +191,7 @@ class LesionConfig:
     irregularity: tuple = (0.2, 0.6)  # noise weight against the radial profile
     mass_effect_p: float = 0.0  # displace surrounding tissue (changes pixels outside the mask)
     mass_effect: tuple = (0.15, 0.4)  # peak displacement / radius; < 0.5 keeps the warp invertible
+    n_foci: tuple = (1, 1)  # separate blobs (inclusive range); > 1: scattered foci of area_frac each
 
 
 def _smooth_noise(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -222,6 +223,14 @@ def lesion_mask(
     keep = labels[cy, cx] if labels[cy, cx] else np.bincount(labels.ravel())[1:].argmax() + 1
     mask = ndimage.binary_fill_holes(labels == keep) & fg
     return mask, (cy, cx), radius
+
+
+def foci_mask(rng: np.random.Generator, foreground: np.ndarray, cfg: LesionConfig) -> tuple[np.ndarray, tuple, float]:
+    """Several small blobs (``cfg.n_foci``, each of ``cfg.area_frac``); returns (mask, first centre, mean radius)."""
+    n = int(rng.integers(cfg.n_foci[0], cfg.n_foci[1] + 1))
+    parts = [lesion_mask(rng, foreground, cfg.area_frac, cfg.irregularity) for _ in range(n)]
+    mask = np.logical_or.reduce([m for m, _, _ in parts])
+    return mask, parts[0][1], float(np.mean([r for _, _, r in parts]))
 
 
 def mass_effect(image: np.ndarray, fg: np.ndarray, center, radius: float, strength: float):
@@ -367,5 +376,16 @@ LESION_KINDS = {
         ring_p=0.0,
         edge_frac=(0.4, 0.7),
         irregularity=(0.5, 0.9),
+    ),
+    # several small, very bright, sharp punctate foci (calcification-like), no mass effect
+    "calcified_foci": LesionConfig(
+        area_frac=(0.001, 0.003),
+        hypo_p=0.0,
+        hyper_factor=(1.8, 2.4),
+        ring_p=0.0,
+        texture_amp=(0.0, 0.03),
+        edge_frac=(0.05, 0.15),
+        irregularity=(0.05, 0.2),
+        n_foci=(4, 8),
     ),
 }

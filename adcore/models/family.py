@@ -12,6 +12,8 @@ records and never branches on a family's name:
 * ``train(model, ctx)``: the family's gradient stages, or None when it has none;
 * ``presets``: the folder of its named presets (JSON);
 * ``needs_labelled_anomalies``: the training loop refuses to train it without labelled anomalies.
+* ``needs_images_in_memory``: its stages index the rank's decoded images (``batches.pixels``), so
+  ``jobs/train.py`` loads the shard into memory instead of streaming it.
 """
 
 from __future__ import annotations
@@ -44,4 +46,5 @@ class MethodFamily:
     presets: Path
     train: Callable[[Any, Any], dict] | None = None  # None: no gradient stages (e.g. PatchCore)
     needs_labelled_anomalies: bool = False  # trains on labelled anomalies (train/Ungood, --labelled N), e.g. DRA
+    needs_images_in_memory: bool = False  # indexes the shard's images (DRA's balanced batches): no streamed input
     description: str = ""

@@ -8,6 +8,7 @@ mask. Real labelled anomalies in the training split are used as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,16 @@ class Batch:
         return Batch(move(self.images), move(self.masks), move(self.labels))
 
 
+# (rng, other normal images [S, S, 3]) -> anomaly makers: maker(image, foreground=...) -> (image, mask).
+MakerFactory = Callable[[np.random.Generator, list[np.ndarray]], list]
+
+
+def default_makers(rng: np.random.Generator, others: list[np.ndarray]) -> list:
+    """Procedural textures, other normal images as foreign texture (foreign patch interpolation in
+    spirit: anatomy at the wrong place), and CutPaste."""
+    return [RandPerlinAnomaly(rng), RandPerlinAnomaly(rng, texture_source=others), RandCutPaste(rng)]
+
+
 class SyntheticAnomalyBatches:
     """Iterates shuffled batches of normal images, a share made anomalous by synthesis.
 
@@ -67,7 +78,7 @@ class SyntheticAnomalyBatches:
 
     def __init__(self, images, masks, labels, size: int, batch_size: int, anomaly_share: float = 0.5, seed: int = 0):
         self.pixels = [prepare(im, size) for im in images]  # [3, S, S] each, resized once
-        self.masks = [np.zeros((size, size), bool) if m is None else _resize_mask(m, size) for m in masks]
+        self.masks = [np.zeros((size, size), bool) if m is None else resize_mask(m, size) for m in masks]
         self.labels = np.asarray(labels)
         self.size, self.batch_size = size, batch_size
         self.anomaly_share, self.seed = anomaly_share, seed
@@ -75,34 +86,52 @@ class SyntheticAnomalyBatches:
     def __len__(self) -> int:
         return (len(self.pixels) + self.batch_size - 1) // self.batch_size
 
-    def epoch(self, epoch: int, anomaly_share: float | None = None):
-        """One shuffled pass; ``anomaly_share`` overrides the share of synthetic anomalies for this pass."""
+    def epoch(self, epoch: int, anomaly_share: float | None = None, makers: MakerFactory | None = None):
+        """One shuffled pass.
+
+        Args:
+            epoch: seeds the pass (with the batches' seed).
+            anomaly_share: overrides the share of synthetic anomalies for this pass.
+            makers: ``(rng, others) -> [maker, ...]``, the synthesis of this pass (one maker drawn per
+                image); default :func:`default_makers`.
+        """
         share = self.anomaly_share if anomaly_share is None else anomaly_share
         rng = np.random.default_rng([self.seed, epoch])
-        # Procedural textures, other normal images as foreign texture (foreign patch
-        # interpolation in spirit: anatomy at the wrong place), and CutPaste.
         others = [p.transpose(1, 2, 0) for p in self.pixels]
-        makers = [RandPerlinAnomaly(rng), RandPerlinAnomaly(rng, texture_source=others), RandCutPaste(rng)]
+        makers = (makers or default_makers)(rng, others)
         order = rng.permutation(len(self.pixels))
         for start in range(0, len(order), self.batch_size):
-            imgs, msks, lbls = [], [], []
-            for i in order[start : start + self.batch_size]:
-                img = self.pixels[i].transpose(1, 2, 0)  # [S, S, 3]
-                mask, label = self.masks[i], int(self.labels[i])
-                if label == 0 and rng.random() < share:
-                    maker = makers[int(rng.integers(len(makers)))]
-                    img, mask = maker(img, foreground=foreground_mask(img))
-                    label = int(mask.any())
-                imgs.append(np.ascontiguousarray(np.asarray(img, np.float32).transpose(2, 0, 1)))
-                msks.append(np.asarray(mask, np.float32))
-                lbls.append(label)
-            yield Batch(
-                torch.from_numpy(np.stack(imgs)),
-                torch.from_numpy(np.stack(msks)),
-                torch.tensor(lbls, dtype=torch.float32),
+            yield stack_batch(
+                synthesize(self.pixels[i].transpose(1, 2, 0), self.masks[i], int(self.labels[i]), rng, share, makers)
+                for i in order[start : start + self.batch_size]
             )
 
 
-def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+def synthesize(img: np.ndarray, mask, label: int, rng: np.random.Generator, share: float, makers) -> tuple:
+    """One training image ``[S, S, 3]``: a normal one gets a synthetic anomaly with probability ``share``
+    from one of ``makers`` (a list, or a callable returning it, built only when needed).
+
+    Returns ``(image, mask, label)``; the label says whether the synthetic mask is non-empty.
+    """
+    if label == 0 and rng.random() < share:
+        options = makers() if callable(makers) else makers
+        img, mask = options[int(rng.integers(len(options)))](img, foreground=foreground_mask(img))
+        label = int(np.asarray(mask).any())
+    return img, mask, label
+
+
+def stack_batch(items) -> Batch:
+    """``(image [S, S, 3], mask [S, S], label)`` items -> a :class:`Batch`."""
+    imgs, msks, lbls = [], [], []
+    for img, mask, label in items:
+        imgs.append(np.ascontiguousarray(np.asarray(img, np.float32).transpose(2, 0, 1)))
+        msks.append(np.asarray(mask, np.float32))
+        lbls.append(label)
+    return Batch(
+        torch.from_numpy(np.stack(imgs)), torch.from_numpy(np.stack(msks)), torch.tensor(lbls, dtype=torch.float32)
+    )
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
     return (F.interpolate(t, size=(size, size), mode="area")[0, 0] >= 0.5).numpy()

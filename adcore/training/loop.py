@@ -52,6 +52,7 @@ class TrainConfig:
     mask_size: int = 56  # resolution of the segmentation loss (maps upsampled, masks area-pooled)
     max_valid: int = 200  # validation images used per epoch and for calibration
     target_sensitivity: float = 0.95
+    target_specificity: float = 0.99  # thresholds when valid/ has no anomalies: share of normal images below them
     mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + GradScaler); CPU: off
     version: int = 1
     seed: int = 0
@@ -79,6 +80,10 @@ class TrainHooks:
     # Called on every rank after every epoch; the callable builds the checkpoint state (rank 0 saves it).
     report: Callable[[dict[str, Any], Callable[[], dict] | None], None] = lambda metrics, state: None
     resume: dict | None = None  # a state produced by the state callback of an earlier report
+    # This rank's training batches when the caller streams them (``adcore.training.stream``), with the
+    # number of training images over all ranks; None: the train split is loaded into memory here.
+    train_batches: Any = None
+    train_images: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -119,18 +124,22 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
             f"{cfg.preset!r} trains on labelled anomalies: put a few under train/Ungood/img "
             "and pass --labelled N (N >= 1)"
         )
-    limit = SMOKE_IMAGES if cfg.smoke_test else None
-    train_set = load_split(data, "train", limit, hooks.rank, hooks.world_size, cfg.labelled, cfg.seed)
     valid = load_split(data, "valid", SMOKE_IMAGES if cfg.smoke_test else cfg.max_valid)
-    batches = SyntheticAnomalyBatches(
-        train_set["images"],
-        train_set["masks"] or [None] * len(train_set["images"]),
-        train_set["labels"],
-        model.input_size,
-        cfg.batch_size,
-        cfg.anomaly_share,
-        seed=cfg.seed + 1000 * hooks.rank,
-    )
+    if hooks.train_batches is not None:
+        batches, train_images = hooks.train_batches, hooks.train_images
+    else:
+        limit = SMOKE_IMAGES if cfg.smoke_test else None
+        train_set = load_split(data, "train", limit, hooks.rank, hooks.world_size, cfg.labelled, cfg.seed)
+        batches = SyntheticAnomalyBatches(
+            train_set["images"],
+            train_set["masks"] or [None] * len(train_set["images"]),
+            train_set["labels"],
+            model.input_size,
+            cfg.batch_size,
+            cfg.anomaly_share,
+            seed=cfg.seed + 1000 * hooks.rank,
+        )
+        train_images = len(train_set["images"]) * hooks.world_size
     resume = hooks.resume or {}
     if resume and resume.get("format") != STATE_FORMAT:
         log.warning("checkpoint of an older layout (no optimiser or stage state): starting afresh")
@@ -162,18 +171,21 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
     )
     scorer = Scorer(model, family.fit(model, fit_data))
     results = scorer.score_images(valid["images"], cfg.batch_size)
-    maps = [r.raw_map for r in results] if valid["masks"] is not None else None
+    # Maps always: without masks (normal-only or classification-only validation) the pixel
+    # normalisation and threshold come from the normal images' maps.
+    maps = [r.raw_map for r in results]
     scorer.calibration = fit_calibration(
         valid["labels"],
         np.array([r.raw_score for r in results]),
         valid["masks"],
         maps,
         target_sensitivity=cfg.target_sensitivity,
+        target_specificity=cfg.target_specificity,
     )
     summary = {
         "config": asdict(cfg),
         "history": ctx.history,
-        "train_images": len(train_set["images"]) * hooks.world_size,
+        "train_images": train_images,
         **summary,
     }
     summary["seconds"] = round(time.monotonic() - t0, 1)

@@ -194,7 +194,7 @@ def _read_tables(uris: list[str], columns: list[str] | None = None) -> pa.Table 
         schema = pq.read_schema(path, filesystem=fs)
         cols = None if columns is None else [c for c in columns if c in schema.names]
         tables.append(pq.read_table(path, columns=cols, filesystem=fs))
-    return pa.concat_tables(tables, promote_options="permissive")
+    return S.with_added_columns(pa.concat_tables(tables, promote_options="permissive"), columns)
 
 
 def latest_rows(table: pa.Table) -> pa.Table:
@@ -276,9 +276,7 @@ def _merge_bucket(old_rows: str | None, fragments: list[str], rows_out: str, fil
         old = old.drop_columns(["superseded"])
     new = _read_tables(fragments)
     table = new if old is None else pa.concat_tables([old, new], promote_options="permissive")
-    for name, typ in (("file_size", pa.int64()), ("file_version", pa.string())):  # rows of schema 1 runs
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, typ))
+    table = S.with_added_columns(table)  # rows of older schema versions
     con = duckdb.connect()
     con.register("scores", table)
     visible = con.sql(window_sql("scores") + " ORDER BY image_uri, frame, model_version").to_arrow_table()

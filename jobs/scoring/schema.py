@@ -1,4 +1,4 @@
-"""The scoring job's output schema (version 2), and the pure per-row helpers that fill it.
+"""The scoring job's output schema (version 3), and the pure per-row helpers that fill it.
 
 One Parquet row per scored image or frame (a NIfTI slice, a DICOM frame):
 
@@ -30,7 +30,15 @@ schema_version  int16      ``SCHEMA_VERSION``
 file_size       int64      the file's size in the listing it was scored from (version 2)
 file_version    string     its ETag on S3, its mtime in ns locally (version 2): with the size,
                            what the next run compares to skip the file without reading it
+category        string     the most likely anomaly category of a row labelled anomalous, for
+                           models whose head tells categories apart (e.g. SD-MAD); null for
+                           normal rows, error rows and models without categories (version 3)
+category_scores map<string, per-category scores of such models, category name -> score in [0, 1];
+                float32>   null otherwise (version 3)
 =============== ========== ==========================================================
+
+Older files lack the columns added since (``ADDED_COLUMNS``); readers give them nulls
+(``jobs.scoring.ledger``), so version 1 and 2 runs and compacted tables stay readable.
 
 Score columns are null on error rows. No patient name, ID, birth date or raw DICOM UID
 is ever a column. Readers must look at one row per ``(image_uri, frame, model_version)``:
@@ -47,7 +55,7 @@ import io
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUS_OK, STATUS_ERROR = "ok", "error"
 STATUS_SKIPPED = "skipped"  # internal marker for progress counts; never written
 INFERENCE_ERROR = "inference"  # error kind of rows whose model call failed (transient: retried)
@@ -79,10 +87,30 @@ SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("file_size", pa.int64()),
         pa.field("file_version", pa.string()),
+        pa.field("category", pa.string()),
+        pa.field("category_scores", pa.map_(pa.string(), pa.float32())),
         pa.field("schema_version", pa.int16(), nullable=False),
     ],
     metadata={"adcore.schema_version": str(SCHEMA_VERSION)},
 )
+# Columns by the schema version that added them: files of older versions lack them (null when read).
+ADDED_COLUMNS = {2: ("file_size", "file_version"), 3: ("category", "category_scores")}
+
+
+def with_added_columns(table: pa.Table, names=None) -> pa.Table:
+    """``table`` with every column of ``ADDED_COLUMNS`` it lacks (among ``names``, default all) as nulls."""
+    for version in sorted(ADDED_COLUMNS):
+        for name in ADDED_COLUMNS[version]:
+            if name not in table.column_names and (names is None or name in names):
+                table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+    return table
+
+
+def category_scores_value(names, scores) -> list[tuple[str, float]] | None:
+    """One row's ``category_scores`` (name, score) pairs; None without categories."""
+    if not names or scores is None:
+        return None
+    return [(str(n), float(v)) for n, v in zip(names, scores)]
 
 
 def study_key(study_uid: str | None, secret: bytes | None) -> str | None:

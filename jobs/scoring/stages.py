@@ -10,7 +10,8 @@ All are plain callables on column batches, testable without Ray:
   process boundary between model and head. Returns raw scores and patch-grid maps.
 * :class:`Postprocess` (CPU tasks): ``adcore.scorer.postprocess`` with the artifact's
   calibration (map upsampling, thresholds, PNG masks), returning a ``pyarrow.Table`` in
-  ``schema.SCHEMA`` plus the node each row was scored on.
+  ``schema.SCHEMA`` plus the node each row was scored on. For a head with categories the
+  replicas also return per-category scores; the rows get ``category`` and ``category_scores``.
 """
 
 from __future__ import annotations
@@ -208,14 +209,18 @@ class ScoreStage:
         g = self.scorer.model.grid
         raw_score = np.full(n, np.nan, np.float32)
         raw_map = np.zeros((n, g, g), np.float32)
+        n_cat = len(self.scorer.categories)
+        cat_scores = np.full((n, n_cat), np.nan, np.float32)
         ok = np.flatnonzero(status == S.STATUS_OK)
-        for rows, out in self.scorer.iter_raw(_gather(batch["pixels"], ok)):
+        for rows, out in self.scorer.iter_raw(_gather(batch["pixels"], ok), with_categories=True):
             idx = ok[rows]
             if isinstance(out, Exception):  # a failed model call marks its rows, the job goes on
                 status[idx] = S.STATUS_ERROR
                 error[idx] = S.format_error(S.INFERENCE_ERROR, f"{type(out).__name__}: {str(out)[:300]}")
                 continue
-            raw_score[idx], raw_map[idx] = out
+            raw_score[idx], raw_map[idx] = out[0], out[1]
+            if n_cat:
+                cat_scores[idx] = out[2]
         # Text columns through _text: Ray turns an all-null column into float NaN, which would not merge.
         passed = {c: _texts(batch[c]) if c in TEXT_COLUMNS else batch[c] for c in PASSED_COLUMNS}
         node = np.full(n, self.node_id, dtype=object)
@@ -226,6 +231,7 @@ class ScoreStage:
             "error": error,
             "raw_score": raw_score,
             "raw_map": raw_map,
+            **({CATEGORY_SCORES_COLUMN: cat_scores} if n_cat else {}),
             NODE_COLUMN: node,
             TIME_COLUMN: scored,
         }
@@ -246,19 +252,24 @@ class Postprocess:
         self.calibration = Calibration.from_dict(artifact_config["calibration"])
         self.model_name = artifact_config.get("model_name", "model")
         self.model_version = artifact_config.get("model_version", "unsaved")
+        self.categories = tuple(artifact_config.get("categories") or ())  # heads that tell categories apart
         self.run_id = run_id
 
     def __call__(self, batch: dict[str, np.ndarray]):
         n = len(batch["image_uri"])
         status = [str(v) for v in batch["status"]]
-        res: dict[str, list] = {c: [None] * n for c in RESULT_COLUMNS}
+        res: dict[str, list] = {c: [None] * n for c in (*RESULT_COLUMNS, "category_scores")}
         ok = [i for i in range(n) if status[i] == S.STATUS_OK]
         hws = [(int(batch["height"][i]), int(batch["width"][i])) for i in ok]
-        results = postprocess(self.calibration, batch["raw_score"][ok], batch["raw_map"][ok], hws)
-        for i, r in zip(ok, results):
-            row = (r.score, r.raw_score, r.label, S.encode_mask(r.mask), r.area, r.peak[0], r.peak[1])
+        cats = batch[CATEGORY_SCORES_COLUMN][ok] if self.categories else None
+        results = postprocess(
+            self.calibration, batch["raw_score"][ok], batch["raw_map"][ok], hws, cats, self.categories
+        )
+        for j, (i, r) in enumerate(zip(ok, results)):
+            row = (r.score, r.raw_score, r.label, S.encode_mask(r.mask), r.area, r.peak[0], r.peak[1], r.category)
             for c, v in zip(RESULT_COLUMNS, row):
                 res[c][i] = v
+            res["category_scores"][i] = S.category_scores_value(self.categories, None if cats is None else cats[j])
         cols = {c: [_text(v) for v in batch[c]] for c in TEXT_COLUMNS}
         for c in ("frame", "height", "width", "file_size"):
             cols[c] = [None if v < 0 else int(v) for v in batch[c]]
@@ -282,7 +293,9 @@ PASSED_COLUMNS = (
 NODE_COLUMN = "_node_id"
 # When the replica scored the row (unix seconds): the manifest's start-up vs steady-state rates.
 TIME_COLUMN = "_scored_unix"
-RESULT_COLUMNS = ("score", "raw_score", "label", "mask_png", "mask_area", "peak_row", "peak_col")
+RESULT_COLUMNS = ("score", "raw_score", "label", "mask_png", "mask_area", "peak_row", "peak_col", "category")
+# Per-category raw scores [n, C] from the replicas, for heads with categories (absent otherwise).
+CATEGORY_SCORES_COLUMN = "_category_scores"
 
 
 def _gather(pixels: np.ndarray, idx: np.ndarray) -> np.ndarray:

@@ -37,13 +37,18 @@ def test_fit_with_anomalies(rng):
     assert (anomalous > calib.sensitivity_threshold).mean() < 0.95
 
 
-def test_no_anomalies_uses_normal_quantile(rng):
+def test_no_anomalies_uses_the_target_specificity(rng):
     scores = rng.normal(0.0, 1.0, 500)
     calib = fit_calibration(np.zeros(500), scores)
-    assert calib.method == "normal-quantile-0.99"
+    assert calib.method == "normal-specificity-0.99"
     flagged = (calib.normalize_scores(scores) >= calib.image_threshold).mean()
     assert flagged == pytest.approx(0.01, abs=0.005)
     assert calib.sensitivity_threshold == calib.image_threshold
+    looser = fit_calibration(np.zeros(500), scores, target_specificity=0.9)
+    assert looser.method == "normal-specificity-0.9"
+    assert (looser.normalize_scores(scores) >= looser.image_threshold).mean() == pytest.approx(0.1, abs=0.01)
+    with pytest.raises(ValueError, match="target_specificity"):
+        fit_calibration(np.zeros(5), scores[:5], target_specificity=1.0)
 
 
 def test_constant_scores_and_tiny_sets():

@@ -159,3 +159,44 @@ def test_dice_iou():
     assert metrics.dice(a, np.zeros((4, 4))) == 0.0
     with pytest.raises(ValueError, match="shape"):
         metrics.iou(a, np.zeros((3, 3)))
+
+
+# ----------------------------------------------------------------------------- multi-anomaly protocols
+# Six images: two normal, two "cyst", two "mass"; scores written so each value is countable by hand.
+_TRUE = [None, "normal", "cyst", "cyst", "mass", "mass"]
+_ANY = [0.1, 0.4, 0.3, 0.9, 0.8, 0.7]  # normal vs any: positives {0.3, 0.9, 0.8, 0.7} vs negatives {0.1, 0.4}
+_PER = np.array(  # columns cyst, mass
+    [[0.1, 0.2], [0.3, 0.1], [0.6, 0.2], [0.5, 0.4], [0.2, 0.9], [0.7, 0.3]]
+)
+_PRED = ["normal", "cyst", "cyst", "mass", "mass", None]
+
+
+def test_normal_vs_any_and_one_vs_rest_by_hand():
+    m = metrics.multi_anomaly_metrics(_TRUE, _ANY, _PER, ["cyst", "mass"], _PRED)
+    # 0.3 beats 0.1 only (1 of 2), 0.9, 0.8 and 0.7 beat both: (1 + 2 + 2 + 2) / 8.
+    assert m["normal_vs_any_auroc"] == pytest.approx(7 / 8)
+    # cyst: positives {0.6, 0.5} vs {0.1, 0.3, 0.2, 0.7}: 0.6 beats 3, 0.5 beats 3 -> 6 / 8.
+    # mass: positives {0.9, 0.3} vs {0.2, 0.1, 0.2, 0.4}: 0.9 beats 4, 0.3 beats 3 -> 7 / 8.
+    assert m["category_auroc_per"] == pytest.approx({"cyst": 6 / 8, "mass": 7 / 8})
+    assert m["category_auroc"] == pytest.approx((6 / 8 + 7 / 8) / 2)
+    assert m["category_auroc_per"]["cyst"] == pytest.approx(roc_auc_score([t == "cyst" for t in _TRUE], _PER[:, 0]))
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    m = metrics.multiclass_metrics(_TRUE, _PRED, ["normal", "cyst", "mass"])
+    # Right: image 0 (normal), 2 (cyst), 4 (mass) -> 3 / 6.
+    assert m["accuracy"] == pytest.approx(0.5)
+    # normal: tp 1 (img 0), fp 1 (img 5 predicted None = normal), fn 1 (img 1 -> cyst): F1 2/4.
+    # cyst: tp 1 (img 2), fp 1 (img 1), fn 1 (img 3): 2/4. mass: tp 1 (img 4), fp 1 (img 3), fn 1 (img 5): 2/4.
+    assert m["f1"] == pytest.approx({"normal": 0.5, "cyst": 0.5, "mass": 0.5})
+    assert m["macro_f1"] == pytest.approx(0.5)
+    labels = ["normal" if t is None else t for t in _TRUE]
+    preds = ["normal" if p is None else p for p in _PRED]
+    assert m["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
+
+
+def test_multi_anomaly_inputs_are_checked():
+    with pytest.raises(ValueError, match="category_scores"):
+        metrics.category_auroc(_TRUE, _PER[:, :1], ["cyst", "mass"])
+    with pytest.raises(ValueError, match="equal"):
+        metrics.multiclass_metrics(_TRUE, _PRED[:3])

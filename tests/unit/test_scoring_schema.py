@@ -119,3 +119,100 @@ def test_decoder_holds_the_job_secret_but_never_shows_it(monkeypatch):
     for shown in (repr(dec), str(dec), f"{dec}", repr([dec]), repr({"fn": dec})):
         assert text not in shown and repr(secret) not in shown, shown
     assert repr(dec).startswith("Decoder(")  # the class's own repr, not object.__repr__ by accident
+
+
+def test_schema_3_adds_category_columns_and_older_tables_read_as_null():
+    import pyarrow as pa
+
+    assert S.SCHEMA_VERSION == 3 and S.ADDED_COLUMNS[3] == ("category", "category_scores")
+    for col in ("category", "category_scores", "file_size", "file_version"):
+        assert col in S.SCHEMA.names and col in S.__doc__
+    old = pa.table({"image_uri": ["a", "b"], "frame": pa.array([0, 0], pa.int32())})  # a version 1 file
+    got = S.with_added_columns(old)
+    assert set(got.column_names) == {"image_uri", "frame", "file_size", "file_version", "category", "category_scores"}
+    assert (
+        got.column("category").null_count == 2
+        and got.schema.field("category_scores").type == S.SCHEMA.field("category_scores").type
+    )
+    assert S.with_added_columns(old, ["category"]).column_names == ["image_uri", "frame", "category"]
+
+
+def _score_rows(artifact: str, tmp_path, n: int = 4):
+    """Decoder -> ScoreStage -> Postprocess on a few PNGs, as the job chains them (without Ray)."""
+    import json
+    from pathlib import Path
+
+    from jobs.scoring.stages import Decoder, Postprocess, ScoreStage
+
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    paths = []
+    for i in range(n):
+        img = (rng.random((40, 48)) * 255).astype(np.uint8)
+        if i % 2:
+            img[10:25, 10:25] = 255
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    stage = ScoreStage(artifact, engine="torch")
+    batch = {
+        "bytes": np.array([p.read_bytes() for p in paths], dtype=object),
+        "path": np.array([str(p) for p in paths]),
+    }
+    decoded = Decoder(stage.scorer.input_size, 10_000_000)(batch)
+    config = json.loads(Path(artifact, "config.json").read_text())
+    return Postprocess(config, "run-1")(stage(decoded)), stage.scorer
+
+
+def test_rows_of_a_model_with_categories_carry_them(tmp_path):
+    from adcore.testing import tiny_artifact
+
+    art = tiny_artifact(str(tmp_path / "sdmad"), preset="sdmad")
+    table, scorer = _score_rows(art, tmp_path)
+    names = scorer.categories
+    assert len(names) >= 3
+    rows = table.to_pylist()
+    for r in rows:
+        scores = dict(r["category_scores"])
+        assert list(scores) == list(names) and all(0 <= v <= 1 for v in scores.values())
+        if r["label"] == 1:
+            assert r["category"] == max(scores, key=scores.get)
+        else:
+            assert r["category"] is None  # normal rows: null category
+    from PIL import Image
+
+    want = scorer.score_images([np.asarray(Image.open(tmp_path / f"{i}.png"), np.float32) / 255 for i in range(4)])
+    assert [r["category"] for r in rows] == [w.category for w in want]  # the job's rows are the Scorer's
+
+
+def test_rows_of_a_model_without_categories_have_null_category(tmp_path):
+    from adcore.testing import tiny_artifact
+
+    art = tiny_artifact(str(tmp_path / "pc"), preset="patchcore-mobilenet")
+    table, scorer = _score_rows(art, tmp_path)
+    assert scorer.categories == () and table.schema.equals(
+        S.SCHEMA.append(table.schema.field("_node_id")).append(table.schema.field("_scored_unix"))
+    )
+    assert table.column("category").null_count == table.num_rows == table.column("category_scores").null_count
+
+
+def test_ledger_reads_schema_2_files_beside_schema_3_ones(tmp_path):
+    import pyarrow.parquet as pq
+
+    from jobs.scoring import ledger
+
+    now = dt.datetime.now(dt.timezone.utc)
+    cols = {"image_uri": ["a"], "frame": [0], "status": ["ok"], "label": [1], "category": ["cyst"]}
+    new = S.to_table(
+        {**cols, "category_scores": [[("cyst", 0.75)]]}, model_name="m", model_version="v", run_id="r2", scored_at=now
+    )
+    old = new.drop_columns(["category", "category_scores"])  # what a schema 2 run wrote
+    pq.write_table(old, tmp_path / "old.parquet")
+    pq.write_table(new, tmp_path / "new.parquet")
+    both = ledger._read_tables(
+        [str(tmp_path / "old.parquet"), str(tmp_path / "new.parquet")], ["image_uri", "category"]
+    )
+    assert both.column("category").to_pylist() == [None, "cyst"]
+    whole = ledger._read_tables([str(tmp_path / "old.parquet")])
+    assert set(S.SCHEMA.names) <= set(whole.column_names) and whole.column("category_scores").null_count == 1

@@ -18,5 +18,6 @@ FAMILY = MethodFamily(
     train=train_dra,
     presets=Path(__file__).parent / "presets",
     needs_labelled_anomalies=True,
+    needs_images_in_memory=True,
     description="DRA: seen, pseudo and latent-residual anomaly heads against a normal head",
 )

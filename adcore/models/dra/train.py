@@ -21,7 +21,7 @@ from adcore.models.dra.fit import choose_references
 from adcore.models.dra.loss import dra_loss
 from adcore.scorer import prepare
 from adcore.training import dist
-from adcore.training.stages import STATE_FORMAT, TrainContext, format_row, reduce_mean, validate
+from adcore.training.stages import STATE_FORMAT, TrainContext, autocast_settings, format_row, reduce_mean, validate
 
 log = logging.getLogger("adcore.train")
 
@@ -67,12 +67,22 @@ def train_dra(model, ctx: TrainContext) -> dict:
     params = model.trainable_parameters()
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
+    dtype, use_scaler = autocast_settings(device, getattr(run, "mixed_precision", True))
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    draws = torch.Generator().manual_seed(run.seed * 1009 + hooks.rank)  # the deviation loss's N(0, 1) reference
     saved, start_epoch = ctx.resume_for(STAGE), 0
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
+        if use_scaler and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        rngs = saved.get("rng") or []
+        if len(rngs) == world:  # this rank's global RNGs and its deviation-loss draws continue
+            dist.set_rng_state(rngs[hooks.rank])
+            draws.set_state(rngs[hooks.rank]["draws"])
+        elif hooks.is_main:
+            log.warning("DRA: checkpoint has RNG states of %d ranks, this run has %d", len(rngs), world)
         start_epoch = int(saved["epoch"])
-    draws = torch.Generator().manual_seed(run.seed * 1009 + hooks.rank)  # the deviation loss's N(0, 1) reference
     epochs, steps = (1, SMOKE_STEPS) if run.smoke_test else (cfg.epochs, cfg.steps_per_epoch)
     budget, started, done = run.budget_s(2, ctx.elapsed()), time.monotonic(), 0
 
@@ -84,11 +94,16 @@ def train_dra(model, ctx: TrainContext) -> dict:
         losses, stop = [], False
         for batch in batches.epoch(epoch, steps):  # the same number of steps on every rank
             ref = torch.randn(cfg.ref_draws, generator=draws).to(device)
-            loss, parts = dra_loss(net(batch.images.to(device)), batch.labels.to(device), ref, cfg.margin)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                scores = net(batch.images.to(device, non_blocking=True))
+            # The deviation loss in float32: its margins and N(0, 1) statistics are small differences.
+            loss, parts = dra_loss(scores.float(), batch.labels.to(device), ref, cfg.margin)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             losses.append(float(loss.detach()))
             done += 1
             stop = over_budget()
@@ -106,7 +121,9 @@ def train_dra(model, ctx: TrainContext) -> dict:
         if hooks.is_main:
             log.info("DRA epoch %d/%d: %s", epoch + 1, epochs, format_row(row))
 
-        def checkpoint(done_epochs=epoch + 1) -> dict:
+        rngs = dist.gather_objects({**dist.rng_state(), "draws": draws.get_state()}, world)
+
+        def checkpoint(done_epochs=epoch + 1, rngs=rngs) -> dict:
             return {
                 "format": STATE_FORMAT,
                 "stage": STAGE,
@@ -114,6 +131,8 @@ def train_dra(model, ctx: TrainContext) -> dict:
                 "stages_done": list(ctx.stages_done),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if use_scaler else None,
+                "rng": rngs,
                 "elapsed_s": ctx.elapsed(),
                 "history": list(ctx.history),
                 "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},

@@ -43,6 +43,19 @@ class FusionConfig:
     domain_train_layers: int = 2  # stage 1 fine-tunes this many last domain layers
     alpha_few: float = 0.15  # few-shot centroid blend (paper)
     n_centroids: int = 16  # per class (paper)
+    # --- Extensions beyond the paper (all off by default: fusion-large stays the paper's model;
+    # the fusion-small preset turns them on, fusion-small-paper leaves them off). README "fusion extensions".
+    memory_layers: list[int] = field(default_factory=list)  # domain-tower layers of a normal-patch memory
+    memory_weight: float = 0.5  # blend of the memory branch's probability into map and score
+    memory_kernel: int = 3  # locally aware neighbourhood average of the memory features (PatchCore)
+    memory_coreset_ratio: float = 0.05  # share of normal patches kept in the memory bank (PatchCore)
+    memory_max_bank: int = 8192  # cap on memory-bank rows
+    memory_reduction: str = "max"  # image score of the memory branch (PatchCore: the most anomalous patch)
+    adapter_residual: bool = False  # h = C_i + F_i with zero-initialised adapter outputs (identity at start)
+    train_scored: bool = False  # image loss on the exported score (no cls-head term in the image logit)
+    clean_centroids: bool = False  # normal centroids from images without synthetic anomalies
+    centroid_method: str = "vae"  # "vae" (paper) or "kmeans" (spherical k-means on the embeddings)
+    synthesis: str = "default"  # training anomalies: "default" (DRAEM-style) or "smooth" (half smooth intensity blobs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

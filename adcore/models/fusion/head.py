@@ -1,4 +1,8 @@
-"""The fusion model's FAISS stage: few-shot matching against VAE centroids (papers.md section 1)."""
+"""The fusion model's FAISS stage: few-shot matching against VAE centroids (papers.md section 1).
+
+Extension (README "fusion extensions"): an optional normal-patch memory, PatchCore's
+nearest-neighbour distance on frozen domain-tower features, blended into map and score.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,14 @@ class CentroidHeadConfig:
     temperature: float = 20.0  # sharpness of the normal-vs-anomalous similarity contrast
     reduction: str = "mean"
     topk_fraction: float = 0.1
+    # Extension: normal-patch memory (None / 0 rows: off). Embedding columns from ``centroid_dim`` on
+    # are the memory features; a patch's memory probability is sigmoid((d - memory_loc) / memory_scale)
+    # with d its L2 distance to the nearest memory row, blended with weight ``memory_weight``.
+    centroid_dim: int | None = None  # None: every column is a centroid column (no memory)
+    memory_weight: float = 0.0
+    memory_loc: float = 0.0  # held-out normal patches' 99th distance percentile (fit)
+    memory_scale: float = 1.0  # a quarter of their 99th - 50th percentile spread (fit)
+    memory_reduction: str = "max"
 
 
 class CentroidHead:
@@ -26,23 +38,40 @@ class CentroidHead:
     sigmoid(temperature * (s_a - s_n)). The paper's "similarity matrix summed
     over patches and normalised" becomes the reduction of these probabilities;
     both are blended with the base model with weight ``alpha_few``.
+
+    With a ``memory`` bank [M, E_m] (extension), the result is blended once more:
+    ``(1 - w) * that + w * memory probability`` in the map, and the same with the
+    memory map's ``memory_reduction`` in the score.
     """
 
-    def __init__(self, centroids: np.ndarray, cfg: CentroidHeadConfig | None = None, use_gpu: bool | None = None):
+    def __init__(
+        self,
+        centroids: np.ndarray,
+        cfg: CentroidHeadConfig | None = None,
+        use_gpu: bool | None = None,
+        memory: np.ndarray | None = None,
+    ):
         if centroids.ndim != 3 or centroids.shape[0] != 2:
             raise ValueError(f"centroids must be [2, K, E] (normal, anomalous), got {centroids.shape}")
         self.cfg = cfg or CentroidHeadConfig()
         self.centroids = centroids.astype(np.float32)
         self.n_per_class = centroids.shape[1]
         self.index = PatchIndex(self.centroids.reshape(2 * self.n_per_class, -1), metric="cosine", use_gpu=use_gpu)
+        self.memory = None if memory is None or len(memory) == 0 else np.ascontiguousarray(memory, np.float32)
+        if self.memory is not None and self.cfg.centroid_dim is None:
+            raise ValueError("a memory bank needs centroid_dim (where the memory columns start)")
+        self.memory_index = None if self.memory is None else PatchIndex(self.memory, metric="l2", use_gpu=use_gpu)
 
     @classmethod
     def from_saved(cls, config: dict, arrays: dict[str, np.ndarray], use_gpu: bool | None = None) -> CentroidHead:
         fields = CentroidHeadConfig.__dataclass_fields__
-        return cls(arrays["centroids"], CentroidHeadConfig(**{k: v for k, v in config.items() if k in fields}), use_gpu)
+        cfg = CentroidHeadConfig(**{k: v for k, v in config.items() if k in fields})
+        return cls(arrays["centroids"], cfg, use_gpu, memory=arrays.get("normal_memory"))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"centroids": self.centroids}
+        if self.memory is None:
+            return {"centroids": self.centroids}
+        return {"centroids": self.centroids, "normal_memory": self.memory}
 
     def config(self) -> dict:
         return asdict(self.cfg)
@@ -51,18 +80,35 @@ class CentroidHead:
         """[B, N, E] -> [B, N] few-shot anomaly probability."""
         b, n, e = embeddings.shape
         total = 2 * self.n_per_class
-        sims, ids = self.index.search(embeddings.reshape(b * n, e), k=total)  # sorted, every centroid
+        sims, ids = self.index.search(np.ascontiguousarray(embeddings).reshape(b * n, e), k=total)  # every centroid
         is_anomalous = ids >= self.n_per_class
         s_a = np.where(is_anomalous, sims, -np.inf).max(1)
         s_n = np.where(~is_anomalous, sims, -np.inf).max(1)
         logits = self.cfg.temperature * (s_a - s_n)
         return (1.0 / (1.0 + np.exp(-logits))).reshape(b, n).astype(np.float32)
 
+    def memory_distance(self, features: np.ndarray) -> np.ndarray:
+        """[B, N, E_m] -> [B, N] L2 distance of each patch to its nearest memory row."""
+        b, n, e = features.shape
+        d2, _ = self.memory_index.search(np.ascontiguousarray(features).reshape(b * n, e), k=1)
+        return np.sqrt(np.maximum(d2[:, 0], 0)).reshape(b, n)
+
+    def memory_probability(self, distance: np.ndarray) -> np.ndarray:
+        z = (distance - self.cfg.memory_loc) / max(self.cfg.memory_scale, 1e-12)
+        return (1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))).astype(np.float32)
+
     def __call__(self, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Network outputs -> (raw image score [B], raw map [B, g, g])."""
         base_map = out["anomaly_map"]  # [B, gh, gw]
-        few = self.few_shot_map(out["patch_embeddings"])  # [B, gh*gw]
+        emb = out["patch_embeddings"]
+        cut = self.cfg.centroid_dim
+        few = self.few_shot_map(emb if cut is None else emb[..., :cut])  # [B, gh*gw]
         a = self.cfg.alpha_few
         amap = (1 - a) * base_map + a * few.reshape(base_map.shape)
         score = (1 - a) * out["score"] + a * reduce_patches(few, self.cfg.reduction, self.cfg.topk_fraction)
+        if self.memory is not None:
+            w = self.cfg.memory_weight
+            mem = self.memory_probability(self.memory_distance(emb[..., cut:]))  # [B, gh*gw]
+            amap = (1 - w) * amap + w * mem.reshape(base_map.shape)
+            score = (1 - w) * score + w * reduce_patches(mem, self.cfg.memory_reduction, self.cfg.topk_fraction)
         return score.astype(np.float32), amap.astype(np.float32)

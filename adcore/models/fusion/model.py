@@ -14,6 +14,12 @@ Forward, in the paper's terms (C: vision/CLIP tower, B: domain/BEiT tower):
 4. Map: softmax over (normal, anomalous) per patch; score: mean of the
    anomalous column over patches (or the top-k mean, see ``score_reduction``).
    The image logit adds the cls heads' text logits on the CLS token.
+
+Extensions (config fields, off unless a preset turns them on; README "fusion extensions"):
+``adapter_residual`` (C continues from C_i + F_i, adapter outputs zero-initialised, so the
+untrained model is the frozen tower), ``train_scored`` (the image logit is the logit of the
+exported score) and ``memory_layers`` (frozen domain-tower features of those layers, 3x3
+averaged, appended to ``patch_embeddings`` for the head's nearest-normal-patch memory).
 """
 
 from __future__ import annotations
@@ -91,12 +97,22 @@ class FusionModel(AnomalyModel):
         self.domain_to_vision = nn.Identity() if d.width == v.width else nn.Linear(d.width, v.width)
         self.domain_final = nn.Identity() if d.width == v.width else nn.Linear(d.width, v.width)
         self.adapters = nn.ModuleList(FusionAdapter(v.width, text_dim) for _ in self.points)
+        if cfg.adapter_residual:  # extension: every adapter starts as a zero residual (identity)
+            for adapter in self.adapters:
+                for out_layer in (adapter.cls_out, adapter.seg_out):
+                    nn.init.zeros_(out_layer.weight)
+                    nn.init.zeros_(out_layer.bias)
+        bad = [i for i in cfg.memory_layers if not 0 < i <= d.depth]
+        if bad:
+            raise ValueError(f"memory_layers {bad} outside the domain tower's 1..{d.depth}")
         self.projection = clip_projection if clip_projection is not None else nn.Linear(v.width, proj_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale)))
         self.domain_head = nn.Linear(d.width, 1)  # stage 1: binary normal/anomalous classifier
         self.input_size = v.image_size
         self.grid = v.grid
-        self.embedding_dim = proj_dim
+        self.proj_dim = proj_dim
+        self.memory_dim = d.width * len(cfg.memory_layers)  # memory features after the projected embeddings
+        self.embedding_dim = proj_dim + self.memory_dim
         self.freeze_for_stage(2)
 
     def config_dict(self) -> dict:
@@ -104,7 +120,7 @@ class FusionModel(AnomalyModel):
         from dataclasses import replace
 
         frozen = replace(
-            self.cfg, vision=self.vision.frozen_spec(), domain=self.domain.frozen_spec(), proj_dim=self.embedding_dim
+            self.cfg, vision=self.vision.frozen_spec(), domain=self.domain.frozen_spec(), proj_dim=self.proj_dim
         )
         return {"family": "fusion", **frozen.to_dict()}
 
@@ -154,7 +170,10 @@ class FusionModel(AnomalyModel):
                 k = len(seg_texts)
                 b_i = match_tokens(self.domain_to_vision(b_states[point_of_layer[i + 1]]), v.grid)
                 fused, cls_text, seg_text = self.adapters[k](cfg.beta * h + cfg.gamma * b_i, self.anchors)
-                h = cfg.alpha * fused + (1 - cfg.alpha) * h
+                if cfg.adapter_residual:
+                    h = fused = h + fused  # extension: the adapter adds to the stream, starting at zero
+                else:
+                    h = cfg.alpha * fused + (1 - cfg.alpha) * h
                 seg_texts.append(seg_text)
                 cls_texts.append(cls_text)
         c_final = v.final_norm(h)
@@ -166,9 +185,15 @@ class FusionModel(AnomalyModel):
         probs = torch.sigmoid(patch_logit)  # = softmax over the two columns
         g = v.grid
         cls_logit = scale * torch.stack(cls_texts).mean(0)[:, 0]  # [B, 2], CLS token
-        image_logit = (cls_logit[:, 1] - cls_logit[:, 0]) + self._reduce(patch_logit)
         score = self._reduce(probs)
+        if cfg.train_scored:  # extension: BCE on this logit is BCE on the exported score
+            s = score.float().clamp(1e-6, 1 - 1e-6)
+            image_logit = torch.log(s) - torch.log1p(-s)
+        else:
+            image_logit = (cls_logit[:, 1] - cls_logit[:, 0]) + self._reduce(patch_logit)
         embeddings = F.normalize(self.projection(fused[:, 1:]), dim=-1)  # [B, g*g, D]
+        if cfg.memory_layers:
+            embeddings = torch.cat([embeddings, self.memory_features(b_states).detach().to(embeddings.dtype)], dim=-1)
         return ModelOutput(
             score=score,
             anomaly_map=probs.reshape(-1, g, g),
@@ -176,6 +201,23 @@ class FusionModel(AnomalyModel):
             image_logit=image_logit,
             map_logit=patch_logit.reshape(-1, g, g),
         )
+
+    def memory_features(self, domain_states: list[torch.Tensor]) -> torch.Tensor:
+        """Frozen domain-tower patch features of ``memory_layers`` [B, g*g, memory_dim] (extension).
+
+        As PatchCore's: each layer's patch tokens averaged over a ``memory_kernel`` neighbourhood,
+        resampled to the vision grid, concatenated.
+        """
+        k, g, maps = self.cfg.memory_kernel, self.vision.grid, []
+        for i in self.cfg.memory_layers:
+            patches = domain_states[i][:, 1:]
+            side = int(round(patches.shape[1] ** 0.5))
+            fmap = patches.transpose(1, 2).reshape(patches.shape[0], -1, side, side)
+            fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=False)
+            if side != g:
+                fmap = F.interpolate(fmap, size=(g, g), mode="bilinear", align_corners=False)
+            maps.append(fmap)
+        return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
 
     def _reduce(self, per_patch: torch.Tensor) -> torch.Tensor:
         if self.cfg.score_reduction == "mean":

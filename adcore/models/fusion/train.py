@@ -5,18 +5,23 @@
 2. Adapters, projection and the vision tower's last layer trained with
    BCE + Dice + Focal; every epoch ends with validation image/pixel AUROC, and the
    weights of the best validation epoch are kept (never the test split).
+
+Extension: ``synthesis="smooth"`` draws half the training anomalies of both stages from
+:mod:`adcore.data.synth_smooth` (README "fusion extensions").
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adcore.data.synth_smooth import smooth_makers
 from adcore.layers.losses import focal_loss, fusion_loss
 from adcore.training.stages import TrainContext, format_row, run_stage, validate
 
@@ -62,12 +67,32 @@ def _domain_step(model: nn.Module, batch) -> torch.Tensor:
     return focal_loss(model(batch.images), batch.labels)
 
 
+class _WithMakers:
+    """Training batches whose passes draw their synthetic anomalies from ``makers``."""
+
+    def __init__(self, batches, makers):
+        self.batches, self.makers = batches, makers
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, anomaly_share: float | None = None):
+        return self.batches.epoch(epoch, anomaly_share=anomaly_share, makers=self.makers)
+
+
+SYNTHESIS = {"default": None, "smooth": smooth_makers}
+
+
 def train_fusion(model, ctx: TrainContext) -> dict:
     """Stages 1 and 2; returns what the artifact's training summary adds (the selected epoch).
 
     Both stages checkpoint after every epoch (``run_stage``); a resumed run skips what the
     checkpoint says is done and continues the stage it was in.
     """
+    if model.cfg.synthesis not in SYNTHESIS:
+        raise ValueError(f"unknown synthesis {model.cfg.synthesis!r}; choose one of {sorted(SYNTHESIS)}")
+    if SYNTHESIS[model.cfg.synthesis] is not None:
+        ctx = replace(ctx, batches=_WithMakers(ctx.batches, SYNTHESIS[model.cfg.synthesis]))
     cfg, hooks, resume = ctx.cfg, ctx.hooks, ctx.resume
     world = hooks.world_size
     trained = _trained_names(model)  # leaves stage 2's parameters trainable

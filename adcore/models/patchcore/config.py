@@ -15,6 +15,8 @@ class PatchCoreConfig:
     coreset_ratio: float = 0.05  # paper: 1-10% of patches
     max_bank: int = 8192  # cap on memory-bank rows: bounds coreset time and the FAISS search on CPU
     score_k: int = 1  # nearest neighbours averaged for a patch's distance
+    map_sigma_px: float = 4.0  # paper: Gaussian smoothing of the anomaly map, sigma in input pixels (0: off)
+    reweight_k: int = 9  # paper eq. 7 (official b = 9): image score reweighted by bank density (0: off)
 
     def to_dict(self) -> dict:
         return asdict(self)

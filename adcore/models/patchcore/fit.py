@@ -18,4 +18,6 @@ def fit_memory_bank(model, data) -> MemoryBankHead:
     local = greedy_coreset(normal, max(1, n_select // data.world_size), seed=data.seed)
     bank = data.gather(normal[local])
     log.info("memory bank: %d of %d patches", len(bank), len(normal) * data.world_size)
-    return MemoryBankHead(bank, MemoryBankHeadConfig(k=cfg.score_k))
+    # The map lives on the patch grid: the paper's sigma in input pixels, in grid cells.
+    sigma = cfg.map_sigma_px * model.grid / model.input_size
+    return MemoryBankHead(bank, MemoryBankHeadConfig(k=cfg.score_k, map_sigma=sigma, reweight_k=cfg.reweight_k))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from adcore.index import PatchIndex
 from adcore.layers.reduce import reduce_patches
@@ -12,15 +13,25 @@ from adcore.layers.reduce import reduce_patches
 
 @dataclass
 class MemoryBankHeadConfig:
+    """The defaults are the head of artifacts saved before the paper's two steps existed (both off);
+    ``fit_memory_bank`` writes the model config's values (paper defaults on)."""
+
     k: int = 1  # neighbours averaged per patch
     reduction: str = "max"  # PatchCore: image score = the most anomalous patch
+    map_sigma: float = 0.0  # Gaussian smoothing of the map, in patch-grid cells (paper: 4 px at input size)
+    reweight_k: int = 0  # paper eq. 7: reweight the image score over this many bank neighbours (official: 9)
 
 
 class MemoryBankHead:
-    """A patch's anomaly is its L2 distance to the nearest memory-bank rows.
+    """A patch's anomaly is its L2 distance to the nearest memory-bank rows (Roth et al. 2022).
 
-    Unlike the PatchCore paper, the map is not Gaussian-smoothed before the image
-    score is taken, and the image score is not reweighted by the neighbours' density.
+    As the paper does, when the config says so: the map is smoothed with a Gaussian (``map_sigma``;
+    the image score comes from the raw patch distances, as in the official code), and the image score
+    ``s*`` of the most anomalous patch ``m`` is reweighted by how dense the bank is around its
+    nearest bank row ``m*``: ``s = (1 - exp||m - m*|| / sum_{n in N_b(m*)} exp||m - n||) * s*``, where
+    ``N_b(m*)`` are the ``reweight_k`` bank rows nearest ``m*`` (``m*`` itself first). When ``m*`` is
+    itself a rare normal pattern far from the rest of the bank the weight nears 1; in a dense region
+    of the bank it falls towards ``1 - 1/reweight_k``.
     """
 
     def __init__(self, bank: np.ndarray, cfg: MemoryBankHeadConfig | None = None, use_gpu: bool | None = None):
@@ -44,7 +55,25 @@ class MemoryBankHead:
     def __call__(self, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         emb = out["patch_embeddings"]  # [B, g*g, E]
         b, n, e = emb.shape
-        d2, _ = self.index.search(emb.reshape(b * n, e), k=self.cfg.k)
+        d2, ids = self.index.search(emb.reshape(b * n, e), k=self.cfg.k)
         dist = np.sqrt(np.maximum(d2, 0)).mean(1).reshape(b, n)
         amap = dist.reshape(out["anomaly_map"].shape)  # [B, gh, gw]
-        return reduce_patches(dist, self.cfg.reduction).astype(np.float32), amap.astype(np.float32)
+        if self.cfg.map_sigma > 0:
+            amap = np.stack([ndimage.gaussian_filter(m, self.cfg.map_sigma, mode="nearest") for m in amap])
+        scores = reduce_patches(dist, self.cfg.reduction)
+        if self.cfg.reweight_k > 0 and self.cfg.reduction == "max":
+            worst = dist.argmax(1)  # [B]
+            scores = scores * self._density_weights(
+                emb[np.arange(b), worst], ids.reshape(b, n, -1)[np.arange(b), worst, 0]
+            )
+        return scores.astype(np.float32), amap.astype(np.float32)
+
+    def _density_weights(self, patches: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+        """``1 - softmax`` weight of each patch's nearest bank row among that row's neighbours (eq. 7)."""
+        k = min(self.cfg.reweight_k, len(self.bank))
+        _, support = self.index.search(self.bank[nearest], k=k)  # [B, k], the row itself first
+        support[:, 0] = nearest  # ties: the row itself is the reference of the softmax
+        d = np.linalg.norm(self.bank[support] - patches[:, None, :].astype(np.float32), axis=-1)  # [B, k]
+        z = d - d.max(1, keepdims=True)  # softmax of the distances themselves, as in eq. 7
+        soft = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        return 1.0 - soft[:, 0]

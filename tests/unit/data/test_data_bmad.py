@@ -81,10 +81,14 @@ def test_missing_ungood_or_mask(tmp_path):
     with pytest.raises(DatasetLayoutError, match="u1.png"):
         list_split(tmp_path, "test")
     _img(tmp_path / "other" / "good" / "img", "g.png")
-    for p in (tmp_path / "valid" / "Ungood").rglob("*.png"):
-        p.unlink()
+    for split in ("valid", "test"):
+        for p in (tmp_path / split / "Ungood").rglob("*.png"):
+            p.unlink()
     with pytest.raises(DatasetLayoutError, match="Ungood"):
-        list_split(tmp_path, "valid")
+        list_split(tmp_path, "test")  # a test split without anomalies cannot be evaluated
+    # A validation split of normal images only is valid (thresholds from a target specificity).
+    samples = list_split(tmp_path, "valid")
+    assert samples and all(s.label == 0 and s.mask_path is None for s in samples)
 
 
 def test_mask_shape_mismatch(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def kinds_demo(tmp_path_factory):
 def trained(kinds_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("dra-art") / "dra"
     states = []
-    hooks = TrainHooks(report=lambda metrics, state: states.append((metrics, state())))
+    # deep copies: a state dict holds the optimiser's live tensors (a job saves it at once)
+    hooks = TrainHooks(report=lambda metrics, state: states.append((metrics, copy.deepcopy(state()))))
     overrides = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 6, "n_ref": 5}
     cfg = TrainConfig(preset="dra", tiny=True, labelled=2, seed=0, overrides=overrides)
     scorer = train(kinds_demo, cfg, output=str(out), hooks=hooks)
@@ -159,8 +161,10 @@ def test_resume_continues_after_the_saved_epoch_with_the_same_references(kinds_d
     _, _, states = trained
     state = states[0][1]  # after epoch 1 of 2
     seen = []
-    hooks = TrainHooks(report=lambda metrics, _state: seen.append(metrics["epoch"]), resume=state)
+    hooks = TrainHooks(report=lambda metrics, _state: seen.append(metrics), resume=state)
     overrides = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 6, "n_ref": 5}
     scorer = train(kinds_demo, TrainConfig(preset="dra", tiny=True, labelled=2, overrides=overrides), hooks=hooks)
-    assert seen == [2]
+    assert [m["epoch"] for m in seen] == [2]
+    # optimiser, scheduler and RNG states (incl. the deviation loss's draws) restored: the same epoch 2
+    assert seen[0]["loss"] == pytest.approx(states[1][0]["loss"], rel=1e-5)
     torch.testing.assert_close(scorer.model.ref_images, state["model"]["ref_images"], rtol=0, atol=0)

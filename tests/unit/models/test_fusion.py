@@ -60,7 +60,9 @@ def test_match_tokens_resamples_grid():
     assert torch.equal(out[:, 0], tokens[:, 0])
 
 
-@pytest.mark.parametrize("name,overrides", [("fusion-small", {}), ("fusion-large", {"domain": {"image_size": 96}})])
+@pytest.mark.parametrize(
+    "name,overrides", [("fusion-small-paper", {}), ("fusion-large", {"domain": {"image_size": 96}})]
+)
 def test_first_fusion_point_follows_the_paper_formulas(name, overrides):
     # input_1 = beta * C_1 + gamma * B_1 -> adapter -> alpha * F_1 + (1 - alpha) * C_1 (papers.md section 1).
     # Distinct weights: swapping beta/gamma, or alpha/(1 - alpha), changes both tensors below.

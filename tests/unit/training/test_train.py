@@ -82,3 +82,27 @@ def test_bad_layout_is_a_clear_error(tmp_path):
 
     with pytest.raises(DatasetLayoutError, match=str(tmp_path)):
         train(str(tmp_path), TrainConfig(tiny=True, smoke_test=True))
+
+
+@pytest.mark.parametrize("preset", ["fusion-small", "patchcore"])
+def test_normal_only_data_trains_end_to_end_with_a_specificity_threshold(tmp_path, preset):
+    """No anomalies anywhere in train/ or valid/ (the common case in hospitals): thresholds come from
+    the target specificity on normal validation images."""
+    import shutil
+
+    root = make_demo_dataset(tmp_path / "data", n_train=10, n_valid=12, n_test=4, size=64, seed=4)
+    shutil.rmtree(root / "valid" / "Ungood")
+    cfg = TrainConfig(preset=preset, tiny=True, smoke_test=True, epochs=1, batch_size=4, target_specificity=0.9)
+    scorer = train(str(root), cfg, output=str(tmp_path / "art"))
+    calib = json.loads((tmp_path / "art" / "config.json").read_text())["calibration"]
+    assert calib["method"] == "normal-specificity-0.9"
+    assert calib["n_valid"] == 6  # the demo writes half of valid/ as normal images
+    normal = [scorer.score_images([im])[0] for im in _valid_images(root)]
+    flagged = np.mean([r.label for r in normal])
+    assert flagged <= 0.25  # about 1 in 10 of the normal validation images above the 0.9 quantile
+
+
+def _valid_images(root):
+    from adcore.data import bmad
+
+    return [bmad.load_sample(s)[0] for s in bmad.list_split(root, "valid")][:8]

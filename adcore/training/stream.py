@@ -1,0 +1,173 @@
+"""Streamed training input: the train split as a listing, decoded in parallel, synthesised per image.
+
+The in-memory path (:func:`adcore.training.loop.load_split` + ``SyntheticAnomalyBatches``) decodes a
+rank's whole shard into memory. For archive-sized training sets the job (``jobs/train.py``) instead
+hands each rank a stream of decoded batches: the driver lists the train split (local folder or
+``s3://`` prefix, :func:`train_listing`), cuts it into equal per-rank shards (:func:`shard_listing`),
+and Ray Data decodes and resizes each shard in CPU tasks (:class:`DecodeTrain`). A rank holds only
+the batches in flight.
+
+Synthesis runs where the epoch is known, on the rank (:class:`StreamedBatches`): each image's
+anomaly is drawn from its own generator seeded by ``(seed, epoch, image index)``, so a run is
+reproducible whichever rank or task handles an image, and a resumed run sees the same images.
+
+This module never imports Ray: the job passes the iteration as a callable.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from adcore import storage
+from adcore.data import bmad
+from adcore.data.decode import decode_image
+from adcore.data.errors import DatasetLayoutError
+from adcore.scorer import prepare, to_uint8
+from adcore.training.data import Batch, MakerFactory, default_makers, resize_mask, stack_batch, synthesize
+
+# Columns of a training listing: a stable image index (synthesis seed), the image, its mask ("" when
+# none), and the label (0 normal, 1 labelled anomaly).
+LISTING_SCHEMA = pa.schema(
+    [("index", pa.int64()), ("uri", pa.string()), ("mask_uri", pa.string()), ("label", pa.int8())]
+)
+
+
+def train_listing(root: str, labelled: int = 0, seed: int = 0) -> pa.Table:
+    """The train split of a BMAD folder or ``s3://`` prefix as a listing (:data:`LISTING_SCHEMA`).
+
+    The samples of ``adcore.data.bmad.list_split(root, "train", labelled=..., seed=...)``, in its
+    order, without reading an image. An ``s3://`` prefix is listed once (paged LIST requests) and the
+    reader runs on a local tree of empty files with the same names (and the dataset's
+    ``categories.csv``), so local and S3 datasets follow exactly the same layout rules.
+    """
+    base = str(root).rstrip("/")
+    if not storage.is_s3(base):
+        return _listing(bmad.list_split(base, "train", labelled=labelled, seed=seed), base, base)
+    if not storage.exists(f"{base}/train"):
+        raise DatasetLayoutError(f"{base}/train", f"a 'train' folder under {root}")
+    with tempfile.TemporaryDirectory(prefix="adcore-listing-") as shadow:
+        for uri in storage.list_objects(f"{base}/train").column("uri").to_pylist():
+            rel = uri[len(base) + 1 :]
+            if rel.startswith("train/") and not rel.endswith("/"):  # not a folder marker
+                path = Path(shadow, rel)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+        categories = f"{base}/{bmad.CATEGORIES_FILE}"
+        if storage.exists(categories):
+            Path(shadow, bmad.CATEGORIES_FILE).write_bytes(storage.read_bytes(categories))
+        return _listing(bmad.list_split(shadow, "train", labelled=labelled, seed=seed), shadow, base)
+
+
+def _listing(samples: list[bmad.Sample], local_root: str, root: str) -> pa.Table:
+    """Samples as listing rows, their paths under ``local_root`` named under ``root``."""
+
+    def name(path) -> str:
+        return root + str(path)[len(str(local_root)) :] if path else ""
+
+    return pa.table(
+        {
+            "index": np.arange(len(samples)),
+            "uri": [name(s.path) for s in samples],
+            "mask_uri": [name(s.mask_path) for s in samples],
+            "label": np.array([s.label for s in samples], np.int8),
+        },
+        schema=LISTING_SCHEMA,
+    )
+
+
+def shard_listing(listing: pa.Table, rank: int, world_size: int) -> pa.Table:
+    """Rank ``rank``'s rows: an equal strided share of the normal images (a few repeated to make the
+    shares equal, as ``DistributedSampler`` pads), plus every labelled anomaly (a handful)."""
+    labels = listing.column("label").to_numpy()
+    normal, few = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    if world_size > 1 and len(normal) % world_size:
+        normal = np.concatenate([normal, normal[: world_size - len(normal) % world_size]])
+    return listing.take(np.concatenate([normal[rank::world_size], few]))
+
+
+class DecodeTrain:
+    """Ray Data ``map_batches`` function: listing rows -> uint8 pixels ``[3, S, S]`` and masks ``[S, S]``.
+
+    Reads each file once (local or S3, one filesystem per task), decodes its first frame and
+    resizes it to the network's input size, so only ``S*S*4`` bytes per image travel to the rank.
+    An image that cannot be read or decoded stops training with its URI: a training set is curated.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.reader = storage.Reader()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels, masks = [], []
+        for uri, mask_uri in zip(batch["uri"], batch["mask_uri"]):
+            image = decode_image(self.reader.read(uri), str(uri))[0].pixels
+            pixels.append(to_uint8(prepare(image, self.size)))
+            if mask_uri:
+                mask = decode_image(self.reader.read(mask_uri), str(mask_uri))[0].pixels
+                mask = (mask > 0).any(axis=-1) if mask.ndim == 3 else mask > 0
+                masks.append(resize_mask(mask, self.size))
+            else:
+                masks.append(np.zeros((self.size, self.size), bool))
+        return {
+            "index": np.asarray(batch["index"], np.int64),
+            "pixels": np.stack(pixels),  # [B, 3, S, S] uint8
+            "mask": np.stack(masks),  # [B, S, S] bool
+            "label": np.asarray(batch["label"], np.int8),
+        }
+
+
+def decode_train(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """:class:`DecodeTrain` as a plain function (one reader per call: a Ray Data task's batch)."""
+    return DecodeTrain(size)(batch)
+
+
+class StreamedBatches:
+    """``SyntheticAnomalyBatches``' interface over a stream of decoded batches.
+
+    Args:
+        iterate: ``epoch -> iterable of DecodeTrain batches`` (the job: a Ray Data iterator over the
+            rank's shard, shuffled with a seed of the epoch).
+        n_images: rows in the rank's shard (equal on every rank).
+        batch_size: images per batch the stream yields.
+        anomaly_share: probability that a normal image gets a synthetic anomaly.
+        seed: with the epoch and the image index, seeds each image's synthesis.
+    """
+
+    def __init__(
+        self,
+        iterate: Callable[[int], Iterable[dict]],
+        n_images: int,
+        batch_size: int,
+        anomaly_share: float = 0.5,
+        seed: int = 0,
+    ):
+        self.iterate, self.n_images, self.batch_size = iterate, n_images, batch_size
+        self.anomaly_share, self.seed = anomaly_share, seed
+
+    def __len__(self) -> int:
+        return (self.n_images + self.batch_size - 1) // self.batch_size
+
+    def epoch(
+        self, epoch: int, anomaly_share: float | None = None, makers: MakerFactory | None = None
+    ) -> Iterator[Batch]:
+        """One pass over the stream; arguments as ``SyntheticAnomalyBatches.epoch``. Foreign
+        textures come from the other images of the same batch."""
+        share = self.anomaly_share if anomaly_share is None else anomaly_share
+        factory = makers or default_makers
+        for batch in self.iterate(epoch):
+            images = [np.ascontiguousarray(p.transpose(1, 2, 0), np.float32) / 255.0 for p in batch["pixels"]]
+            items = []
+            for j, (index, mask, label) in enumerate(zip(batch["index"], batch["mask"], batch["label"])):
+                rng = np.random.default_rng([self.seed, epoch, int(index)])
+                others = images[:j] + images[j + 1 :] or images
+
+                def options(rng=rng, others=others) -> list:
+                    return factory(rng, others)
+
+                items.append(synthesize(images[j], mask, int(label), rng, share, options))
+            yield stack_batch(items)

@@ -1,0 +1,205 @@
+"""The fusion model's extensions beyond the paper (README "fusion extensions"), each on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adcore.layers.coreset import greedy_coreset
+from adcore.models import create
+from adcore.models.fusion.fit import fit_centroids, kmeans_centroids
+from adcore.models.fusion.head import CentroidHead, CentroidHeadConfig
+from adcore.training.data import SyntheticAnomalyBatches
+from adcore.training.fit import FitData
+
+EXTENSIONS = ("memory_layers", "adapter_residual", "train_scored", "clean_centroids", "centroid_method")
+
+
+def test_paper_presets_have_no_extension_and_fusion_small_has_all():
+    for name in ("fusion-large", "fusion-small-paper"):
+        cfg = create(name, tiny=True).cfg
+        assert cfg.memory_layers == [] and not (cfg.adapter_residual or cfg.train_scored or cfg.clean_centroids)
+        assert cfg.centroid_method == "vae" and cfg.synthesis == "default"
+    cfg = create("fusion-small", tiny=True).cfg
+    assert cfg.memory_layers and cfg.adapter_residual and cfg.train_scored and cfg.clean_centroids
+    assert cfg.centroid_method == "kmeans" and cfg.synthesis == "smooth"
+
+
+def _vision_input_after_first_point(model, x):
+    seen = {}
+    hook = model.vision.layers[model.points[0]].register_forward_pre_hook(
+        lambda module, args: seen.setdefault("h", args[0].clone())
+    )
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        hook.remove()
+    return seen["h"]
+
+
+def test_residual_adapters_start_at_identity_then_add():
+    torch.manual_seed(0)
+    model = create("fusion-small", tiny=True).eval()
+    x = torch.rand(2, 3, model.input_size, model.input_size)
+    p, q = model.points[0], model.domain_points[0]
+    with torch.no_grad():
+        c = model.vision.hidden_states(x)[0][p]
+    torch.testing.assert_close(_vision_input_after_first_point(model, x), c, atol=1e-6, rtol=0)  # untouched
+    with torch.no_grad():  # trained adapters: h = C_1 + F_1 (no alpha blend)
+        for layer in (model.adapters[0].cls_out, model.adapters[0].seg_out):
+            layer.weight.normal_()
+        b = model.domain_to_vision(model.domain.hidden_states(x)[0][q])
+        f = model.adapters[0](model.cfg.beta * c + model.cfg.gamma * b, model.anchors)[0]
+    assert f.abs().max() > 1e-2
+    torch.testing.assert_close(_vision_input_after_first_point(model, x), c + f, atol=1e-5, rtol=0)
+
+
+def test_train_scored_logit_is_the_logit_of_the_exported_score():
+    torch.manual_seed(0)
+    for scored in (True, False):
+        model = create("fusion-small", tiny=True, train_scored=scored).eval()
+        with torch.no_grad():
+            out = model(torch.rand(2, 3, model.input_size, model.input_size))
+        match = torch.allclose(torch.sigmoid(out.image_logit), out.score, atol=1e-5)
+        assert match == scored
+
+
+def test_memory_columns_are_pooled_frozen_domain_features():
+    torch.manual_seed(0)
+    model = create("fusion-small", tiny=True).eval()
+    x = torch.rand(2, 3, model.input_size, model.input_size)
+    with torch.no_grad():
+        emb = model(x).patch_embeddings
+        states = model.domain.hidden_states(x)[0]
+    g, maps = model.grid, []
+    for i in model.cfg.memory_layers:  # by hand: 3x3 mean (edges: over the pixels inside), then concatenated
+        t = states[i][:, 1:].transpose(1, 2).reshape(2, -1, g, g)
+        ones = torch.ones(1, 1, g, g)
+        mean = F.conv2d(t, torch.ones(t.shape[1], 1, 3, 3), padding=1, groups=t.shape[1])
+        maps.append(mean / F.conv2d(ones, torch.ones(1, 1, 3, 3), padding=1))
+    want = torch.cat(maps, 1).flatten(2).transpose(1, 2)
+    assert emb.shape[-1] == model.embedding_dim == model.proj_dim + want.shape[-1]
+    torch.testing.assert_close(emb[..., model.proj_dim :], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(emb[..., : model.proj_dim].norm(dim=-1), torch.ones(2, g * g))
+
+
+def test_memory_head_blends_nearest_normal_distance_by_hand():
+    rng = np.random.default_rng(0)
+    centroids = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    bank = rng.standard_normal((6, 5)).astype(np.float32)
+    cfg = CentroidHeadConfig(
+        alpha_few=0.2, reduction="mean", centroid_dim=4, memory_weight=0.3, memory_loc=1.5, memory_scale=0.5
+    )
+    head = CentroidHead(centroids, cfg, memory=bank)
+    emb = rng.standard_normal((1, 4, 9)).astype(np.float32)
+    emb[0, 0, 4:] = bank[2]  # a patch on a memory row: distance 0
+    out = {"score": np.array([0.4], np.float32), "anomaly_map": np.full((1, 2, 2), 0.3, np.float32)}
+    score, amap = head({**out, "patch_embeddings": emb})
+    d = np.sqrt(((emb[0, :, None, 4:] - bank[None]) ** 2).sum(-1)).min(1)  # [4]
+    assert d[0] == pytest.approx(0, abs=1e-3)
+    mem = 1 / (1 + np.exp(-(d - 1.5) / 0.5))
+    few = head.few_shot_map(emb[..., :4])[0]
+    want_map = 0.7 * (0.8 * 0.3 + 0.2 * few) + 0.3 * mem
+    np.testing.assert_allclose(amap.reshape(-1), want_map, atol=1e-5)
+    assert score[0] == pytest.approx(0.7 * (0.8 * 0.4 + 0.2 * few.mean()) + 0.3 * mem.max(), abs=1e-5)
+    again = CentroidHead.from_saved(head.config(), head.arrays())
+    np.testing.assert_allclose(again({**out, "patch_embeddings": emb})[1], amap)
+
+
+def test_kmeans_centroids_are_spread_not_collapsed():
+    rng = np.random.default_rng(0)
+    clusters = rng.standard_normal((4, 16)) * 5
+    x = np.concatenate([c + rng.standard_normal((50, 16)) for c in clusters]).astype(np.float32)
+    centres = kmeans_centroids(x, 4)
+    np.testing.assert_allclose(np.linalg.norm(centres, axis=1), 1, atol=1e-5)
+    cos = centres @ centres.T
+    assert cos[~np.eye(4, dtype=bool)].max() < 0.9  # the paper's VAE decodes 16 nearly parallel ones here
+
+
+def _fit_data(model, seed=0):
+    rng = np.random.default_rng(seed)
+    size = model.input_size
+    yy, xx = np.mgrid[:size, :size] / size
+    images = [(0.3 + 0.2 * np.sin(6 * xx + i) * np.cos(5 * yy) + 0.05 * rng.random((size, size))) for i in range(8)]
+    batches = SyntheticAnomalyBatches(images, [None] * 8, np.zeros(8), size, batch_size=4, anomaly_share=1.0)
+    return FitData(batches, seed=seed, quick=True)
+
+
+def test_fit_builds_memory_and_clean_centroids():
+    torch.manual_seed(0)
+    model = create("fusion-small", tiny=True).eval()
+    data = _fit_data(model)
+    head = fit_centroids(model, data)
+    cut = model.proj_dim
+    assert head.cfg.centroid_dim == cut and head.cfg.memory_weight == model.cfg.memory_weight
+    assert head.memory.shape[1] == model.memory_dim and 0 < len(head.memory) < 8 * model.grid**2
+    # the bank holds clean normal features: rows of the clean pass, not of images with synthetic anomalies
+    clean, proj = [], []
+    for batch in data.batches.epoch(10_000, anomaly_share=0.0):
+        with torch.no_grad():
+            emb = model(batch.images).patch_embeddings
+        clean.append(emb[..., cut:].reshape(-1, model.memory_dim).numpy())
+        proj.append(emb[..., :cut].reshape(-1, cut).numpy())
+    clean, proj = np.concatenate(clean), np.concatenate(proj)
+    nearest = np.sqrt(((head.memory[:, None] - clean[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(nearest, 0, atol=1e-4)
+    # the probability scale comes from held-out images: the odd images' distances to a bank of the even ones
+    feats = clean.reshape(8, model.grid**2, -1)
+    half = feats[0::2].reshape(-1, feats.shape[-1])
+    half = half[greedy_coreset(half, max(1, int(len(half) * model.cfg.memory_coreset_ratio)), seed=data.seed)]
+    held = np.sqrt(((feats[1::2].reshape(-1, feats.shape[-1])[:, None] - half[None]) ** 2).sum(-1)).min(1)
+    q50, q99 = np.quantile(held, [0.5, 0.99])
+    assert head.cfg.memory_loc == pytest.approx(q99, rel=1e-4)
+    assert head.cfg.memory_scale == pytest.approx((q99 - q50) / 4, rel=1e-3)
+    # clean normal centroids: k-means of the clean pass's patches, not of images that carry an anomaly
+    k = model.cfg.n_centroids
+    np.testing.assert_allclose(head.centroids[0], kmeans_centroids(proj, k, data.seed), atol=1e-5)
+    model.cfg.clean_centroids = False
+    contaminated = fit_centroids(model, data)
+    assert not np.allclose(contaminated.centroids[0], head.centroids[0], atol=1e-3)
+    np.testing.assert_allclose(contaminated.centroids[1], head.centroids[1], atol=1e-5)
+    model.cfg.memory_layers = []  # the memory columns are still there, but no bank is built from them
+    assert fit_centroids(model, data).memory is None
+
+
+def test_smooth_intensity_blobs_are_visible_soft_and_inside_the_foreground():
+    from adcore.data.synth_smooth import RandSmoothIntensity
+
+    image = np.full((64, 64, 3), 0.4, np.float32)
+    fg = np.zeros((64, 64), bool)
+    fg[8:56, 8:56] = True
+    for seed in range(5):
+        out, mask = RandSmoothIntensity(np.random.default_rng(seed))(image, foreground=fg)
+        again, mask2 = RandSmoothIntensity(np.random.default_rng(seed))(image, foreground=fg)
+        np.testing.assert_array_equal(out, again)  # seeded
+        change = np.abs(out - image).max(-1)
+        assert mask.any() and not (mask & ~fg).any()
+        assert change[mask].min() >= 0.05  # no near-invisible pixel is labelled anomalous
+        assert (change[~fg] == 0).all()
+        assert np.allclose(out[..., 0], out[..., 1])  # an intensity change, not a colour
+
+
+def test_smooth_synthesis_reaches_the_training_batches():
+    from adcore.models.fusion.train import SYNTHESIS, _WithMakers
+
+    calls = []
+
+    class Recorder:
+        def __len__(self):
+            return 3
+
+        def epoch(self, epoch, anomaly_share=None, makers=None):
+            calls.append((epoch, anomaly_share, makers))
+            return iter(())
+
+    wrapped = _WithMakers(Recorder(), SYNTHESIS["smooth"])
+    list(wrapped.epoch(2))
+    assert len(wrapped) == 3 and calls == [(2, None, SYNTHESIS["smooth"])]
+    size = 32
+    images = [np.full((size, size), 0.5, np.float32)] * 4
+    batches = SyntheticAnomalyBatches(images, [None] * 4, np.zeros(4), size, batch_size=4, anomaly_share=1.0)
+    (batch,) = list(_WithMakers(batches, SYNTHESIS["smooth"]).epoch(0))
+    assert batch.labels.sum() > 0

@@ -1,0 +1,58 @@
+"""PatchCore's head as the paper defines it: map smoothing and the density reweighting (eq. 7) by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adcore.models.patchcore.head import MemoryBankHead, MemoryBankHeadConfig
+
+
+def _out(emb: np.ndarray, grid: int) -> dict[str, np.ndarray]:
+    return {"patch_embeddings": emb, "anomaly_map": np.zeros((len(emb), grid, grid), np.float32)}
+
+
+def test_reweighting_by_hand():
+    bank = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0], [5.0, 5.0]], np.float32)
+    patches = np.array([[[0.0, 0.1], [0.2, 0.0], [0.1, 0.1], [0.0, -2.0]]], np.float32)  # [1, 4, 2], worst: last
+    head = MemoryBankHead(bank, MemoryBankHeadConfig(reweight_k=3))
+    scores, _ = head(_out(patches, 2))
+    worst = patches[0, 3]
+    s_star = 2.0  # its distance to its nearest bank row, [0, 0]
+    support = bank[[0, 1, 2]]  # the 3 bank rows nearest [0, 0]: itself, [1, 0], [0, 3]
+    d = np.linalg.norm(support - worst, axis=1)
+    weight = 1 - np.exp(d[0]) / np.exp(d).sum()  # eq. 7
+    assert scores[0] == pytest.approx(weight * s_star, rel=1e-5)
+    plain, _ = MemoryBankHead(bank)(_out(patches, 2))
+    assert plain[0] == pytest.approx(s_star, rel=1e-5)
+
+
+def test_patch_whose_nearest_normal_is_rare_weighs_more():
+    dense = np.array([[0, 0], [0.1, 0], [0, 0.1], [10, 10], [14, 10], [10, 14]], np.float32)
+    head = MemoryBankHead(dense, MemoryBankHeadConfig(reweight_k=3))
+    near_dense = np.array([[[0.0, -1.0]]], np.float32)  # 1 from the tight cluster at the origin
+    near_sparse = np.array([[[10.0, 9.0]]], np.float32)  # 1 from [10, 10], whose neighbours are 4 away
+    a, _ = head(_out(near_dense, 1))
+    b, _ = head(_out(near_sparse, 1))
+    assert b[0] > a[0]
+
+
+def test_smoothing_spreads_the_map_and_leaves_the_image_score():
+    bank = np.zeros((1, 2), np.float32)
+    emb = np.zeros((1, 25, 2), np.float32)
+    emb[0, 12] = [3.0, 4.0]  # one anomalous patch in the middle of a 5x5 grid
+    raw_scores, raw_map = MemoryBankHead(bank)(_out(emb, 5))
+    scores, smooth = MemoryBankHead(bank, MemoryBankHeadConfig(map_sigma=1.0))(_out(emb, 5))
+    assert raw_map[0, 2, 2] == pytest.approx(5.0) and raw_map[0, 2, 1] == 0
+    assert 0 < smooth[0, 2, 2] < 5.0 and smooth[0, 2, 1] > 0 and smooth[0].argmax() == 12
+    assert scores[0] == pytest.approx(raw_scores[0])
+
+
+def test_saved_heads_without_the_fields_score_as_before():
+    bank = np.random.default_rng(0).random((20, 4), dtype=np.float32)
+    old = MemoryBankHead.from_saved({"k": 1, "reduction": "max"}, {"memory_bank": bank})
+    assert old.cfg.map_sigma == 0 and old.cfg.reweight_k == 0
+    new = MemoryBankHead.from_saved(
+        {"k": 1, "reduction": "max", "map_sigma": 0.3, "reweight_k": 9}, {"memory_bank": bank}
+    )
+    assert new.cfg.map_sigma == 0.3 and new.cfg.reweight_k == 9

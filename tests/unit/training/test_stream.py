@@ -1,0 +1,100 @@
+"""The streamed training input: listing (local and S3), equal shards, decoding, seeded synthesis."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adcore import storage
+from adcore.data import bmad
+from adcore.data.demo import make_demo_dataset
+from adcore.training.stream import DecodeTrain, StreamedBatches, shard_listing, train_listing
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo_dataset(
+        tmp_path_factory.mktemp("stream"), n_train=11, n_valid=2, n_test=2, size=48, seed=0, n_train_anomalous=3
+    )
+
+
+def test_listing_matches_the_bmad_reader(demo):
+    listing = train_listing(str(demo), labelled=2, seed=5)
+    samples = bmad.list_split(demo, "train", labelled=2, seed=5)
+    assert listing.column("uri").to_pylist() == [str(s.path) for s in samples]
+    assert listing.column("label").to_pylist() == [s.label for s in samples]
+    masks = [str(s.mask_path) if s.mask_path else "" for s in samples]
+    assert listing.column("mask_uri").to_pylist() == masks
+    assert listing.column("index").to_pylist() == list(range(len(samples)))
+
+
+def test_listing_from_s3_names_the_same_files(demo, s3_server):
+    bucket = s3_server.make_bucket("stream-listing")
+    storage.upload_dir(demo, f"{bucket}/data")
+    local = train_listing(str(demo), labelled=1, seed=0)
+    remote = train_listing(f"{bucket}/data", labelled=1, seed=0)
+    strip = lambda uris, root: [u[len(root) :] if u else "" for u in uris]  # noqa: E731
+    for col in ("uri", "mask_uri"):
+        remote_rel = strip(remote.column(col).to_pylist(), f"{bucket}/data")
+        assert remote_rel == strip(local.column(col).to_pylist(), str(demo))
+    batch = DecodeTrain(SIZE)(remote.slice(0, 2).to_pydict())
+    assert batch["pixels"].shape == (2, 3, SIZE, SIZE) and batch["pixels"].dtype == np.uint8
+
+
+def test_missing_train_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(Exception, match="train"):
+        train_listing(str(tmp_path))
+
+
+def test_shards_are_equal_and_every_rank_gets_the_labelled_anomalies(demo):
+    listing = train_listing(str(demo), labelled=3, seed=0)  # 11 normal + 3 labelled
+    shards = [shard_listing(listing, r, 3) for r in range(3)]
+    assert [s.num_rows for s in shards] == [4 + 3] * 3  # 11 normal padded to 12, split in 3
+    normal = sorted(i for s in shards for i, lab in zip(s["index"].to_pylist(), s["label"].to_pylist()) if lab == 0)
+    assert set(normal) == set(range(11))  # none dropped, one repeated
+    for s in shards:
+        assert [i for i, lab in zip(s["index"].to_pylist(), s["label"].to_pylist()) if lab == 1] == [11, 12, 13]
+
+
+def test_decoded_batch_carries_masks_of_labelled_anomalies(demo):
+    listing = train_listing(str(demo), labelled=3, seed=0)
+    batch = DecodeTrain(SIZE)(listing.slice(10, 4).to_pydict())  # one normal, three anomalies
+    assert batch["mask"].shape == (4, SIZE, SIZE) and batch["mask"].dtype == bool
+    assert not batch["mask"][0].any() and all(m.any() for m in batch["mask"][1:])
+    assert batch["label"].tolist() == [0, 1, 1, 1]
+
+
+def _stream(demo):
+    decoded = DecodeTrain(SIZE)(train_listing(str(demo)).to_pydict())
+
+    def iterate(epoch):
+        order = np.random.default_rng(epoch).permutation(len(decoded["index"]))
+        for start in range(0, len(order), 4):
+            yield {k: v[order[start : start + 4]] for k, v in decoded.items()}
+
+    return iterate
+
+
+def test_synthesis_is_seeded_by_epoch_and_image(demo):
+    batches = StreamedBatches(_stream(demo), n_images=11, batch_size=4, anomaly_share=0.7, seed=3)
+    assert len(batches) == 3
+    first = list(batches.epoch(0))
+    again = list(batches.epoch(0))
+    for a, b in zip(first, again):
+        assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks) and torch.equal(a.labels, b.labels)
+    labels = torch.cat([b.labels for b in first])
+    assert 0 < labels.sum() < len(labels)  # some images got a synthetic anomaly, some did not
+    for b in first:  # a label says whether the image carries a synthetic mask
+        assert torch.equal(b.labels, (b.masks.flatten(1).sum(1) > 0).float())
+    other = torch.cat([b.images for b in batches.epoch(1)])
+    assert not torch.equal(torch.cat([b.images for b in first]).sort(0).values, other.sort(0).values)
+
+
+def test_share_zero_passes_the_decoded_images_through(demo):
+    batches = StreamedBatches(_stream(demo), n_images=11, batch_size=4, anomaly_share=0.0)
+    out = torch.cat([b.images for b in batches.epoch(0)])
+    assert out.shape == (11, 3, SIZE, SIZE) and float(out.max()) <= 1.0
+    assert all(b.labels.sum() == 0 for b in batches.epoch(0))
