@@ -39,7 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 TOLERANCE = 1e-4
-PRESETS = {"fusion-small": 1, "fusion-large": 2, "patchcore": 3}  # preset -> artifact version
+# preset -> artifact version; SD-MAD (a head with categories) and EntroAD as the newest families.
+PRESETS = {"fusion-small": 1, "fusion-large": 2, "patchcore": 3, "sdmad": 4, "entroad-small": 5}
 FROM_S3 = "patchcore"  # exported through `python jobs/export.py` from an s3:// artifact
 BATCHES = (1, 3)
 VARIANT_PRESET = "patchcore"  # its int8 variant is served too
@@ -103,6 +104,11 @@ def _assert_same_results(got: list, want: list, cal, source: str) -> None:
         near = np.abs(b.anomaly_map - cal.effective_pixel_threshold) <= TOLERANCE
         assert not (differ & ~near).any(), f"{source}: masks differ away from the threshold"
         assert abs(a.score - cal.image_threshold) <= TOLERANCE or a.label == b.label, source
+        assert (a.category_scores is None) == (b.category_scores is None), source
+        if b.category_scores is not None:  # a head with categories (SD-MAD): the same per-category scores
+            assert a.category_scores.keys() == b.category_scores.keys(), source
+            for c, v in b.category_scores.items():
+                assert abs(a.category_scores[c] - v) <= TOLERANCE, f"{source}: category {c}"
 
 
 class _TorchOnFrames:

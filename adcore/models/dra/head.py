@@ -2,24 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
+from adcore.layers.passthrough import PassThroughHead
 
 
-class DRAHead:
+class DRAHead(PassThroughHead):
     """Passes the network's normalised score and patch map through; nothing to save."""
-
-    def __init__(self, use_gpu: bool | None = None):
-        del use_gpu  # no index
-
-    @classmethod
-    def from_saved(cls, config: dict, arrays: dict[str, np.ndarray], use_gpu: bool | None = None) -> DRAHead:
-        return cls(use_gpu)
-
-    def config(self) -> dict:
-        return {}
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def __call__(self, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(out["score"], np.float32), np.asarray(out["anomaly_map"], np.float32)
