@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from adcore.data.bmad import ANOMALY_DIR, NORMAL_DIR
-from adcore.data.demo import LESIONS_FILE, rand_deform
+from adcore.data.demo import LESIONS_FILE, DemoOutput, rand_deform
 from adcore.data.imageops import resize, save_mask_png, save_png
 from adcore.data.synth import lesion_mask
 
@@ -206,18 +206,11 @@ def make_chest_dataset(
     return root
 
 
-@dataclass
-class ChestDemoOutput:
-    """Where the dataset goes."""
-
-    out: str  # folder to write the BMAD-layout dataset to
-
-
 def main(argv=None) -> None:
     from adcore.cli import parse_configs
 
     where, cfg = parse_configs(
-        (ChestDemoOutput, ChestDemoConfig), argv, __doc__.split("\n")[0], prog="python -m adcore.data.demo_chest"
+        (DemoOutput, ChestDemoConfig), argv, __doc__.split("\n")[0], prog="python -m adcore.data.demo_chest"
     )
     root = make_chest_dataset(where.out, **asdict(cfg))
     print(f"chest demo dataset in {root}")
