@@ -33,7 +33,7 @@ demo: setup
 	$(PY) jobs/demo.py
 
 test: setup
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --basetemp=$(PYTEST_TMP)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --durations=25 --basetemp=$(PYTEST_TMP)
 
 # The fast tier: unit tests only (no Ray cluster, S3 server or Triton), under 2 minutes.
 unit: setup

@@ -46,6 +46,7 @@ from adcore.training import TrainConfig, train
 from adcore.training.data import SyntheticAnomalyBatches
 from adcore.training.fit import FitData
 from adcore.training.loop import load_split
+from adcore.training.select import select_on_validation
 
 TARGET_AUROC = 0.95  # brain demo, fusion-small image and pixel AUROC
 TARGET_ACC = 0.85  # fusion-small ACC at the stored threshold
@@ -57,8 +58,10 @@ TRAIN_ABLATIONS = {"adapter_residual": False, "train_scored": False, "synthesis"
 # Head-side rows, refit on fusion-small's network: row name -> config changes. "-memory" is memory_weight 0
 # (the same scores as memory_layers [], without a second pass); "memory_only" is the memory branch alone.
 HEAD_ABLATIONS = {
-    "memory_only": {"memory_weight": 1.0},
-    "-memory": {"memory_weight": 0.0},
+    "memory_only": {"memory_weight": 1.0, "memory_weight_choices": []},
+    "-memory": {"memory_weight": 0.0, "memory_weight_choices": []},
+    "-weight_choice": {"memory_weight_choices": []},
+    "-map_sigma": {"map_sigma_px": 0.0},
     "-clean_centroids": {"clean_centroids": False},
     "-centroid_method": {"centroid_method": "vae"},
 }
@@ -196,6 +199,7 @@ def _refit(scorer, data: str, cfg: TrainConfig, changes: dict[str, Any]):
     try:
         again = Scorer(model, family.fit(model, FitData(batches, seed=cfg.seed)))
         valid = load_split(data, "valid", cfg.max_valid)
+        select_on_validation(again, valid, cfg.batch_size)  # as training does
         results = again.score_images(valid["images"], cfg.batch_size)
         maps = [r.raw_map for r in results] if valid["masks"] is not None else None
         raw = np.array([r.raw_score for r in results])

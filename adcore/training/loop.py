@@ -4,7 +4,8 @@
    fusion model's two stages live in ``adcore/models/fusion/train.py``);
 2. the head: ``MethodFamily.fit`` builds what the FAISS stage matches against
    (VAE centroids, a coreset memory bank): a function call without gradients;
-3. calibration on the validation split (never the test split).
+3. the head's settings that it offers to choose on the validation split (``adcore.training.select``);
+4. calibration on the validation split (never the test split).
 
 Distribution is injected through :class:`TrainHooks` (``jobs/train.py`` passes
 Ray Train's DDP wrapping, sharding and reporting), so this module never imports Ray.
@@ -29,6 +30,7 @@ from adcore.scorer import Scorer
 from adcore.training import dist
 from adcore.training.data import SyntheticAnomalyBatches, load_images
 from adcore.training.fit import FitData, gather_across_ranks
+from adcore.training.select import select_on_validation
 from adcore.training.stages import STATE_FORMAT, TrainContext
 
 log = logging.getLogger("adcore.train")
@@ -170,6 +172,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         gather=gather_across_ranks(hooks.world_size),
     )
     scorer = Scorer(model, family.fit(model, fit_data))
+    chosen = select_on_validation(scorer, valid, cfg.batch_size)
     results = scorer.score_images(valid["images"], cfg.batch_size)
     # Maps always: without masks (normal-only or classification-only validation) the pixel
     # normalisation and threshold come from the normal images' maps.
@@ -187,6 +190,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         "history": ctx.history,
         "train_images": train_images,
         **summary,
+        **({"head_choice": chosen} if chosen else {}),
     }
     summary["seconds"] = round(time.monotonic() - t0, 1)
     if output and hooks.is_main:

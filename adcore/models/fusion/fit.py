@@ -117,11 +117,15 @@ def fit_centroids(model, data) -> CentroidHead:
         raise ValueError(f"unknown centroid_method {cfg.centroid_method!r}")
     log.info("centroids from %d normal and %d anomalous patches", len(normal), len(anomalous))
     head_cfg = CentroidHeadConfig(
-        alpha_few=cfg.alpha_few, reduction=cfg.score_reduction, topk_fraction=cfg.topk_fraction
+        alpha_few=cfg.alpha_few,
+        reduction=cfg.score_reduction,
+        topk_fraction=cfg.topk_fraction,
+        map_sigma=cfg.map_sigma_px * model.grid / model.input_size,
     )
     bank = None
     if cfg.memory_layers:
         bank, head_cfg.memory_loc, head_cfg.memory_scale = memory_bank(clean[..., cut:], cfg, data)
         head_cfg.centroid_dim, head_cfg.memory_weight = cut, cfg.memory_weight
         head_cfg.memory_reduction = cfg.memory_reduction
+        head_cfg.memory_weight_choices = list(cfg.memory_weight_choices)
     return CentroidHead(centroids, head_cfg, memory=bank)

@@ -6,9 +6,10 @@ nearest-neighbour distance on frozen domain-tower features, blended into map and
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from adcore.index import PatchIndex
 from adcore.layers.reduce import reduce_patches
@@ -28,6 +29,11 @@ class CentroidHeadConfig:
     memory_loc: float = 0.0  # held-out normal patches' 99th distance percentile (fit)
     memory_scale: float = 1.0  # a quarter of their 99th - 50th percentile spread (fit)
     memory_reduction: str = "max"
+    # Extension: memory weights the training run may choose between on the validation split
+    # (adcore.training.select; [] = keep ``memory_weight``).
+    memory_weight_choices: list[float] = field(default_factory=list)
+    # Extension: Gaussian smoothing of the final map, in patch-grid cells (PatchCore's step; 0 = off).
+    map_sigma: float = 0.0
 
 
 class CentroidHead:
@@ -76,6 +82,19 @@ class CentroidHead:
     def config(self) -> dict:
         return asdict(self.cfg)
 
+    def validation_choices(self) -> list[dict]:
+        """Memory weights to choose between on validation, the configured one first (ties keep it)."""
+        if self.memory is None or not self.cfg.memory_weight_choices:
+            return []
+        others = [w for w in self.cfg.memory_weight_choices if w != self.cfg.memory_weight]
+        return [{"memory_weight": float(w)} for w in [self.cfg.memory_weight, *others]]
+
+    def apply_choice(self, choice: dict) -> None:
+        for key, value in choice.items():
+            if key not in CentroidHeadConfig.__dataclass_fields__:
+                raise ValueError(f"not a head setting: {key!r}")
+            setattr(self.cfg, key, value)
+
     def few_shot_map(self, embeddings: np.ndarray) -> np.ndarray:
         """[B, N, E] -> [B, N] few-shot anomaly probability."""
         b, n, e = embeddings.shape
@@ -111,4 +130,6 @@ class CentroidHead:
             mem = self.memory_probability(self.memory_distance(emb[..., cut:]))  # [B, gh*gw]
             amap = (1 - w) * amap + w * mem.reshape(base_map.shape)
             score = (1 - w) * score + w * reduce_patches(mem, self.cfg.memory_reduction, self.cfg.topk_fraction)
+        if self.cfg.map_sigma > 0:
+            amap = np.stack([ndimage.gaussian_filter(m, self.cfg.map_sigma, mode="nearest") for m in amap])
         return score.astype(np.float32), amap.astype(np.float32)

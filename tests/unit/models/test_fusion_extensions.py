@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
+from adcore import metrics
 from adcore.layers.coreset import greedy_coreset
 from adcore.models import create
 from adcore.models.fusion.fit import fit_centroids, kmeans_centroids
 from adcore.models.fusion.head import CentroidHead, CentroidHeadConfig
+from adcore.scorer import Scorer
 from adcore.training.data import SyntheticAnomalyBatches
 from adcore.training.fit import FitData
+from adcore.training.select import select_on_validation
 
 EXTENSIONS = ("memory_layers", "adapter_residual", "train_scored", "clean_centroids", "centroid_method")
 
@@ -203,3 +207,68 @@ def test_smooth_synthesis_reaches_the_training_batches():
     batches = SyntheticAnomalyBatches(images, [None] * 4, np.zeros(4), size, batch_size=4, anomaly_share=1.0)
     (batch,) = list(_WithMakers(batches, SYNTHESIS["smooth"]).epoch(0))
     assert batch.labels.sum() > 0
+
+
+def test_memory_head_smooths_the_final_map_and_not_the_score():
+    rng = np.random.default_rng(1)
+    centroids = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    bank = rng.standard_normal((6, 5)).astype(np.float32)
+    base = dict(alpha_few=0.2, centroid_dim=4, memory_weight=0.5, memory_loc=1.0, memory_scale=0.5)
+    out = {
+        "score": np.array([0.4, 0.1], np.float32),
+        "anomaly_map": rng.random((2, 4, 4)).astype(np.float32),
+        "patch_embeddings": rng.standard_normal((2, 16, 9)).astype(np.float32),
+    }
+    plain_score, plain_map = CentroidHead(centroids, CentroidHeadConfig(**base), memory=bank)(out)
+    head = CentroidHead(centroids, CentroidHeadConfig(**base, map_sigma=1.5), memory=bank)
+    score, amap = head(out)
+    np.testing.assert_allclose(score, plain_score)
+    want = np.stack([ndimage.gaussian_filter(m, 1.5, mode="nearest") for m in plain_map])
+    np.testing.assert_allclose(amap, want, atol=1e-6)
+    assert not np.allclose(amap, plain_map)
+    np.testing.assert_allclose(CentroidHead.from_saved(head.config(), head.arrays())(out)[1], amap)
+
+
+def _validation_set(size: int, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    images, masks, labels = [], [], []
+    for i in range(12):
+        im = 0.3 + 0.2 * np.sin(6 * xx + i) * np.cos(5 * yy) + 0.05 * rng.random((size, size))
+        mask = np.zeros((size, size), bool)
+        if i % 2:
+            cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
+            mask = (yy * size - cy) ** 2 + (xx * size - cx) ** 2 < (size / 6) ** 2
+            im = np.where(mask, 1.0, im)
+        images.append(im.astype(np.float32))
+        masks.append(mask)
+        labels.append(i % 2)
+    return {"images": images, "masks": masks, "labels": np.array(labels)}
+
+
+def test_memory_weight_is_chosen_on_validation_and_kept_without_anomalies():
+    torch.manual_seed(0)
+    model = create("fusion-small", tiny=True).eval()
+    head = fit_centroids(model, _fit_data(model))
+    assert head.cfg.memory_weight_choices == model.cfg.memory_weight_choices and len(head.validation_choices()) > 1
+    assert head.validation_choices()[0] == {"memory_weight": model.cfg.memory_weight}  # ties keep the configured one
+    scorer = Scorer(model, head)
+    valid = _validation_set(model.input_size)
+    picked = select_on_validation(scorer, valid, batch_size=4)
+    means = [row["mean"] for row in picked["table"]]
+    best = picked["table"][int(np.argmax(means))]
+    assert picked["chosen"] == best["choice"] and head.cfg.memory_weight == best["choice"]["memory_weight"]
+    # every row is what scoring the validation split with that weight gives
+    for row in picked["table"]:
+        head.apply_choice(row["choice"])
+        results = scorer.score_images(valid["images"], 4)
+        assert row["image_auroc"] == pytest.approx(metrics.image_auroc(valid["labels"], [r.raw_score for r in results]))
+        assert row["pixel_auroc"] == pytest.approx(metrics.pixel_auroc(valid["masks"], [r.raw_map for r in results]))
+    assert len({round(m, 6) for m in means}) > 1  # the choices differ, so picking the best is a decision
+    # a normal-only validation split cannot rank them: the configured weight stays
+    head.apply_choice({"memory_weight": 0.25})
+    normal = {k: [v[i] for i in range(0, 12, 2)] for k, v in valid.items()}
+    normal["labels"] = np.zeros(6, int)
+    assert select_on_validation(scorer, normal) is None and head.cfg.memory_weight == 0.25
+    with pytest.raises(ValueError, match="not a head setting"):
+        head.apply_choice({"temperature_typo": 1})
