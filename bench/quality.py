@@ -62,6 +62,7 @@ HEAD_ABLATIONS = {
     "-memory": {"memory_weight": 0.0, "memory_weight_choices": []},
     "-weight_choice": {"memory_weight_choices": []},
     "-map_sigma": {"map_sigma_px": 0.0},
+    "-memory_reweight": {"memory_reweight_k": 0},
     "-clean_centroids": {"clean_centroids": False},
     "-centroid_method": {"centroid_method": "vae"},
 }

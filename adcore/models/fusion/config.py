@@ -51,6 +51,7 @@ class FusionConfig:
     memory_coreset_ratio: float = 0.05  # share of normal patches kept in the memory bank (PatchCore)
     memory_max_bank: int = 8192  # cap on memory-bank rows
     memory_reduction: str = "max"  # image score of the memory branch (PatchCore: the most anomalous patch)
+    memory_reweight_k: int = 0  # PatchCore's eq. 7 on that score: bank neighbours weighed (official 9; 0 off)
     adapter_residual: bool = False  # h = C_i + F_i with zero-initialised adapter outputs (identity at start)
     train_scored: bool = False  # image loss on the exported score (no cls-head term in the image logit)
     clean_centroids: bool = False  # normal centroids from images without synthetic anomalies

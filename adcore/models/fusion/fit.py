@@ -126,6 +126,6 @@ def fit_centroids(model, data) -> CentroidHead:
     if cfg.memory_layers:
         bank, head_cfg.memory_loc, head_cfg.memory_scale = memory_bank(clean[..., cut:], cfg, data)
         head_cfg.centroid_dim, head_cfg.memory_weight = cut, cfg.memory_weight
-        head_cfg.memory_reduction = cfg.memory_reduction
+        head_cfg.memory_reduction, head_cfg.memory_reweight_k = cfg.memory_reduction, cfg.memory_reweight_k
         head_cfg.memory_weight_choices = list(cfg.memory_weight_choices)
     return CentroidHead(centroids, head_cfg, memory=bank)

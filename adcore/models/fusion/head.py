@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from adcore.index import PatchIndex
+from adcore.layers.density import density_weights
 from adcore.layers.reduce import reduce_patches
 
 
@@ -29,6 +30,9 @@ class CentroidHeadConfig:
     memory_loc: float = 0.0  # held-out normal patches' 99th distance percentile (fit)
     memory_scale: float = 1.0  # a quarter of their 99th - 50th percentile spread (fit)
     memory_reduction: str = "max"
+    # Extension: PatchCore's eq. 7 on the memory branch's image score (with "max"): the most anomalous
+    # patch's distance reweighted by the bank's density around its nearest row (0 = off; official 9).
+    memory_reweight_k: int = 0
     # Extension: memory weights the training run may choose between on the validation split
     # (adcore.training.select; [] = keep ``memory_weight``).
     memory_weight_choices: list[float] = field(default_factory=list)
@@ -106,11 +110,21 @@ class CentroidHead:
         logits = self.cfg.temperature * (s_a - s_n)
         return (1.0 / (1.0 + np.exp(-logits))).reshape(b, n).astype(np.float32)
 
-    def memory_distance(self, features: np.ndarray) -> np.ndarray:
-        """[B, N, E_m] -> [B, N] L2 distance of each patch to its nearest memory row."""
+    def memory_distance(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[B, N, E_m] -> L2 distance [B, N] of each patch to its nearest memory row, and that row [B, N]."""
         b, n, e = features.shape
-        d2, _ = self.memory_index.search(np.ascontiguousarray(features).reshape(b * n, e), k=1)
-        return np.sqrt(np.maximum(d2[:, 0], 0)).reshape(b, n)
+        d2, ids = self.memory_index.search(np.ascontiguousarray(features).reshape(b * n, e), k=1)
+        return np.sqrt(np.maximum(d2[:, 0], 0)).reshape(b, n), ids[:, 0].reshape(b, n)
+
+    def memory_score(self, features: np.ndarray, distance: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+        """Image score [B] of the memory branch: its reduction, or eq. 7's reweighted maximum."""
+        k = self.cfg.memory_reweight_k
+        if k <= 0 or self.cfg.memory_reduction != "max":
+            return reduce_patches(self.memory_probability(distance), self.cfg.memory_reduction, self.cfg.topk_fraction)
+        rows = np.arange(len(distance))
+        worst = distance.argmax(1)
+        weights = density_weights(self.memory_index, self.memory, features[rows, worst], nearest[rows, worst], k)
+        return self.memory_probability(distance[rows, worst] * weights)
 
     def memory_probability(self, distance: np.ndarray) -> np.ndarray:
         z = (distance - self.cfg.memory_loc) / max(self.cfg.memory_scale, 1e-12)
@@ -127,9 +141,10 @@ class CentroidHead:
         score = (1 - a) * out["score"] + a * reduce_patches(few, self.cfg.reduction, self.cfg.topk_fraction)
         if self.memory is not None:
             w = self.cfg.memory_weight
-            mem = self.memory_probability(self.memory_distance(emb[..., cut:]))  # [B, gh*gw]
-            amap = (1 - w) * amap + w * mem.reshape(base_map.shape)
-            score = (1 - w) * score + w * reduce_patches(mem, self.cfg.memory_reduction, self.cfg.topk_fraction)
+            features = emb[..., cut:]
+            distance, nearest = self.memory_distance(features)  # [B, gh*gw]
+            amap = (1 - w) * amap + w * self.memory_probability(distance).reshape(base_map.shape)
+            score = (1 - w) * score + w * self.memory_score(features, distance, nearest)
         if self.cfg.map_sigma > 0:
             amap = np.stack([ndimage.gaussian_filter(m, self.cfg.map_sigma, mode="nearest") for m in amap])
         return score.astype(np.float32), amap.astype(np.float32)

@@ -12,6 +12,10 @@ class PatchCoreConfig:
     backbone: TowerSpec
     layers: list[int] = field(default_factory=lambda: [4, 8])  # ViT hidden-state indices or CNN stage indices
     aggregation_kernel: int = 3  # "locally aware" 3x3 neighbourhood average (paper)
+    # Border cells of that average: True divides by the whole window, padding counting as zeros, as the
+    # official code's zero-padded unfold and anomalib's AvgPool2d(3, 1, 1) do; False averages only the
+    # cells inside the map (artifacts saved before this field existed: see PatchCoreModel.from_config_dict).
+    pool_zero_padding: bool = True
     coreset_ratio: float = 0.05  # paper: 1-10% of patches
     max_bank: int = 8192  # cap on memory-bank rows: bounds coreset time and the FAISS search on CPU
     score_k: int = 1  # nearest neighbours averaged for a patch's distance

@@ -8,6 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from adcore.index import PatchIndex
+from adcore.layers.density import density_weights
 from adcore.layers.reduce import reduce_patches
 
 
@@ -62,18 +63,7 @@ class MemoryBankHead:
             amap = np.stack([ndimage.gaussian_filter(m, self.cfg.map_sigma, mode="nearest") for m in amap])
         scores = reduce_patches(dist, self.cfg.reduction)
         if self.cfg.reweight_k > 0 and self.cfg.reduction == "max":
-            worst = dist.argmax(1)  # [B]
-            scores = scores * self._density_weights(
-                emb[np.arange(b), worst], ids.reshape(b, n, -1)[np.arange(b), worst, 0]
-            )
+            rows, worst = np.arange(b), dist.argmax(1)  # [B]
+            nearest = ids.reshape(b, n, -1)[rows, worst, 0]
+            scores = scores * density_weights(self.index, self.bank, emb[rows, worst], nearest, self.cfg.reweight_k)
         return scores.astype(np.float32), amap.astype(np.float32)
-
-    def _density_weights(self, patches: np.ndarray, nearest: np.ndarray) -> np.ndarray:
-        """``1 - softmax`` weight of each patch's nearest bank row among that row's neighbours (eq. 7)."""
-        k = min(self.cfg.reweight_k, len(self.bank))
-        _, support = self.index.search(self.bank[nearest], k=k)  # [B, k], the row itself first
-        support[:, 0] = nearest  # ties: the row itself is the reference of the softmax
-        d = np.linalg.norm(self.bank[support] - patches[:, None, :].astype(np.float32), axis=-1)  # [B, k]
-        z = d - d.max(1, keepdims=True)  # softmax of the distances themselves, as in eq. 7
-        soft = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-        return 1.0 - soft[:, 0]

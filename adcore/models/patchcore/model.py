@@ -79,7 +79,9 @@ class PatchCoreModel(AnomalyModel):
 
     @classmethod
     def from_config_dict(cls, data: dict) -> PatchCoreModel:
-        return cls(PatchCoreConfig.from_dict({k: v for k, v in data.items() if k != "family"}))
+        data = {k: v for k, v in data.items() if k != "family"}
+        data.setdefault("pool_zero_padding", False)  # saved before the field existed: they averaged inside only
+        return cls(PatchCoreConfig.from_dict(data))
 
     def _feature_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.cnn is not None:
@@ -92,10 +94,10 @@ class PatchCoreModel(AnomalyModel):
         return maps
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
-        k = self.cfg.aggregation_kernel
+        k, zero_pad = self.cfg.aggregation_kernel, self.cfg.pool_zero_padding
         maps = []
         for fmap in self._feature_maps(images):
-            fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=False)
+            fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=zero_pad)
             if fmap.shape[-1] != self.grid:
                 fmap = F.interpolate(fmap, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
             maps.append(fmap)

@@ -113,6 +113,29 @@ def test_memory_head_blends_nearest_normal_distance_by_hand():
     np.testing.assert_allclose(again({**out, "patch_embeddings": emb})[1], amap)
 
 
+def test_memory_score_reweighted_as_patchcore_eq7():
+    """With ``memory_reweight_k`` the memory branch's image score is sigmoid((PatchCore's eq. 7 - loc) / scale)."""
+    from adcore.models.patchcore.head import MemoryBankHead, MemoryBankHeadConfig
+
+    rng = np.random.default_rng(1)
+    centroids = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    bank = rng.standard_normal((40, 5)).astype(np.float32)
+    bank[:10] *= 0.05  # a dense cluster and a sparse rest: the weights differ between images
+    emb = rng.standard_normal((6, 9, 9)).astype(np.float32)
+    emb[:3, :, 4:] *= 0.1  # images whose worst patch lies near the dense cluster
+    out = {"score": np.zeros(6, np.float32), "anomaly_map": np.zeros((6, 3, 3), np.float32)}
+    loc, scale = 1.2, 0.7
+    cfg = CentroidHeadConfig(centroid_dim=4, memory_weight=1.0, memory_loc=loc, memory_scale=scale, memory_reweight_k=5)
+    score, _ = CentroidHead(centroids, cfg, memory=bank)({**out, "patch_embeddings": emb})
+    patchcore, _ = MemoryBankHead(bank, MemoryBankHeadConfig(reweight_k=5))(
+        {"patch_embeddings": emb[..., 4:], "anomaly_map": out["anomaly_map"]}
+    )
+    np.testing.assert_allclose(score, 1 / (1 + np.exp(-(patchcore - loc) / scale)), rtol=1e-5)
+    cfg.memory_reweight_k = 0
+    plain, _ = CentroidHead(centroids, cfg, memory=bank)({**out, "patch_embeddings": emb})
+    assert np.all(score < plain)  # every weight is below 1
+
+
 def test_kmeans_centroids_are_spread_not_collapsed():
     rng = np.random.default_rng(0)
     clusters = rng.standard_normal((4, 16)) * 5

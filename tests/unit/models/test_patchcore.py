@@ -56,3 +56,27 @@ def test_saved_heads_without_the_fields_score_as_before():
         {"k": 1, "reduction": "max", "map_sigma": 0.3, "reweight_k": 9}, {"memory_bank": bank}
     )
     assert new.cfg.map_sigma == 0.3 and new.cfg.reweight_k == 9
+
+
+def test_border_average_counts_padding_as_zeros_and_old_configs_do_not():
+    """Paper (official zero-padded unfold) and anomalib: a border cell's 3x3 average divides by 9."""
+    import torch
+
+    from adcore.models import create
+    from adcore.models.patchcore.model import PatchCoreModel
+
+    torch.manual_seed(0)
+    model = create("patchcore", tiny=True).eval()
+    assert model.cfg.pool_zero_padding
+    x = torch.rand(1, 3, model.input_size, model.input_size)
+    with torch.no_grad():
+        raw = model._feature_maps(x)[0]  # [1, W, g, g]
+        emb = model(x).patch_embeddings[0, :, : raw.shape[1]]  # first layer's columns, [g*g, W]
+    corner = raw[0, :, :2, :2].sum((1, 2))  # the 4 cells inside the corner's window
+    torch.testing.assert_close(emb[0], corner / 9, rtol=1e-5, atol=1e-6)
+    old = {k: v for k, v in model.config_dict().items() if k != "pool_zero_padding"}
+    before = PatchCoreModel.from_config_dict(old)
+    assert not before.cfg.pool_zero_padding
+    before.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(before(x).patch_embeddings[0, 0, : raw.shape[1]], corner / 4, rtol=1e-5, atol=1e-6)
