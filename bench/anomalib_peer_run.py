@@ -104,9 +104,11 @@ def main() -> None:
     p.add_argument("--neighbors", type=int, default=9)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="coreset start and random projection (torch and numpy)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)  # the sparse projection draws its columns through scikit-learn's global RNG
     import_torchvision()
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 

@@ -48,6 +48,7 @@ class FusionConfig:
     memory_layers: list[int] = field(default_factory=list)  # domain-tower layers of a normal-patch memory
     memory_weight: float = 0.5  # blend of the memory branch's probability into map and score
     memory_kernel: int = 3  # locally aware neighbourhood average of the memory features (PatchCore)
+    memory_zero_padding: bool = False  # its border cells divide by the whole window, as PatchCore's (True)
     memory_coreset_ratio: float = 0.05  # share of normal patches kept in the memory bank (PatchCore)
     memory_max_bank: int = 8192  # cap on memory-bank rows
     memory_reduction: str = "max"  # image score of the memory branch (PatchCore: the most anomalous patch)

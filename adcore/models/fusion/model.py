@@ -209,11 +209,12 @@ class FusionModel(AnomalyModel):
         resampled to the vision grid, concatenated.
         """
         k, g, maps = self.cfg.memory_kernel, self.vision.grid, []
+        zero_pad = self.cfg.memory_zero_padding
         for i in self.cfg.memory_layers:
             patches = domain_states[i][:, 1:]
             side = int(round(patches.shape[1] ** 0.5))
             fmap = patches.transpose(1, 2).reshape(patches.shape[0], -1, side, side)
-            fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=False)
+            fmap = F.avg_pool2d(fmap, k, stride=1, padding=k // 2, count_include_pad=zero_pad)
             if side != g:
                 fmap = F.interpolate(fmap, size=(g, g), mode="bilinear", align_corners=False)
             maps.append(fmap)

@@ -71,23 +71,26 @@ def test_train_scored_logit_is_the_logit_of_the_exported_score():
         assert match == scored
 
 
-def test_memory_columns_are_pooled_frozen_domain_features():
+@pytest.mark.parametrize("zero_padding", [True, False])
+def test_memory_columns_are_pooled_frozen_domain_features(zero_padding):
     torch.manual_seed(0)
-    model = create("fusion-small", tiny=True).eval()
+    model = create("fusion-small", tiny=True, memory_zero_padding=zero_padding).eval()
     x = torch.rand(2, 3, model.input_size, model.input_size)
     with torch.no_grad():
         emb = model(x).patch_embeddings
         states = model.domain.hidden_states(x)[0]
     g, maps = model.grid, []
-    for i in model.cfg.memory_layers:  # by hand: 3x3 mean (edges: over the pixels inside), then concatenated
+    for i in model.cfg.memory_layers:  # by hand: 3x3 sums over the cells inside, then concatenated
         t = states[i][:, 1:].transpose(1, 2).reshape(2, -1, g, g)
-        ones = torch.ones(1, 1, g, g)
-        mean = F.conv2d(t, torch.ones(t.shape[1], 1, 3, 3), padding=1, groups=t.shape[1])
-        maps.append(mean / F.conv2d(ones, torch.ones(1, 1, 3, 3), padding=1))
+        total = F.conv2d(t, torch.ones(t.shape[1], 1, 3, 3), padding=1, groups=t.shape[1])
+        # PatchCore's border rule divides by the whole window; the other by the cells inside it
+        inside = F.conv2d(torch.ones(1, 1, g, g), torch.ones(1, 1, 3, 3), padding=1)
+        maps.append(total / 9 if zero_padding else total / inside)
     want = torch.cat(maps, 1).flatten(2).transpose(1, 2)
     assert emb.shape[-1] == model.embedding_dim == model.proj_dim + want.shape[-1]
     torch.testing.assert_close(emb[..., model.proj_dim :], want, atol=1e-5, rtol=0)
     torch.testing.assert_close(emb[..., : model.proj_dim].norm(dim=-1), torch.ones(2, g * g))
+    assert create("fusion-small", tiny=True).cfg.memory_zero_padding  # the preset uses PatchCore's rule
 
 
 def test_memory_head_blends_nearest_normal_distance_by_hand():
