@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             print(table(rows), flush=True)
         means = mean_rows(per_seed)
         tables[str(data)] = {"seeds": seeds, "per_seed": per_seed, "mean": means}
-        print(f"\n{data}: mean over seeds {seeds} (sd of image / pixel AUROC in brackets)")
+        print(f"\n{data}: mean over seeds {seeds} (standard deviations of image / pixel AUROC below)")
         print(table(means))
         for r in means:
             print(f"  {r['name']}: sd {r['image_auroc_sd']:.4f} / {r['pixel_auroc_sd']:.4f}")

@@ -121,6 +121,7 @@ def fit_centroids(model, data) -> CentroidHead:
         reduction=cfg.score_reduction,
         topk_fraction=cfg.topk_fraction,
         map_sigma=cfg.map_sigma_px * model.grid / model.input_size,
+        smooth_distances=True,
     )
     bank = None
     if cfg.memory_layers:

@@ -38,6 +38,10 @@ class CentroidHeadConfig:
     memory_weight_choices: list[float] = field(default_factory=list)
     # Extension: Gaussian smoothing of the final map, in patch-grid cells (PatchCore's step; 0 = off).
     map_sigma: float = 0.0
+    # With smoothing and a memory bank: True smooths the memory branch's distances before their sigmoid
+    # (as PatchCore smooths its distances), the rest of the blend after it; False (artifacts saved before
+    # the field) smooths the blended map. Smoothing is linear, so only where the sigmoid sits changes.
+    smooth_distances: bool = False
 
 
 class CentroidHead:
@@ -139,12 +143,22 @@ class CentroidHead:
         a = self.cfg.alpha_few
         amap = (1 - a) * base_map + a * few.reshape(base_map.shape)
         score = (1 - a) * out["score"] + a * reduce_patches(few, self.cfg.reduction, self.cfg.topk_fraction)
+        first = self.memory is not None and self.cfg.smooth_distances
+        if first:  # each part smoothed on its own; the memory branch's before its sigmoid
+            amap = self._smoothed(amap)
         if self.memory is not None:
             w = self.cfg.memory_weight
             features = emb[..., cut:]
             distance, nearest = self.memory_distance(features)  # [B, gh*gw]
-            amap = (1 - w) * amap + w * self.memory_probability(distance).reshape(base_map.shape)
+            dmap = distance.reshape(base_map.shape)
+            amap = (1 - w) * amap + w * self.memory_probability(self._smoothed(dmap) if first else dmap)
             score = (1 - w) * score + w * self.memory_score(features, distance, nearest)
-        if self.cfg.map_sigma > 0:
-            amap = np.stack([ndimage.gaussian_filter(m, self.cfg.map_sigma, mode="nearest") for m in amap])
+        if not first:
+            amap = self._smoothed(amap)
         return score.astype(np.float32), amap.astype(np.float32)
+
+    def _smoothed(self, maps: np.ndarray) -> np.ndarray:
+        """[B, gh, gw] maps smoothed with ``map_sigma`` grid cells (unchanged when 0)."""
+        if self.cfg.map_sigma <= 0:
+            return maps
+        return np.stack([ndimage.gaussian_filter(m, self.cfg.map_sigma, mode="nearest") for m in maps])

@@ -255,6 +255,31 @@ def test_memory_head_smooths_the_final_map_and_not_the_score():
     np.testing.assert_allclose(CentroidHead.from_saved(head.config(), head.arrays())(out)[1], amap)
 
 
+def test_memory_distances_are_smoothed_before_their_sigmoid():
+    """As PatchCore smooths its distances: with memory weight 1 the map is sigmoid(smoothed distances)."""
+    from adcore.models.patchcore.head import MemoryBankHead, MemoryBankHeadConfig
+
+    rng = np.random.default_rng(2)
+    centroids = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    bank = rng.standard_normal((8, 5)).astype(np.float32)
+    emb = rng.standard_normal((2, 16, 9)).astype(np.float32)
+    out = {"score": np.zeros(2, np.float32), "anomaly_map": rng.random((2, 4, 4)).astype(np.float32)}
+    base = dict(alpha_few=0.2, centroid_dim=4, memory_loc=1.0, memory_scale=0.5, map_sigma=1.2, smooth_distances=True)
+    _, amap = CentroidHead(centroids, CentroidHeadConfig(**base, memory_weight=1.0), memory=bank)(
+        {**out, "patch_embeddings": emb}
+    )
+    _, patchcore = MemoryBankHead(bank, MemoryBankHeadConfig(map_sigma=1.2))(
+        {"patch_embeddings": emb[..., 4:], "anomaly_map": out["anomaly_map"]}
+    )
+    np.testing.assert_allclose(amap, 1 / (1 + np.exp(-(patchcore - 1.0) / 0.5)), atol=1e-5)
+    # a blend: the other part smoothed on its own, the memory part as above
+    head = CentroidHead(centroids, CentroidHeadConfig(**base, memory_weight=0.3), memory=bank)
+    _, blend = head({**out, "patch_embeddings": emb})
+    few = head.few_shot_map(emb[..., :4]).reshape(2, 4, 4)
+    rest = np.stack([ndimage.gaussian_filter(m, 1.2, mode="nearest") for m in 0.8 * out["anomaly_map"] + 0.2 * few])
+    np.testing.assert_allclose(blend, 0.7 * rest + 0.3 * amap, atol=1e-5)
+
+
 def _validation_set(size: int, seed: int = 3):
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size] / size
