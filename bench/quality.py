@@ -58,9 +58,10 @@ TRAIN_ABLATIONS = {"adapter_residual": False, "train_scored": False, "synthesis"
 # Head-side rows, refit on fusion-small's network: row name -> config changes. "-memory" is memory_weight 0
 # (the same scores as memory_layers [], without a second pass); "memory_only" is the memory branch alone.
 HEAD_ABLATIONS = {
-    "memory_only": {"memory_weight": 1.0, "memory_weight_choices": []},
-    "-memory": {"memory_weight": 0.0, "memory_weight_choices": []},
-    "-weight_choice": {"memory_weight_choices": []},
+    "memory_only": {"memory_weight": 1.0, "memory_weight_choices": [], "memory_scale_choices": []},
+    "-memory": {"memory_weight": 0.0, "memory_weight_choices": [], "memory_scale_choices": []},
+    "-weight_choice": {"memory_weight_choices": [], "memory_scale_choices": []},
+    "-scale_choice": {"memory_scale_choices": []},
     "-map_sigma": {"map_sigma_px": 0.0},
     "-memory_reweight": {"memory_reweight_k": 0},
     "-clean_centroids": {"clean_centroids": False},

@@ -59,6 +59,7 @@ class FusionConfig:
     centroid_method: str = "vae"  # "vae" (paper) or "kmeans" (spherical k-means on the embeddings)
     synthesis: str = "default"  # training anomalies: "default" (DRAEM-style) or "smooth" (half smooth intensity blobs)
     memory_weight_choices: list[float] = field(default_factory=list)  # memory weights chosen between on validation
+    memory_scale_choices: list[float] = field(default_factory=list)  # and multipliers of the memory sigmoid's scale
     map_sigma_px: float = 0.0  # Gaussian smoothing of the final map, sigma in input pixels (PatchCore's 4)
 
     def to_dict(self) -> dict[str, Any]:

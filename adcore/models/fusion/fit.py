@@ -129,4 +129,5 @@ def fit_centroids(model, data) -> CentroidHead:
         head_cfg.centroid_dim, head_cfg.memory_weight = cut, cfg.memory_weight
         head_cfg.memory_reduction, head_cfg.memory_reweight_k = cfg.memory_reduction, cfg.memory_reweight_k
         head_cfg.memory_weight_choices = list(cfg.memory_weight_choices)
+        head_cfg.memory_scale_choices = list(cfg.memory_scale_choices)
     return CentroidHead(centroids, head_cfg, memory=bank)

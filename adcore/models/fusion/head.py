@@ -36,6 +36,9 @@ class CentroidHeadConfig:
     # Extension: memory weights the training run may choose between on the validation split
     # (adcore.training.select; [] = keep ``memory_weight``).
     memory_weight_choices: list[float] = field(default_factory=list)
+    # Extension: multipliers of ``memory_scale`` chosen between with them ([] = keep the scale). A wider
+    # sigmoid keeps more of the distances' order among far patches, a narrower one squashes it.
+    memory_scale_choices: list[float] = field(default_factory=list)
     # Extension: Gaussian smoothing of the final map, in patch-grid cells (PatchCore's step; 0 = off).
     map_sigma: float = 0.0
     # With smoothing and a memory bank: True smooths the memory branch's distances before their sigmoid
@@ -91,11 +94,16 @@ class CentroidHead:
         return asdict(self.cfg)
 
     def validation_choices(self) -> list[dict]:
-        """Memory weights to choose between on validation, the configured one first (ties keep it)."""
-        if self.memory is None or not self.cfg.memory_weight_choices:
+        """Memory weights (and scales) to choose between on validation, the configured ones first (ties keep
+        them)."""
+        if self.memory is None or not (self.cfg.memory_weight_choices or self.cfg.memory_scale_choices):
             return []
-        others = [w for w in self.cfg.memory_weight_choices if w != self.cfg.memory_weight]
-        return [{"memory_weight": float(w)} for w in [self.cfg.memory_weight, *others]]
+        weights = [self.cfg.memory_weight, *(w for w in self.cfg.memory_weight_choices if w != self.cfg.memory_weight)]
+        if not self.cfg.memory_scale_choices:
+            return [{"memory_weight": float(w)} for w in weights]
+        scales = [1.0, *(m for m in self.cfg.memory_scale_choices if m != 1.0)]
+        base = self.cfg.memory_scale  # every choice names its scale: applying one never leaves another's behind
+        return [{"memory_weight": float(w), "memory_scale": float(base * m)} for m in scales for w in weights]
 
     def apply_choice(self, choice: dict) -> None:
         for key, value in choice.items():

@@ -302,13 +302,18 @@ def test_memory_weight_is_chosen_on_validation_and_kept_without_anomalies():
     model = create("fusion-small", tiny=True).eval()
     head = fit_centroids(model, _fit_data(model))
     assert head.cfg.memory_weight_choices == model.cfg.memory_weight_choices and len(head.validation_choices()) > 1
-    assert head.validation_choices()[0] == {"memory_weight": model.cfg.memory_weight}  # ties keep the configured one
+    base = head.cfg.memory_scale
+    first = {"memory_weight": model.cfg.memory_weight, "memory_scale": base}
+    assert head.validation_choices()[0] == first  # ties keep the configured one
+    scales = sorted({c["memory_scale"] for c in head.validation_choices()})
+    assert scales == pytest.approx(sorted(base * m for m in model.cfg.memory_scale_choices))
     scorer = Scorer(model, head)
     valid = _validation_set(model.input_size)
     picked = select_on_validation(scorer, valid, batch_size=4)
     means = [row["mean"] for row in picked["table"]]
     best = picked["table"][int(np.argmax(means))]
     assert picked["chosen"] == best["choice"] and head.cfg.memory_weight == best["choice"]["memory_weight"]
+    assert head.cfg.memory_scale == best["choice"]["memory_scale"]  # also when a later choice had another
     # every row is what scoring the validation split with that weight gives
     for row in picked["table"]:
         head.apply_choice(row["choice"])
