@@ -118,13 +118,18 @@ def adcore_rows(data: Path, test: dict, out: Path, args, seed: int) -> list[dict
     return rows
 
 
-def peer_row(data: Path, test: dict, out: Path, args, seed: int) -> dict:
-    from adcore.backbones.mobilenet_v2 import mobilenet_v2_weights_path
-
+def peer_inputs(data: Path, test: dict, out: Path) -> Path:
+    """The exact network inputs adcore's scorer builds, written once per folder for the anomalib helper."""
     train_set = load_split(str(data), "train", None)
     inputs = out / "anomalib-inputs.npz"
     np.savez(inputs, train=np.stack([prepare(im, INPUT_SIZE) for im in train_set["images"]]),
              test=np.stack([prepare(im, INPUT_SIZE) for im in test["images"]]))  # fmt: skip
+    return inputs
+
+
+def peer_row(inputs: Path, test: dict, out: Path, args, seed: int) -> dict:
+    from adcore.backbones.mobilenet_v2 import mobilenet_v2_weights_path
+
     result = out / f"anomalib-seed{seed}.npz"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
     cmd = [str(Path(args.venv) / "bin" / "python"), str(HELPER), "--inputs", str(inputs), "--out", str(result),
@@ -132,7 +137,6 @@ def peer_row(data: Path, test: dict, out: Path, args, seed: int) -> dict:
            str(args.batch_size), "--threads", str(args.threads), "--seed", str(seed),
            "--adcore-mnv2", str(ROOT / "adcore" / "backbones" / "mobilenet_v2.py")]  # fmt: skip
     subprocess.run(cmd, check=True, env=env, cwd=out, stdout=subprocess.DEVNULL)
-    inputs.unlink()
     report = json.loads(result.with_suffix(".json").read_text())
     res = np.load(result)
     maps = [upsample_maps(m[None], im.shape[:2])[0] for m, im in zip(res["maps"], test["images"])]
@@ -194,15 +198,16 @@ def main(argv: list[str] | None = None) -> None:
         work = out / f"work-{data.name}"  # never inside the data folder
         work.mkdir(parents=True, exist_ok=True)
         test = load_split(str(data), "test", None)
-        per_seed = []
+        inputs, per_seed = peer_inputs(data, test, work), []
         for seed in seeds:
-            rows = [*adcore_rows(data, test, work, args, seed), peer_row(data, test, work, args, seed)]
+            rows = [*adcore_rows(data, test, work, args, seed), peer_row(inputs, test, work, args, seed)]
             per_seed.append(rows)
             peer = rows[-1]
             print(f"\n{data}, seed {seed} (test split: {len(test['labels'])} images, {int(test['labels'].sum())} "
                   f"anomalous; bank 1 % of {peer['n_patches']} patches; backbone features max |diff| "
                   f"{peer['feature_max_abs_diff']:.2e})")  # fmt: skip
             print(table(rows), flush=True)
+        inputs.unlink()
         means = mean_rows(per_seed)
         tables[str(data)] = {"seeds": seeds, "per_seed": per_seed, "mean": means}
         print(f"\n{data}: mean over seeds {seeds} (standard deviations of image / pixel AUROC below)")

@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from adcore.index import PatchIndex
 from adcore.layers.density import density_weights
-from adcore.layers.reduce import reduce_patches
+from adcore.layers.reduce import reduce_patches, smooth_maps
 
 
 @dataclass
@@ -153,20 +152,16 @@ class CentroidHead:
         score = (1 - a) * out["score"] + a * reduce_patches(few, self.cfg.reduction, self.cfg.topk_fraction)
         first = self.memory is not None and self.cfg.smooth_distances
         if first:  # each part smoothed on its own; the memory branch's before its sigmoid
-            amap = self._smoothed(amap)
+            amap = smooth_maps(amap, self.cfg.map_sigma)
         if self.memory is not None:
             w = self.cfg.memory_weight
             features = emb[..., cut:]
             distance, nearest = self.memory_distance(features)  # [B, gh*gw]
             dmap = distance.reshape(base_map.shape)
-            amap = (1 - w) * amap + w * self.memory_probability(self._smoothed(dmap) if first else dmap)
+            if first:
+                dmap = smooth_maps(dmap, self.cfg.map_sigma)
+            amap = (1 - w) * amap + w * self.memory_probability(dmap)
             score = (1 - w) * score + w * self.memory_score(features, distance, nearest)
         if not first:
-            amap = self._smoothed(amap)
+            amap = smooth_maps(amap, self.cfg.map_sigma)
         return score.astype(np.float32), amap.astype(np.float32)
-
-    def _smoothed(self, maps: np.ndarray) -> np.ndarray:
-        """[B, gh, gw] maps smoothed with ``map_sigma`` grid cells (unchanged when 0)."""
-        if self.cfg.map_sigma <= 0:
-            return maps
-        return np.stack([ndimage.gaussian_filter(m, self.cfg.map_sigma, mode="nearest") for m in maps])

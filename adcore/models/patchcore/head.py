@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from adcore.index import PatchIndex
 from adcore.layers.density import density_weights
-from adcore.layers.reduce import reduce_patches
+from adcore.layers.reduce import reduce_patches, smooth_maps
 
 
 @dataclass
@@ -59,8 +58,7 @@ class MemoryBankHead:
         d2, ids = self.index.search(emb.reshape(b * n, e), k=self.cfg.k)
         dist = np.sqrt(np.maximum(d2, 0)).mean(1).reshape(b, n)
         amap = dist.reshape(out["anomaly_map"].shape)  # [B, gh, gw]
-        if self.cfg.map_sigma > 0:
-            amap = np.stack([ndimage.gaussian_filter(m, self.cfg.map_sigma, mode="nearest") for m in amap])
+        amap = smooth_maps(amap, self.cfg.map_sigma)
         scores = reduce_patches(dist, self.cfg.reduction)
         if self.cfg.reweight_k > 0 and self.cfg.reduction == "max":
             rows, worst = np.arange(b), dist.argmax(1)  # [B]
