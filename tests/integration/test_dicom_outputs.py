@@ -26,7 +26,16 @@ import pytest
 from adcore import storage
 from jobs.scoring import dicom_out, ledger
 from jobs.scoring.schema import decode_mask
-from tests.integration.test_score_job import PHI, SECRET, _dicom_with_phi, _png, upload, visible, write_local
+from tests.integration.test_score_job import (
+    PHI,
+    SECRET,
+    _dicom_with_phi,
+    _png,
+    readable_bytes,
+    upload,
+    visible,
+    write_local,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -181,7 +190,7 @@ def test_dicom_outputs_valid_match_parquet_and_leak_nothing(
     assert set(objects["files"]) >= {dicom_out.object_key(f"{bucket}/in/ct/one.dcm") + ".seg.dcm"}
 
     # Nothing identifying outside --dicom-output: Parquet, manifests, latest table, logs.
-    blobs = [storage.read_bytes(f) for f in storage.list_files(out)]
+    blobs = readable_bytes(out)
     assert not any(f.endswith(".dcm") for f in storage.list_files(out))
     captured = capfd.readouterr()
     texts = [caplog.text, captured.out, captured.err]

@@ -18,9 +18,8 @@ import shutil
 import pytest
 from pydicom.data import get_testdata_file
 
-from adcore import storage
 from tests import real_corpus as corpus
-from tests.integration.test_score_job import visible
+from tests.integration.test_score_job import readable_bytes, visible
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -91,7 +90,7 @@ def test_corpus_folder_scores_with_a_row_for_every_file(ray_local, tiny_artifact
 
     # No identifier of any DICOM file in the output (values and raw bytes), the manifests or the logs.
     values = "\n".join(str(v) for r in rows for k, v in r.items() if isinstance(v, str))
-    blobs = [storage.read_bytes(p) for p in storage.list_files(str(out))]
+    blobs = readable_bytes(str(out))
     captured = capfd.readouterr()
     texts = [values, caplog.text, captured.out, captured.err]
     leaks = sorted(n for n in needles if any(n in t for t in texts) or any(n.encode() in b for b in blobs))

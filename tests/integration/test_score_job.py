@@ -104,6 +104,36 @@ def write_local(root: Path, files: dict[str, bytes]) -> None:
         (root / name).write_bytes(data)
 
 
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    return []  # numbers, and bytes: masks and other pixels
+
+
+def readable_bytes(output: str) -> list[bytes]:
+    """What a reader of the output files can find text in: every file's bytes, but a Parquet file's
+    schema, key-value metadata and string values instead of its pages (compressed numbers and pixels,
+    where ASCII digits turn up by chance: a run of mask bytes 0x31..0x38 reads "12345678")."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for path in storage.list_files(output):
+        raw = storage.read_bytes(path)
+        if not path.endswith(".parquet"):
+            out.append(raw)
+            continue
+        pf = pq.ParquetFile(io.BytesIO(raw))
+        meta = pf.schema_arrow.metadata or {}
+        texts = [str(pf.schema_arrow), *(k.decode() + v.decode("utf-8", "replace") for k, v in meta.items())]
+        texts += _strings(pf.read().to_pylist())
+        out.append("\n".join(texts).encode())
+    return out
+
+
 def visible(output: str):
     """The reader's view (latest completed run per key) as a list of dicts, via DuckDB."""
     import duckdb
@@ -181,7 +211,7 @@ def test_s3_archive_end_to_end(s3_server, ray_local, tiny_artifact, monkeypatch,
     assert len(rows) == len(archive) + 1 + NIFTI_SLICES - 1
 
     # No identifier anywhere: output files, manifests, logs.
-    blobs = [storage.read_bytes(f) for f in storage.list_files(out)]
+    blobs = readable_bytes(out)
     captured = capfd.readouterr()
     texts = [caplog.text, captured.out, captured.err]
     for value in PHI.values():
