@@ -1,14 +1,17 @@
 """Quality benchmark: fusion-small (extended and paper-faithful) vs PatchCore on the demo modalities.
 
     python bench/quality.py [--minutes 10] [--modalities brain] [--ablations all|head|none] [--out out/bench-quality]
+    python bench/quality.py --rows=-memory,-adapter_side   # only these rows after PatchCore and fusion-small
     python bench/quality.py --suite dra [--dra-labelled 1,10] [--dra-protocols general,hard] [--with-fusion]
 
 ``--suite fusion`` (issue 11, the default): per demo modality, trains PatchCore, fusion-small (every
 extension on, README "fusion extensions") and fusion-small-paper (none), then one ablation row per
-extension: the training-side ones (``adapter_residual``, ``train_scored``) retrained with that one
-field at its paper value, the head-side ones (memory branch, clean centroids, k-means centroids)
-refit on the extended model's network with that field at its paper value (no retraining), and the
-memory branch alone (``memory_weight`` 1). Evaluated on the test split with thresholds fixed on the
+extension: the training-side ones (``adapter_side``, ``adapter_residual``, ``train_scored``,
+``synthesis``, ``epoch_average``) retrained with that extension's fields at their paper values,
+the head-side ones (memory branch, clean centroids, k-means centroids) refit on the extended
+model's network with that field at its paper value (no retraining), and the memory branch alone
+(``memory_weight`` 1); ``--rows`` picks some of them (and/or ``paper``). Evaluated on the test
+split with thresholds fixed on the
 validation split; validation AUROCs are printed too (what any choice of setting may look at).
 Targets: fusion-small >= PatchCore on image and pixel AUROC on every modality, >= 0.95 on both for
 the brain demo, ACC >= 0.85 at the stored threshold, within 10 minutes of training on 2 cores.
@@ -54,7 +57,14 @@ TABLE_KEYS = (
     "image_auroc", "pixel_auroc", "aupro", "f1_max", "acc", "dice", "val_image_auroc", "val_pixel_auroc", "train_s"
 )  # fmt: skip
 # Extensions of fusion-small and their paper values (README "fusion extensions").
-TRAIN_ABLATIONS = {"adapter_residual": False, "train_scored": False, "synthesis": "default"}  # retrained, paper value
+# Training-side rows, retrained: row name -> the paper's values of that extension's fields.
+TRAIN_ABLATIONS = {
+    "-adapter_side": {"adapter_side": False, "train_last_layers": 1, "domain_train_layers": 2},
+    "-adapter_residual": {"adapter_residual": False},
+    "-train_scored": {"train_scored": False},
+    "-synthesis": {"synthesis": "default"},
+    "-epoch_average": {"epoch_average": 0.0},
+}
 # Head-side rows, refit on fusion-small's network: row name -> config changes. "-memory" is memory_weight 0
 # (the same scores as memory_layers [], without a second pass); "memory_only" is the memory branch alone.
 HEAD_ABLATIONS = {
@@ -92,7 +102,7 @@ MODALITIES: dict[str, Callable[..., Path]] = {"brain": _brain, "chest": _chest}
 @dataclass
 class QualityConfig:
     minutes: float = 10.0  # fusion-small training budget (gradient stages)
-    epochs: int = 8  # fusion-small stage-2 epochs at most
+    epochs: int = 100  # fusion-small stage-2 epochs at most (the budget ends training first)
     data: str = "out/demo"  # fusion suite: demo folders go to <data>-<modality> (generated when missing)
     out: str = "out/bench-quality"  # artifacts and quality.json
     seed: int = 0
@@ -103,6 +113,8 @@ class QualityConfig:
     n_valid: int = 40
     n_test: int = 100
     reuse: bool = False  # fusion suite: load artifacts an earlier run left in --out instead of training again
+    rows: str = ""  # fusion suite: only these rows after PatchCore and fusion-small (comma-separated names
+    # of ablation rows and/or "paper"), instead of what --ablations says
     dra_data: str = "out/demo-kinds"  # DRA suite: demo folder with lesion kinds (generated when missing)
     dra_labelled: str = "1,10"  # DRA suite: labelled anomalies per run (paper: 1 and 10)
     dra_protocols: str = "general,hard"  # DRA suite: general (every kind) and/or hard (one kind)
@@ -227,19 +239,34 @@ def _modality_rows(name: str, data: str, args: QualityConfig) -> list[dict]:
     rows.append(_evaluated(scorer, data, "patchcore", seconds))
     ext, seconds, ext_cfg = _trained(data, "fusion-small", args, out / "fusion-small")
     rows.append(_evaluated(ext, data, "fusion-small", seconds))
-    if args.ablations != "none":  # head refits first: they share the fit passes (cached)
-        for key, changes in HEAD_ABLATIONS.items():
+    wanted = set(_row_names(args))
+    for key, changes in HEAD_ABLATIONS.items():  # head refits first: they share the fit passes (cached)
+        if key in wanted:
             scorer, saved = _refit(ext, data, ext_cfg, changes)
             rows.append(_evaluated(scorer, data, key, None))
             for k, v in saved.items():
                 setattr(ext.model.cfg, k, v)
-    scorer, seconds, _ = _trained(data, "fusion-small-paper", args, out / "fusion-small-paper")
-    rows.append(_evaluated(scorer, data, "paper", seconds))
-    if args.ablations == "all":
-        for key, paper in TRAIN_ABLATIONS.items():
-            scorer, seconds, _ = _trained(data, "fusion-small", args, out / f"no-{key}", {key: paper})
-            rows.append(_evaluated(scorer, data, f"-{key}", seconds))
+    if "paper" in wanted:
+        scorer, seconds, _ = _trained(data, "fusion-small-paper", args, out / "fusion-small-paper")
+        rows.append(_evaluated(scorer, data, "paper", seconds))
+    for key, paper in TRAIN_ABLATIONS.items():
+        if key in wanted:
+            scorer, seconds, _ = _trained(data, "fusion-small", args, out / f"no{key}", paper)
+            rows.append(_evaluated(scorer, data, key, seconds))
     return rows
+
+
+def _row_names(args: QualityConfig) -> list[str]:
+    """Rows after PatchCore and fusion-small: ``--rows``, else what ``--ablations`` says."""
+    if args.rows:
+        names = [n for n in args.rows.split(",") if n]
+        known = {*HEAD_ABLATIONS, *TRAIN_ABLATIONS, "paper"}
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise SystemExit(f"--rows: unknown {unknown}; known: {sorted(known)}")
+        return names
+    head = list(HEAD_ABLATIONS) if args.ablations != "none" else []
+    return [*head, "paper", *(TRAIN_ABLATIONS if args.ablations == "all" else [])]
 
 
 def fusion_rows(args: QualityConfig) -> None:

@@ -54,6 +54,13 @@ class FusionConfig:
     memory_reduction: str = "max"  # image score of the memory branch (PatchCore: the most anomalous patch)
     memory_reweight_k: int = 0  # PatchCore's eq. 7 on that score: bank neighbours weighed (official 9; 0 off)
     adapter_residual: bool = False  # h = C_i + F_i with zero-initialised adapter outputs (identity at start)
+    # Side adapters (APRIL-GAN-style): each adapter reads the frozen streams and its output never re-enters
+    # the vision tower, so stage 2 runs the towers without gradients (needs train_last_layers 0), and
+    # equal vision and domain towers with domain_train_layers 0 (no stage 1) run once per image.
+    adapter_side: bool = False
+    # Stage-2 weights averaged over epochs (an exponential average with this decay after each epoch; 0 off):
+    # validation, epoch selection and the saved model see the average, training continues from the raw weights.
+    epoch_average: float = 0.0
     train_scored: bool = False  # image loss on the exported score (no cls-head term in the image logit)
     clean_centroids: bool = False  # normal centroids from images without synthetic anomalies
     centroid_method: str = "vae"  # "vae" (paper) or "kmeans" (spherical k-means on the embeddings)

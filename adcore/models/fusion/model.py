@@ -17,7 +17,9 @@ Forward, in the paper's terms (C: vision/CLIP tower, B: domain/BEiT tower):
 
 Extensions (config fields, off unless a preset turns them on; README "fusion extensions"):
 ``adapter_residual`` (C continues from C_i + F_i, adapter outputs zero-initialised, so the
-untrained model is the frozen tower), ``train_scored`` (the image logit is the logit of the
+untrained model is the frozen tower), ``adapter_side`` (adapters as side branches that never write
+back into the vision tower: stage 2 needs no gradient through a tower, and one tower serves as both
+when vision and domain are the same frozen one), ``train_scored`` (the image logit is the logit of the
 exported score) and ``memory_layers`` (frozen domain-tower features of those layers, 3x3
 averaged, appended to ``patch_embeddings`` for the head's nearest-normal-patch memory).
 """
@@ -78,8 +80,12 @@ class FusionModel(AnomalyModel):
     def __init__(self, cfg: FusionConfig, anchors: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
+        if cfg.adapter_side and cfg.train_last_layers:
+            raise ValueError("adapter_side keeps the vision tower frozen: set train_last_layers to 0")
         self.vision = Tower(cfg.vision)
-        self.domain = Tower(cfg.domain)
+        # Side adapters on one tower twice (fusion-small's DINOv2 as vision and domain), never trained: one module.
+        self.shared_tower = cfg.adapter_side and cfg.domain_train_layers == 0 and cfg.vision == cfg.domain
+        self.domain = self.vision if self.shared_tower else Tower(cfg.domain)
         if not self.vision.layerwise:
             raise ValueError(f"adapters cannot sit inside a {cfg.vision.kind!r} tower; use it as the domain tower")
         v, d = self.vision, self.domain
@@ -136,12 +142,16 @@ class FusionModel(AnomalyModel):
         for p in self.parameters():
             p.requires_grad_(False)
         if stage == 1:
-            for layer in list(self.domain.layers)[-self.cfg.domain_train_layers :]:
+            for layer in list(self.domain.layers)[len(self.domain.layers) - self.cfg.domain_train_layers :]:
                 layer.requires_grad_(True)
             self.domain_head.requires_grad_(True)
             return
         for module in (self.adapters, self.projection, self.domain_to_vision, self.domain_final):
             module.requires_grad_(True)
+        if self.cfg.adapter_side:  # only the last adapter's output is used; with train_scored no cls logit either
+            for adapter in self.adapters[:-1]:
+                for unused in (adapter.cls_out, adapter.seg_out, *([adapter.cls_in] if self.cfg.train_scored else [])):
+                    unused.requires_grad_(False)
         self.logit_scale.requires_grad_(True)
         for layer in list(self.vision.layers)[-self.cfg.train_last_layers :] if self.cfg.train_last_layers else []:
             layer.requires_grad_(True)
@@ -160,23 +170,31 @@ class FusionModel(AnomalyModel):
         domain_frozen = not any(p.requires_grad for p in self.domain.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not domain_frozen):
             b_states, b_final = self.domain.hidden_states(images)
-        h = v.embed(v.prepare(images))  # [B, 1+g*g, W]
+        v_states = b_states if self.shared_tower else None  # the vision tower's states, when it is the domain's
+        grad = torch.is_grad_enabled()
+        h = v.embed(v.prepare(images)) if v_states is None else v_states[0]  # [B, 1+g*g, W]
         seg_texts, cls_texts = [], []
         fused = h
         point_of_layer = dict(zip(self.points, self.domain_points))
         for i in range(v.depth):
-            h = v.run_layer(i, h)
+            if v_states is not None:
+                h = v_states[i + 1]
+            else:
+                with torch.set_grad_enabled(grad and not cfg.adapter_side):  # side: the tower is frozen
+                    h = v.run_layer(i, h)
             if i + 1 in point_of_layer:
                 k = len(seg_texts)
                 b_i = match_tokens(self.domain_to_vision(b_states[point_of_layer[i + 1]]), v.grid)
-                fused, cls_text, seg_text = self.adapters[k](cfg.beta * h + cfg.gamma * b_i, self.anchors)
+                out, cls_text, seg_text = self.adapters[k](cfg.beta * h + cfg.gamma * b_i, self.anchors)
                 if cfg.adapter_residual:
-                    h = fused = h + fused  # extension: the adapter adds to the stream, starting at zero
+                    fused = stream = h + out  # extension: the adapter adds to the stream, starting at zero
                 else:
-                    h = cfg.alpha * fused + (1 - cfg.alpha) * h
+                    fused, stream = out, cfg.alpha * out + (1 - cfg.alpha) * h
+                if not cfg.adapter_side:  # paper: the vision tower continues from the adapter's output
+                    h = stream
                 seg_texts.append(seg_text)
                 cls_texts.append(cls_text)
-        c_final = v.final_norm(h)
+        c_final = b_final if v_states is not None else v.final_norm(h)
         b_final = match_tokens(self.domain_final(b_final), v.grid)
         scale = self.logit_scale.exp()
         logits = self._text_logits(fused) + self._text_logits(c_final) + self._text_logits(b_final)

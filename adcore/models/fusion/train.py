@@ -6,8 +6,10 @@
    BCE + Dice + Focal; every epoch ends with validation image/pixel AUROC, and the
    weights of the best validation epoch are kept (never the test split).
 
-Extension: ``synthesis="smooth"`` draws half the training anomalies of both stages from
-:mod:`adcore.data.synth_smooth` (README "fusion extensions").
+Extensions (README "fusion extensions"): ``synthesis="smooth"`` draws half the training anomalies
+of both stages from :mod:`adcore.data.synth_smooth`; ``epoch_average`` validates, selects and keeps
+an exponential average of the stage-2 weights over epochs instead of one epoch's weights;
+``domain_train_layers`` 0 skips stage 1.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ def _trained_names(model: nn.Module) -> set[str]:
 
 def _trainable_state(model: nn.Module, names: set[str]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names or k == "anchors"}
+
+
+def _averaged(average: dict | None, current: dict[str, torch.Tensor], decay: float) -> dict[str, torch.Tensor]:
+    """One epoch's update of the exponential weight average (the first epoch starts it)."""
+    if average is None:
+        return current
+    return {k: decay * average[k] + (1 - decay) * v if v.is_floating_point() else v for k, v in current.items()}
 
 
 def _fusion_step(mask_size: int):
@@ -96,7 +105,7 @@ def train_fusion(model, ctx: TrainContext) -> dict:
     cfg, hooks, resume = ctx.cfg, ctx.hooks, ctx.resume
     world = hooks.world_size
     trained = _trained_names(model)  # leaves stage 2's parameters trainable
-    if not ctx.finished("domain"):
+    if model.cfg.domain_train_layers > 0 and not ctx.finished("domain"):  # 0: the domain tower stays as loaded
         model.freeze_for_stage(1)
         run_stage(
             "domain",
@@ -112,6 +121,7 @@ def train_fusion(model, ctx: TrainContext) -> dict:
         )
     model.freeze_for_stage(2)
     best = resume.get("best") or {"score": -math.inf, "epoch": None, "model": None}
+    average = {"model": resume.get("average")}  # extension epoch_average: the averaged weights so far
 
     def keep_if_best(row: dict) -> None:
         """Model selection on the validation split: mean of its AUROCs (averaged over ranks: one decision)."""
@@ -121,10 +131,17 @@ def train_fusion(model, ctx: TrainContext) -> dict:
 
     def on_epoch(epoch: int, loss: float) -> dict:
         model.eval()
+        decay, current = model.cfg.epoch_average, None
+        if decay > 0:  # validate (and keep) the average; training goes on from the raw weights
+            current = _trainable_state(model, trained)
+            average["model"] = _averaged(average["model"], current, decay)
+            model.load_state_dict(average["model"], strict=False)
         row = {"stage": "fusion", "epoch": epoch + 1, "loss": loss, **validate(model, ctx.valid, cfg.batch_size, world)}
         row["elapsed_s"] = round(ctx.elapsed(), 1)
         ctx.history.append(row)
         keep_if_best(row)
+        if current is not None:
+            model.load_state_dict(current, strict=False)
         if hooks.is_main:
             log.info("validation after epoch %d: %s", epoch + 1, format_row(row))
         return row
@@ -148,7 +165,7 @@ def train_fusion(model, ctx: TrainContext) -> dict:
         cfg.budget_s(2, ctx.elapsed()),
         cfg.warmup_share,
         on_epoch=on_epoch,
-        state_fn=lambda: {"model": _trainable_state(model, trained), "best": best},
+        state_fn=lambda: {"model": _trainable_state(model, trained), "best": best, "average": average["model"]},
     )
     if best["model"] is not None:
         model.load_state_dict(best["model"], strict=False)

@@ -34,7 +34,7 @@ def test_towers_of_different_width_and_grid_fuse():
 
 def test_domain_state_changes_the_output():
     torch.manual_seed(0)
-    model = create("fusion-small", tiny=True).eval()
+    model = create("fusion-small-paper", tiny=True).eval()
     x = torch.rand(1, 3, model.input_size, model.input_size)
     before = model(x).anomaly_map.clone()
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_domain_state_changes_the_output():
 
 
 def test_stage_freezing():
-    model = create("fusion-small", tiny=True)
+    model = create("fusion-small-paper", tiny=True)
     model.freeze_for_stage(1)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(("domain.", "domain_head.")) for n in names)

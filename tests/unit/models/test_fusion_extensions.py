@@ -18,6 +18,7 @@ from adcore.training.data import SyntheticAnomalyBatches
 from adcore.training.fit import FitData
 from adcore.training.select import select_on_validation
 
+INLINE = {"adapter_side": False, "train_last_layers": 1, "domain_train_layers": 2}  # the paper's adapter placement
 EXTENSIONS = ("memory_layers", "adapter_residual", "train_scored", "clean_centroids", "centroid_method")
 
 
@@ -25,9 +26,11 @@ def test_paper_presets_have_no_extension_and_fusion_small_has_all():
     for name in ("fusion-large", "fusion-small-paper"):
         cfg = create(name, tiny=True).cfg
         assert cfg.memory_layers == [] and not (cfg.adapter_residual or cfg.train_scored or cfg.clean_centroids)
+        assert not cfg.adapter_side and cfg.epoch_average == 0 and cfg.domain_train_layers == 2
         assert cfg.centroid_method == "vae" and cfg.synthesis == "default"
     cfg = create("fusion-small", tiny=True).cfg
     assert cfg.memory_layers and cfg.adapter_residual and cfg.train_scored and cfg.clean_centroids
+    assert cfg.adapter_side and cfg.train_last_layers == 0 and cfg.domain_train_layers == 0
     assert cfg.centroid_method == "kmeans" and cfg.synthesis == "smooth"
 
 
@@ -46,7 +49,7 @@ def _vision_input_after_first_point(model, x):
 
 def test_residual_adapters_start_at_identity_then_add():
     torch.manual_seed(0)
-    model = create("fusion-small", tiny=True).eval()
+    model = create("fusion-small", tiny=True, **INLINE).eval()
     x = torch.rand(2, 3, model.input_size, model.input_size)
     p, q = model.points[0], model.domain_points[0]
     with torch.no_grad():
@@ -328,3 +331,46 @@ def test_memory_weight_is_chosen_on_validation_and_kept_without_anomalies():
     assert select_on_validation(scorer, normal) is None and head.cfg.memory_weight == 0.25
     with pytest.raises(ValueError, match="not a head setting"):
         head.apply_choice({"temperature_typo": 1})
+
+
+def test_side_adapters_never_write_back_and_one_frozen_tower_serves_both():
+    torch.manual_seed(0)
+    model = create("fusion-small", tiny=True, domain_train_layers=2).eval()  # side adapters, two towers
+    assert not model.shared_tower and model.domain is not model.vision
+    x = torch.rand(2, 3, model.input_size, model.input_size)
+    with torch.no_grad():
+        c = model.vision.hidden_states(x)[0][model.points[0]]
+        before = model(x).patch_embeddings
+        for adapter in model.adapters:
+            for layer in (adapter.cls_out, adapter.seg_out):
+                layer.weight.normal_()
+        after = model(x).patch_embeddings
+    torch.testing.assert_close(_vision_input_after_first_point(model, x), c, atol=1e-6, rtol=0)  # stream untouched
+    assert (after - before)[..., : model.proj_dim].abs().max() > 1e-2  # the last adapter's output is what is embedded
+    # The same weights in both towers and no stage 1: one tower, the same outputs.
+    shared = create("fusion-small", tiny=True).eval()
+    assert shared.shared_tower and shared.domain is shared.vision
+    model.domain.load_state_dict(model.vision.state_dict())
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("domain.")}
+    shared.load_state_dict(state, strict=False)
+    calls = []
+    hook = shared.vision.layers[0].register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        one, two = shared(x), model(x)
+    hook.remove()
+    assert len(calls) == 1  # the tower ran once
+    for key in ("score", "anomaly_map", "patch_embeddings"):
+        torch.testing.assert_close(getattr(one, key), getattr(two, key), atol=1e-5, rtol=0)
+    shared.train()
+    out = shared(x)
+    (out.image_logit.sum() + out.map_logit.sum()).backward()
+    assert all(p.grad is None for p in shared.vision.parameters())  # no gradient reaches the tower
+    assert all(p.grad is not None for p in shared.adapters[-1].parameters())
+    with pytest.raises(ValueError, match="train_last_layers"):
+        create("fusion-small", tiny=True, train_last_layers=1)
+
+
+def test_no_domain_layers_means_no_stage_one():
+    model = create("fusion-small", tiny=True)
+    model.freeze_for_stage(1)
+    assert not any(p.requires_grad for p in model.domain.layers.parameters())

@@ -58,7 +58,8 @@ def _gloo_worker(rank: int, world: int, port: int, data: str, out: str, minutes:
         report=lambda metrics, state: reports.append({k: metrics[k] for k in ("stage", "epoch", "steps")}),
     )
     # Clock skew at its worst: rank 0's budget runs out at once, rank 1's never would.
-    cfg = TrainConfig(tiny=True, epochs=3, domain_epochs=2, batch_size=8, minutes=minutes if rank == 0 else 30.0)
+    paper = "fusion-small-paper"  # both stages
+    cfg = TrainConfig(paper, tiny=True, epochs=3, domain_epochs=2, batch_size=8, minutes=minutes if rank == 0 else 30.0)
     scorer = train(data, cfg, output=os.path.join(out, "art") if rank == 0 else None, hooks=hooks)
     shard = len(load_split(data, "train", None, rank, world)["images"])
     result = {"reports": reports, "shard": shard, "version": scorer.version}
@@ -157,7 +158,16 @@ def small(tmp_path_factory) -> str:
 
 
 # Warm-up over half the steps: a resumed run that restarted its schedule would show it in the losses.
-RESUME_CFG = dict(tiny=True, smoke_test=True, epochs=3, domain_epochs=2, batch_size=4, warmup_share=0.5, seed=1)
+RESUME_CFG = dict(
+    preset="fusion-small-paper",
+    tiny=True,
+    smoke_test=True,
+    epochs=3,
+    domain_epochs=2,
+    batch_size=4,
+    warmup_share=0.5,
+    seed=1,
+)
 
 
 @pytest.mark.parametrize("stop_after", [("domain", 1), ("fusion", 2)])

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from adcore.data.demo import make_demo_dataset
 from adcore.evaluate import evaluate
@@ -25,14 +26,15 @@ def demo(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("preset", ["fusion-small", "patchcore"])
+@pytest.mark.parametrize("preset", ["fusion-small", "fusion-small-paper", "patchcore"])
 def test_smoke_training_produces_a_loadable_calibrated_artifact(demo, tmp_path, preset):
     reports = []
     hooks = TrainHooks(report=lambda metrics, state: reports.append((metrics, state() if state else None)))
     cfg = TrainConfig(preset=preset, tiny=True, smoke_test=True, epochs=2, batch_size=4)
     scorer = train(demo, cfg, output=str(tmp_path / "art"), hooks=hooks)
-    if preset == "fusion-small":
-        assert [(m["stage"], m["epoch"]) for m, _ in reports] == [("domain", 1), ("fusion", 1), ("fusion", 2)], (
+    if preset.startswith("fusion"):
+        stages = [("domain", 1)] if preset == "fusion-small-paper" else []  # fusion-small: no domain layers trained
+        assert [(m["stage"], m["epoch"]) for m, _ in reports] == [*stages, ("fusion", 1), ("fusion", 2)], (
             "one report per epoch of each stage"
         )
         assert {"loss", "val_image_auroc", "val_pixel_auroc"} <= set(reports[-1][0])
@@ -52,13 +54,14 @@ def test_smoke_training_produces_a_loadable_calibrated_artifact(demo, tmp_path, 
 def test_resume_skips_finished_epochs(demo, tmp_path):
     states = []
     hooks = TrainHooks(report=lambda metrics, state: states.append(state()))
-    train(demo, TrainConfig(tiny=True, smoke_test=True, epochs=1, batch_size=4), hooks=hooks)
+    paper = "fusion-small-paper"  # both stages
+    train(demo, TrainConfig(preset=paper, tiny=True, smoke_test=True, epochs=1, batch_size=4), hooks=hooks)
     saved = states[-1]["model"]
     assert any(k.startswith("domain_head.") for k in saved), "stage 1's fine-tuned domain weights are checkpointed"
     assert any(k.startswith("adapters.") for k in saved)
     seen = []
     resumed = TrainHooks(report=lambda m, state: seen.append((m["stage"], m["epoch"])), resume=states[-1])
-    train(demo, TrainConfig(tiny=True, smoke_test=True, epochs=3, batch_size=4), hooks=resumed)
+    train(demo, TrainConfig(preset=paper, tiny=True, smoke_test=True, epochs=3, batch_size=4), hooks=resumed)
     assert seen == [("fusion", 2), ("fusion", 3)], "stage 1 and the finished epoch are not run again"
 
 
@@ -106,3 +109,30 @@ def _valid_images(root):
     from adcore.data import bmad
 
     return [bmad.load_sample(s)[0] for s in bmad.list_split(root, "valid")][:8]
+
+
+def test_epoch_average_is_validated_and_kept_and_fusion_small_skips_stage_one(demo, tmp_path, monkeypatch):
+    import adcore.models.fusion.train as fusion_train
+
+    real, calls = fusion_train.validate, []
+
+    def improving(*args, **kwargs):  # the real validation, its figures rising with every call: the last epoch wins
+        calls.append(real(*args, **kwargs))
+        return {"val_image_auroc": 0.1 * len(calls), "val_pixel_auroc": 0.1 * len(calls)}
+
+    monkeypatch.setattr(fusion_train, "validate", improving)
+    reports = []
+    hooks = TrainHooks(report=lambda metrics, state: reports.append((metrics, state())))
+    cfg = TrainConfig(tiny=True, smoke_test=True, epochs=3, batch_size=4, overrides={"epoch_average": 0.5})
+    train(demo, cfg, output=str(tmp_path / "art"), hooks=hooks)
+    assert [(m["stage"], m["epoch"]) for m, _ in reports] == [("fusion", 1), ("fusion", 2), ("fusion", 3)]
+    raw = [state["model"] for _, state in reports]
+    average = [state["average"] for _, state in reports]
+    key = "adapters.0.seg_in.weight"
+    torch.testing.assert_close(average[0][key], raw[0][key])
+    assert not torch.equal(raw[1][key], raw[0][key])  # training moved on
+    torch.testing.assert_close(average[1][key], 0.5 * raw[0][key] + 0.5 * raw[1][key])
+    torch.testing.assert_close(average[2][key], 0.5 * average[1][key] + 0.5 * raw[2][key])
+    assert reports[-1][1]["best"]["epoch"] == 3
+    saved = load(str(tmp_path / "art")).model.state_dict()[key]
+    torch.testing.assert_close(saved, average[2][key])  # what epoch selection keeps is that epoch's average
