@@ -171,17 +171,12 @@ class FusionModel(AnomalyModel):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not domain_frozen):
             b_states, b_final = self.domain.hidden_states(images)
         v_states = b_states if self.shared_tower else None  # the vision tower's states, when it is the domain's
-        grad = torch.is_grad_enabled()
         h = v.embed(v.prepare(images)) if v_states is None else v_states[0]  # [B, 1+g*g, W]
         seg_texts, cls_texts = [], []
         fused = h
         point_of_layer = dict(zip(self.points, self.domain_points))
-        for i in range(v.depth):
-            if v_states is not None:
-                h = v_states[i + 1]
-            else:
-                with torch.set_grad_enabled(grad and not cfg.adapter_side):  # side: the tower is frozen
-                    h = v.run_layer(i, h)
+        for i in range(v.depth):  # side adapters: a frozen tower on an input without gradient builds no graph
+            h = v.run_layer(i, h) if v_states is None else v_states[i + 1]
             if i + 1 in point_of_layer:
                 k = len(seg_texts)
                 b_i = match_tokens(self.domain_to_vision(b_states[point_of_layer[i + 1]]), v.grid)
