@@ -6,7 +6,7 @@
 DuckDB queries the compacted ``latest`` table (plus any run committed after it; see
 ``jobs/scoring/ledger.py``), loaded through pyarrow so local folders and S3 work the same
 offline (DuckDB's httpfs extension cannot be installed without network). Two relations:
-``latest`` (one row per ``(image_uri, frame, model_version)``, from the latest run, frames
+``latest`` (one row per ``(image_key, frame, model_version)``, from the latest run, frames
 a changed volume no longer has left out: what analysts normally want) and ``scores`` (the
 rows of the newest ``REPORT_RUNS`` runs, for per-run tables and the shift between runs).
 The SQL constants below are what an analyst would type; the README shows them.
@@ -15,7 +15,12 @@ The HTML is self-contained: inline CSS, images as base64 data URIs, plots as inl
 here (score histograms per modality and run, the shift against the previous run, errors by kind
 over runs; no plotting library). Top-K images are re-read from their URIs and drawn with their
 mask's contour in red; each has its own section (overlay, score, label, model version), and
-``--image`` writes that page alone for any scored image.
+``--image`` writes that page alone for any scored image (its ``image_key``: the URI itself unless
+the scores were written with ``--path-privacy pseudonymize``).
+
+With pseudonymized scores the report names images by ``image_key``; it draws them only when
+given the run's ``--path-map`` (otherwise masks and figures only). The report carries pixels
+(burned-in annotations can be patient data): a local report is written owner-only.
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ CONTOUR_RGB = (255, 0, 0)
 # as float32: raw_score orders the rare rows whose scores round to the same float32 (and rows of
 # artifacts calibrated before issue 17, whose scores clip at 0 and 1).
 TOP_ANOMALIES_SQL = """
-SELECT image_uri, frame, score, raw_score, label, category, mask_area, peak_row, peak_col, modality, model_version,
-       run_id
+SELECT image_key, image_uri, frame, score, raw_score, label, category, mask_area, peak_row, peak_col, modality,
+       model_version, run_id
 FROM latest
 WHERE status = 'ok'
 ORDER BY score DESC, raw_score DESC
@@ -97,10 +102,10 @@ ORDER BY ALL
 """
 
 IMAGE_SQL = """
-SELECT image_uri, frame, score, raw_score, label, category, mask_area, peak_row, peak_col, modality, model_name,
-       model_version, run_id, scored_at
+SELECT image_key, image_uri, frame, score, raw_score, label, category, mask_area, peak_row, peak_col, modality,
+       model_name, model_version, run_id, scored_at
 FROM latest
-WHERE status = 'ok' AND image_uri = $uri AND frame = $frame
+WHERE status = 'ok' AND image_key = $key AND frame = $frame
 ORDER BY run_id DESC
 LIMIT 1
 """
@@ -119,8 +124,9 @@ class ReportConfig:
     scores: str = ""  # the scoring job's --output (local or s3://)
     report: str = "report.html"  # where the HTML goes (local or s3://)
     top_k: int = 12
-    image: str = ""  # an image_uri: write the page of that one image (overlay, score, label, model) instead
+    image: str = ""  # an image_key (the URI unless pseudonymized): write that one image's page instead
     frame: int = 0  # with --image: the frame / slice
+    path_map: str = ""  # pseudonymized scores: the scoring job's --path-map, to draw the images
     smoke_test: bool = False
 
 
@@ -157,9 +163,9 @@ def connect(scores: str):
 
 # Every output column but the masks (read per image), plus ``superseded``.
 LATEST_COLUMNS = [
-    "image_uri", "content_sha256", "frame", "height", "width", "score", "raw_score", "label", "mask_area",
-    "peak_row", "peak_col", "modality", "model_name", "model_version", "scored_at", "status", "error", "run_id",
-    "category", "superseded",
+    "image_key", "image_uri", "content_sha256", "frame", "height", "width", "score", "raw_score", "label",
+    "mask_area", "peak_row", "peak_col", "modality", "model_name", "model_version", "scored_at", "status", "error",
+    "run_id", "category", "superseded",
 ]  # fmt: skip
 
 
@@ -363,22 +369,46 @@ IMAGE_SIZE = 512  # longest side of the overlay on an image's own page
 
 
 def _mask_of(scores: str, r: dict) -> bytes | None:
-    found = ledger.read_row(scores, r["image_uri"], r["frame"], ["mask_png", "model_version", "run_id"])
+    found = ledger.read_row(scores, r["image_key"], r["frame"], ["mask_png", "model_version", "run_id"])
     same_run = [m for m in found if m["run_id"] == r["run_id"]]
     return next((m["mask_png"] for m in same_run or found if m["model_version"] == r["model_version"]), None)
 
 
-def _overlay_img(r: dict, mask: bytes | None, size: int) -> str:
+def read_path_map(path_map: str, keys: list[str]) -> dict[str, str]:
+    """``image_key -> image_uri`` for ``keys`` from the scoring job's ``--path-map`` (all its runs)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not path_map or not keys or not storage.exists(path_map):
+        return {}
+    found = {}
+    for f in storage.list_files(path_map, suffixes=[".parquet"]):
+        fs, path = storage.filesystem_for(f)
+        t = pq.read_table(path, filesystem=fs, filters=pc.field("image_key").isin(pa.array(keys, pa.string())))
+        found.update(zip(t.column("image_key").to_pylist(), t.column("image_uri").to_pylist()))
+    return found
+
+
+def _name(r: dict) -> str:
+    """How the report names an image: its URI, or its key when paths are pseudonymized."""
+    return r.get("image_uri") or r["image_key"]
+
+
+def _overlay_img(r: dict, mask: bytes | None, size: int, source: str | None) -> str:
+    """The frame drawn from ``source`` (its URI), never naming it on the page."""
+    if not source:
+        return "<p>image not drawn: paths are pseudonymized (give the report --path-map to draw it)</p>"
     try:
-        return f'<img src="{overlay(r["image_uri"], r["frame"], mask, size)}" alt="overlay">'
+        return f'<img src="{overlay(source, r["frame"], mask, size)}" alt="overlay">'
     except Exception as e:  # noqa: BLE001 (a moved or unreadable image must not sink the report)
         return f"<p>image unavailable: {html.escape(type(e).__name__)}</p>"
 
 
-def image_section(r: dict, mask: bytes | None, anchor: str) -> str:
+def image_section(r: dict, mask: bytes | None, anchor: str, source: str | None) -> str:
     """One image: its overlay at ``IMAGE_SIZE`` and what was scored (score, label, model version)."""
     facts = {
-        "image": f"{r['image_uri']} [frame {r['frame']}]",
+        "image": f"{_name(r)} [frame {r['frame']}]",
         "score": f"{r['score']:.4f} (raw {r['raw_score']:.4g})",
         "label": "anomalous" if r["label"] else "normal",
         **({"category": r["category"]} if r.get("category") else {}),
@@ -389,30 +419,37 @@ def image_section(r: dict, mask: bytes | None, anchor: str) -> str:
     }
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     return (
-        f"<section class='image' id='{anchor}'><h3>{html.escape(r['image_uri'])} [frame {r['frame']}]</h3>"
-        f"{_overlay_img(r, mask, IMAGE_SIZE)}<table>{rows}</table></section>"
+        f"<section class='image' id='{anchor}'><h3>{html.escape(_name(r))} [frame {r['frame']}]</h3>"
+        f"{_overlay_img(r, mask, IMAGE_SIZE, source)}<table>{rows}</table></section>"
     )
 
 
-def build_image_page(scores: str, uri: str, frame: int = 0) -> tuple[str, dict]:
+def _sources(rows: list[dict], path_map: str) -> list[str | None]:
+    """Where to read each row's pixels: its ``image_uri``, or for pseudonymized rows ``path_map``'s entry."""
+    paths = read_path_map(path_map, [r["image_key"] for r in rows if not r.get("image_uri")])
+    return [r.get("image_uri") or paths.get(r["image_key"]) for r in rows]
+
+
+def build_image_page(scores: str, key: str, frame: int = 0, path_map: str = "") -> tuple[str, dict]:
     """The self-contained page of one scored image (its latest ok row)."""
     con = connect(scores)
-    found = query(con, IMAGE_SQL, uri=uri, frame=frame)
+    found = query(con, IMAGE_SQL, key=key, frame=frame)
     if not found:
         raise SystemExit(f"--image: no scored row for frame {frame} of that image in {scores}")
     r = found[0]
     text = (
         "<!doctype html><html><head><meta charset='utf-8'><title>Anomaly score of one image</title>"
         f"<style>{CSS}</style></head><body><h1>Anomaly score of one image</h1>"
-        f"{image_section(r, _mask_of(scores, r), 'image')}</body></html>"
+        f"{image_section(r, _mask_of(scores, r), 'image', _sources(found, path_map)[0])}</body></html>"
     )
     return text, r
 
 
-def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
+def build_report(scores: str, top_k: int = 12, path_map: str = "") -> tuple[str, dict]:
     """HTML text and the figures it shows (for tests and notebooks)."""
     con = connect(scores)
     top = query(con, TOP_ANOMALIES_SQL, k=top_k)
+    sources = _sources(top, path_map)
     dist = query(con, SCORE_DISTRIBUTION_SQL)
     errors = query(con, ERROR_COUNTS_SQL)
     categories = query(con, CATEGORY_COUNTS_SQL)
@@ -420,14 +457,14 @@ def build_report(scores: str, top_k: int = 12) -> tuple[str, dict]:
     latest_scores = [r["score"] for r in query(con, "SELECT score FROM latest WHERE status = 'ok'")]
     hist = query(con, HISTOGRAM_SQL)
     figures, pages = [], []
-    for i, r in enumerate(top):
+    for i, (r, source) in enumerate(zip(top, sources)):
         mask = _mask_of(scores, r)
-        img = _overlay_img(r, mask, THUMB)
+        img = _overlay_img(r, mask, THUMB, source)
         figures.append(
-            f"<figure><a href='#image-{i}'>{img}</a><figcaption>{html.escape(r['image_uri'])} [frame {r['frame']}]<br>"
+            f"<figure><a href='#image-{i}'>{img}</a><figcaption>{html.escape(_name(r))} [frame {r['frame']}]<br>"
             f"score {r['score']:.4f} (raw {r['raw_score']:.4g}), mask {r['mask_area']} px</figcaption></figure>"
         )
-        pages.append(image_section(r, mask, f"image-{i}"))
+        pages.append(image_section(r, mask, f"image-{i}", source))
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Anomaly scores</title>"
         f"<style>{CSS}</style></head><body>",
@@ -465,11 +502,11 @@ def main(cfg: ReportConfig) -> dict:
     if not cfg.scores:
         raise SystemExit("--scores is required (the scoring job's --output)")
     if cfg.image:
-        text, row = build_image_page(cfg.scores, cfg.image, cfg.frame)
+        text, row = build_image_page(cfg.scores, cfg.image, cfg.frame, cfg.path_map)
         storage.write_bytes(cfg.report, text.encode())
         log.info("image page written to %s", cfg.report)
         return {"image": row}
-    text, figures = build_report(cfg.scores, cfg.top_k)
+    text, figures = build_report(cfg.scores, cfg.top_k, cfg.path_map)
     storage.write_bytes(cfg.report, text.encode())
     log.info("report written to %s (%d top anomalies)", cfg.report, len(figures["top"]))
     return figures

@@ -38,6 +38,8 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 
+import pyarrow as pa
+
 from adcore import storage
 from adcore.cli import parse_config
 from jobs.scoring import dicom_out, ledger
@@ -50,7 +52,7 @@ from jobs.scoring.stages import Decoder, Postprocess, ScoreStage
 
 log = logging.getLogger("jobs.score")
 
-SECRET_ENV = "ADCORE_STUDY_KEY_SECRET"
+SECRET_ENV = S.SECRET_ENV
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; a chest film is 3-9 Mpx, larger is a mistake or a bomb
 DECODE_BATCH = 8  # files per decode call: one NIfTI volume alone can be hundreds of frames
 SMOKE_IMAGES = 8
@@ -108,6 +110,10 @@ class ScoreConfig:
     # (they carry the source's patient/study modules: PACS-bound, never mixed into --output)
     dicom_output: str = ""
     retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
+    # keep: tables carry image_uri; pseudonymize: they carry only image_key (HMAC of the URI with
+    # ADCORE_STUDY_KEY_SECRET) and the key -> URI map goes to --path-map alone (paths often name patients)
+    path_privacy: str = "keep"
+    path_map: str = ""  # with --path-privacy pseudonymize: local folder or s3:// prefix of the key -> URI map
     wait_for_lease: float = 0.0  # seconds to wait while another run holds the output's lease; 0 = refuse at once
     lease_ttl_s: float = DEFAULT_TTL_S  # a run that stops renewing its lease (crashed) loses it after this long
     latest_buckets: int = ledger.DEFAULT_BUCKETS  # hash buckets of a new latest table (fixed once it exists)
@@ -276,7 +282,10 @@ def main(cfg: ScoreConfig) -> dict:
         raise SystemExit(f"--progress {cfg.progress!r}: expected one of {', '.join(PROGRESS_MODES)}")
     if cfg.dicom_output:
         cfg = replace(cfg, dicom_output=storage.absolute(cfg.dicom_output))
-        _check_dicom_output(cfg)
+    if cfg.path_map:
+        cfg = replace(cfg, path_map=storage.absolute(cfg.path_map))
+    _check_privacy_flags(cfg)
+    _check_apart(cfg)
     art, art_bytes = read_artifact_config(cfg.model)
     triton_model = cfg.triton_model or art.get("model_name", "model")
     if cfg.triton_url:
@@ -321,6 +330,8 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     listing = list_inputs(cfg.input)
     if not listing.num_rows:
         raise SystemExit(f"--input {cfg.input}: no files to score")
+    keys = S.image_keys(listing.column("uri").to_pylist(), cfg.path_privacy, os.environ.get(SECRET_ENV, "").encode())
+    listing = listing.append_column("image_key", pa.array(keys, pa.string()))
     todo, skipped = ledger.plan_inputs(cfg.output, listing, model_version, cfg.rescore_all)
     secret = os.environ.get(SECRET_ENV, "").encode() or None
     log.info(
@@ -344,6 +355,7 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
         "input": cfg.input,
         "output": cfg.output,
         "rescore_all": cfg.rescore_all,
+        "path_privacy": cfg.path_privacy,
         "engine": "triton" if cfg.triton_url else cfg.engine,
         "started_at": started.isoformat(timespec="seconds"),
         "input_files": listing.num_rows,
@@ -360,6 +372,8 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     manifest["skipped_files"] += skipped
     lease.check()  # a run that lost its lease must not commit: the new holder may be scoring the same files
     ledger.write_manifest(cfg.output, manifest)
+    if cfg.dicom_output:  # before any expiry: a completed run's PACS objects are never removed
+        dicom_out.write_run_marker(cfg.dicom_output, run_id, cfg.output, completed=True)
     ledger.compact(cfg.output, cfg.latest_buckets)
     expired = ledger.expire_runs(cfg.output, cfg.retain_runs)
     files_done = manifest["skipped_files"] + files_seen
@@ -475,20 +489,63 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
         "variant": cfg.variant,
         "replicas": {"min": plan.min_replicas, "max": plan.max_replicas, "cpus": plan.cpus, "gpus": gpus},
     }
-    sink = RunSink(cfg.output, rdir, fields, rows_per_write=cfg.rows_per_file, progress=progress)
+    sink = RunSink(
+        cfg.output,
+        rdir,
+        fields,
+        rows_per_write=cfg.rows_per_file,
+        progress=progress,
+        path_privacy=cfg.path_privacy,
+        path_map=cfg.path_map,
+    )
     total = int(fields["input_files"])
     with _ProgressLog(progress, total, cfg.progress_every_s, int(fields["unchanged_files"]), cfg.progress):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": plan.decode_cpus})
     return sink.committed, sink.files_seen
 
 
-def _check_dicom_output(cfg: ScoreConfig) -> None:
-    """Refuse a --dicom-output inside --output or --input: PACS-bound objects stay apart from both."""
-    mine = cfg.dicom_output.rstrip("/") + "/"
-    for flag in ("output", "input"):
-        other = getattr(cfg, flag).rstrip("/") + "/"
-        if mine.startswith(other) or other.startswith(mine):
-            raise SystemExit(f"--dicom-output must lie outside --{flag} (its objects carry patient data)")
+# Locations that must not overlap (one inside the other), and why.
+APART = (
+    ("output", "input", "the job would list and score its own outputs"),
+    ("dicom_output", "input", "its objects carry patient data and would be scored"),
+    ("dicom_output", "output", "its objects carry patient data; --output is for analysts"),
+    ("path_map", "input", "the map names patients' paths and would be scored"),
+    ("path_map", "output", "the map names patients' paths; --output is for analysts"),
+)
+
+
+def _real(uri: str) -> str:
+    """``uri`` for comparison: local paths with symbolic links resolved, ending in "/"."""
+    return (uri if storage.is_s3(uri) else os.path.realpath(storage.local_path(uri))).rstrip("/") + "/"
+
+
+def _check_apart(cfg: ScoreConfig) -> None:
+    """Refuse locations that lie inside one another (compared by real path, links resolved)."""
+    for a, b, why in APART:
+        if getattr(cfg, a) and getattr(cfg, b):
+            x, y = _real(getattr(cfg, a)), _real(getattr(cfg, b))
+            if x.startswith(y) or y.startswith(x):
+                flag_a, flag_b = a.replace("_", "-"), b.replace("_", "-")
+                raise SystemExit(f"--{flag_a} and --{flag_b} must not lie inside one another: {why}")
+
+
+def _check_privacy_flags(cfg: ScoreConfig) -> None:
+    """One-line refusals of an inconsistent --path-privacy / --path-map / secret."""
+    if cfg.path_privacy not in S.PATH_PRIVACY:
+        raise SystemExit(f"--path-privacy {cfg.path_privacy!r}: expected one of {', '.join(S.PATH_PRIVACY)}")
+    if cfg.path_privacy == "keep" and cfg.path_map:
+        raise SystemExit("--path-map is only written with --path-privacy pseudonymize")
+    if cfg.path_privacy == "pseudonymize":
+        if not cfg.path_map:
+            raise SystemExit("--path-privacy pseudonymize needs --path-map URI (a restricted place for key -> path)")
+        try:
+            S.check_secret(os.environ.get(SECRET_ENV, "").encode())
+        except ValueError as e:
+            raise SystemExit(f"--path-privacy pseudonymize: {e}") from None
+    try:
+        ledger.check_privacy(cfg.output, cfg.path_privacy)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _version() -> str:

@@ -283,14 +283,21 @@ def _pixel_spacing(src) -> tuple[float, float] | None:
         return None
 
 
-def write_run_marker(dicom_output: str, run_id: str, output: str) -> None:
-    """``<dicom_output>/<run_id>/_run.json``: names the scoring output, so cleanup deletes only its own runs."""
+def write_run_marker(dicom_output: str, run_id: str, output: str, completed: bool = False) -> None:
+    """``<dicom_output>/<run_id>/_run.json``: names the scoring output, so cleanup deletes only its own runs,
+    and says whether the run committed (``completed``: then its objects are never removed)."""
     marker = storage.join(run_root(dicom_output, run_id), RUN_MARKER)
-    storage.write_bytes(marker, json.dumps({"output": output}).encode())
+    storage.write_bytes(marker, json.dumps({"output": output, "completed": completed}).encode())
 
 
 def cleanup_incomplete(dicom_output: str, output: str, completed_ids: set[str], keep: str) -> list[str]:
-    """Delete the DICOM folders of this output's runs that never completed (call it holding the lease)."""
+    """Delete the DICOM folders of this output's runs that never completed (call it holding the lease).
+
+    A run's folder is marked completed after its manifest is committed; one whose manifest
+    exists but whose mark was not written (a crash in between) is marked here. Marked folders
+    stay whatever happens to their manifests later (``--retain-runs`` expires manifests, and
+    PACS-bound objects of a completed run must outlive that).
+    """
     fs, base = storage.filesystem_for(dicom_output)
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
         return []
@@ -298,13 +305,17 @@ def cleanup_incomplete(dicom_output: str, output: str, completed_ids: set[str], 
     removed = []
     for info in fs.get_file_info(pafs.FileSelector(base)):
         name = info.base_name
-        if info.type != pafs.FileType.Directory or name == keep or name in completed_ids:
+        if info.type != pafs.FileType.Directory or name == keep:
             continue
         try:
             marker = json.loads(storage.read_bytes(storage.join(prefix + info.path, RUN_MARKER)))
         except (FileNotFoundError, ValueError):
             continue  # not a run folder this job wrote: left alone
-        if marker.get("output") == output:
+        if marker.get("output") != output or marker.get("completed"):
+            continue
+        if name in completed_ids:
+            write_run_marker(dicom_output, name, output, completed=True)
+        else:
             storage.delete_dir(prefix + info.path)
             removed.append(name)
             log.info("removed the DICOM folder of incomplete run %s", name)

@@ -12,16 +12,16 @@ Layout under ``--output`` (local folder or ``s3://`` prefix)::
 A run writes its Parquet files into its own ``run_id=`` folder, then its manifest LAST,
 atomically (a local rename or one S3 PUT). The manifest lists the run's files and counts.
 
-**Visible rows.** The visible row for a key ``(image_uri, frame, model_version)`` is the
+**Visible rows.** The visible row for a key ``(image_key, frame, model_version)`` is the
 one from the latest completed run (largest ``run_id``; run ids sort by start time). A
 frame whose file was rescored with other content (a volume re-uploaded with fewer slices)
 and that the newer content no longer has is ``superseded``. :func:`window_sql` is that view.
 
 **The compacted ``latest`` table.** After a run commits, :func:`compact` folds it into
-``_latest``: the visible rows (with ``superseded``), hash-bucketed by ``image_uri``, so a
+``_latest``: the visible rows (with ``superseded``), hash-bucketed by ``image_key``, so a
 night rewrites only the buckets its rows fall in. Each bucket also has a ``files`` table,
 one row per (file, model version): the listing metadata it was scored at, its content hash,
-the frames that are done and a 64-bit ``key`` of (uri, size, version, model version) when
+the frames that are done and a 64-bit ``key`` of (image key, size, version, model version) when
 every frame is done. ``_latest/_manifest.json`` names the current file of each bucket and
 the last run folded in (``through_run_id``); it is replaced atomically, so readers see the
 old or the new table, never a mix. Readers (``jobs/report.py``, the skip decision, the
@@ -30,11 +30,16 @@ README's SQL) read ``latest`` plus any run committed after ``through_run_id``
 (:func:`expire_runs`, ``--retain-runs``) without changing what is visible.
 
 **Skipping.** :func:`plan_inputs` decides from the listing alone: a file whose
-(uri, size, ETag or mtime) key is in the sorted array of done keys is skipped with no GET;
+(image key, size, ETag or mtime) key is in the sorted array of done keys is skipped with no GET;
 the others are read once. A file whose listing is unchanged but some of whose frames
 failed transiently (``inference``, ``read``) gets ``prior_done``: only its other frames are
 scored again. Killing a run at any point loses nothing (no manifest: its files are still
 "not scored") and duplicates nothing.
+
+**Identity.** Every rule above keys on ``image_key``: the URI itself with ``--path-privacy
+keep``, a keyed hash of it with ``pseudonymize`` (``schema.image_keys``). Files written
+before ``image_key`` existed read it as their ``image_uri``, so older outputs go on as before.
+An output keeps the mode of its first run (:func:`check_privacy`).
 """
 
 from __future__ import annotations
@@ -67,8 +72,8 @@ KEY_HASH_CHUNK = 65_536  # listing entries hashed per chunk (bounds the transien
 _WINDOW = """
 SELECT * EXCLUDE (_rank, _newest), (content_sha256 IS DISTINCT FROM _newest) AS superseded FROM (
     SELECT *,
-        row_number() OVER (PARTITION BY image_uri, frame, model_version ORDER BY run_id DESC) AS _rank,
-        arg_max_null(content_sha256, run_id) OVER (PARTITION BY image_uri, model_version) AS _newest
+        row_number() OVER (PARTITION BY image_key, frame, model_version ORDER BY run_id DESC) AS _rank,
+        arg_max_null(content_sha256, run_id) OVER (PARTITION BY image_key, model_version) AS _newest
     FROM {source}
 ) WHERE _rank = 1
 """
@@ -84,7 +89,7 @@ LATEST_VIEW_SQL = f"CREATE OR REPLACE VIEW latest AS {window_sql('scores')}"
 
 # Per file and model version, from the visible rows: what the next run needs to skip it.
 _FILES_SQL = """
-SELECT image_uri, model_version,
+SELECT image_key, model_version,
     arg_max_null(content_sha256, run_id) AS content_sha256,
     arg_max_null(file_size, run_id) AS file_size,
     arg_max_null(file_version, run_id) AS file_version,
@@ -94,7 +99,7 @@ FROM (
     SELECT *, (status = 'ok' OR (status = 'error' AND split_part(error, ':', 1) NOT IN ({transient}))) AS _done
     FROM visible WHERE NOT superseded
 )
-GROUP BY image_uri, model_version
+GROUP BY image_key, model_version
 """.format(transient=", ".join(f"'{k}'" for k in TRANSIENT_ERROR_KINDS))
 
 
@@ -149,6 +154,20 @@ def write_manifest(output: str, manifest: dict) -> str:
     return uri
 
 
+def check_privacy(output: str, mode: str) -> None:
+    """Refuse a run whose ``--path-privacy`` differs from the output's committed runs (mixed identities
+    would show one image twice, and a kept path beside its pseudonym undoes the pseudonym)."""
+    names = sorted(completed_ids(output))
+    if not names:
+        return
+    manifest = json.loads(storage.read_bytes(manifest_uri(output, names[-1])))
+    before = manifest.get("path_privacy", "keep")
+    if before != mode:
+        raise ValueError(
+            f"--output {output} holds runs scored with --path-privacy {before}: use the same mode or a new --output"
+        )
+
+
 def incomplete_run_dirs(output: str, completed_ids: set[str]) -> list[str]:
     """``run_id=`` folders that have no manifest."""
     fs, base = storage.filesystem_for(output)
@@ -193,8 +212,11 @@ def _read_tables(uris: list[str], columns: list[str] | None = None) -> pa.Table 
         fs, path = storage.filesystem_for(uri)
         schema = pq.read_schema(path, filesystem=fs)
         cols = None if columns is None else [c for c in columns if c in schema.names]
+        if cols is not None:  # columns older files derive from others (image_key: their image_uri)
+            cols += [S.DERIVED_COLUMNS[c] for c in columns if c not in schema.names and c in S.DERIVED_COLUMNS]
         tables.append(pq.read_table(path, columns=cols, filesystem=fs))
-    return S.with_added_columns(pa.concat_tables(tables, promote_options="permissive"), columns)
+    table = S.with_added_columns(pa.concat_tables(tables, promote_options="permissive"), columns)
+    return table if columns is None else table.select([c for c in table.column_names if c in columns])
 
 
 def latest_rows(table: pa.Table) -> pa.Table:
@@ -226,14 +248,14 @@ def read_latest(output: str) -> dict | None:
 
 
 def bucket_of(uris, buckets: int) -> np.ndarray:
-    """Stable bucket of each image URI (the first 8 bytes of its MD5, modulo ``buckets``)."""
+    """Stable bucket of each image key (the first 8 bytes of its MD5, modulo ``buckets``)."""
     return np.array(
         [int.from_bytes(hashlib.md5(u.encode()).digest()[:8], "little") % buckets for u in uris], dtype=np.int32
     )
 
 
 def file_keys(uris, sizes, versions, model_version: str) -> np.ndarray:
-    """64-bit key of (uri, size, version, model version) per file: equal keys = nothing changed."""
+    """64-bit key of (image key, size, version, model version) per file: equal keys = nothing changed."""
     mv = model_version.encode()
     out = np.empty(len(uris), dtype=np.uint64)
     for i, (u, s, v) in enumerate(zip(uris, sizes, versions)):
@@ -253,8 +275,8 @@ def _bucket_files(through: str, bucket: int) -> tuple[str, str]:
 def _split_run_file(uri: str, buckets: int, staging: str, index: int) -> list[int]:
     """Phase 1 of compaction (one task per new run file): its rows into per-bucket fragments."""
     fs, path = storage.filesystem_for(uri)
-    table = pq.read_table(path, filesystem=fs)
-    uris = table.column("image_uri")
+    table = S.with_added_columns(pq.read_table(path, filesystem=fs), ["image_key"])
+    uris = table.column("image_key")
     unique = pc.unique(uris)
     bucket = np.asarray(bucket_of(unique.to_pylist(), buckets))[pc.index_in(uris, unique).to_numpy()]
     touched = []
@@ -279,7 +301,7 @@ def _merge_bucket(old_rows: str | None, fragments: list[str], rows_out: str, fil
     table = S.with_added_columns(table)  # rows of older schema versions
     con = duckdb.connect()
     con.register("scores", table)
-    visible = con.sql(window_sql("scores") + " ORDER BY image_uri, frame, model_version").to_arrow_table()
+    visible = con.sql(window_sql("scores") + " ORDER BY image_key, frame, model_version").to_arrow_table()
     visible = visible.select(LATEST_SCHEMA.names).cast(LATEST_SCHEMA)  # DuckDB renames the UTC zone
     con.register("visible", visible)
     files = con.sql(_FILES_SQL).to_arrow_table()
@@ -290,7 +312,7 @@ def _merge_bucket(old_rows: str | None, fragments: list[str], rows_out: str, fil
         sub = files.take(pa.array(idx))
         for mv in set(sub.column("model_version").to_pylist()):
             sel = np.flatnonzero(np.array(sub.column("model_version").to_pylist()) == mv)
-            cols = [sub.column(c).take(pa.array(sel)).to_pylist() for c in ("image_uri", "file_size", "file_version")]
+            cols = [sub.column(c).take(pa.array(sel)).to_pylist() for c in ("image_key", "file_size", "file_version")]
             has_meta = np.array([s is not None and v is not None for s, v in zip(cols[1], cols[2])])
             k = file_keys(*cols, mv)
             keys[idx[sel[has_meta]]] = k[has_meta]  # rows without listing metadata (schema 1) never skip by key
@@ -425,27 +447,33 @@ def visible_rows(output: str, columns: list[str] | None = None) -> pa.Table | No
     return out.select(columns) if columns else out
 
 
-_WINDOW_COLUMNS = ("image_uri", "frame", "model_version", "run_id", "content_sha256", "superseded")
+_WINDOW_COLUMNS = ("image_key", "frame", "model_version", "run_id", "content_sha256", "superseded")
 
 
-def read_row(output: str, image_uri: str, frame: int, columns: list[str]) -> list[dict]:
+def _key_column(fs, path: str) -> str:
+    """The identity column of a Parquet file: ``image_key``, or ``image_uri`` in files older than it."""
+    return "image_key" if "image_key" in pq.read_schema(path, filesystem=fs).names else "image_uri"
+
+
+def _read_key(uri: str, image_key: str, frame: int, columns: list[str]) -> list[dict]:
+    fs, path = storage.filesystem_for(uri)
+    flt = (pc.field(_key_column(fs, path)) == image_key) & (pc.field("frame") == frame)
+    return pq.read_table(path, filesystem=fs, columns=[*columns, "run_id"], filters=flt).to_pylist()
+
+
+def read_row(output: str, image_key: str, frame: int, columns: list[str]) -> list[dict]:
     """Columns of one image's visible rows, reading only the bucket file it falls in."""
     current = read_latest(output)
     rows = []
     if current:
-        b = f"{int(bucket_of([image_uri], current['buckets'])[0]):03d}"
+        b = f"{int(bucket_of([image_key], current['buckets'])[0]):03d}"
         entry = current["bucket_files"].get(b)
         if entry:
-            fs, path = storage.filesystem_for(storage.join(output, LATEST, entry["rows"]))
-            flt = (pc.field("image_uri") == image_uri) & (pc.field("frame") == frame)
-            rows = pq.read_table(path, filesystem=fs, columns=[*columns, "run_id"], filters=flt).to_pylist()
+            rows = _read_key(storage.join(output, LATEST, entry["rows"]), image_key, frame, columns)
     pending = completed_runs(output, after=current["through_run_id"] if current else None)
     for m in pending:  # newer runs win
         for f in run_files(output, m):
-            fs, path = storage.filesystem_for(f)
-            flt = (pc.field("image_uri") == image_uri) & (pc.field("frame") == frame)
-            found = pq.read_table(path, filesystem=fs, columns=[*columns, "run_id"], filters=flt).to_pylist()
-            rows = found or rows
+            rows = _read_key(f, image_key, frame, columns) or rows
     return [{k: r[k] for k in columns} for r in rows]
 
 
@@ -468,7 +496,7 @@ def expire_runs(output: str, keep: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the skip decision
-LISTING_COLUMNS = ("uri", "size", "version")
+LISTING_COLUMNS = ("image_key", "size", "version")
 
 
 def listing_keys(listing: pa.Table, model_version: str) -> np.ndarray:
@@ -499,6 +527,8 @@ def plan_inputs(output: str, listing: pa.Table, model_version: str, rescore_all:
     whose listing is unchanged but which have frames left to score.
     """
     n = listing.num_rows
+    if "image_key" not in listing.column_names:  # paths kept: the key is the URI
+        listing = listing.append_column("image_key", listing.column("uri"))
     if rescore_all or n == 0:
         todo = listing
     else:
@@ -523,8 +553,10 @@ def _with_prior(output: str, todo: pa.Table, model_version: str) -> pa.Table:
     flt = (pc.field("model_version") == model_version) & ~pc.field("complete")
     for f in latest_files(output, "files"):
         fs, path = storage.filesystem_for(f)
-        cols = ["image_uri", "model_version", "complete", "file_size", "file_version", "content_sha256", "done_frames"]
-        parts.append(pq.read_table(path, filesystem=fs, columns=cols, filters=flt))
+        key = _key_column(fs, path)
+        cols = [key, "model_version", "complete", "file_size", "file_version", "content_sha256", "done_frames"]
+        part = pq.read_table(path, filesystem=fs, columns=cols, filters=flt)
+        parts.append(part.rename_columns(["image_key", *cols[1:]]))
     partial = pa.concat_tables(parts) if parts else None
     if partial is None or partial.num_rows == 0 or todo.num_rows == 0:
         return _no_prior(todo)
@@ -536,6 +568,6 @@ def _with_prior(output: str, todo: pa.Table, model_version: str) -> pa.Table:
     return con.sql(
         """SELECT t.*, p.content_sha256 AS prior_sha, CAST(p.done_frames AS INTEGER[]) AS prior_done
         FROM todo t LEFT JOIN partial p
-        ON t.uri = p.image_uri AND t.size = p.file_size AND t.version = p.file_version
+        ON t.image_key = p.image_key AND t.size = p.file_size AND t.version = p.file_version
         ORDER BY t.uri"""
     ).to_arrow_table()

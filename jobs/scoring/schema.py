@@ -1,11 +1,15 @@
-"""The scoring job's output schema (version 3), and the pure per-row helpers that fill it.
+"""The scoring job's output schema (version 4), and the pure per-row helpers that fill it.
 
 One Parquet row per scored image or frame (a NIfTI slice, a DICOM frame):
 
 =============== ========== ==========================================================
 column          type       meaning
 =============== ========== ==========================================================
-image_uri       string     full URI of the input file (``s3://bucket/key`` or local path)
+image_key       string     the image's identity in every table: its URI with ``--path-privacy keep``
+                           (the default), HMAC-SHA256(ADCORE_STUDY_KEY_SECRET, URI) hex with
+                           ``pseudonymize`` (version 4; older files: their ``image_uri``)
+image_uri       string     full URI of the input file (``s3://bucket/key`` or local path); null
+                           with ``--path-privacy pseudonymize``
 content_sha256  string     SHA-256 of the file's bytes (what "already scored" compares)
 frame           int32      frame / slice index within the file (0 for a 2D image)
 height, width   int32      size of the decoded frame in pixels (null when not decoded)
@@ -41,7 +45,9 @@ Older files lack the columns added since (``ADDED_COLUMNS``); readers give them 
 (``jobs.scoring.ledger``), so version 1 and 2 runs and compacted tables stay readable.
 
 Score columns are null on error rows. No patient name, ID, birth date or raw DICOM UID
-is ever a column. Readers must look at one row per ``(image_uri, frame, model_version)``:
+is ever a column; with ``--path-privacy pseudonymize`` no path either (archive paths often
+carry names, MRNs or accession numbers). Readers must look at one row per
+``(image_key, frame, model_version)``:
 the row of the latest *completed* run (see ``jobs.scoring.ledger``).
 """
 
@@ -55,17 +61,21 @@ import io
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATUS_OK, STATUS_ERROR = "ok", "error"
 STATUS_SKIPPED = "skipped"  # internal marker for progress counts; never written
 INFERENCE_ERROR = "inference"  # error kind of rows whose model call failed (transient: retried)
 READ_ERROR = "read"  # the file could not be read (gone since the listing, store down): transient
 TRANSIENT_ERROR_KINDS = (INFERENCE_ERROR, READ_ERROR)
-KEY_COLUMNS = ("image_uri", "frame", "model_version")
+KEY_COLUMNS = ("image_key", "frame", "model_version")
+SECRET_ENV = "ADCORE_STUDY_KEY_SECRET"  # the HMAC key of study_key and pseudonymous image_key: read where used
+PATH_PRIVACY = ("keep", "pseudonymize")  # --path-privacy: the image_uri column filled, or null
+MIN_SECRET_BYTES = 32  # HMAC keys shorter than SHA-256's output would be the weak part of the pseudonym
 
 SCHEMA = pa.schema(
     [
-        pa.field("image_uri", pa.string(), nullable=False),
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("image_uri", pa.string()),
         pa.field("content_sha256", pa.string()),
         pa.field("frame", pa.int32(), nullable=False),
         pa.field("height", pa.int32()),
@@ -94,16 +104,55 @@ SCHEMA = pa.schema(
     metadata={"adcore.schema_version": str(SCHEMA_VERSION)},
 )
 # Columns by the schema version that added them: files of older versions lack them (null when read).
-ADDED_COLUMNS = {2: ("file_size", "file_version"), 3: ("category", "category_scores")}
+ADDED_COLUMNS = {2: ("file_size", "file_version"), 3: ("category", "category_scores"), 4: ("image_key",)}
+# Added columns whose value in older files is another column's (not null): runs before version 4 kept paths.
+DERIVED_COLUMNS = {"image_key": "image_uri"}
 
 
 def with_added_columns(table: pa.Table, names=None) -> pa.Table:
-    """``table`` with every column of ``ADDED_COLUMNS`` it lacks (among ``names``, default all) as nulls."""
+    """``table`` with every column of ``ADDED_COLUMNS`` it lacks (among ``names``, default all): nulls, or
+    for ``DERIVED_COLUMNS`` the column they equal in older files."""
     for version in sorted(ADDED_COLUMNS):
         for name in ADDED_COLUMNS[version]:
             if name not in table.column_names and (names is None or name in names):
-                table = table.append_column(SCHEMA.field(name), pa.nulls(table.num_rows, SCHEMA.field(name).type))
+                source = DERIVED_COLUMNS.get(name)
+                if source in table.column_names:
+                    values = table.column(source).cast(SCHEMA.field(name).type)
+                else:
+                    values = pa.nulls(table.num_rows, SCHEMA.field(name).type)
+                table = table.append_column(SCHEMA.field(name), values)
     return table
+
+
+def check_secret(secret: bytes | None, env: str = SECRET_ENV) -> bytes:
+    """The HMAC key, refused (one line) when missing or shorter than ``MIN_SECRET_BYTES``."""
+    if not secret or len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"{env} must hold at least {MIN_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`); "
+            f"it has {len(secret or b'')}"
+        )
+    return secret
+
+
+def image_keys(uris, privacy: str, secret: bytes | None) -> list[str]:
+    """``image_key`` of each URI: the URI itself (``keep``) or its HMAC-SHA256 hex (``pseudonymize``)."""
+    if privacy == "keep":
+        return [str(u) for u in uris]
+    if privacy != "pseudonymize":
+        raise ValueError(f"--path-privacy {privacy!r}: expected one of {', '.join(PATH_PRIVACY)}")
+    key = check_secret(secret)
+    return [hmac.new(key, str(u).encode(), hashlib.sha256).hexdigest() for u in uris]
+
+
+def scrub_paths(text: str | None, uri: str, replacement: str) -> str | None:
+    """``text`` (an error message) with the URI, its path and its file name replaced by ``replacement``."""
+    if not text:
+        return text
+    path = uri.split("://", 1)[-1]
+    for part in sorted({uri, path, path.rsplit("/", 1)[-1]}, key=len, reverse=True):
+        if part:
+            text = text.replace(part, replacement)
+    return text
 
 
 def category_scores_value(names, scores) -> list[tuple[str, float]] | None:
@@ -165,8 +214,12 @@ def empty_table() -> pa.Table:
 def to_table(
     columns: dict[str, list], *, model_name: str, model_version: str, run_id: str, scored_at: dt.datetime
 ) -> pa.Table:
-    """Per-row column lists (+ the run's constants) -> a table in ``SCHEMA`` order and types."""
+    """Per-row column lists (+ the run's constants) -> a table in ``SCHEMA`` order and types.
+
+    ``image_key`` defaults to ``image_uri`` (paths kept); the run's sink sets it for its privacy mode.
+    """
     n = len(columns["image_uri"])
+    columns = {"image_key": columns["image_uri"], **columns}
     const = {
         "model_name": [model_name] * n,
         "model_version": [model_version] * n,

@@ -5,12 +5,19 @@ Each write task (:meth:`RunSink.write`, on whichever node Ray runs it) writes on
 file, and a failed run leaves no manifest, so nothing it wrote is ever read. The driver
 holds no result rows: tasks return only their file name and counts, and
 :meth:`RunSink.on_write_complete` writes the manifest from those (ledger rules apply).
+
+Each task also sets ``image_key`` for the run's ``--path-privacy``: the URI (``keep``), or
+with ``pseudonymize`` its keyed hash (the key read from the task's environment, never shipped
+with the task), ``image_uri`` null and the URI scrubbed from error messages; the task then
+writes its (``image_key``, ``image_uri``) pairs under ``--path-map`` (``<path-map>/<run_id>/``),
+the one place the paths go.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import posixpath
 import time
 from collections import Counter
@@ -62,12 +69,24 @@ class RunSink(Datasink[dict]):
         manifest: The manifest's fields known before the run (counts are added at the end).
         rows_per_write: Rows each write task collects before writing one file.
         progress: A :class:`Progress` actor handle, or None.
+        path_privacy: ``keep`` or ``pseudonymize`` (``schema.PATH_PRIVACY``).
+        path_map: With ``pseudonymize``: the folder or prefix that receives each run's key -> URI map.
     """
 
     def __init__(
-        self, output: str, run_dir: str, manifest: dict, rows_per_write: int = ROWS_PER_WRITE, progress: Any = None
+        self,
+        output: str,
+        run_dir: str,
+        manifest: dict,
+        rows_per_write: int = ROWS_PER_WRITE,
+        progress: Any = None,
+        path_privacy: str = "keep",
+        path_map: str = "",
     ):
+        if path_privacy not in S.PATH_PRIVACY:
+            raise ValueError(f"--path-privacy {path_privacy!r}: expected one of {', '.join(S.PATH_PRIVACY)}")
         self.output, self.run_dir = output, run_dir
+        self.path_privacy, self.path_map = path_privacy, path_map
         self.manifest = dict(manifest)
         self.rows_per_write = rows_per_write
         self.progress = progress
@@ -111,7 +130,10 @@ class RunSink(Datasink[dict]):
             failed = table.column(DICOM_ERROR_COLUMN).to_pylist()
             result["dicom_failed"] = dict(Counter(e for e in failed if e))
             table = table.drop_columns([DICOM_COLUMN, DICOM_ERROR_COLUMN])
-        table = table.drop_columns([NODE_COLUMN, TIME_COLUMN]).cast(S.SCHEMA)
+        table = table.drop_columns([NODE_COLUMN, TIME_COLUMN])
+        if table.num_rows:
+            table = self._identify(table, ctx.task_idx)
+        table = table.select(S.SCHEMA.names).cast(S.SCHEMA)
         if table.num_rows:
             fs, dir_path = storage.filesystem_for(self.run_dir)
             if not storage.is_s3(self.run_dir):
@@ -134,6 +156,28 @@ class RunSink(Datasink[dict]):
             errors = result["status"].get(S.STATUS_ERROR, 0)
             self.progress.add.remote(result["rows"], errors, result["files_seen"] + result["skipped_files"])
         return result
+
+    def _identify(self, table: pa.Table, task_idx: int) -> pa.Table:
+        """``table`` with ``image_key`` for the run's privacy mode (``pseudonymize``: paths removed and mapped)."""
+        uris = [str(u) for u in table.column("image_uri").to_pylist()]
+        keys = S.image_keys(uris, self.path_privacy, os.environ.get(S.SECRET_ENV, "").encode())
+        table = table.set_column(table.schema.get_field_index("image_key"), "image_key", pa.array(keys, pa.string()))
+        if self.path_privacy == "keep":
+            return table
+        errors = [S.scrub_paths(e, u, "<image>") for e, u in zip(table.column("error").to_pylist(), uris)]
+        table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
+        table = table.set_column(
+            table.schema.get_field_index("image_uri"), "image_uri", pa.nulls(table.num_rows, pa.string())
+        )
+        pairs = dict(zip(keys, uris))
+        run_id = self.manifest["run_id"]
+        buf = pa.BufferOutputStream()
+        pq.write_table(pa.table({"image_key": list(pairs), "image_uri": list(pairs.values())}), buf)
+        # Local files are created owner-only (storage.write_bytes): the map is the one place paths go.
+        storage.write_bytes(
+            storage.join(self.path_map, run_id, f"part-{task_idx:05d}.parquet"), buf.getvalue().to_pybytes()
+        )
+        return table
 
     def on_write_complete(self, write_result: WriteResult[dict]) -> None:
         """Sum the tasks' results into the run's manifest (``committed``; the job writes it, last)."""

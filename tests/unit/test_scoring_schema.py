@@ -7,6 +7,7 @@ import hashlib
 import hmac
 
 import numpy as np
+import pytest
 
 from jobs.scoring import schema as S
 
@@ -121,20 +122,40 @@ def test_decoder_holds_the_job_secret_but_never_shows_it(monkeypatch):
     assert repr(dec).startswith("Decoder(")  # the class's own repr, not object.__repr__ by accident
 
 
-def test_schema_3_adds_category_columns_and_older_tables_read_as_null():
+def test_added_columns_read_as_null_and_image_key_as_the_older_files_uri():
     import pyarrow as pa
 
-    assert S.SCHEMA_VERSION == 3 and S.ADDED_COLUMNS[3] == ("category", "category_scores")
-    for col in ("category", "category_scores", "file_size", "file_version"):
+    assert S.SCHEMA_VERSION == 4 and S.ADDED_COLUMNS[3] == ("category", "category_scores")
+    assert S.ADDED_COLUMNS[4] == ("image_key",) and S.KEY_COLUMNS[0] == "image_key"
+    for col in ("category", "category_scores", "file_size", "file_version", "image_key"):
         assert col in S.SCHEMA.names and col in S.__doc__
     old = pa.table({"image_uri": ["a", "b"], "frame": pa.array([0, 0], pa.int32())})  # a version 1 file
     got = S.with_added_columns(old)
-    assert set(got.column_names) == {"image_uri", "frame", "file_size", "file_version", "category", "category_scores"}
+    assert set(got.column_names) == {
+        "image_uri", "frame", "file_size", "file_version", "category", "category_scores", "image_key"
+    }  # fmt: skip
     assert (
         got.column("category").null_count == 2
         and got.schema.field("category_scores").type == S.SCHEMA.field("category_scores").type
     )
+    assert got.column("image_key").to_pylist() == ["a", "b"]  # runs before keys kept paths: the key is the URI
     assert S.with_added_columns(old, ["category"]).column_names == ["image_uri", "frame", "category"]
+
+
+def test_image_keys_keep_or_pseudonymize_with_a_long_enough_secret():
+    uris = ["s3://pacs/DOE^JOHN/MRN1234567/1.dcm", "/archive/x.png"]
+    assert S.image_keys(uris, "keep", None) == uris
+    secret = b"k" * S.MIN_SECRET_BYTES
+    keys = S.image_keys(uris, "pseudonymize", secret)
+    assert all(len(k) == 64 and "DOE" not in k for k in keys) and len(set(keys)) == 2
+    assert keys == S.image_keys(uris, "pseudonymize", secret)  # stable: incremental skipping works on keys
+    assert keys != S.image_keys(uris, "pseudonymize", b"j" * S.MIN_SECRET_BYTES)  # keyed, not a plain hash
+    for short in (None, b"", b"k" * (S.MIN_SECRET_BYTES - 1)):
+        with pytest.raises(ValueError, match="at least 32 bytes"):
+            S.image_keys(uris, "pseudonymize", short)
+    msg = "FileNotFoundError: [Errno 2] Failed to open local file 'pacs/DOE^JOHN/MRN1234567/1.dcm'; 1.dcm gone"
+    scrubbed = S.scrub_paths(msg, uris[0], "<image>")
+    assert "DOE" not in scrubbed and "1.dcm" not in scrubbed and scrubbed.startswith("FileNotFoundError")
 
 
 def _score_rows(artifact: str, tmp_path, n: int = 4):
