@@ -6,18 +6,16 @@ file, and a failed run leaves no manifest, so nothing it wrote is ever read. The
 holds no result rows: tasks return only their file name and counts, and
 :meth:`RunSink.on_write_complete` writes the manifest from those (ledger rules apply).
 
-Each task also sets ``image_key`` for the run's ``--path-privacy``: the URI (``keep``), or
-with ``pseudonymize`` its keyed hash (the key read from the task's environment, never shipped
-with the task), ``image_uri`` null and the URI scrubbed from error messages; the task then
-writes its (``image_key``, ``image_uri``) pairs under ``--path-map`` (``<path-map>/<run_id>/``),
-the one place the paths go.
+Rows arrive with ``image_key`` set by the driver for the run's ``--path-privacy`` (the URI, or
+its keyed hash: the key never leaves the driver). With ``pseudonymize`` each task nulls
+``image_uri``, scrubs the URI from error messages and writes its (``image_key``, ``image_uri``)
+pairs under ``--path-map`` (``<path-map>/<run_id>/``), the one place the paths go.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import posixpath
 import time
 from collections import Counter
@@ -158,12 +156,13 @@ class RunSink(Datasink[dict]):
         return result
 
     def _identify(self, table: pa.Table, task_idx: int) -> pa.Table:
-        """``table`` with ``image_key`` for the run's privacy mode (``pseudonymize``: paths removed and mapped)."""
-        uris = [str(u) for u in table.column("image_uri").to_pylist()]
-        keys = S.image_keys(uris, self.path_privacy, os.environ.get(S.SECRET_ENV, "").encode())
-        table = table.set_column(table.schema.get_field_index("image_key"), "image_key", pa.array(keys, pa.string()))
+        """``table`` for the run's privacy mode (``pseudonymize``: paths removed, and mapped under ``path_map``)."""
         if self.path_privacy == "keep":
             return table
+        uris = [str(u) for u in table.column("image_uri").to_pylist()]
+        keys = table.column("image_key").to_pylist()
+        if any(k == u for k, u in zip(keys, uris)):  # the driver made no keys: never write the paths
+            raise ValueError("pseudonymized rows arrived without their image_key")
         errors = [S.scrub_paths(e, u, "<image>") for e, u in zip(table.column("error").to_pylist(), uris)]
         table = table.set_column(table.schema.get_field_index("error"), "error", pa.array(errors, pa.string()))
         table = table.set_column(

@@ -33,15 +33,15 @@ log = logging.getLogger(__name__)
 
 # Columns the decoder emits besides the pixels.
 ROW_COLUMNS = (
-    "image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key", "status", "error",
-    "file_size", "file_version",
+    "image_uri", "image_key", "content_sha256", "frame", "height", "width", "modality", "study_key", "status",
+    "error", "file_size", "file_version",
 )  # fmt: skip
 
 
 class Decoder:
     """Listed files -> frames prepared for the network (a Ray Data batch function).
 
-    A batch holds listing rows (``uri``, ``size``, ``version``, ``prior_sha``,
+    A batch holds listing rows (``uri``, ``image_key``, ``size``, ``version``, ``prior_sha``,
     ``prior_done``: see ``ledger.plan_inputs``); each file is read here, once, inside the
     task (or a batch holds ``bytes`` and ``path`` already read: benchmarks, tests). A read
     that fails becomes an error row of kind ``read`` (transient: the next run retries it).
@@ -63,11 +63,11 @@ class Decoder:
         return f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels})"
 
     def _files(self, batch: dict[str, np.ndarray]):
-        """(uri, bytes or an exception, size, version, prior sha, prior done frames) per file."""
+        """((uri, image key, size, version), bytes or an exception, prior sha, prior done frames) per file."""
         if "bytes" in batch:
             for data, path in zip(batch["bytes"], batch["path"]):
                 data = bytes(data)
-                yield str(path), data, len(data), None, None, frozenset()
+                yield (str(path), str(path), len(data), None), data, None, frozenset()
             return
         for i, uri in enumerate(batch["uri"]):
             uri = str(uri)
@@ -77,7 +77,9 @@ class Decoder:
                 data = e
             prior = batch["prior_done"][i] if "prior_done" in batch else None
             done = frozenset() if prior is None or not len(prior) else frozenset(int(f) for f in prior)
-            yield uri, data, int(batch["size"][i]), _text(batch["version"][i]), _text(batch["prior_sha"][i]), done
+            key = str(batch["image_key"][i]) if "image_key" in batch else uri  # keys are made by the driver
+            file = (uri, key, int(batch["size"][i]), _text(batch["version"][i]))
+            yield file, data, _text(batch["prior_sha"][i]), done
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
@@ -85,13 +87,14 @@ class Decoder:
         blank = np.zeros((3, self.input_size, self.input_size), np.uint8)  # error/skip rows
 
         def emit(file, sha, frame, status, error=None, px=None, hw=(None, None), modality=None, key=None):
-            (uri, size, version) = file
-            for c, v in zip(ROW_COLUMNS, (uri, sha, frame, hw[0], hw[1], modality, key, status, error, size, version)):
+            (uri, image_key, size, version) = file
+            values = (uri, image_key, sha, frame, hw[0], hw[1], modality, key, status, error, size, version)
+            for c, v in zip(ROW_COLUMNS, values):
                 cols[c].append(v)
             pixels.append(blank if px is None else px)
 
-        for uri, data, size, version, prior_sha, prior_done in self._files(batch):
-            file = (uri, size, version)
+        for file, data, prior_sha, prior_done in self._files(batch):
+            uri = file[0]
             if isinstance(data, Exception):
                 reason = f"{type(data).__name__}: {str(data)[:200]}"
                 emit(file, None, 0, S.STATUS_ERROR, S.format_error(S.READ_ERROR, reason))
@@ -287,7 +290,8 @@ class Postprocess:
 
 # Carried from the decoder through the replicas to the output.
 PASSED_COLUMNS = (
-    "image_uri", "content_sha256", "frame", "height", "width", "modality", "study_key", "file_size", "file_version",
+    "image_uri", "image_key", "content_sha256", "frame", "height", "width", "modality", "study_key", "file_size",
+    "file_version",
 )  # fmt: skip
 # The Ray node a row was scored on: counted into the manifest's rows_by_node, not written to Parquet.
 NODE_COLUMN = "_node_id"
@@ -323,7 +327,7 @@ def _ray_gpu_ids() -> list:
         return []
 
 
-TEXT_COLUMNS = ("image_uri", "content_sha256", "modality", "study_key", "file_version")
+TEXT_COLUMNS = ("image_uri", "image_key", "content_sha256", "modality", "study_key", "file_version")
 
 
 def _texts(values) -> np.ndarray:

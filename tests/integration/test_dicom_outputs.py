@@ -207,7 +207,7 @@ def test_dicom_output_inside_output_or_input_is_refused(tiny_artifact, tmp_path)
 
     write_local(tmp_path / "in", {"a.dcm": _dicom_with_phi()})
     for inside in (tmp_path / "out" / "pacs", tmp_path / "in" / "pacs"):
-        with pytest.raises(SystemExit, match="--dicom-output must lie outside"):
+        with pytest.raises(SystemExit, match="must not lie inside one another"):
             main(
                 config(
                     input=str(tmp_path / "in"),
