@@ -54,7 +54,7 @@ ANOMALIB = "anomalib==2.7.0"
 VARIANTS = {  # row name -> model config overrides
     "adcore PatchCore (paper steps on)": {},
     "adcore PatchCore (both off)": {"map_sigma_px": 0, "reweight_k": 0},
-    "adcore PatchCore (inside-only average)": {"pool_zero_padding": False},  # the border rule before stop 10
+    "adcore PatchCore (inside-only average)": {"pool_zero_padding": False},  # older artifacts' border rule
 }
 PEER_ROW = "anomalib 2.7.0 PatchCore"
 

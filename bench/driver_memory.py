@@ -1,4 +1,4 @@
-"""Benchmark: the scoring job's driver peak RSS for N and 10N input files (issue 8).
+"""Benchmark: the scoring job's driver peak RSS for N and 10N input files.
 
     .venv/bin/python bench/driver_memory.py [--n 2000]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU host check (issue 10): what the CPU machines of this project cannot run.
+# GPU host check: what the CPU machines of this project cannot run.
 #
 #   bash bench/gpu_check.sh [WORKDIR]
 #

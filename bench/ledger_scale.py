@@ -8,7 +8,7 @@ tonight's listing of the same N files as Parquet (a share ``--changed`` with a n
 then runs the skip phase (``ledger.plan_inputs``: hash the listing, read the done keys of
 every bucket, filter, join the partly-done files) in a fresh child process, which reports
 its wall time and peak RSS (``ru_maxrss``) beside its RSS before the phase. No images are
-needed. Targets (issue 9): under 60 s at 1M on 2 cores; peak RSS growth from 100k to 1M
+needed. Targets: under 60 s at 1M on 2 cores; peak RSS growth from 100k to 1M
 under 300 MB.
 """
 

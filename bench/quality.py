@@ -4,8 +4,8 @@
     python bench/quality.py --rows=-memory,-adapter_side   # only these rows after PatchCore and fusion-small
     python bench/quality.py --suite dra [--dra-labelled 1,10] [--dra-protocols general,hard] [--with-fusion]
 
-``--suite fusion`` (issue 11, the default): per demo modality, trains PatchCore, fusion-small (every
-extension on, README "fusion extensions") and fusion-small-paper (none), then one ablation row per
+``--suite fusion`` (the default): per demo modality, trains PatchCore, fusion-small (every
+extension on, docs/models/fusion.md) and fusion-small-paper (none), then one ablation row per
 extension: the training-side ones (``adapter_side``, ``adapter_residual``, ``train_scored``,
 ``synthesis``, ``epoch_average``) retrained with that extension's fields at their paper values,
 the head-side ones (memory branch, clean centroids, k-means centroids) refit on the extended
@@ -16,7 +16,7 @@ validation split; validation AUROCs are printed too (what any choice of setting 
 Targets: fusion-small >= PatchCore on image and pixel AUROC on every modality, >= 0.95 on both for
 the brain demo, ACC >= 0.85 at the stored threshold, within 10 minutes of training on 2 cores.
 
-``--suite dra`` (issue 12, DRA rows: ``dra_rows`` below) uses a demo folder with lesion
+``--suite dra`` (DRA rows: ``dra_rows`` below) uses a demo folder with lesion
 kinds and labelled training anomalies, and reports image AUROC on the test split separately for the
 kinds DRA was shown (seen) and the others (unseen), beside PatchCore (and fusion-small) on the same
 subsets. Protocols: general (labelled anomalies drawn from every kind) and hard (labelled anomalies
@@ -56,7 +56,7 @@ TARGET_ACC = 0.85  # fusion-small ACC at the stored threshold
 TABLE_KEYS = (
     "image_auroc", "pixel_auroc", "aupro", "f1_max", "acc", "dice", "val_image_auroc", "val_pixel_auroc", "train_s"
 )  # fmt: skip
-# Extensions of fusion-small and their paper values (README "fusion extensions").
+# Extensions of fusion-small and their paper values (docs/models/fusion.md).
 # Training-side rows, retrained: row name -> the paper's values of that extension's fields.
 TRAIN_ABLATIONS = {
     "-adapter_side": {"adapter_side": False, "train_last_layers": 1, "domain_train_layers": 2},
@@ -77,7 +77,7 @@ HEAD_ABLATIONS = {
     "-clean_centroids": {"clean_centroids": False},
     "-centroid_method": {"centroid_method": "vae"},
 }
-# DRA suite (issue 12)
+# DRA suite
 DRA_KINDS = ["hyperintense_mass", "hypointense_cyst", "diffuse_region"]
 DRA_TRAIN_ANOMALOUS = 30  # train/Ungood: 10 per kind, so the hard protocol can draw 10 of one kind
 DRA_UNSEEN_MARGIN = 0.02  # target: DRA at most this far below PatchCore on unseen kinds (10 labelled)
@@ -142,7 +142,7 @@ def main() -> None:
     return suites[args.suite](args)
 
 
-# --- fusion-small vs PatchCore, with ablations (issue 11) -----------------------
+# --- fusion-small vs PatchCore, with ablations ----------------------------------
 
 
 def _evaluated(scorer, data: str, name: str, seconds: float | None) -> dict:
@@ -296,7 +296,7 @@ def fusion_rows(args: QualityConfig) -> None:
     (Path(args.out) / "quality.json").write_text(json.dumps({"minutes": args.minutes, "tables": tables}, indent=1))
 
 
-# --- DRA rows (issue 12) -------------------------------------------------------
+# --- DRA rows -----------------------------------------------------------------
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -1,4 +1,4 @@
-"""Cross-domain (zero-shot) benchmark of EntroAD (issue 14).
+"""Cross-domain (zero-shot) benchmark of EntroAD.
 
     python bench/quality_entroad.py [--pairs brain:chest,chest:brain] [--minutes 3] [--epochs 2] [--out DIR]
 
@@ -9,7 +9,7 @@ B image seen: the zero-shot protocol. PatchCore fitted on B's normal training im
 reference that is *not* zero-shot. Image and pixel AUROC are threshold-free; nothing is tuned on
 any test split. The paper's figures stand beside them: its backbone (CLIP ViT-L/14) and data
 (real benchmarks) differ from the offline DINOv2 ViT-S/14 and the demo sets here, so they are
-context, not a comparison. Target (issue 14): EntroAD above fusion-small on image and pixel AUROC
+context, not a comparison. Target: EntroAD above fusion-small on image and pixel AUROC
 in every cross-domain pair.
 """
 

@@ -9,7 +9,7 @@ numbers are printed as measured.
 
 Then, with one worker, the streamed train split (Ray Data decode tasks, the default) against the
 in-memory one (``--no-stream``): compute samples/s of each and their ratio, and the worker's peak
-RSS for N and 4N training images (issue 10's target: growth under 20 % when streamed).
+RSS for N and 4N training images (target: growth under 20 % when streamed).
 
     .venv/bin/python bench/train_scaling.py [--n-train 96] [--epochs 5] [--no-tiny] [--memory-images 96]
 """

@@ -7,7 +7,7 @@
 * the images in scikit-image's data folder, when scikit-image is installed.
 
 ``python -m tests.real_corpus`` prints what :func:`adcore.data.decode_image` makes of them,
-per format and per DICOM transfer syntax (the README's "Supported inputs" table).
+per format and per DICOM transfer syntax (the table in docs/data.md).
 """
 
 from __future__ import annotations

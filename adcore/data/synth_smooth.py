@@ -1,4 +1,4 @@
-"""Smooth intensity anomalies for training (fusion extension, README "fusion extensions").
+"""Smooth intensity anomalies for training (fusion extension, docs/models/fusion.md).
 
 Same contract as :mod:`adcore.data.synth`: ``t(image, foreground=None) -> (image_aug, mask)``.
 The DRAEM-style makers there paint grainy textures or displaced anatomy; lesions in MRI and CT

@@ -107,7 +107,7 @@ def test_dict_round_trip(rng):
 
 # --- the strictly increasing score map (format 2) and format-1 artifacts -------------------------
 
-# The format-1 dict exactly as the old Calibration.to_dict() wrote it (artifacts before issue 17).
+# The format-1 dict exactly as the old Calibration.to_dict() wrote it (artifacts of calibration format 1).
 OLD_FIELDS = (
     "score_lo",
     "score_hi",

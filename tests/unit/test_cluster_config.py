@@ -79,3 +79,56 @@ def test_schema_rejects_a_broken_config():
     fractional["available_node_types"][gpu_type]["resources"]["GPU"] = 0.5
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(fractional))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_dashboard_listens_on_loopback_only(path):
+    """The dashboard's job API runs code on the cluster: only a tunnel to the head may reach it."""
+    config = _load(path)
+    starts = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert starts, f"{path.name}: no `ray start` on the head"
+    for command in starts:
+        hosts = [arg.split("=", 1)[1] for arg in command.split() if arg.startswith("--dashboard-host")]
+        assert hosts == ["127.0.0.1"], f"{path.name}: dashboard host {hosts or 'default'}; bind it to 127.0.0.1"
+
+
+KUBERAY = sorted((REPO_ROOT / "cluster" / "kuberay").glob("*.yaml"))
+
+
+def _ray_clusters(doc: dict) -> list[dict]:
+    """The RayCluster specs of a KubeRay document (a RayCluster, or the cluster a RayJob starts)."""
+    if doc["kind"] == "RayCluster":
+        return [doc["spec"]]
+    if doc["kind"] == "RayJob":
+        return [doc["spec"]["rayClusterSpec"]]
+    return []
+
+
+def test_kuberay_manifests_found():
+    assert {p.name for p in KUBERAY} >= {"raycluster.yaml", "rayjob-nightly.yaml", "cronjob-nightly.yaml"}
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_clusters_require_a_token(path):
+    """KubeRay's operator and job submitter reach the dashboard over the head service, so it cannot be
+    bound to loopback there: token authentication guards it, and the service stays inside the cluster."""
+    ray_pin = next(d for d in (REPO_ROOT / "pyproject.toml").read_text().split('"') if d.startswith("ray["))
+    for doc in yaml.safe_load_all(path.read_text()):
+        for spec in _ray_clusters(doc):
+            assert spec.get("authOptions", {}).get("mode") == "token", f"{path.name}: token authentication is off"
+            assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", path.name
+            assert ray_pin.endswith("==" + spec["rayVersion"]), f"{path.name}: rayVersion differs from {ray_pin}"
+            assert "0.0.0.0" not in json.dumps(spec["headGroupSpec"].get("rayStartParams", {})), path.name
+
+
+def test_nightly_cronjob_creates_the_rayjob():
+    cronjob = (REPO_ROOT / "cluster" / "kuberay" / "cronjob-nightly.yaml").read_text()
+    docs = {d["kind"]: d for d in yaml.safe_load_all(cronjob)}
+    pod = docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["command"][:3] == ["kubectl", "create", "-f"]
+    assert docs["CronJob"]["spec"]["concurrencyPolicy"] == "Forbid"
+    job = yaml.safe_load((REPO_ROOT / "cluster" / "kuberay" / "rayjob-nightly.yaml").read_text())
+    assert "generateName" in job["metadata"], "a nightly RayJob needs a fresh name every night"
+    assert "jobs/score.py --config" in job["spec"]["entrypoint"]
+    config = yaml.safe_load(docs["ConfigMap"]["data"]["nightly.yaml"])
+    assert {"input", "model", "output"} <= set(config)

@@ -1,5 +1,5 @@
 """EntroAD configuration (papers.md section 5; arXiv 2605.28630). Choices the abstract leaves open are
-marked "adcore:" and explained in the model's docstring and the README section "EntroAD"."""
+marked "adcore:" and explained in the model's docstring and docs/models/entroad.md."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class EntroADConfig:
     logit_scale: float = 10.0  # initial cosine -> logit temperature, learned
     topk_fraction: float = 0.05  # image score: mean of the top 5 % patch probabilities (small lesions)
     # adcore: initial weight of the structural evidence -z(h_i) in the patch logit (learned); on the brain
-    # demo's validation split, before training, low within-image entropy marks lesion patches (README "EntroAD")
+    # demo's validation split, before training, low within-image entropy marks lesion patches (docs/models/entroad.md)
     entropy_evidence: float = 1.0
     prior_loss_weight: float = 0.5  # adcore: the frozen-prompt branch is trained to agree with the masks too
 

@@ -21,7 +21,7 @@ Forward (the abstract's parts, then adcore's choices where it is silent, marked 
      step on the attention graph) plus the z-scored ``h_i``: a mild, spread-out change looks like its grid
      neighbours (they changed too) but not like the tissue it relates to across the image.
    Both paths see residuals, not raw features, meant to carry less of the training domain's
-   appearance (adcore; the transfer is not shown on the demo sets yet, README "EntroAD").
+   appearance (adcore; the transfer is not shown on the demo sets yet, docs/models/entroad.md).
    Tokens: ``e_i = normalize((1 - r_i) S_i + r_i D_i)`` in the joint space.
 5. Confidence-aware dual-branch prompt adaptation: a learned branch matches ``e_i`` with learned
    prompts ``normalize(P + delta)`` (``delta`` starts at zero), the prior branch with the frozen
@@ -37,7 +37,7 @@ Forward (the abstract's parts, then adcore's choices where it is silent, marked 
 
 With CLIP weights, ``P`` would be CLIP's own text features and the prior branch CLIP's zero-shot
 alignment; offline adcore has DINOv2 + a MiniLM stand-in, so the prior is the prompts only and the
-projection learns to align with them (README "EntroAD").
+projection learns to align with them (docs/models/entroad.md).
 """
 
 from __future__ import annotations

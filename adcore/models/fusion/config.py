@@ -44,7 +44,7 @@ class FusionConfig:
     alpha_few: float = 0.15  # few-shot centroid blend (paper)
     n_centroids: int = 16  # per class (paper)
     # --- Extensions beyond the paper (all off by default: fusion-large stays the paper's model;
-    # the fusion-small preset turns them on, fusion-small-paper leaves them off). README "fusion extensions".
+    # the fusion-small preset turns them on, fusion-small-paper leaves them off). docs/models/fusion.md.
     memory_layers: list[int] = field(default_factory=list)  # domain-tower layers of a normal-patch memory
     memory_weight: float = 0.5  # blend of the memory branch's probability into map and score
     memory_kernel: int = 3  # locally aware neighbourhood average of the memory features (PatchCore)

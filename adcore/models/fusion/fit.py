@@ -1,6 +1,6 @@
 """The fusion head: one VAE per class on patch embeddings, 16 decoded centroids each (papers.md section 1).
 
-Extensions (config fields; README "fusion extensions"): ``clean_centroids`` takes the normal
+Extensions (config fields; docs/models/fusion.md): ``clean_centroids`` takes the normal
 centroids from a pass without synthetic anomalies, ``centroid_method="kmeans"`` takes centroids
 by spherical k-means on the embeddings instead of decoding VAE latents, ``memory_layers`` builds
 the head's normal-patch memory (a PatchCore coreset of frozen domain-tower features) and fixes its

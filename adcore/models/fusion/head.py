@@ -1,6 +1,6 @@
 """The fusion model's FAISS stage: few-shot matching against VAE centroids (papers.md section 1).
 
-Extension (README "fusion extensions"): an optional normal-patch memory, PatchCore's
+Extension (docs/models/fusion.md): an optional normal-patch memory, PatchCore's
 nearest-neighbour distance on frozen domain-tower features, blended into map and score.
 """
 

@@ -15,7 +15,7 @@ Forward, in the paper's terms (C: vision/CLIP tower, B: domain/BEiT tower):
    anomalous column over patches (or the top-k mean, see ``score_reduction``).
    The image logit adds the cls heads' text logits on the CLS token.
 
-Extensions (config fields, off unless a preset turns them on; README "fusion extensions"):
+Extensions (config fields, off unless a preset turns them on; docs/models/fusion.md):
 ``adapter_residual`` (C continues from C_i + F_i, adapter outputs zero-initialised, so the
 untrained model is the frozen tower), ``adapter_side`` (adapters as side branches that never write
 back into the vision tower: stage 2 needs no gradient through a tower, and one tower serves as both

@@ -6,7 +6,7 @@
    BCE + Dice + Focal; every epoch ends with validation image/pixel AUROC, and the
    weights of the best validation epoch are kept (never the test split).
 
-Extensions (README "fusion extensions"): ``synthesis="smooth"`` draws half the training anomalies
+Extensions (docs/models/fusion.md): ``synthesis="smooth"`` draws half the training anomalies
 of both stages from :mod:`adcore.data.synth_smooth`; ``epoch_average`` validates, selects and keeps
 an exponential average of the stage-2 weights over epochs instead of one epoch's weights;
 ``domain_train_layers`` 0 skips stage 1.

@@ -1,7 +1,7 @@
 """SD-MAD configuration (sign-driven few-shot multi-anomaly detection, arXiv 2505.16659; papers.md section 2).
 
 The paper's text is an abstract: every value below is adcore's choice, with the reason beside it
-(``adcore/models/sdmad/model.py`` and the README section "SD-MAD" say what each part does).
+(``adcore/models/sdmad/model.py`` and docs/models/sdmad.md say what each part does).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The fusion model's extensions beyond the paper (README "fusion extensions"), each on a tiny model."""
+"""The fusion model's extensions beyond the paper (docs/models/fusion.md), each on a tiny model."""
 
 from __future__ import annotations
 
