@@ -304,18 +304,20 @@ def parse_config(cls, argv: list[str] | None, description: str, prog: str | None
 
 # ----------------------------------------------------------------------------- running
 def run_command(entry: Callable[[], T], prog: str) -> T:
-    """``entry()``, with a :class:`UserError` printed as one line on stderr (exit status 1).
-
-    Only the project's user-facing errors are caught; with ``-v`` they keep their traceback.
-    """
+    """``entry()``, with a :class:`UserError` (or a job's ``SystemExit("message")``) printed as one
+    line on stderr, exit status 1. Only these are caught; with ``-v`` they keep their traceback."""
     try:
         return entry()
     except UserError as e:
         if _verbose:
             raise
-        message = " ".join(str(e).split())
-        sys.stderr.write(f"{prog}: error: {message}\n")
-        raise SystemExit(1) from None
+        message = str(e)
+    except SystemExit as e:  # the jobs' own refusals, SystemExit("--flag ...: why")
+        if not isinstance(e.code, str) or _verbose:
+            raise
+        message = e.code
+    sys.stderr.write(f"{prog}: error: {' '.join(message.split())}\n")
+    raise SystemExit(1)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -49,9 +49,8 @@ DEFAULT_MINUTES = 10.0
 class TrainConfig:
     preset: str = one_of(list_models, "preset", "fusion-small")  # registered model to train
     weights: dict[str, str] = field(default_factory=dict)  # tower -> local folder or s3:// prefix
-    # default: as many as --minutes allows (model selection keeps the best epoch); a --smoke-test: SMOKE_EPOCHS
-    epochs: int | None = None
-    minutes: float | None = DEFAULT_MINUTES  # wall-clock budget of the gradient stages; None: --epochs alone
+    epochs: int | None = None  # gradient-stage epochs; default: as many as --minutes allows (best epoch kept)
+    minutes: float | None = DEFAULT_MINUTES  # time budget of the gradient stages (library: None = --epochs alone)
     batch_size: int = 8
     lr: float = 1e-3  # adapters and projection
     domain_lr: float = 5e-5  # paper, stage 1

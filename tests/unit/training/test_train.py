@@ -69,7 +69,7 @@ def test_cli_train_then_evaluate(demo, tmp_path, capsys):
     art = str(tmp_path / "pc")
     train_main(["--data", demo, "--preset", "patchcore", "--output", art, "--tiny", "--smoke-test"])
     out_json = tmp_path / "metrics.json"
-    evaluate_main(["--data", demo, "--model", art, "--json", str(out_json)])
+    evaluate_main(["--data", demo, "--model", art, "--output", str(out_json)])
     table = capsys.readouterr().out
     assert "image_auroc" in table and "pixel_auroc" in table
     metrics = json.loads(out_json.read_text())
