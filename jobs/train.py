@@ -40,6 +40,7 @@ from adcore.training import TrainConfig, TrainHooks, dist, refuse_unused_flags, 
 from adcore.training.loop import SMOKE_IMAGES
 from adcore.training.stream import StreamedBatches, decode_train, shard_listing, train_listing
 from jobs.common import init_ray, local_copy, run_name, storage_args
+from jobs.console import quiet_ray_loggers
 
 log = logging.getLogger("jobs.train")
 
@@ -173,8 +174,9 @@ def train_worker(config: dict) -> None:
         rank=rank, world_size=world, device=device, wrap=make_wrap(world), report=reporter, resume=resume
     )
     if streamed:
-        # Ray Data logs three INFO lines per rank and pass (start, plan, finish); the [train] lines suffice.
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Ray Data logs three INFO lines per rank and pass (start, plan, finish) and its issue detector's
+        # advice to this worker's console; the [train] lines suffice (its ray-data log keeps them).
+        quiet_ray_loggers(("ray.data",))
         shard = ray.train.get_dataset_shard(f"{TRAIN_DATASET}_{rank}")
         hooks.train_batches = StreamedBatches(
             _epoch_iterator(shard, cfg), streamed["rows_per_rank"], cfg.batch_size, cfg.anomaly_share, seed=cfg.seed

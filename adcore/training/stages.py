@@ -170,9 +170,11 @@ def run_stage(
             if budget_s is not None and dist.agree_stop(over_budget(), world):
                 break
         mean_loss = reduce_mean(float(loss_sum.item()) / done if done else math.nan, hooks)
-        if hooks.is_main:
+        if hooks.is_main:  # a stage with on_epoch logs its own row (loss and validation)
             of = f"/{epochs}" if epochs is not None else ""
-            log.info("%s epoch %d%s: loss %.4f (%.0f s)", name, epoch + 1, of, mean_loss, time.monotonic() - started)
+            level = logging.DEBUG if on_epoch else logging.INFO
+            seconds = time.monotonic() - started
+            log.log(level, "%s epoch %d%s: loss %.4f (%.0f s)", name, epoch + 1, of, mean_loss, seconds)
         row = on_epoch(epoch, mean_loss) if on_epoch else None
         row = row or {"stage": name, "epoch": epoch + 1, "loss": mean_loss, "elapsed_s": round(ctx.elapsed(), 1)}
         row["steps"] = done  # the same on every rank
