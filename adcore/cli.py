@@ -244,6 +244,8 @@ def _config_tokens(path: str, parser: argparse.ArgumentParser, skip: set[str]) -
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "version", "config")}
     tokens = []
     for key, value in settings.items():
+        if isinstance(key, bool):  # YAML reads an unquoted on/off/yes/no key as a boolean
+            parser.error(f"--config {path}: a key reads as {key} (YAML's on/off/yes/no): quote it")
         dest = str(key).lstrip("-").replace("-", "_")
         if dest not in actions:
             flags = [a.dest.replace("_", "-") for a in actions.values()]

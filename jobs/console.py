@@ -39,6 +39,7 @@ NOISE = re.compile(
             r"consider setting `memory=",  # Ray Data's high-memory detector
             r"Token authentication is enabled for this Ray cluster",
             r"torchvision is not installed\. Skipping torchvision::",
+            r"FutureWarning: `isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's ONNX export, in a replica
         ]
     )
 )
