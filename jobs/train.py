@@ -168,7 +168,7 @@ def train_worker(config: dict) -> None:
     streamed = config.get("stream")
     data = local_copy(job.data, only="valid" if streamed else None)
     data_s = time.monotonic() - started
-    reporter = Reporter(rank, cfg.stage_epochs())
+    reporter = Reporter(rank, cfg.epochs)
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
     hooks = TrainHooks(
         rank=rank, world_size=world, device=device, wrap=make_wrap(world), report=reporter, resume=resume
@@ -320,7 +320,7 @@ def main(job: JobConfig, cfg: TrainConfig):
     last = result.metrics or {}
     print(f"[train] run {job.name()} in {job.storage_uri()}: {time.monotonic() - started:.1f} s", flush=True)
     if last:
-        print(progress_line(last, cfg.stage_epochs(), last.get("elapsed_s", 0.0)), flush=True)
+        print(progress_line(last, cfg.epochs, last.get("elapsed_s", 0.0)), flush=True)
     print(f"[train] saved {job.output}", flush=True)
     return result
 
