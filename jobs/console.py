@@ -36,8 +36,9 @@ NOISE = re.compile(
             r"^Reporting training result \d+: ",
             r"Progress bars disabled\. To enable",
             r"Found \d+ issues?\. To disable issue detection",
-            r"consider setting `memory=",  # Ray Data's high-memory detector (one record on a driver; here, in
-            r"^Operator '.*' (uses|used up to) .* of memory per worker",  # a worker's forwarded output, lines)
+            # Ray Data's high-memory advice as lines of a worker's forwarded output (one record on a driver)
+            r"consider setting `memory=",
+            r"^Operator '.*' (uses|used up to) .* of memory per worker",
             r"Token authentication is enabled for this Ray cluster",
             r"torchvision is not installed\. Skipping torchvision::",
             r"FutureWarning: `isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's ONNX export, in a replica
