@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 
 from adcore import storage
+from adcore.errors import UserError
 
 FORMAT = "adcore-artifact"
 FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ _RESERVED = {MANIFEST, CONFIG, WEIGHTS, ARRAYS}
 _HASH_CHUNK = 1 << 20
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """An artifact is missing, incomplete, tampered with or of an unknown format."""
 
 

@@ -26,16 +26,20 @@ import json
 import logging
 import os
 import tempfile
+import typing
 from pathlib import Path
+from typing import Literal
 
 from adcore import storage
+from adcore.errors import UserError
 from adcore.export import ONNX_FORMAT, VARIANTS, OnnxNetwork, export_onnx, read_metadata, variant_filename
 from adcore.scorer import OUTPUT_NAMES, Network, Scorer, TorchNetwork
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("torch", "onnx")
+EngineName = Literal["auto", "torch", "onnx"]  # the --engine flag of the entry points
 AUTO = "auto"
+ENGINES = tuple(e for e in typing.get_args(EngineName) if e != AUTO)
 # A variant is usable when both its image and its pixel AUROC on the validation split stay this close to fp32's.
 VARIANT_TOLERANCE = 0.005
 CACHE_FOLDER = "onnx"  # inside the artifact folder
@@ -44,7 +48,7 @@ CACHE_FORMAT = "adcore-onnx-cache/1"
 _LOCK = ".lock"
 
 
-class VariantNotUsableError(RuntimeError):
+class VariantNotUsableError(UserError, RuntimeError):
     """A quantised variant was asked for that was not measured, or that lost accuracy."""
 
 

@@ -1,6 +1,6 @@
 """Evaluate artifacts on a BMAD split.
 
-``python -m adcore.evaluate --data DIR --model ARTIFACT [--model ARTIFACT2] [--split test] [--json OUT]
+``python -m adcore.evaluate --data DIR --model ARTIFACT [--model ARTIFACT2] [--split test] [--output METRICS.json]
 [--engine auto|torch|onnx] [--variant fp32|int8|fp16]``
 
 Threshold-free metrics (image/pixel AUROC, AUPRO, F1-max) are computed on the raw
@@ -26,15 +26,18 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from adcore import metrics
-from adcore.cli import parse_config
-from adcore.engine import load_scorer
+from adcore import metrics, storage
+from adcore.cli import parse_config, run_command
+from adcore.engine import EngineName, load_scorer
+from adcore.export import VariantName
 from adcore.scorer import Scorer
 from adcore.training.loop import load_split
 
+PROG = "python -m adcore.evaluate"
 TABLE_KEYS = (
     "image_auroc",
     "pixel_auroc",
@@ -56,12 +59,12 @@ MULTI_KEYS = ("normal_vs_any_auroc", "category_auroc", "accuracy", "macro_f1")
 class EvaluateConfig:
     data: str  # BMAD-layout folder
     model: list[str]  # artifact, local folder or s3:// prefix (repeat to compare)
-    split: str = "test"  # train, valid or test
-    json: str | None = None  # write the metrics here
+    split: Literal["train", "valid", "test"] = "test"
+    output: str | None = None  # write the metrics here as JSON
     limit: int | None = None  # evaluate an evenly spread subset of this many images
     batch_size: int = 8
-    engine: str = "auto"  # network engine: auto (onnxruntime on CPU, torch on CUDA), torch or onnx
-    variant: str = "fp32"  # ONNX precision variant: fp32, int8 or fp16 (needs engine auto or onnx)
+    engine: EngineName = "auto"  # network engine: auto (onnxruntime on CPU, torch on CUDA), torch or onnx
+    variant: VariantName = "fp32"  # ONNX precision variant (needs engine auto or onnx)
 
 
 def evaluate(scorer: Scorer, data: str, split: str = "test", batch_size: int = 8, limit: int | None = None) -> dict:
@@ -125,10 +128,8 @@ def format_table(rows: list[dict], keys=TABLE_KEYS) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(EvaluateConfig, argv, __doc__.splitlines()[0], prog="python -m adcore.evaluate")
-    if cfg.split not in ("train", "valid", "test"):
-        raise SystemExit(f"--split must be train, valid or test, got {cfg.split!r}")
+def main(argv: list[str] | None = None, prog: str = PROG) -> None:
+    cfg = parse_config(EvaluateConfig, argv, __doc__.splitlines()[0], prog=prog)
     rows = []
     for uri in cfg.model:
         scorer = load_scorer(uri, engine=cfg.engine, variant=cfg.variant, require_usable=False)
@@ -142,10 +143,14 @@ def main(argv: list[str] | None = None) -> None:
         if "category_auroc_per" in r:
             per = ", ".join(f"{k} {v:.4f}" for k, v in r["category_auroc_per"].items())
             print(f"{r['name']}: one-vs-rest AUROC per category: {per}")
-    if cfg.json:
-        with open(cfg.json, "w") as f:
-            json.dump(rows[0] if len(rows) == 1 else rows, f, indent=1)
+    if cfg.output:
+        storage.write_bytes(cfg.output, json.dumps(rows[0] if len(rows) == 1 else rows, indent=1).encode())
+
+
+def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
+    """The command line: :func:`main` with errors a user can fix in one line."""
+    run_command(lambda: main(argv, prog), prog)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

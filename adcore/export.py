@@ -24,12 +24,15 @@ import contextlib
 import logging
 import os
 import re
+import typing
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from adcore.errors import UserError
 from adcore.scorer import INPUT_NAME, OUTPUT_NAMES, as_float, as_uint8
 
 # Example batch for tracing: not 1, which torch.export would specialise as a constant.
@@ -195,7 +198,8 @@ class OnnxNetwork:
 # Precision variants of one exported graph. fp32 is the graph itself; int8 is onnxruntime's
 # dynamic quantisation (int8 weights, activations quantised per call: MatMul/Gemm/Conv, for CPU);
 # fp16 halves every weight and activation but keeps the uint8 input and float32 outputs (GPU hosts).
-VARIANTS = ("fp32", "int8", "fp16")
+VariantName = Literal["fp32", "int8", "fp16"]  # the --variant flag of the entry points
+VARIANTS = typing.get_args(VariantName)
 
 
 def variant_filename(variant: str) -> str:
@@ -263,7 +267,7 @@ _PREFERRED_BATCHES = (4, 8, 16)
 _BATCH_ONLY_OUTPUTS = ("score",)
 
 
-class ModelMismatchError(RuntimeError):
+class ModelMismatchError(UserError, RuntimeError):
     """The model a server runs is not the network of the artifact the caller loaded."""
 
 

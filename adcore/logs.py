@@ -14,6 +14,7 @@ THIRD_PARTY_LEVELS = {
     "onnxscript": logging.WARNING,  # the rewriter logs every rule it applies at INFO: hundreds of lines per export
     "torch.onnx._internal.exporter._registration": logging.ERROR,  # one warning per torchvision op (adcore has none)
     "onnx_ir": logging.WARNING,  # INFO per graph pass
+    "faiss.loader": logging.WARNING,  # ten INFO lines per process on which CPU instruction set it tried
 }
 # pydicom's logger, whose records may quote element values (patient identifiers).
 PYDICOM_LOGGER = "pydicom"

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from adcore.errors import DataNotFoundError, StorageURIError
+
 S3_PREFIX = "s3://"
+# What a mistyped S3 URI starts with ("s3:/b", "S3://b", "s3:b", "s3a://b"): refused, never a local folder of that name.
+_MISTYPED_S3 = re.compile(r"^s3[an]?:", re.IGNORECASE)
 _FILE_PREFIX = "file://"
 
 
@@ -48,7 +53,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
         if not sep:
             scheme, host = "https", endpoint
         if scheme not in ("http", "https"):
-            raise ValueError(f"AWS_ENDPOINT_URL must start with http:// or https://, not {scheme}://")
+            raise StorageURIError(f"AWS_ENDPOINT_URL must start with http:// or https://, not {scheme}://")
         kwargs["endpoint_override"] = host.rstrip("/")
         kwargs["scheme"] = scheme
     region = _env("AWS_REGION", "AWS_DEFAULT_REGION")
@@ -69,7 +74,9 @@ def local_path(uri: str | os.PathLike) -> str:
     """Absolute local path of a path or ``file://`` URI (``~`` expanded)."""
     text = str(uri)
     if is_s3(text):
-        raise ValueError(f"expected a local path, got an S3 URI: {text}")
+        raise StorageURIError(f"expected a local path, got an S3 URI: {text}")
+    if _MISTYPED_S3.match(text):
+        raise StorageURIError(f"{text!r} is not an S3 URI: write s3://bucket/prefix (lower-case s3, two slashes)")
     if text.startswith(_FILE_PREFIX):
         text = text[len(_FILE_PREFIX) :]
     return os.path.abspath(os.path.expanduser(text))
@@ -89,7 +96,7 @@ def filesystem_for(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     if is_s3(text):
         path = text[len(S3_PREFIX) :].strip("/")
         if not path:
-            raise ValueError(f"S3 URI has no bucket: {text!r}")
+            raise StorageURIError(f"S3 URI has no bucket: {text!r} (expected s3://bucket/prefix)")
         return s3_filesystem(), path
     return pafs.LocalFileSystem(), local_path(text)
 
@@ -126,7 +133,7 @@ def list_files(uri: str | os.PathLike, suffixes: Iterable[str] | None = None, re
         try:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
         except FileNotFoundError:
-            raise FileNotFoundError(f"no such directory or prefix: {text}") from None
+            raise DataNotFoundError(f"no such directory or prefix: {text}") from None
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
     out = [
         _to_uri(text, i.path)
@@ -143,7 +150,7 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {uri}") from None
+        raise DataNotFoundError(f"no such file: {uri}") from None
 
 
 class Reader:
@@ -210,7 +217,7 @@ def upload_dir(local_dir: str | os.PathLike, uri: str | os.PathLike) -> None:
     """Copy every file under ``local_dir`` to ``uri`` (local or S3), keeping relative paths."""
     src = local_path(local_dir)
     if not os.path.isdir(src):
-        raise FileNotFoundError(f"no such local directory: {local_dir}")
+        raise DataNotFoundError(f"no such local directory: {local_dir}")
     dst_fs, dst = filesystem_for(uri)
     makedirs(uri)
     local = pafs.LocalFileSystem()
@@ -221,7 +228,7 @@ def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike) -> None:
     """Copy every file under ``uri`` (local or S3) into ``local_dir``, keeping relative paths."""
     src_fs, src = filesystem_for(uri)
     if src_fs.get_file_info(src).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no such directory or prefix: {uri}")
+        raise DataNotFoundError(f"no such directory or prefix: {uri}")
     dst = local_path(local_dir)
     os.makedirs(dst, exist_ok=True)
     local = pafs.LocalFileSystem()
@@ -248,7 +255,7 @@ def _bucket_key(uri: str) -> tuple[str, str]:
     path = str(uri)[len(S3_PREFIX) :]
     bucket, _, key = path.partition("/")
     if not bucket:
-        raise ValueError(f"S3 URI has no bucket: {uri!r}")
+        raise StorageURIError(f"S3 URI has no bucket: {uri!r} (expected s3://bucket/prefix)")
     return bucket, key
 
 
@@ -304,7 +311,7 @@ def list_objects(uri: str | os.PathLike, skip_hidden: bool = True):
             st = os.stat(root)
             add(root, st.st_size, str(st.st_mtime_ns))
         elif not os.path.isdir(root):
-            raise FileNotFoundError(f"no such directory or prefix: {text}")
+            raise DataNotFoundError(f"no such directory or prefix: {text}")
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             for name in sorted(filenames):
@@ -314,7 +321,7 @@ def list_objects(uri: str | os.PathLike, skip_hidden: bool = True):
     flush()
     table = pa.Table.from_batches(batches, schema=_listing_schema())
     if not table.num_rows and not (is_s3(text) or os.path.exists(local_path(text))):
-        raise FileNotFoundError(f"no such directory or prefix: {text}")
+        raise DataNotFoundError(f"no such directory or prefix: {text}")
     return table.sort_by("uri")
 
 

@@ -95,15 +95,15 @@ EOF
 run_check nccl 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" "$WORK/nccl_check.py"
 
 echo "== demo data"
-"$PY" -m adcore.data.demo --out "$WORK/demo" --n-train 64 --n-valid 16 --n-test 8 >"$WORK/demo.log" 2>&1 \
+"$PY" -m adcore.data.demo --output "$WORK/demo" --n-train 64 --n-valid 16 --n-test 8 >"$WORK/demo.log" 2>&1 \
   || record demo FAIL "(see $WORK/demo.log)"
 
-train_job() { # preset output log-name
-  "$PY" jobs/train.py --data "$WORK/demo" --preset "$1" --tiny --epochs 2 --batch-size 8 \
-    --num-workers "$NGPU" --use-gpu --output "$WORK/$2" --storage "$WORK/$2-ckpt"
+train_job() { # preset output [flags of the preset's schedule...]
+  "$PY" jobs/train.py --data "$WORK/demo" --preset "$1" --tiny --batch-size 8 \
+    --num-workers "$NGPU" --use-gpu --output "$WORK/$2" --storage "$WORK/$2-ckpt" "${@:3}"
 }
 ddp_train() {
-  train_job fusion-small fs || return 1
+  train_job fusion-small fs --epochs 2 || return 1
   grep -q "trains on cuda" "$WORK/ddp-train.log" || { echo "no rank reported a CUDA device"; return 1; }
   grep -q "\[train\] fusion epoch 2/2" "$WORK/ddp-train.log" || { echo "no second epoch"; return 1; }
   echo "$NGPU worker(s) on cuda, $(grep -o 'autocast [^ ]* on cuda[^ ]*' "$WORK/ddp-train.log" | head -n 1 \

@@ -102,7 +102,7 @@ MODALITIES: dict[str, Callable[..., Path]] = {"brain": _brain, "chest": _chest}
 @dataclass
 class QualityConfig:
     minutes: float = 10.0  # fusion-small training budget (gradient stages)
-    epochs: int = 100  # fusion-small stage-2 epochs at most (the budget ends training first)
+    epochs: int | None = None  # fusion-small stage-2 epochs; default: as many as --minutes allows
     data: str = "out/demo"  # fusion suite: demo folders go to <data>-<modality> (generated when missing)
     out: str = "out/bench-quality"  # artifacts and quality.json
     seed: int = 0

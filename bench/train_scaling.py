@@ -70,7 +70,7 @@ def run_once(
         storage=str(work / "ray"),
         run_name=f"bench-{name}",
         num_workers=workers,
-        address=cluster_address,
+        ray_address=cluster_address,
         timings=str(timings),
         max_failures=0,
         stream=stream,

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 
 from adcore import storage
 from adcore.cli import setup_logging
+from jobs.console import quiet_ray_console
 
 log = logging.getLogger("jobs")
 
@@ -49,12 +50,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
+    quiet_ray_console()  # Ray's own loggers, before ray.init logs
     runtime_env = None if os.environ.get(_JOB_ENV) else driver_runtime_env()
     if address is None and not os.environ.get("RAY_ADDRESS"):
         # "local" never attaches to a stale cluster recorded in /tmp/ray (ENVIRONMENT.md).
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env)
     else:
         ray.init(address=address, runtime_env=runtime_env)
+    quiet_ray_console()  # and the workers' output it forwards
     log.info("ray: %s", ray.cluster_resources())
 
 

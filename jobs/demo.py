@@ -1,6 +1,6 @@
 """The README's main command: the whole adcore path on the embedded default.
 
-    python jobs/demo.py [--minutes 3] [--out out] [--triton]
+    python jobs/demo.py [--minutes 3] [--output out] [--triton]
 
 Each step is the command a user would type, printed before it runs:
 demo data (real MNI152 brain slices with synthetic lesions, BMAD layout) ->
@@ -20,9 +20,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from adcore.cli import parse_config
+from adcore.cli import parse_config, run_command
 
+PROG = "python jobs/demo.py"
 ROOT = Path(__file__).resolve().parents[1]
 # One training worker on the whole machine: Ray gives a worker as many torch threads as CPUs.
 CPUS = os.cpu_count() or 1
@@ -71,27 +73,22 @@ def summarize(scores: str) -> None:
 @dataclass
 class DemoConfig:
     minutes: float = 3.0  # fusion-small training budget (gradient stages)
-    out: str = "out"  # everything the demo writes
+    output: str = "out"  # folder for everything the demo writes
     triton: bool = False  # score through a local Triton server instead of in-process
-    score_with: str = "patchcore"  # model of the nightly run (patchcore or fusion-small); PatchCore wins on this data
+    score_with: Literal["patchcore", "fusion-small"] = "patchcore"  # model of the nightly run; PatchCore wins here
 
 
 def main(args: DemoConfig) -> None:
-    if args.score_with not in ("patchcore", "fusion-small"):
-        raise SystemExit(f"--score-with must be patchcore or fusion-small, got {args.score_with!r}")
-    out = Path(args.out)
+    out = Path(args.output)
     py = sys.executable
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     data, models = out / "demo", out / "models"
     fusion, patchcore = models / "fusion-small", models / "patchcore"
     t0 = time.monotonic()
-    run([py, "-m", "adcore.data.demo", "--out", str(data)], env)
+    run([py, "-m", "adcore.data.demo", "--output", str(data)], env)
     # One training worker on the whole machine (see CPUS).
     train = [py, "jobs/train.py", "--data", str(data), "--num-workers", "1", "--cpus-per-worker", str(CPUS)]
-    run(
-        [*train, "--preset", "fusion-small", "--output", str(fusion), "--minutes", str(args.minutes), "--epochs", "8"],
-        env,
-    )
+    run([*train, "--preset", "fusion-small", "--output", str(fusion), "--minutes", str(args.minutes)], env)
     run([*train, "--preset", "patchcore", "--output", str(patchcore)], env)
     run(
         [
@@ -104,14 +101,14 @@ def main(args: DemoConfig) -> None:
             str(fusion),
             "--model",
             str(patchcore),
-            "--json",
+            "--output",
             str(out / "metrics.json"),
         ],
         env,
     )
     repo = out / "triton"
     chosen = patchcore if args.score_with == "patchcore" else fusion
-    run([py, "jobs/export.py", "--model", str(chosen), "--repository", str(repo)], env)
+    run([py, "jobs/export.py", "--model", str(chosen), "--output", str(repo)], env)
     archive = make_archive(data / "test", out / "archive")
     scores = out / "scores"
     score_cmd = [py, "jobs/score.py", "--input", str(archive), "--model", str(chosen), "--output", str(scores)]
@@ -123,10 +120,15 @@ def main(args: DemoConfig) -> None:
     else:
         run(score_cmd, env)
     report = out / "report.html"
-    run([py, "jobs/report.py", "--scores", str(scores), "--report", str(report)], env)
+    run([py, "jobs/report.py", "--scores", str(scores), "--output", str(report)], env)
     summarize(str(scores))
     print(f"\nDone in {time.monotonic() - t0:.0f} s. Metrics: {out / 'metrics.json'}  Report: {report}")
 
 
+def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
+    """The command line: parse, run the demo, errors a user can fix in one line."""
+    run_command(lambda: main(parse_config(DemoConfig, argv, __doc__.splitlines()[0], prog=prog)), prog)
+
+
 if __name__ == "__main__":
-    main(parse_config(DemoConfig, None, __doc__.splitlines()[0]))
+    cli()

@@ -1,6 +1,6 @@
 """Export a model artifact's network to a Triton model repository.
 
-    python jobs/export.py --model s3://models/fusion-small/v3 --repository triton-repo [--data BMAD_DIR]
+    python jobs/export.py --model s3://models/fusion-small/v3 --output triton-repo [--data BMAD_DIR]
     python jobs/export.py --smoke-test        # tiny random model, then a real local Triton answers
 
 Only the network (uint8 pixels -> score, anomaly_map, patch_embeddings) goes to
@@ -27,11 +27,13 @@ import numpy as np
 
 from adcore import engine, storage
 from adcore import export as onnx_export
-from adcore.cli import parse_config
+from adcore.cli import parse_config, required_unless, run_command
+from adcore.errors import FlagError
 from adcore.scorer import OUTPUT_NAMES, Scorer
 
 log = logging.getLogger("jobs.export")
 
+PROG = "python jobs/export.py"
 # Triton's largest batch per request; the nightly job sends batches of 8-32 images.
 DEFAULT_MAX_BATCH = 32
 # Torch, onnxruntime and Triton differ by float rounding only (measured: below 1e-5 on tiny models).
@@ -43,8 +45,8 @@ SMOKE_PRESET = "fusion-small"  # tiny random-init variant: exports in seconds on
 
 @dataclass
 class ExportConfig:
-    model: str | None = None  # artifact: local folder or s3:// prefix (default with --smoke-test: a tiny one)
-    repository: str | None = None  # local Triton model repository folder (default with --smoke-test: a temp dir)
+    model: str | None = required_unless("smoke_test")  # artifact: local folder or s3:// prefix (smoke test: a tiny one)
+    output: str | None = required_unless("smoke_test")  # Triton model repository to write: a local folder
     name: str | None = None  # Triton model name; default: the artifact's model_name
     max_batch_size: int = DEFAULT_MAX_BATCH
     intra_op_threads: int = 0  # onnxruntime threads in the CPU (Python-backend) model; 0 = onnxruntime's choice
@@ -140,13 +142,13 @@ def main(cfg: ExportConfig) -> dict:
         artifact = cfg.model
         if artifact is None:
             if not cfg.smoke_test:
-                raise SystemExit("--model ARTIFACT is required (a local folder or s3:// prefix)")
+                raise FlagError("--model ARTIFACT is required (a local folder or s3:// prefix)")
             artifact = smoke_artifact(tmp)
-        if cfg.repository is None and not cfg.smoke_test:
-            raise SystemExit("--repository DIR is required (a local folder)")
-        if cfg.repository is not None and storage.is_s3(cfg.repository):
-            raise SystemExit(f"--repository {cfg.repository}: write to a local folder, then copy it where Triton reads")
-        repository = Path(cfg.repository) if cfg.repository else tmp / "repository"
+        if cfg.output is None and not cfg.smoke_test:
+            raise FlagError("--output DIR is required (a local folder)")
+        if cfg.output is not None and storage.is_s3(cfg.output):
+            raise FlagError(f"--output {cfg.output}: write to a local folder, then copy it where Triton reads")
+        repository = Path(storage.local_path(cfg.output)) if cfg.output else tmp / "repository"
 
         scorer = engine.load_scorer(artifact, engine="torch")
         log.info("exporting %s (version %s) from %s", scorer.version, scorer.meta.get("version"), artifact)
@@ -188,14 +190,19 @@ def main(cfg: ExportConfig) -> dict:
         if cfg.smoke_test:
             summary["max_abs_diff"] = serve_and_compare(scorer, repository, model_name, paths["fp32"])
             print("smoke test: torch, onnxruntime and Triton agree:", summary["max_abs_diff"])
-        if cfg.repository:
+        if cfg.output:
             print(how_to_serve(repository.resolve(), model_name, artifact))
     return summary
 
 
-def parse_args(argv: list[str] | None = None) -> ExportConfig:
-    return parse_config(ExportConfig, argv, __doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str = PROG) -> ExportConfig:
+    return parse_config(ExportConfig, argv, __doc__.split("\n\n")[0], prog=prog)
+
+
+def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
+    """The command line: parse, export, errors a user can fix in one line."""
+    run_command(lambda: main(parse_args(argv, prog)), prog)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli()

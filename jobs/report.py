@@ -1,7 +1,7 @@
 """Analyst report over the scoring job's Parquet: top anomalies, distributions, errors, run-to-run shift.
 
-    python jobs/report.py --scores s3://results/scores --report report.html [--top-k 12]
-    python jobs/report.py --scores s3://results/scores --report image.html --image s3://archive/a.dcm [--frame 3]
+    python jobs/report.py --scores s3://results/scores --output report.html [--top-k 12]
+    python jobs/report.py --scores s3://results/scores --output image.html --image s3://archive/a.dcm [--frame 3]
 
 DuckDB queries the compacted ``latest`` table (plus any run committed after it; see
 ``jobs/scoring/ledger.py``), loaded through pyarrow so local folders and S3 work the same
@@ -34,12 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from adcore import storage
-from adcore.cli import parse_config
+from adcore.cli import parse_config, required_unless, run_command
 from jobs.scoring import ledger
 from jobs.scoring.schema import decode_mask
 
 log = logging.getLogger("jobs.report")
 
+PROG = "python jobs/report.py"
 THUMB = 256  # longest side of a top-K thumbnail, pixels
 HIST_BINS = 20  # histogram bins over [0, 1]
 HIST_SIZE = (480, 160)
@@ -121,8 +122,8 @@ PALETTE = ("#4668c8", "#e07b39", "#3a9d5d", "#b94a9c", "#8c6d31", "#d63b3b", "#5
 
 @dataclass
 class ReportConfig:
-    scores: str = ""  # the scoring job's --output (local or s3://)
-    report: str = "report.html"  # where the HTML goes (local or s3://)
+    scores: str = required_unless("smoke_test", "")  # the scoring job's --output (local or s3://)
+    output: str = "report.html"  # where the HTML goes (local or s3://)
     top_k: int = 12
     image: str = ""  # an image_key (the URI unless pseudonymized): write that one image's page instead
     frame: int = 0  # with --image: the frame / slice
@@ -503,18 +504,23 @@ def main(cfg: ReportConfig) -> dict:
         raise SystemExit("--scores is required (the scoring job's --output)")
     if cfg.image:
         text, row = build_image_page(cfg.scores, cfg.image, cfg.frame, cfg.path_map)
-        storage.write_bytes(cfg.report, text.encode())
-        log.info("image page written to %s", cfg.report)
+        storage.write_bytes(cfg.output, text.encode())
+        log.info("image page written to %s", cfg.output)
         return {"image": row}
     text, figures = build_report(cfg.scores, cfg.top_k, cfg.path_map)
-    storage.write_bytes(cfg.report, text.encode())
-    log.info("report written to %s (%d top anomalies)", cfg.report, len(figures["top"]))
+    storage.write_bytes(cfg.output, text.encode())
+    log.info("report written to %s (%d top anomalies)", cfg.output, len(figures["top"]))
     return figures
 
 
-def parse_args(argv: list[str] | None = None) -> ReportConfig:
-    return parse_config(ReportConfig, argv, __doc__.split("\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str = PROG) -> ReportConfig:
+    return parse_config(ReportConfig, argv, __doc__.split("\n")[0], prog=prog)
+
+
+def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
+    """The command line: parse, report, errors a user can fix in one line."""
+    run_command(lambda: main(parse_args(argv, prog)), prog)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli()

@@ -36,12 +36,16 @@ import pathlib
 import sys
 import tempfile
 import time
+import typing
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import pyarrow as pa
 
 from adcore import storage
-from adcore.cli import parse_config
+from adcore.cli import hidden, parse_config, required_unless, run_command
+from adcore.engine import EngineName
+from adcore.export import VariantName
 from jobs.scoring import dicom_out, ledger
 from jobs.scoring import lease as leases
 from jobs.scoring import schema as S
@@ -52,6 +56,7 @@ from jobs.scoring.stages import Decoder, Postprocess, ScoreStage
 
 log = logging.getLogger("jobs.score")
 
+PROG = "python jobs/score.py"
 SECRET_ENV = S.SECRET_ENV
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; a chest film is 3-9 Mpx, larger is a mistake or a bomb
 DECODE_BATCH = 8  # files per decode call: one NIfTI volume alone can be hundreds of frames
@@ -70,15 +75,16 @@ ACTOR_MEMORY_BASE = 5 * 2**28  # 1.25 GiB
 IN_FLIGHT_BATCHES = 8
 MIN_IN_FLIGHT_BYTES = 256 * 2**20  # Ray Data needs room for a few read/decode blocks whatever the batch
 MIN_BLOCK_BYTES = 2**20  # Ray Data's own minimum target block size: tiny inputs stay in few blocks
+ProgressMode = Literal["auto", "line", "log"]  # --progress
 
 
 @dataclass
 class ScoreConfig:
-    input: str = ""  # local folder or s3:// prefix, read recursively
-    model: str = ""  # artifact (local folder or s3:// prefix)
-    output: str = ""  # local folder or s3:// prefix of the Parquet dataset
+    input: str = required_unless("smoke_test", "")  # local folder or s3:// prefix, read recursively
+    model: str = required_unless("smoke_test", "")  # artifact (local folder or s3:// prefix)
+    output: str = required_unless("smoke_test", "")  # local folder or s3:// prefix of the Parquet dataset
     triton_url: str = ""  # host:port; empty = run the network in-process
-    triton_protocol: str = "grpc"  # grpc (several requests in flight per replica) or http (one)
+    triton_protocol: Literal["grpc", "http"] = "grpc"  # grpc: several requests in flight per replica; http: one
     triton_model: str = ""  # model name in Triton; default: the artifact's model_name
     triton_timeout_s: float = 30.0
     triton_retries: int = 3  # then the batch's rows become error rows (kind "inference")
@@ -87,12 +93,12 @@ class ScoreConfig:
     # gRPC requests each replica keeps in flight: at least twice the server's model instances, so its
     # dynamic batcher has requests to merge
     triton_in_flight: int = 4
-    engine: str = "auto"  # in-process network: auto (onnxruntime on CPU, torch on CUDA), torch or onnx
-    variant: str = "fp32"  # fp32, int8 or fp16 ONNX; refused unless jobs/export.py --data measured it usable
+    engine: EngineName = "auto"  # in-process network: auto (onnxruntime on CPU, torch on CUDA), torch or onnx
+    variant: VariantName = "fp32"  # ONNX precision; int8/fp16 refused unless jobs/export.py --data measured them usable
     rescore_all: bool = False  # score everything again; the new rows supersede older ones
     batch_size: int = 64  # frames per model+head call
     max_pixels: int = DEFAULT_MAX_PIXELS
-    device: str = "auto"  # model replicas on "gpu" (demanded: an autoscaler starts GPU nodes), "cpu", or "auto"
+    device: Literal["auto", "gpu", "cpu"] = "auto"  # model replicas; gpu is demanded (an autoscaler starts GPU nodes)
     replicas: str = ""  # MIN[:MAX] model replicas; default: one per GPU, or per CPU node
     cpus_per_replica: float = 0.0  # 0 = the GPU node's CPUs per GPU (or a CPU node's CPUs) less one for decoding
     gpus_per_replica: float = 1.0  # with --device gpu/auto on a cluster with GPUs
@@ -105,14 +111,14 @@ class ScoreConfig:
     rows_per_file: int = ROWS_PER_WRITE  # rows per write task and Parquet file (one row group)
     progress_every_s: float = 10.0
     # auto: one line redrawn in place on a terminal (stderr a TTY), periodic log lines otherwise; or "line", "log"
-    progress: str = "auto"
+    progress: ProgressMode = "auto"
     # local folder or s3:// prefix: DICOM-SEG + SR per scored DICOM instance, under <dicom-output>/<run_id>/
     # (they carry the source's patient/study modules: PACS-bound, never mixed into --output)
     dicom_output: str = ""
     retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
     # keep: tables carry image_uri; pseudonymize: they carry only image_key (HMAC of the URI with
     # ADCORE_STUDY_KEY_SECRET) and the key -> URI map goes to --path-map alone (paths often name patients)
-    path_privacy: str = "keep"
+    path_privacy: Literal["keep", "pseudonymize"] = "keep"
     path_map: str = ""  # with --path-privacy pseudonymize: local folder or s3:// prefix of the key -> URI map
     wait_for_lease: float = 0.0  # seconds to wait while another run holds the output's lease; 0 = refuse at once
     lease_ttl_s: float = DEFAULT_TTL_S  # a run that stops renewing its lease (crashed) loses it after this long
@@ -120,7 +126,7 @@ class ScoreConfig:
     ray_address: str = ""
     smoke_test: bool = False
     # Benchmarks and tests: each model call also sleeps this long (a slow network, orchestration measured alone)
-    simulated_batch_s: float = 0.0
+    simulated_batch_s: float = hidden(0.0)
 
 
 # ----------------------------------------------------------------------------- per-run pieces
@@ -231,7 +237,7 @@ class _ProgressLog:
             self.stream.flush()
 
 
-PROGRESS_MODES = ("auto", "line", "log")
+PROGRESS_MODES = typing.get_args(ProgressMode)
 TTY_REDRAW_S = 1.0  # a terminal's progress line is redrawn at least this often
 
 
@@ -581,9 +587,14 @@ def smoke_inputs(cfg: ScoreConfig) -> ScoreConfig:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> ScoreConfig:
-    return parse_config(ScoreConfig, argv, __doc__.split("\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str = PROG) -> ScoreConfig:
+    return parse_config(ScoreConfig, argv, __doc__.split("\n")[0], prog=prog)
+
+
+def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
+    """The command line: parse, score, errors a user can fix in one line."""
+    run_command(lambda: main(parse_args(argv, prog)), prog)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli()

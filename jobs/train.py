@@ -33,15 +33,18 @@ import torch
 from torch import nn
 
 from adcore import storage
-from adcore.cli import parse_configs, setup_logging
+from adcore.cli import hidden, parse_command, run_command, setup_logging
+from adcore.errors import DataNotFoundError
 from adcore.models import create, family_for
-from adcore.training import TrainConfig, TrainHooks, dist, train
+from adcore.training import TrainConfig, TrainHooks, dist, refuse_unused_flags, train
 from adcore.training.loop import SMOKE_IMAGES
 from adcore.training.stream import StreamedBatches, decode_train, shard_listing, train_listing
 from jobs.common import init_ray, local_copy, run_name, storage_args
+from jobs.console import quiet_ray_loggers
 
 log = logging.getLogger("jobs.train")
 
+PROG = "python jobs/train.py"
 STATE_FILE = "state.pt"  # the training state inside each checkpoint folder
 KEEP_CHECKPOINTS = 2  # bounded storage; resuming only needs the latest
 RUN_PREFIX = "train"  # run names are train-<hash of --output> unless --run-name is given
@@ -63,8 +66,8 @@ class JobConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     max_failures: int = 2  # worker-group restarts, each resuming from the latest checkpoint
-    address: str | None = None  # Ray address; default: RAY_ADDRESS or a new local cluster
-    timings: str | None = None  # rank 0 writes its timings here as JSON (local or s3://; benchmarks)
+    ray_address: str | None = None  # Ray cluster to join; default: RAY_ADDRESS or a new local cluster
+    timings: str | None = hidden(None)  # rank 0 writes its timings here as JSON (local or s3://; benchmarks)
     stream: bool = True  # stream the train split through Ray Data; --no-stream: each rank loads its shard
     decode_cpus: float = 1.0  # CPUs per decode task (0 when the training workers leave none free)
     decode_tasks: int = 4  # decode tasks in flight per rank's dataset
@@ -102,7 +105,7 @@ def make_wrap(world_size: int) -> Callable[[nn.Module], nn.Module]:
 class Reporter:
     """The loop's ``report`` hook: metrics from every rank, the state as a checkpoint from rank 0."""
 
-    def __init__(self, rank: int, epochs: int):
+    def __init__(self, rank: int, epochs: int | None):
         self.rank, self.epochs = rank, epochs
         self.started = time.monotonic()
         self.seconds = 0.0  # time inside ray.train.report, incl. checkpoint upload (benchmarks)
@@ -122,12 +125,16 @@ class Reporter:
             log.info(progress_line(metrics, self.epochs, time.monotonic() - self.started))
 
 
-def progress_line(metrics: dict[str, Any], epochs: int, seconds: float) -> str:
+def progress_line(metrics: dict[str, Any], epochs: int | None, seconds: float) -> str:
+    """``[train] fusion epoch 3/8 loss ...``; without a fixed number of epochs (the time budget ends
+    the stage) ``[train] fusion epoch 3 loss ...``."""
+
     def fmt(v: Any) -> str:
         return "n/a" if v is None else f"{v:.4f}"
 
+    total = metrics.get("epochs", epochs)
     return (
-        f"[train] {metrics.get('stage', '')} epoch {metrics.get('epoch')}/{metrics.get('epochs', epochs)} "
+        f"[train] {metrics.get('stage', '')} epoch {metrics.get('epoch')}{'' if total is None else f'/{total}'} "
         f"loss {fmt(metrics.get('loss'))} "
         f"val_image_auroc {fmt(metrics.get('val_image_auroc'))} "
         f"val_pixel_auroc {fmt(metrics.get('val_pixel_auroc'))} ({seconds:.1f} s)"
@@ -167,8 +174,9 @@ def train_worker(config: dict) -> None:
         rank=rank, world_size=world, device=device, wrap=make_wrap(world), report=reporter, resume=resume
     )
     if streamed:
-        # Ray Data logs three INFO lines per rank and pass (start, plan, finish); the [train] lines suffice.
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # Ray Data logs three INFO lines per rank and pass (start, plan, finish) and its issue detector's
+        # advice to this worker's console; the [train] lines suffice (its ray-data log keeps them).
+        quiet_ray_loggers(("ray.data",))
         shard = ray.train.get_dataset_shard(f"{TRAIN_DATASET}_{rank}")
         hooks.train_batches = StreamedBatches(
             _epoch_iterator(shard, cfg), streamed["rows_per_rank"], cfg.batch_size, cfg.anomaly_share, seed=cfg.seed
@@ -298,17 +306,15 @@ def build_trainer(job: JobConfig, cfg: TrainConfig):
 
 def main(job: JobConfig, cfg: TrainConfig):
     """Train on the cluster; returns Ray's ``Result`` (artifact at ``job.output``)."""
-    if not job.data or not job.output:
-        raise ValueError("--data and --output are required")
     if not storage.exists(job.data):
-        raise FileNotFoundError(f"no such data folder or prefix: {job.data}")
+        raise DataNotFoundError(f"--data {job.data}: no such folder or prefix")
     job = dataclasses.replace(
         job,
         data=storage.absolute(job.data),
         output=storage.absolute(job.output),
         storage=storage.absolute(job.storage) if job.storage else None,
     )
-    init_ray(job.address)
+    init_ray(job.ray_address)
     started = time.monotonic()
     result = build_trainer(job, cfg).fit()
     last = result.metrics or {}
@@ -319,9 +325,17 @@ def main(job: JobConfig, cfg: TrainConfig):
     return result
 
 
-def parse(argv: list[str] | None = None) -> tuple[JobConfig, TrainConfig]:
-    return parse_configs((JobConfig, TrainConfig), argv, __doc__.split("\n")[0], prog="python jobs/train.py")
+def parse(argv: list[str] | None = None, prog: str = PROG) -> tuple[JobConfig, TrainConfig]:
+    """The job's configs from the command line; schedule flags the preset does not read are refused."""
+    parsed = parse_command((JobConfig, TrainConfig), argv, __doc__.split("\n")[0], prog=prog)
+    refuse_unused_flags(parsed.configs[1], parsed.given)
+    return parsed.configs
+
+
+def cli(argv: list[str] | None = None, prog: str = PROG) -> None:
+    """The command line: parse, train, errors a user can fix in one line."""
+    run_command(lambda: main(*parse(argv, prog)), prog)
 
 
 if __name__ == "__main__":
-    main(*parse())
+    cli()

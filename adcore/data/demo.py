@@ -15,10 +15,10 @@ With ``categories`` (needs ``kinds``) the kinds are also the anomaly categories 
 ``categories.csv`` at the root (columns ``path,category``, the BMAD reader's convention, see
 :mod:`adcore.data.bmad`) lists every anomalous image with its kind.
 
-    python -m adcore.data.demo --out /tmp/brain_demo --seed 0
-    python -m adcore.data.demo --out /tmp/kinds --kinds hyperintense_mass --kinds hypointense_cyst \
+    python -m adcore.data.demo --output /tmp/brain_demo --seed 0
+    python -m adcore.data.demo --output /tmp/kinds --kinds hyperintense_mass --kinds hypointense_cyst \
         --kinds diffuse_region --n-train-anomalous 30
-    python -m adcore.data.demo --out /tmp/cats --kinds hyperintense_mass --kinds hypointense_cyst \
+    python -m adcore.data.demo --output /tmp/cats --kinds hyperintense_mass --kinds hypointense_cyst \
         --kinds diffuse_region --kinds calcified_foci --n-train-anomalous 32 --categories
 """
 
@@ -249,7 +249,7 @@ def make_demo_dataset(
 class DemoOutput:
     """Where the dataset goes."""
 
-    out: str  # folder to write the BMAD-layout dataset to
+    output: str  # folder to write the BMAD-layout dataset to
 
 
 def main(argv=None) -> None:
@@ -258,7 +258,7 @@ def main(argv=None) -> None:
     where, cfg = parse_configs(
         (DemoOutput, DemoConfig), argv, __doc__.split("\n")[0], prog="python -m adcore.data.demo"
     )
-    root = make_demo_dataset(where.out, **asdict(cfg))
+    root = make_demo_dataset(where.output, **asdict(cfg))
     print(f"demo dataset in {root}")
 
 

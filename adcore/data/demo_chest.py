@@ -12,7 +12,7 @@ hide what lies behind it). Masks are 0/255 PNGs; ``lesions.json`` records each a
 Caveat: the source radiograph itself shows several rounded opacities (it is a test file, not a
 screened normal). "Normal" here means this patient's baseline; the synthetic nodules are the anomaly.
 
-    python -m adcore.data.demo_chest --out /tmp/chest_demo --seed 0
+    python -m adcore.data.demo_chest --output /tmp/chest_demo --seed 0
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def main(argv=None) -> None:
     where, cfg = parse_configs(
         (DemoOutput, ChestDemoConfig), argv, __doc__.split("\n")[0], prog="python -m adcore.data.demo_chest"
     )
-    root = make_chest_dataset(where.out, **asdict(cfg))
+    root = make_chest_dataset(where.output, **asdict(cfg))
     print(f"chest demo dataset in {root}")
 
 

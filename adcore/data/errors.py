@@ -6,12 +6,14 @@ DICOM patient identifiers: decoders build them from their own text.
 
 from __future__ import annotations
 
+from adcore.errors import UserError
+
 # invalid_header: the file parses, but an attribute the decoder needs holds an unusable value
 # (a DICOM IS/DS element holding "1A", a negative size, ...).
 DECODE_ERROR_KINDS = ("empty", "truncated", "unsupported", "corrupt", "too_large", "invalid_header")
 
 
-class DecodeError(ValueError):
+class DecodeError(UserError, ValueError):
     """An image file could not be turned into frames.
 
     Attributes:
@@ -33,7 +35,7 @@ class DecodeError(ValueError):
         return (type(self), (self.uri, self.kind, self.reason))
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(UserError, ValueError):
     """A dataset folder does not have the expected layout."""
 
     def __init__(self, path, expected: str):

@@ -14,6 +14,9 @@ records and never branches on a family's name:
 * ``needs_labelled_anomalies``: the training loop refuses to train it without labelled anomalies.
 * ``needs_images_in_memory``: its stages index the rank's decoded images (``batches.pixels``), so
   ``jobs/train.py`` loads the shard into memory instead of streaming it.
+* ``train_flags``: which of the run's schedule flags (:data:`SCHEDULE_FLAGS`) its training reads; the
+  entry points refuse the others when they are given, with ``own_schedule`` saying where the family's
+  own schedule is set.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+# The run's schedule flags (``adcore.training.TrainConfig`` fields) that a family may or may not read.
+SCHEDULE_FLAGS = ("epochs", "minutes", "lr", "batch_size", "domain_epochs", "domain_lr", "warmup_share")
 
 
 class Head(Protocol):
@@ -47,4 +53,6 @@ class MethodFamily:
     train: Callable[[Any, Any], dict] | None = None  # None: no gradient stages (e.g. PatchCore)
     needs_labelled_anomalies: bool = False  # trains on labelled anomalies (train/Ungood, --labelled N), e.g. DRA
     needs_images_in_memory: bool = False  # indexes the shard's images (DRA's balanced batches): no streamed input
+    train_flags: tuple[str, ...] = ()  # the SCHEDULE_FLAGS its training reads; the others are refused when given
+    own_schedule: str = ""  # where its own schedule is set instead (the refusal's hint)
     description: str = ""

@@ -20,6 +20,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
+from adcore.errors import UnknownNameError
 from adcore.models.base import AnomalyModel
 from adcore.models.family import MethodFamily
 
@@ -42,7 +43,7 @@ def families() -> dict[str, MethodFamily]:
 def family(name: str) -> MethodFamily:
     known = families()
     if name not in known:
-        raise ValueError(f"unknown method family {name!r}; known: {sorted(known)}")
+        raise UnknownNameError("method family", name, known)
     return known[name]
 
 
@@ -75,7 +76,7 @@ def list_models() -> list[str]:
 def preset(name: str) -> dict[str, Any]:
     presets = _presets()
     if name not in presets:
-        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(presets))}")
+        raise UnknownNameError("preset", name, presets)
     return copy.deepcopy(presets[name])
 
 

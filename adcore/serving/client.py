@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from adcore.errors import UserError
+
 # Server answers that mean "not there right now" (worth another try), per protocol.
 _RETRY_STATUS = {
     "http": {"502", "503", "504"},
@@ -16,7 +18,7 @@ _RETRY_STATUS = {
 _USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)?[^/@\s]*@", re.IGNORECASE)  # "user:pass@" in a URL
 
 
-class TritonUnavailableError(ConnectionError):
+class TritonUnavailableError(UserError, ConnectionError):
     """The server could not be reached after every retry."""
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,8 +24,11 @@ import torch
 from torch import nn
 
 from adcore.calibration import fit_calibration
+from adcore.cli import hidden, one_of
 from adcore.data import bmad
-from adcore.models import create, family_for
+from adcore.errors import FlagError
+from adcore.models import create, family, family_for, list_models, preset
+from adcore.models.family import SCHEDULE_FLAGS
 from adcore.scorer import Scorer
 from adcore.training import dist
 from adcore.training.data import SyntheticAnomalyBatches, load_images
@@ -36,14 +39,18 @@ from adcore.training.stages import STATE_FORMAT, TrainContext
 log = logging.getLogger("adcore.train")
 
 SMOKE_IMAGES = 8  # images per split in a smoke test
+SMOKE_EPOCHS = 2  # a smoke test's epochs per stage unless --epochs says otherwise (two: the epoch loop is exercised)
+# Wall-clock budget of the gradient stages unless --minutes says otherwise: the budget the benchmarks' figures
+# were measured with, so the default command gives them.
+DEFAULT_MINUTES = 10.0
 
 
 @dataclass
 class TrainConfig:
-    preset: str = "fusion-small"  # registered model to train (adcore.models.list_models())
+    preset: str = one_of(list_models, "preset", "fusion-small")  # registered model to train
     weights: dict[str, str] = field(default_factory=dict)  # tower -> local folder or s3:// prefix
-    epochs: int = 4
-    minutes: float | None = None  # wall-clock budget for the gradient stages (1 and 2)
+    epochs: int | None = None  # gradient-stage epochs; default: as many as --minutes allows (best epoch kept)
+    minutes: float | None = DEFAULT_MINUTES  # time budget of the gradient stages (library: None = --epochs alone)
     batch_size: int = 8
     lr: float = 1e-3  # adapters and projection
     domain_lr: float = 5e-5  # paper, stage 1
@@ -56,10 +63,10 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     target_specificity: float = 0.99  # thresholds when valid/ has no anomalies: share of normal images below them
     mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + GradScaler); CPU: off
-    version: int = 1
+    model_version: int = 1  # the artifact's version number (its model_version is <preset>-v<N>-<fingerprint>)
     seed: int = 0
     smoke_test: bool = False  # a few steps on a few images, to check the plumbing
-    tiny: bool = False  # the preset's tiny random-init variant (tests)
+    tiny: bool = hidden(False)  # the preset's tiny random-init variant (tests)
     overrides: dict[str, Any] = field(default_factory=dict)  # model config overrides
 
     def budget_s(self, stage: int, elapsed_s: float = 0.0) -> float | None:
@@ -69,6 +76,17 @@ class TrainConfig:
             return None
         total = self.minutes * 60
         return 0.2 * total if stage == 1 else max(0.0, 0.85 * total - elapsed_s)
+
+    def stage_epochs(self) -> int | None:
+        """Epochs of a gradient stage that follows the run's schedule: ``epochs`` when given; else
+        None (the time budget ends the stage), or ``SMOKE_EPOCHS`` in a smoke test."""
+        if self.epochs is not None:
+            return self.epochs
+        if self.smoke_test:
+            return SMOKE_EPOCHS
+        if self.minutes is None:
+            raise FlagError("training needs a time budget (--minutes) or a number of epochs (--epochs)")
+        return None
 
 
 @dataclass
@@ -90,6 +108,16 @@ class TrainHooks:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def refuse_unused_flags(cfg: TrainConfig, given: Iterable[str]) -> None:
+    """Refuse the schedule flags in ``given`` (flags a user set) that ``cfg.preset``'s family does not read."""
+    record = family(preset(cfg.preset)["family"])
+    unused = [name for name in SCHEDULE_FLAGS if name in set(given) and name not in record.train_flags]
+    if unused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        why = record.own_schedule or f"the {record.name} family's training does not read it"
+        raise FlagError(f"{flags}: not used by preset {cfg.preset!r} ({why})")
 
 
 def load_split(
@@ -194,6 +222,6 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
     }
     summary["seconds"] = round(time.monotonic() - t0, 1)
     if output and hooks.is_main:
-        scorer.save(output, model_name=cfg.preset, version=cfg.version, extra=summary)
+        scorer.save(output, model_name=cfg.preset, version=cfg.model_version, extra=summary)
         log.info("saved %s (%s) in %.0f s", output, scorer.version, summary["seconds"])
     return scorer

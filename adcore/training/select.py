@@ -60,10 +60,12 @@ def select_on_validation(scorer: Scorer, valid: dict[str, Any], batch_size: int 
         table.append({"choice": choice, **_quality(scorer, outs, labels, valid["masks"], shapes)})
     best = max(range(len(table)), key=lambda i: (table[i]["mean"], -i))
     scorer.head.apply_choice(choices[best])
-    for row in table:
-        log.info(
-            "validation choice %s: %s%s",
+    for row in table:  # the whole table with -v; the kept choice always
+        log.log(
+            logging.INFO if row is table[best] else logging.DEBUG,
+            "validation choice %s of %d: %s%s",
             row["choice"],
+            len(table),
             ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "choice"),
             "  <- kept" if row is table[best] else "",
         )

@@ -13,6 +13,7 @@ run continues the same schedule (no second warm-up).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -93,7 +94,7 @@ def run_stage(
     module: nn.Module,
     params: list[nn.Parameter],
     ctx: TrainContext,
-    epochs: int,
+    epochs: int | None,
     lr: float,
     step_fn: Callable[[nn.Module, Any], torch.Tensor],
     budget_s: float | None,
@@ -101,7 +102,9 @@ def run_stage(
     on_epoch: Callable[[int, float], dict | None] | None = None,
     state_fn: Callable[[], dict] | None = None,
 ) -> None:
-    """AdamW with linear warm-up over ``epochs`` passes of ``ctx.batches``, within ``budget_s``.
+    """AdamW with linear warm-up over ``epochs`` passes of ``ctx.batches``, within ``budget_s``;
+    ``epochs`` None: passes until ``budget_s`` is spent (the warm-up then takes its share of the
+    steps the budget is estimated to allow, :class:`WarmUp`).
 
     ``on_epoch(epoch, mean_loss)`` returns the epoch's metrics row (default: stage, epoch,
     loss); it is appended to ``ctx.history`` and reported with a checkpoint holding
@@ -117,10 +120,11 @@ def run_stage(
     steps = dist.min_int(len(batches), world)
     if cfg.smoke_test:
         steps = min(steps, SMOKE_STEPS)
+    if epochs is None and budget_s is None:
+        raise ValueError(f"{name}: neither a number of epochs nor a time budget")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    total = max(1, epochs * steps)
-    warm = max(1, int(total * warmup_share)) if warmup_share else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    warm = WarmUp(warmup_share, epochs * steps if epochs is not None else None, steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     start_epoch, spent = 0, 0.0
     saved = ctx.resume_for(name)
@@ -142,11 +146,12 @@ def run_stage(
     def over_budget() -> bool:
         return budget_s is not None and time.monotonic() - started > budget_s
 
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, epochs) if epochs is not None else itertools.count(start_epoch):
         wrapped.train()
         loss_sum, done = torch.zeros((), dtype=torch.float64, device=device), 0
         batch_iter = iter(batches.epoch(epoch))
         for _ in range(steps):
+            step_started = time.monotonic()
             batch = next(batch_iter).to(device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = step_fn(wrapped, batch)
@@ -156,17 +161,20 @@ def run_stage(
             nn.utils.clip_grad_norm_(params, 1.0)
             scaler.step(opt)
             scaler.update()
-            sched.step()
             loss_sum += loss.detach().double()
             done += 1
+            if warm.wants_estimate(epoch, done):  # every rank at the same step: the mean is a collective
+                warm.estimate(sched.last_epoch, dist.mean(time.monotonic() - step_started, world), budget_s)
+            sched.step()
             # Every rank asks, so every rank makes the same collective calls and stops at the same step.
             if budget_s is not None and dist.agree_stop(over_budget(), world):
                 break
         mean_loss = reduce_mean(float(loss_sum.item()) / done if done else math.nan, hooks)
-        if hooks.is_main:
-            log.info(
-                "%s epoch %d/%d: loss %.4f (%.0f s)", name, epoch + 1, epochs, mean_loss, time.monotonic() - started
-            )
+        if hooks.is_main:  # a stage with on_epoch logs its own row (loss and validation)
+            of = f"/{epochs}" if epochs is not None else ""
+            level = logging.DEBUG if on_epoch else logging.INFO
+            seconds = time.monotonic() - started
+            log.log(level, "%s epoch %d%s: loss %.4f (%.0f s)", name, epoch + 1, of, mean_loss, seconds)
         row = on_epoch(epoch, mean_loss) if on_epoch else None
         row = row or {"stage": name, "epoch": epoch + 1, "loss": mean_loss, "elapsed_s": round(ctx.elapsed(), 1)}
         row["steps"] = done  # the same on every rank
@@ -202,6 +210,37 @@ def run_stage(
             break
     if name not in ctx.stages_done:  # e.g. resumed after its last epoch
         ctx.stages_done.append(name)
+
+
+class WarmUp:
+    """The learning-rate factor of a linear warm-up over ``share`` of a stage's steps (LambdaLR's lambda).
+
+    With a number of epochs the stage's steps are known. When the time budget ends the stage they are
+    not: the warm-up starts over one epoch's steps and is sized, after the second step (the first pays
+    one-time costs), from that step's duration (averaged over the ranks, so every rank schedules alike)
+    and the budget. Its state is saved with the scheduler's (LambdaLR keeps a callable object's
+    attributes), so a resumed run keeps it.
+    """
+
+    ESTIMATE_AT_STEP = 2
+
+    def __init__(self, share: float, total_steps: int | None, epoch_steps: int):
+        self.share = share
+        self.estimated = total_steps is not None or not share
+        self.steps = max(1, int((total_steps or epoch_steps) * share)) if share else 0
+
+    def __call__(self, step: int) -> float:
+        return min(1.0, (step + 1) / self.steps) if self.steps else 1.0
+
+    def wants_estimate(self, epoch: int, steps_done: int) -> bool:
+        return not self.estimated and epoch == 0 and steps_done == self.ESTIMATE_AT_STEP
+
+    def estimate(self, step: int, step_s: float, budget_s: float) -> None:
+        """Size the warm-up as ``share`` of the steps ``budget_s`` allows at ``step_s`` each (never shorter
+        than the steps already taken)."""
+        self.estimated = True
+        allowed = budget_s / max(step_s, 1e-6)
+        self.steps = max(step + 1, int(allowed * self.share), 1)
 
 
 def validate(model: nn.Module, valid: dict, batch_size: int, world_size: int | None = None) -> dict[str, float | None]:

@@ -23,6 +23,7 @@ import threading
 import time
 
 from adcore import storage
+from adcore.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ DEFAULT_TTL_S = 300.0
 POLL_S = 2.0
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(UserError, RuntimeError):
     """Another run holds the output's lease."""
 
 

@@ -165,6 +165,9 @@ class ScoreStage:
         triton_in_flight: int = 4,
         simulated_batch_s: float = 0.0,
     ):
+        from adcore.logs import quiet_third_party_loggers
+
+        quiet_third_party_loggers()  # before the imports and the export that log
         import faiss
         import torch
 

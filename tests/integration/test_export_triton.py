@@ -62,7 +62,7 @@ def served(tmp_path_factory, s3_server):
         if preset == FROM_S3:
             uri = s3_server.make_bucket("export-triton-test") + f"/{preset}"
             scoring.load(local).save(uri, model_name=_model_name(preset), version=version)
-            cmd = [sys.executable, "jobs/export.py", "--model", uri, "--repository", str(repo), "--max-batch-size", "8"]
+            cmd = [sys.executable, "jobs/export.py", "--model", uri, "--output", str(repo), "--max-batch-size", "8"]
             proc = subprocess.run(
                 cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env=os.environ
             )
@@ -70,7 +70,7 @@ def served(tmp_path_factory, s3_server):
             outputs[preset] = proc.stdout
             scorers[preset] = scoring.load(uri)
         else:
-            summary = main(ExportConfig(model=local, repository=str(repo), max_batch_size=8, intra_op_threads=1))
+            summary = main(ExportConfig(model=local, output=str(repo), max_batch_size=8, intra_op_threads=1))
             outputs[preset] = summary
             scorers[preset] = scoring.load(local)
     models = [_model_name(p) for p in PRESETS] + [_model_name(VARIANT_PRESET) + "_int8"]
@@ -189,7 +189,7 @@ def test_served_model_matches_its_artifact_only(served):
 
 
 def test_smoke_test_runs(tmp_path):
-    summary = main(ExportConfig(smoke_test=True, repository=str(tmp_path / "repo")))
+    summary = main(ExportConfig(smoke_test=True, output=str(tmp_path / "repo")))
     assert max(summary["max_abs_diff"].values()) <= TOLERANCE
     assert (tmp_path / "repo" / "fusion-small-tiny" / "1" / "model.py").is_file()
 

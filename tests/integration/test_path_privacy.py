@@ -79,7 +79,7 @@ def test_pseudonymized_paths_reach_only_the_path_map(ray_local, tiny_artifact, t
     from jobs.report import ReportConfig
     from jobs.report import main as report
 
-    report(ReportConfig(scores=str(out), report=str(report_file), path_map=str(pmap)))
+    report(ReportConfig(scores=str(out), output=str(report_file), path_map=str(pmap)))
     assert stat.S_IMODE(os.stat(report_file).st_mode) == 0o600
 
     # Nowhere outside the map: Parquet values and metadata, manifests, report pages, logs.

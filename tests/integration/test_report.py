@@ -49,7 +49,7 @@ def test_two_runs_on_two_nodes_then_report(s3_server, two_nodes, tiny_artifact, 
     m2 = score(ScoreConfig(**{**cfg.__dict__, "rescore_all": True}))
 
     html_uri = f"{bucket}/report.html"
-    figs = report(ReportConfig(scores=out, report=html_uri, top_k=3))
+    figs = report(ReportConfig(scores=out, output=html_uri, top_k=3))
     text = storage.read_bytes(html_uri).decode()
     # 3 thumbnails + the same 3 on their own sections
     assert len(figs["top"]) == 3 and text.count('<img src="data:image/png;base64,') == 6
@@ -92,7 +92,7 @@ def test_two_runs_on_two_nodes_then_report(s3_server, two_nodes, tiny_artifact, 
     # The page of one image.
     one = f"{bucket}/in/ct.dcm"
     page_uri = f"{bucket}/image.html"
-    got = report(ReportConfig(scores=out, report=page_uri, image=one, frame=0))
+    got = report(ReportConfig(scores=out, output=page_uri, image=one, frame=0))
     assert got["image"]["image_uri"] == one and got["image"]["run_id"] == m2["run_id"]
     single = tmp_path / "image.html"
     single.write_text(storage.read_bytes(page_uri).decode())

@@ -112,7 +112,7 @@ def test_two_nodes_s3(dataset, s3_server, ray_tmp, tmp_path, monkeypatch):
             output=f"{bucket}/model",
             storage=f"{bucket}/ray",
             num_workers=2,
-            address=cluster.address,
+            ray_address=cluster.address,
         )
         cfg = TrainConfig(preset="fusion-small", tiny=True, smoke_test=True, epochs=2, batch_size=4)
         result = train_job.main(job, cfg)

@@ -17,6 +17,9 @@ FAMILY = MethodFamily(
     fit=fit_dra,
     train=train_dra,
     presets=Path(__file__).parent / "presets",
+    train_flags=("minutes",),
+    own_schedule="DRA trains with the official code's schedule from its model config; set it with "
+    '--overrides \'{"epochs": 30, "steps_per_epoch": 20, "lr": 0.0002, "batch_size": 48}\'',
     needs_labelled_anomalies=True,
     needs_images_in_memory=True,
     description="DRA: seen, pseudo and latent-residual anomaly heads against a normal head",

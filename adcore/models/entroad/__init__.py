@@ -17,6 +17,8 @@ FAMILY = MethodFamily(
     fit=fit_entroad,
     train=train_entroad,
     presets=Path(__file__).parent / "presets",
+    train_flags=("epochs", "minutes", "lr", "batch_size", "warmup_share"),  # one stage: no domain stage
+    own_schedule="EntroAD has one gradient stage and no domain stage",
     description="EntroAD: attention-graph structural entropy routes tokens to salient/diffuse paths; "
     "learned and frozen prompts blended by confidence",
 )

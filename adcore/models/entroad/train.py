@@ -90,7 +90,7 @@ def train_entroad(model, ctx: TrainContext) -> dict:
         _Branches(model),
         model.trainable_parameters(),
         ctx,
-        cfg.epochs,
+        cfg.stage_epochs(),
         cfg.lr,
         step,
         cfg.budget_s(2, ctx.elapsed()),

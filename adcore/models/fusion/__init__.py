@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from adcore.models.family import MethodFamily
+from adcore.models.family import SCHEDULE_FLAGS, MethodFamily
 from adcore.models.fusion.config import FusionConfig
 from adcore.models.fusion.fit import fit_centroids
 from adcore.models.fusion.head import CentroidHead
@@ -17,5 +17,6 @@ FAMILY = MethodFamily(
     fit=fit_centroids,
     train=train_fusion,
     presets=Path(__file__).parent / "presets",
+    train_flags=SCHEDULE_FLAGS,
     description="CLIP + BEiT fusion, zero/few-shot scoring against VAE centroids",
 )

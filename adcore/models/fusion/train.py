@@ -159,7 +159,7 @@ def train_fusion(model, ctx: TrainContext) -> dict:
         model,
         model.trainable_parameters(),
         ctx,
-        cfg.epochs,
+        cfg.stage_epochs(),
         cfg.lr,
         _fusion_step(cfg.mask_size),
         cfg.budget_s(2, ctx.elapsed()),

@@ -15,5 +15,7 @@ FAMILY = MethodFamily(
     head_class=MemoryBankHead,
     fit=fit_memory_bank,
     presets=Path(__file__).parent / "presets",
+    train_flags=("batch_size",),  # images per feature-extraction batch of the memory bank
+    own_schedule="PatchCore has no gradient stages: its memory bank is built in one pass",
     description="PatchCore: nearest-neighbour distance to a coreset memory bank",
 )

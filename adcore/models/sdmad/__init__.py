@@ -17,6 +17,9 @@ FAMILY = MethodFamily(
     fit=fit_sdmad,
     train=train_sdmad,
     presets=Path(__file__).parent / "presets",
+    train_flags=("minutes", "batch_size"),
+    own_schedule="SD-MAD's steps and learning rate come from its model config; set them with "
+    '--overrides \'{"steps": 150, "lr": 0.003}\'',
     needs_labelled_anomalies=True,
     needs_images_in_memory=True,  # stage 1 indexes the shard's images (the shots, the normals it caches)
     description="SD-MAD: sign embeddings aligned with anomaly categories, signs selected at inference",

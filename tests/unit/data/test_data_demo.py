@@ -61,7 +61,7 @@ def test_refuses_foreign_folder(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    main(["--out", str(tmp_path / "cli"), "--n-train", "2", "--n-valid", "2", "--n-test", "2", "--size", "64"])
+    main(["--output", str(tmp_path / "cli"), "--n-train", "2", "--n-valid", "2", "--n-test", "2", "--size", "64"])
     assert "demo dataset in" in capsys.readouterr().out
     assert len(list_split(tmp_path / "cli", "valid")) == 2
 
@@ -107,6 +107,6 @@ def test_lesion_kinds_recorded_per_image_and_train_ungood(tmp_path):
 
 
 def test_cli_kinds(tmp_path):
-    args = ["--out", str(tmp_path / "c"), "--n-train", "2", "--n-valid", "2", "--n-test", "2", "--size", "64"]
+    args = ["--output", str(tmp_path / "c"), "--n-train", "2", "--n-valid", "2", "--n-test", "2", "--size", "64"]
     main(args + ["--kinds", "hypointense_cyst", "--n-train-anomalous", "1"])
     assert set(lesion_kinds(tmp_path / "c").values()) == {"hypointense_cyst"}

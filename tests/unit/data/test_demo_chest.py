@@ -82,6 +82,6 @@ def test_idempotent_and_rebuilt_on_new_config(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    main(["--out", str(tmp_path / "cli"), "--n-train", "2", "--n-valid", "2", "--n-test", "2", "--size", "64"])
+    main(["--output", str(tmp_path / "cli"), "--n-train", "2", "--n-valid", "2", "--n-test", "2", "--size", "64"])
     assert "chest demo dataset in" in capsys.readouterr().out
     assert len(list_split(tmp_path / "cli", "valid")) == 2

@@ -14,8 +14,10 @@ from adcore.testing import tiny_scorer
 def test_registry_lists_paper_and_cpu_presets():
     names = list_models()
     assert {"fusion-large", "fusion-small", "patchcore", "patchcore-mobilenet"} <= set(names)
-    with pytest.raises(KeyError, match="registered"):
+    with pytest.raises(KeyError, match="unknown preset 'no-such-model'"):
         preset("no-such-model")
+    with pytest.raises(KeyError, match="did you mean patchcore"):
+        preset("patchcor")
 
 
 def test_fusion_large_without_weights_says_what_it_needs():

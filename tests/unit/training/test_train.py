@@ -65,11 +65,23 @@ def test_resume_skips_finished_epochs(demo, tmp_path):
     assert seen == [("fusion", 2), ("fusion", 3)], "stage 1 and the finished epoch are not run again"
 
 
+def test_without_epochs_training_runs_until_the_time_budget_is_spent(demo, tmp_path):
+    """No --epochs: the gradient stage trains until --minutes is spent, keeping its best epoch (an explicit
+    --epochs trains exactly that many: the smoke test above)."""
+    reports = []
+    cfg = TrainConfig(preset="fusion-small", tiny=True, minutes=0.1, batch_size=4)  # 6 s: several tiny epochs
+    train(demo, cfg, output=str(tmp_path / "art"), hooks=TrainHooks(report=lambda m, state: reports.append(m)))
+    stage_two = 0.85 * cfg.minutes * 60  # the stage's share of the budget, counted from the run's start
+    assert reports[-1]["elapsed_s"] >= stage_two - 0.1, f"stopped after epoch {reports[-1]['epoch']} with budget left"
+    training = json.loads((tmp_path / "art" / "config.json").read_text())["training"]
+    assert reports[-1]["epochs"] is None and training["selected_epoch"] is not None, "the best epoch is kept"
+
+
 def test_cli_train_then_evaluate(demo, tmp_path, capsys):
     art = str(tmp_path / "pc")
     train_main(["--data", demo, "--preset", "patchcore", "--output", art, "--tiny", "--smoke-test"])
     out_json = tmp_path / "metrics.json"
-    evaluate_main(["--data", demo, "--model", art, "--json", str(out_json)])
+    evaluate_main(["--data", demo, "--model", art, "--output", str(out_json)])
     table = capsys.readouterr().out
     assert "image_auroc" in table and "pixel_auroc" in table
     metrics = json.loads(out_json.read_text())
