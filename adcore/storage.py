@@ -242,6 +242,8 @@ def read_local_listed(path: str, size: int, root: str) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise NotAFile(f"not a regular file ({_file_type(st.st_mode)})")
+        if st.st_size != size:  # before reading: a read allocates what it may return
+            raise ChangedSinceListing(f"changed since it was listed: {st.st_size} bytes, listed {size}")
         return _at_most(f, size)
 
 
