@@ -149,6 +149,7 @@ def decode_image(
             raise DecodeError(name, "unsupported", f"unknown format (supported: {', '.join(SUPPORTED_SUFFIXES)})")
         for f in frames:
             if f.error is None:
+                _check_frame_shape(name, fmt, f.pixels.shape)
                 f.pixels = np.ascontiguousarray(np.clip(np.nan_to_num(f.pixels), 0.0, 1.0), dtype=np.float32)
     except DecodeError:
         raise
@@ -161,6 +162,13 @@ def decode_image(
     if not frame_errors:
         frames = [f for f in frames if f.error is None]
     return frames
+
+
+def _check_frame_shape(name: str, fmt: str | None, shape: tuple[int, ...]) -> None:
+    """A decoded frame is H x W or H x W x 3 with H, W > 0; a damaged header can make a library return other shapes."""
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] == 3)) or min(shape[:2], default=0) <= 0:
+        what = _FORMAT_NAMES.get(fmt or "", "file")
+        raise DecodeError(name, "corrupt", f"{what} decoded to frames of shape {shape}, not H x W (x 3)")
 
 
 def _sniff(data: bytes, name: str) -> str | None:
@@ -372,6 +380,8 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, max_frames: int, forc
             raise DecodeError(name, "invalid_header", f"unusable TransferSyntaxUID ({type(e).__name__})") from None
         errors: dict[int, DecodeError] = {}
         try:
+            # Frames beyond NumberOfFrames are not decoded: the header's count is what the bounds checked.
+            ds.pixel_array_options(allow_excess_frames=False)
             arr = ds.pixel_array
             stack = arr[None] if n_frames == 1 else arr  # [F, R, C(, 3)]
         except Exception as e:

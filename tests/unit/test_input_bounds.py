@@ -203,3 +203,16 @@ def test_s3_reads_stop_at_the_listed_size_and_big_objects_are_never_fetched(s3_s
     storage.delete(f"{bucket}/in/b.png")  # a GET of b.png would now fail: a read error, not too_large
     out = Decoder(S_PX, 10**6, max_file_bytes=len(data), input_root=f"{bucket}/in")(batch)
     assert [S.error_kind(e) for e in out["error"]] == [None, "too_large"]
+
+
+def test_dicom_excess_pixel_data_beyond_the_header_frame_count_is_not_decoded():
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(hc.dicom_many_frames(50_000)))
+    ds.NumberOfFrames = 1  # the header says one 1x1 frame; the pixel data holds 50,000
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    frames = decode_image(buf.getvalue(), "excess.dcm", max_frames=4)
+    assert [f.pixels.shape for f in frames] == [(1, 1)]
