@@ -13,7 +13,9 @@ bounds below all along.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -43,17 +45,22 @@ POLL_S = 0.05
 class TreeMemory:
     """Peak resident memory of a process and its descendants, polled from ``/proc`` in a thread.
 
-    ``peak_total``: the largest sum of VmRSS over the tree at one poll. ``peak_process``: the
-    largest VmHWM (the kernel's own peak RSS of a process) seen, with the process's name.
+    ``peak_total``: the largest sum of VmRSS over the tree at one poll. ``peaks``: each process's
+    largest VmHWM seen (the kernel's own peak RSS of the process), by pid, with its name. A tree
+    that passes a bound is killed at once (the test then fails on the peaks), so a regression
+    cannot take the machine's memory.
     """
 
-    def __init__(self, pid: int):
-        self.pid = pid
+    def __init__(self, pid: int, max_process: int, max_total: int):
+        self.pid, self.max_process, self.max_total = pid, max_process, max_total
         self.peak_total = 0
-        self.peak_process = (0, "")
-        self.seen: set[int] = set()
+        self.peaks: dict[int, tuple[int, str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+
+    @property
+    def peak_process(self) -> tuple[int, str]:
+        return max(self.peaks.values(), default=(0, ""))
 
     def __enter__(self):
         self._thread.start()
@@ -65,16 +72,24 @@ class TreeMemory:
 
     def _run(self) -> None:
         while not self._stop.wait(POLL_S):
-            total = 0
-            for pid in self._tree():
+            total, tree = 0, self._tree()
+            for pid in tree:
                 status = _status(pid)
-                if not status:
-                    continue
-                self.seen.add(pid)
-                total += status.get("VmRSS", 0)
-                if status.get("VmHWM", 0) > self.peak_process[0]:
-                    self.peak_process = (status["VmHWM"], status.get("Name", "?"))
+                if status:
+                    total += status.get("VmRSS", 0)
+                    self.peaks[pid] = max(self.peaks.get(pid, (0, "")), (status.get("VmHWM", 0), status["Name"]))
             self.peak_total = max(self.peak_total, total)
+            if self.peak_total >= self.max_total or self.peak_process[0] >= self.max_process:
+                for pid in tree:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+
+    def summary(self) -> str:
+        top = sorted(self.peaks.values(), reverse=True)[:6]
+        return (
+            f"peak tree RSS {self.peak_total / 2**30:.2f} GiB over {len(self.peaks)} processes; largest: "
+            + ", ".join(f"{name} {hwm / 2**30:.2f}" for hwm, name in top)
+        )
 
     def _tree(self) -> list[int]:
         children = collections.defaultdict(list)
@@ -148,18 +163,16 @@ def test_hostile_corpus_gets_its_rows_within_memory_bounds(tiny_artifact, tmp_pa
     log = tmp_path / "job.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        with TreeMemory(proc.pid) as mem:
+        with TreeMemory(proc.pid, MAX_PROCESS_RSS, MAX_TREE_RSS) as mem:
             try:
                 rc = proc.wait(RUN_TIMEOUT_S)
             finally:
                 if proc.poll() is None:
-                    os.killpg(proc.pid, 9)
-    text = log.read_text(errors="replace")
-    assert rc == 0, text[-4000:]
-    print(
-        f"job memory: peak tree RSS {mem.peak_total / 2**30:.2f} GiB over {len(mem.seen)} processes, "
-        f"largest process {mem.peak_process[0] / 2**30:.2f} GiB ({mem.peak_process[1]})"
-    )
+                    os.killpg(proc.pid, signal.SIGKILL)
+    print(f"job memory: {mem.summary()}")
+    assert mem.peak_process[0] < MAX_PROCESS_RSS, mem.summary()
+    assert mem.peak_total < MAX_TREE_RSS, mem.summary()
+    assert rc == 0, log.read_text(errors="replace")[-4000:]
 
     (manifest,) = ledger.completed_runs(str(out))
     assert manifest["input_files"] == len(entries)  # the listing holds every entry once
@@ -186,6 +199,3 @@ def test_hostile_corpus_gets_its_rows_within_memory_bounds(tiny_artifact, tmp_pa
     kinds = collections.Counter(S.error_kind(r["error"]) for r in rows if r["status"] == "error")
     assert {"too_large", "too_many_frames", "not_a_file", "truncated", "corrupt"} <= set(kinds), kinds
     assert manifest["rows"] == len(rows) == sum(w[1] if w[0] == "frames" else 1 for w in expected.values())
-
-    assert mem.peak_process[0] < MAX_PROCESS_RSS, mem.peak_process
-    assert mem.peak_total < MAX_TREE_RSS, mem.peak_total
