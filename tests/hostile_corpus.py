@@ -240,7 +240,7 @@ def write_corpus(folder: Path, outside: Path, *, max_file_bytes: int, max_frames
     refused = {
         "bomb__2x2x20000.nii.gz": (nifti_bytes((2, 2, 20000)), "too_many_frames"),
         "bomb__2x2x10x1000_4d.nii.gz": (nifti_bytes((2, 2, 10, 1000)), "too_many_frames"),
-        "bomb__1x1_frames.dcm": (dicom_many_frames(max_frames * 25), "too_many_frames"),
+        "bomb__1x1_frames.dcm": (dicom_many_frames(max_frames * 64), "too_many_frames"),
         "bomb__1x1_pages.tif": (tiff_pages(max_frames + 1), "too_many_frames"),
         "big__over_max_file_bytes.png": (files["skimage__camera.png"] + bytes(max_file_bytes), "too_large"),
     }

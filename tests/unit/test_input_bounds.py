@@ -216,3 +216,22 @@ def test_dicom_excess_pixel_data_beyond_the_header_frame_count_is_not_decoded():
     ds.save_as(buf)
     frames = decode_image(buf.getvalue(), "excess.dcm", max_frames=4)
     assert [f.pixels.shape for f in frames] == [(1, 1)]
+
+
+def test_a_many_slice_volume_never_holds_all_its_prepared_frames(tmp_path):
+    import tracemalloc
+
+    size, slices, chunk = 112, 1000, 2 * 2**20  # 1,000 slices at 112 px: 38 MB prepared in all
+    batch = {"bytes": np.array([hc.nifti_bytes((2, 2, slices))], dtype=object), "path": np.array(["ct.nii.gz"])}
+    dec = Decoder(size, 10**9, max_frames=slices, chunk_bytes=chunk)
+    rows = 0
+    tracemalloc.start()
+    try:
+        for part in dec.chunks(batch):  # handed on (here dropped) chunk by chunk, as Ray Data does
+            rows += len(part["frame"])
+            del part
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rows == slices
+    assert peak < 4 * chunk, f"{peak / 2**20:.0f} MiB traced at the peak"  # a chunk, its stack, one frame's work
