@@ -164,7 +164,6 @@ class Decoder:
             else:
                 rows.add(file, sha, 0, S.STATUS_SKIPPED)
             return
-        del data
         todo = [f for f in frames if f.index not in done]
         del frames
         if not todo:
