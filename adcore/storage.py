@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -175,6 +176,91 @@ class Reader:
         with fs.open_input_stream(path) as f:
             return f.read()
 
+    def read_listed(self, uri: str, size: int, root: str) -> bytes:
+        """One listed input file, read no further than its listed ``size`` (see :func:`read_local_listed`).
+
+        ``root`` is the listed folder or prefix: local files must be regular files inside it.
+        """
+        if not is_s3(uri):
+            return read_local_listed(local_path(uri), size, local_path(root))
+        fs = self._fs.get(True)
+        if fs is None:
+            fs = self._fs[True] = s3_filesystem()
+        with fs.open_input_stream(str(uri)[len(S3_PREFIX) :]) as f:
+            return _at_most(f, size)
+
+
+class NotAFile(OSError):
+    """A listed input that is not a regular file inside the input folder: nothing is read from it.
+
+    The message says why, without the path (the caller has it).
+    """
+
+
+class ChangedSinceListing(OSError):
+    """A file whose size is no longer the listed one: read at most the listed size, then refused."""
+
+
+def check_regular_file(path: str, root: str) -> str:
+    """The real path of local ``path`` if it is a regular file inside folder (or file) ``root``.
+
+    Links are followed when they end inside ``root``; the target is stat'ed, never opened, so a
+    FIFO, socket or device is refused without touching it.
+
+    Raises:
+        NotAFile: a FIFO, socket, device, folder, broken link, or a link leading outside ``root``.
+        FileNotFoundError: nothing is at ``path`` any more.
+    """
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
+        raise NotAFile("a link leading outside the input")
+    try:
+        st = os.stat(real)
+    except OSError:
+        if os.path.islink(path):  # broken or looping
+            raise NotAFile("a link that leads to no file") from None
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        raise NotAFile(f"not a regular file ({_file_type(st.st_mode)})")
+    return real
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file"
+
+
+def read_local_listed(path: str, size: int, root: str) -> bytes:
+    """A local input file's bytes, refused unless regular and inside ``root``, never read past ``size``.
+
+    ``size`` is the listed one: a file that grew or shrank since is refused after reading at most
+    ``size + 1`` bytes (the next listing sees its new size).
+
+    Raises:
+        NotAFile: see :func:`check_regular_file`.
+        ChangedSinceListing: the file's size differs from ``size``.
+    """
+    real = check_regular_file(path, root)
+    # Non-blocking and no link followed: a file swapped for a FIFO or link since the check is refused too.
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(f"not a regular file ({_file_type(st.st_mode)})")
+        if st.st_size != size:  # before reading: a read allocates what it may return
+            raise ChangedSinceListing(f"changed since it was listed: {st.st_size} bytes, listed {size}")
+        return _at_most(f, size)
+
+
+def _at_most(f, size: int) -> bytes:
+    data = f.read(size + 1)
+    if len(data) != size:
+        found = "more bytes" if len(data) > size else f"{len(data)} bytes"
+        raise ChangedSinceListing(f"changed since it was listed: {found}, listed {size}")
+    return data
+
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     """Write a file, creating parent folders.
@@ -314,15 +400,25 @@ def list_objects(uri: str | os.PathLike, skip_hidden: bool = True):
             raise DataNotFoundError(f"no such directory or prefix: {text}")
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
-            for name in sorted(filenames):
+            # Links to folders are listed, not followed: each is an entry the job refuses (not a file).
+            links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            for name in sorted(filenames + links):
                 p = os.path.join(dirpath, name)
-                st = os.stat(p)
+                st = _stat_entry(p)
                 add(p, st.st_size, str(st.st_mtime_ns))
     flush()
     table = pa.Table.from_batches(batches, schema=_listing_schema())
     if not table.num_rows and not (is_s3(text) or os.path.exists(local_path(text))):
         raise DataNotFoundError(f"no such directory or prefix: {text}")
     return table.sort_by("uri")
+
+
+def _stat_entry(path: str) -> os.stat_result:
+    """The stat of what ``path`` names (a link's target), or the link's own when it leads nowhere."""
+    try:
+        return os.stat(path)
+    except OSError:  # a broken or looping link: listed, refused when read
+        return os.lstat(path)
 
 
 def _listing_schema():

@@ -16,8 +16,13 @@ the driver; it logs progress from the write tasks' counts.
 
 Inputs: every file under ``--input`` except hidden ones (name starting with "."); the
 format comes from the content (PNG, JPEG, TIFF, DICOM, NIfTI; volumes one row per
-slice). A file whose header announces more than ``--max-pixels`` pixels is an error row
-of kind ``too_large`` (refused before decoding; it is not downscaled). S3 endpoint and
+slice). Bounds are decided before reading or decoding, each refused file one error row: a
+file listed larger than ``--max-file-bytes`` (kind ``too_large``, never read); a local entry
+that is not a regular file inside ``--input`` (a FIFO, socket, device, folder link or a link
+leading outside: kind ``not_a_file``, never opened); a header announcing more than
+``--max-pixels`` pixels (``too_large``; it is not downscaled) or more than ``--max-frames``
+frames (``too_many_frames``). A read never goes past the listed size, and a decode task hands
+its prepared frames on in chunks (``stages.DEFAULT_CHUNK_BYTES``). S3 endpoint and
 credentials come from the standard AWS_* environment variables. DICOM studies get a
 pseudonymous ``study_key`` keyed by ``ADCORE_STUDY_KEY_SECRET``.
 
@@ -44,6 +49,7 @@ import pyarrow as pa
 
 from adcore import storage
 from adcore.cli import hidden, parse_config, required_unless, run_command
+from adcore.data.decode import DEFAULT_MAX_FRAMES
 from adcore.engine import EngineName
 from adcore.export import VariantName
 from jobs.scoring import dicom_out, ledger
@@ -59,6 +65,7 @@ log = logging.getLogger("jobs.score")
 PROG = "python jobs/score.py"
 SECRET_ENV = S.SECRET_ENV
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; a chest film is 3-9 Mpx, larger is a mistake or a bomb
+DEFAULT_MAX_FILE_BYTES = 2 * 2**30  # whole multi-frame studies fit; a read holds the file in memory
 DECODE_BATCH = 8  # files per decode call: one NIfTI volume alone can be hundreds of frames
 SMOKE_IMAGES = 8
 # Batches queued at each replica: one computing, one arriving; more lets one replica hoard the queue.
@@ -98,6 +105,8 @@ class ScoreConfig:
     rescore_all: bool = False  # score everything again; the new rows supersede older ones
     batch_size: int = 64  # frames per model+head call
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files by the listing's size: too_large, never read
+    max_frames: int = DEFAULT_MAX_FRAMES  # frames per file (DICOM, TIFF pages, NIfTI slices); more: too_many_frames
     device: Literal["auto", "gpu", "cpu"] = "auto"  # model replicas; gpu is demanded (an autoscaler starts GPU nodes)
     replicas: str = ""  # MIN[:MAX] model replicas; default: one per GPU, or per CPU node
     cpus_per_replica: float = 0.0  # 0 = the GPU node's CPUs per GPU (or a CPU node's CPUs) less one for decoding
@@ -446,8 +455,16 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     # The files to read travel as Arrow listing blocks; each decode task reads its own files once.
     step = max(1, cfg.files_per_block)
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
-    decoder = Decoder(input_size, cfg.max_pixels, secret)
-    ds = ds.map_batches(decoder, batch_size=DECODE_BATCH, num_cpus=plan.decode_cpus, batch_format="numpy")
+    decoder = Decoder(
+        input_size,
+        cfg.max_pixels,
+        secret,
+        max_frames=cfg.max_frames,
+        max_file_bytes=cfg.max_file_bytes,
+        input_root=cfg.input,
+    )
+    # The decoder's chunks: its prepared frames leave the task a chunk at a time.
+    ds = ds.map_batches(decoder.chunks, batch_size=DECODE_BATCH, num_cpus=plan.decode_cpus, batch_format="numpy")
     stage_kwargs = dict(
         artifact=cfg.model,
         engine=cfg.engine,

@@ -44,6 +44,10 @@ _CIFTI_INTENTS = (3000, 3100)  # NIfTI intent codes reserved for CIFTI-2
 _NIFTI_PERCENTILES = (0.5, 99.5)  # per-volume intensity clip, robust to hot voxels
 _MAX_REASON = 200  # characters of a library message kept in a reason
 _JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"  # JPEG Extended (Process 2 and 4): 8- or 12-bit
+DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000, all frames together
+# Frames per file: a CT series is a few hundred to a few thousand slices; every frame becomes a
+# prepared network input whatever its own size (a 1x1 frame too), so frames need their own bound.
+DEFAULT_MAX_FRAMES = 4096
 _FORMAT_NAMES = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF", "dicom": "DICOM", "dicom_raw": "DICOM", "nifti": "NIfTI"}
 
 
@@ -83,13 +87,24 @@ def _quiet():
         yield
 
 
-def decode_path(path, *, max_pixels: int = 50_000_000, frame_errors: bool = False) -> list[Frame]:
+def decode_path(
+    path, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_frames: int = DEFAULT_MAX_FRAMES, frame_errors: bool = False
+) -> list[Frame]:
     """Reads a local file and decodes it (see :func:`decode_image`)."""
     path = Path(path)
-    return decode_image(path.read_bytes(), str(path), max_pixels=max_pixels, frame_errors=frame_errors)
+    return decode_image(
+        path.read_bytes(), str(path), max_pixels=max_pixels, max_frames=max_frames, frame_errors=frame_errors
+    )
 
 
-def decode_image(data: bytes, name: str, *, max_pixels: int = 50_000_000, frame_errors: bool = False) -> list[Frame]:
+def decode_image(
+    data: bytes,
+    name: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    frame_errors: bool = False,
+) -> list[Frame]:
     """Decodes one file's bytes into frames.
 
     This is the file boundary: any exception raised while reading or decoding becomes a
@@ -101,6 +116,8 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = 50_000_000, frame_
         name: Its name, path or URI; used for the extension fallback and in errors.
         max_pixels: Refuse files whose header announces more pixels (all frames) than this,
             before any pixel is decoded.
+        max_frames: Refuse files whose header announces more frames (DICOM NumberOfFrames,
+            TIFF pages, NIfTI slices times volumes) than this, before any pixel is decoded.
         frame_errors: When some frames of a multi-frame file fail and others decode, also
             return the failed ones, as Frames whose ``error`` is set (and ``pixels`` empty).
             When False (the default) such frames are left out. A file none of whose frames
@@ -110,8 +127,8 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = 50_000_000, frame_
         One Frame per image, frame or slice, in file order.
 
     Raises:
-        DecodeError: kind "empty", "truncated", "unsupported", "corrupt", "too_large" or
-            "invalid_header".
+        DecodeError: kind "empty", "truncated", "unsupported", "corrupt", "too_large",
+            "too_many_frames" or "invalid_header".
     """
     if not data:
         raise DecodeError(name, "empty", "zero bytes")
@@ -121,17 +138,18 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = 50_000_000, frame_
         if fmt in ("png", "jpeg"):
             frames = _decode_pil(data, name, fmt, max_pixels)
         elif fmt == "tiff":
-            frames = _decode_tiff(data, name, max_pixels)
+            frames = _decode_tiff(data, name, max_pixels, max_frames)
         elif fmt in ("dicom", "dicom_raw"):
-            frames = _decode_dicom(data, name, max_pixels, force=fmt == "dicom_raw")
+            frames = _decode_dicom(data, name, max_pixels, max_frames, force=fmt == "dicom_raw")
         elif fmt == "nifti":
-            frames = _decode_nifti(data, name, max_pixels)
+            frames = _decode_nifti(data, name, max_pixels, max_frames)
         elif fmt is not None and fmt.startswith("misnamed:"):
             raise DecodeError(name, "corrupt", f"content does not start with a {fmt.split(':')[1]} signature")
         else:
             raise DecodeError(name, "unsupported", f"unknown format (supported: {', '.join(SUPPORTED_SUFFIXES)})")
         for f in frames:
             if f.error is None:
+                _check_frame_shape(name, fmt, f.pixels.shape)
                 f.pixels = np.ascontiguousarray(np.clip(np.nan_to_num(f.pixels), 0.0, 1.0), dtype=np.float32)
     except DecodeError:
         raise
@@ -144,6 +162,13 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = 50_000_000, frame_
     if not frame_errors:
         frames = [f for f in frames if f.error is None]
     return frames
+
+
+def _check_frame_shape(name: str, fmt: str | None, shape: tuple[int, ...]) -> None:
+    """A decoded frame is H x W or H x W x 3 with H, W > 0; a damaged header can make a library return other shapes."""
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] == 3)) or min(shape[:2], default=0) <= 0:
+        what = _FORMAT_NAMES.get(fmt or "", "file")
+        raise DecodeError(name, "corrupt", f"{what} decoded to frames of shape {shape}, not H x W (x 3)")
 
 
 def _sniff(data: bytes, name: str) -> str | None:
@@ -215,7 +240,7 @@ def _pil_to_float(im) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- TIFF
-def _decode_tiff(data: bytes, name: str, max_pixels: int) -> list[Frame]:
+def _decode_tiff(data: bytes, name: str, max_pixels: int, max_frames: int) -> list[Frame]:
     import tifffile
 
     with _quiet():
@@ -227,6 +252,7 @@ def _decode_tiff(data: bytes, name: str, max_pixels: int) -> list[Frame]:
                 s_axis = axes.rfind("S")
                 color = s_axis in (len(axes) - 1, len(axes) - 3) and shape[s_axis] in (3, 4)
                 n_pix = int(np.prod(shape)) // (shape[s_axis] if color else 1)
+                _check_frames(name, int(np.prod(shape[: -3 if color else -2])), max_frames)
                 if n_pix > max_pixels:
                     raise DecodeError(
                         name, "too_large", f"{n_pix} pixels ({axes}={shape}) exceeds max_pixels={max_pixels}"
@@ -302,12 +328,18 @@ def _minmax(a: np.ndarray) -> np.ndarray:
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
+def _check_frames(name: str, n_frames: int, max_frames: int) -> None:
+    """Refuses a file whose header announces more frames than ``max_frames`` (nothing decoded yet)."""
+    if n_frames > max_frames:
+        raise DecodeError(name, "too_many_frames", f"{n_frames} frames exceeds max_frames={max_frames}")
+
+
 def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:_MAX_REASON]}"
 
 
 # ----------------------------------------------------------------------------- DICOM
-def _decode_dicom(data: bytes, name: str, max_pixels: int, force: bool) -> list[Frame]:
+def _decode_dicom(data: bytes, name: str, max_pixels: int, max_frames: int, force: bool) -> list[Frame]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -334,6 +366,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, force: bool) -> list[
             raise DecodeError(name, "corrupt", "DICOM Rows/Columns missing or zero")
         if n_frames < 0:
             raise DecodeError(name, "invalid_header", "NumberOfFrames is negative")
+        _check_frames(name, n_frames, max_frames)
         if rows * cols * n_frames > max_pixels:
             raise DecodeError(
                 name, "too_large", f"{n_frames} frame(s) of {rows}x{cols} exceeds max_pixels={max_pixels}"
@@ -347,6 +380,8 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, force: bool) -> list[
             raise DecodeError(name, "invalid_header", f"unusable TransferSyntaxUID ({type(e).__name__})") from None
         errors: dict[int, DecodeError] = {}
         try:
+            # Frames beyond NumberOfFrames are not decoded: the header's count is what the bounds checked.
+            ds.pixel_array_options(allow_excess_frames=False)
             arr = ds.pixel_array
             stack = arr[None] if n_frames == 1 else arr  # [F, R, C(, 3)]
         except Exception as e:
@@ -565,7 +600,7 @@ def _window(values: np.ndarray, ds) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- NIfTI
-def _decode_nifti(data: bytes, name: str, max_pixels: int) -> list[Frame]:
+def _decode_nifti(data: bytes, name: str, max_pixels: int, max_frames: int) -> list[Frame]:
     import nibabel as nib
 
     gz = data.startswith(_GZIP_MAGIC)
@@ -598,6 +633,7 @@ def _decode_nifti(data: bytes, name: str, max_pixels: int) -> list[Frame]:
     if magic in (b"ni1", b"ni2"):
         raise DecodeError(name, "unsupported", "NIfTI .hdr/.img pair; only single-file .nii is supported")
     n_vox = int(np.prod(shape)) if shape else 0
+    _check_frames(name, int(np.prod(shape[2:])), max_frames)  # slices times volumes (see _nifti_frames)
     if n_vox > max_pixels:
         raise DecodeError(name, "too_large", f"volume {shape} exceeds max_pixels={max_pixels}")
     if n_vox == 0:

@@ -10,7 +10,8 @@ from adcore.errors import UserError
 
 # invalid_header: the file parses, but an attribute the decoder needs holds an unusable value
 # (a DICOM IS/DS element holding "1A", a negative size, ...).
-DECODE_ERROR_KINDS = ("empty", "truncated", "unsupported", "corrupt", "too_large", "invalid_header")
+# too_many_frames: the header announces more frames than the caller's bound (refused before decoding).
+DECODE_ERROR_KINDS = ("empty", "truncated", "unsupported", "corrupt", "too_large", "invalid_header", "too_many_frames")
 
 
 class DecodeError(UserError, ValueError):

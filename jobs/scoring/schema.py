@@ -28,7 +28,8 @@ model_version   string     artifact's model_version (name-vN-<fingerprint>)
 scored_at       timestamp  UTC time the row was produced
 status          string     "ok" or "error"
 error           string     "<kind>: <reason>" for errors (kinds: empty, truncated,
-                           unsupported, corrupt, too_large, invalid_header, inference, read), else null
+                           unsupported, corrupt, too_large, too_many_frames, invalid_header,
+                           not_a_file, inference, read), else null
 run_id          string     the run that wrote the row (sortable: UTC time + random)
 schema_version  int16      ``SCHEMA_VERSION``
 file_size       int64      the file's size in the listing it was scored from (version 2)
@@ -65,7 +66,9 @@ SCHEMA_VERSION = 4
 STATUS_OK, STATUS_ERROR = "ok", "error"
 STATUS_SKIPPED = "skipped"  # internal marker for progress counts; never written
 INFERENCE_ERROR = "inference"  # error kind of rows whose model call failed (transient: retried)
-READ_ERROR = "read"  # the file could not be read (gone since the listing, store down): transient
+READ_ERROR = "read"  # the file could not be read (gone or changed since the listing, store down): transient
+TOO_LARGE = "too_large"  # more bytes (listing) or pixels (header) than the job's bounds
+NOT_A_FILE = "not_a_file"  # a FIFO, socket, device, folder link or link leaving the input: never read
 TRANSIENT_ERROR_KINDS = (INFERENCE_ERROR, READ_ERROR)
 KEY_COLUMNS = ("image_key", "frame", "model_version")
 SECRET_ENV = "ADCORE_STUDY_KEY_SECRET"  # the HMAC key of study_key and pseudonymous image_key: read where used

@@ -19,12 +19,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from adcore import storage
-from adcore.data.decode import decode_image
+from adcore.data.decode import DEFAULT_MAX_FRAMES, decode_image
 from adcore.data.errors import DecodeError
 from adcore.scorer import postprocess, prepare, to_uint8
 from jobs.scoring import schema as S
@@ -36,94 +37,189 @@ ROW_COLUMNS = (
     "image_uri", "image_key", "content_sha256", "frame", "height", "width", "modality", "study_key", "status",
     "error", "file_size", "file_version",
 )  # fmt: skip
+# Prepared pixels a decode task holds before handing a chunk of rows on (~220 frames at S=224).
+DEFAULT_CHUNK_BYTES = 32 * 2**20
 
 
 class Decoder:
     """Listed files -> frames prepared for the network (a Ray Data batch function).
 
-    A batch holds listing rows (``uri``, ``image_key``, ``size``, ``version``, ``prior_sha``,
+    A batch holds listing rows (``uri``, ``size``, ``version``, ``prior_sha``,
     ``prior_done``: see ``ledger.plan_inputs``); each file is read here, once, inside the
     task (or a batch holds ``bytes`` and ``path`` already read: benchmarks, tests). A read
     that fails becomes an error row of kind ``read`` (transient: the next run retries it).
+
+    Before anything is read, a file larger than ``max_file_bytes`` in the listing is one error
+    row of kind ``too_large``, and a local entry that is not a regular file inside
+    ``input_root`` (a FIFO, socket, device, folder link, or a link leading outside) one of kind
+    ``not_a_file``; a local read stops at the listed size. Prepared frames leave in chunks of
+    at most ``chunk_bytes`` (:meth:`chunks`), so a file of thousands of frames never holds
+    them all prepared at once.
 
     Args:
         input_size: The network's square input size S.
         max_pixels: Files whose header announces more pixels are error rows (kind too_large),
             refused before any pixel is decoded.
         secret: HMAC key of ``study_key``; None leaves it null.
+        max_frames: Files whose header announces more frames are error rows (kind
+            too_many_frames), refused before any pixel is decoded.
+        max_file_bytes: Listed files larger than this are error rows (kind too_large), never
+            read; None: no bound (batches of bytes already read).
+        input_root: The listed local folder (``--input``): local files must be regular files
+            inside it. Empty: only the regular-file check.
+        chunk_bytes: Prepared pixels one chunk of rows holds at most (at least one row).
     """
 
-    def __init__(self, input_size: int, max_pixels: int, secret: bytes | None = None):
+    def __init__(
+        self,
+        input_size: int,
+        max_pixels: int,
+        secret: bytes | None = None,
+        *,
+        max_frames: int = DEFAULT_MAX_FRAMES,
+        max_file_bytes: int | None = None,
+        input_root: str = "",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         self.input_size = input_size
         self.max_pixels = max_pixels
+        self.max_frames = max_frames
+        self.max_file_bytes = max_file_bytes
+        self.input_root = input_root
+        self.chunk_rows = max(1, chunk_bytes // (3 * input_size * input_size))
         self._secret = secret
         self._reader = storage.Reader()  # one filesystem per task
 
     def __repr__(self) -> str:  # Ray may print the callable: never the secret
-        return f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels})"
+        return (
+            f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels}, max_frames={self.max_frames}, "
+            f"max_file_bytes={self.max_file_bytes})"
+        )
 
     def _files(self, batch: dict[str, np.ndarray]):
-        """((uri, image key, size, version), bytes or an exception, prior sha, prior done frames) per file."""
+        """(uri, image key, bytes or why not, size, version, prior sha, prior done frames) per file."""
         if "bytes" in batch:
             for data, path in zip(batch["bytes"], batch["path"]):
                 data = bytes(data)
-                yield (str(path), str(path), len(data), None), data, None, frozenset()
+                yield str(path), str(path), self._too_large(len(data)) or data, len(data), None, None, frozenset()
             return
         for i, uri in enumerate(batch["uri"]):
-            uri = str(uri)
-            try:
-                data = self._reader.read(uri)
-            except OSError as e:  # gone since the listing, or the store failed: retried next run
-                data = e
+            uri, size = str(uri), int(batch["size"][i])
             prior = batch["prior_done"][i] if "prior_done" in batch else None
             done = frozenset() if prior is None or not len(prior) else frozenset(int(f) for f in prior)
             key = str(batch["image_key"][i]) if "image_key" in batch else uri  # keys are made by the driver
-            file = (uri, key, int(batch["size"][i]), _text(batch["version"][i]))
-            yield file, data, _text(batch["prior_sha"][i]), done
+            version, prior_sha = _text(batch["version"][i]), _text(batch["prior_sha"][i])
+            yield uri, key, self._read(uri, size), size, version, prior_sha, done
+
+    def _read(self, uri: str, size: int) -> bytes | _Refused | OSError:
+        """The file's bytes, or why it was not read (refused, or a failed read: retried next run)."""
+        root = self.input_root or uri
+        try:
+            if not storage.is_s3(uri):  # the file's type first: a FIFO or a device is never opened
+                storage.check_regular_file(storage.local_path(uri), storage.local_path(root))
+            return self._too_large(size) or self._reader.read_listed(uri, size, root)
+        except storage.NotAFile as e:
+            return _Refused(S.NOT_A_FILE, str(e))
+        except OSError as e:  # gone or changed since the listing, or the store failed: retried next run
+            return e
+
+    def _too_large(self, size: int) -> _Refused | None:
+        if self.max_file_bytes is not None and size > self.max_file_bytes:
+            return _Refused(S.TOO_LARGE, f"{size} bytes exceeds max_file_bytes={self.max_file_bytes}")
+        return None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
-        pixels: list[np.ndarray] = []
-        blank = np.zeros((3, self.input_size, self.input_size), np.uint8)  # error/skip rows
+        """All of :meth:`chunks` as one batch (tests, benchmarks; the job streams the chunks)."""
+        parts = list(self.chunks(batch))
+        return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
-        def emit(file, sha, frame, status, error=None, px=None, hw=(None, None), modality=None, key=None):
-            (uri, image_key, size, version) = file
-            values = (uri, image_key, sha, frame, hw[0], hw[1], modality, key, status, error, size, version)
-            for c, v in zip(ROW_COLUMNS, values):
-                cols[c].append(v)
-            pixels.append(blank if px is None else px)
-
-        for file, data, prior_sha, prior_done in self._files(batch):
-            uri = file[0]
-            if isinstance(data, Exception):
+    def chunks(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """One row per frame (or per refused or failed file), in batches of at most ``chunk_rows`` rows."""
+        rows = _Rows(self.input_size)
+        for uri, key, data, size, version, prior_sha, prior_done in self._files(batch):
+            file = (uri, key, size, version)
+            if isinstance(data, _Refused):
+                rows.add(file, None, 0, S.STATUS_ERROR, S.format_error(data.kind, data.reason))
+            elif isinstance(data, Exception):
                 reason = f"{type(data).__name__}: {str(data)[:200]}"
-                emit(file, None, 0, S.STATUS_ERROR, S.format_error(S.READ_ERROR, reason))
-                continue
-            sha = S.content_sha256(data)
-            done = prior_done if prior_sha == sha else frozenset()
-            try:
-                frames = decode_image(data, uri, max_pixels=self.max_pixels, frame_errors=True)
-            except DecodeError as e:
-                if 0 not in done:
-                    emit(file, sha, 0, S.STATUS_ERROR, S.format_error(e.kind, e.reason))
-                else:
-                    emit(file, sha, 0, S.STATUS_SKIPPED)
-                continue
-            todo = [f for f in frames if f.index not in done]
-            if not todo:
-                emit(file, sha, 0, S.STATUS_SKIPPED)
-            for f in todo:
-                key = S.study_key(f.study_uid, self._secret)
-                if f.error is not None:  # this frame alone failed to decode: its own error row
-                    error = S.format_error(f.error.kind, f.error.reason)
-                    emit(file, sha, f.index, S.STATUS_ERROR, error, modality=f.modality, key=key)
-                    continue
+                rows.add(file, None, 0, S.STATUS_ERROR, S.format_error(S.READ_ERROR, reason))
+            else:
+                for _ in self._frames(rows, file, data, prior_sha, prior_done):
+                    if len(rows) >= self.chunk_rows:
+                        yield rows.take()
+            if len(rows) >= self.chunk_rows:
+                yield rows.take()
+        if len(rows) or not rows.taken:
+            yield rows.take()
+
+    def _frames(self, rows: _Rows, file, data: bytes, prior_sha, prior_done):
+        """Adds one file's rows to ``rows``, one frame at a time (a generator: the caller may take a chunk)."""
+        sha = S.content_sha256(data)
+        done = prior_done if prior_sha == sha else frozenset()
+        try:
+            frames = decode_image(
+                data, file[0], max_pixels=self.max_pixels, max_frames=self.max_frames, frame_errors=True
+            )
+        except DecodeError as e:
+            if 0 not in done:
+                rows.add(file, sha, 0, S.STATUS_ERROR, S.format_error(e.kind, e.reason))
+            else:
+                rows.add(file, sha, 0, S.STATUS_SKIPPED)
+            return
+        todo = [f for f in frames if f.index not in done]
+        del frames
+        if not todo:
+            rows.add(file, sha, 0, S.STATUS_SKIPPED)
+        for i, f in enumerate(todo):
+            todo[i] = None  # the source frame goes once prepared
+            key = S.study_key(f.study_uid, self._secret)
+            if f.error is not None:  # this frame alone failed to decode: its own error row
+                error = S.format_error(f.error.kind, f.error.reason)
+                rows.add(file, sha, f.index, S.STATUS_ERROR, error, modality=f.modality, key=key)
+            else:
                 px = to_uint8(prepare(f.pixels, self.input_size))
-                emit(file, sha, f.index, S.STATUS_OK, px=px, hw=f.pixels.shape[:2], modality=f.modality, key=key)
-        out = {c: np.array(v, dtype=object) for c, v in cols.items()}
+                rows.add(file, sha, f.index, S.STATUS_OK, px=px, hw=f.pixels.shape[:2], modality=f.modality, key=key)
+            yield
+
+
+class _Refused:
+    """A file refused before reading or decoding: one error row of ``kind``."""
+
+    def __init__(self, kind: str, reason: str):
+        self.kind, self.reason = kind, reason
+
+
+class _Rows:
+    """The decoder's output rows, taken as a batch of columns whenever a chunk is full."""
+
+    def __init__(self, input_size: int):
+        self.size = input_size
+        self.blank = np.zeros((3, input_size, input_size), np.uint8)  # error/skip rows
+        self.taken = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
+        self.pixels: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def add(self, file, sha, frame, status, error=None, px=None, hw=(None, None), modality=None, key=None) -> None:
+        (uri, image_key, size, version) = file
+        values = (uri, image_key, sha, frame, hw[0], hw[1], modality, key, status, error, size, version)
+        for c, v in zip(ROW_COLUMNS, values):
+            self.cols[c].append(v)
+        self.pixels.append(self.blank if px is None else px)
+
+    def take(self) -> dict[str, np.ndarray]:
+        out = {c: np.array(v, dtype=object) for c, v in self.cols.items()}
         for c in ("frame", "height", "width", "file_size"):
-            out[c] = np.array([-1 if v is None else v for v in cols[c]], dtype=np.int64)
-        out["pixels"] = np.stack(pixels) if pixels else np.zeros((0, 3, self.input_size, self.input_size), np.uint8)
+            out[c] = np.array([-1 if v is None else v for v in self.cols[c]], dtype=np.int64)
+        shape = (0, 3, self.size, self.size)
+        out["pixels"] = np.stack(self.pixels) if self.pixels else np.zeros(shape, np.uint8)
+        self.taken += 1
+        self._reset()
         return out
 
 
@@ -165,9 +261,6 @@ class ScoreStage:
         triton_in_flight: int = 4,
         simulated_batch_s: float = 0.0,
     ):
-        from adcore.logs import quiet_third_party_loggers
-
-        quiet_third_party_loggers()  # before the imports and the export that log
         import faiss
         import torch
 
