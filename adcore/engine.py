@@ -15,7 +15,8 @@ up at ``<uri>/onnx/<key>/`` first (``jobs/export.py`` uploads it there), so the 
 cluster download the graphs instead of exporting them again.
 
 A variant other than fp32 is used only when its record says it is usable: image and pixel
-AUROC on the validation split within ``VARIANT_TOLERANCE`` of fp32 (:func:`measure_variants`).
+AUROC on the validation split within ``VARIANT_TOLERANCE`` of fp32
+(:func:`adcore.evaluate.measure_variants`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from adcore import storage
-from adcore.export import ONNX_FORMAT, VARIANTS, OnnxNetwork, export_onnx, read_metadata, variant_filename
+from adcore.export import ONNX_FORMAT, OnnxNetwork, export_onnx, read_metadata, variant_filename, write_variant
 from adcore.scorer import OUTPUT_NAMES, Network, Scorer, TorchNetwork
 
 log = logging.getLogger(__name__)
@@ -147,8 +148,6 @@ def _usable_file(path: Path, scorer: Scorer) -> bool:
 
 def ensure_onnx(scorer: Scorer, variant: str = "fp32") -> Path:
     """The cached graph of ``variant``, exported (fp32) or derived from fp32 only when the cache lacks it."""
-    from adcore.export import write_variant
-
     name = variant_filename(variant)
     folder = cache_dir(scorer)
     path = folder / name
@@ -293,51 +292,10 @@ def load_scorer(
     return scorer
 
 
-def measure_variants(
-    scorer: Scorer, data: str, variants: tuple[str, ...] = VARIANTS, split: str = "valid", limit: int | None = None
-) -> dict:
-    """Image and pixel AUROC of each variant on ``split`` next to fp32's; records them in the cache manifest.
-
-    A variant is usable when both AUROCs are within ``VARIANT_TOLERANCE`` of fp32's (fp32 itself
-    always is). Returns the record: ``{"split", "n_images", "tolerance", "variants": {...}}``.
-    """
-    from adcore.evaluate import evaluate
-
-    variants = tuple(dict.fromkeys(("fp32", *variants)))
-    rows = {}
-    for variant in variants:
-        network = load_network(scorer, "onnx", variant, device="cpu", require_usable=False)
-        probe = Scorer(scorer.model, scorer.head, scorer.calibration, scorer.meta, network=network)
-        row = evaluate(probe, data, split, limit=limit)
-        rows[variant] = {k: row.get(k) for k in ("image_auroc", "pixel_auroc", "seconds")}
-        rows[variant]["n_images"] = row["n_images"]
-    ref = rows["fp32"]
-    for variant, row in rows.items():
-        deltas = {}
-        for key in ("image_auroc", "pixel_auroc"):
-            if row[key] is not None and ref[key] is not None:
-                deltas[key] = round(abs(row[key] - ref[key]), 6)
-        row["max_auroc_delta"] = max(deltas.values()) if deltas else None
-        row["usable"] = variant == "fp32" or (bool(deltas) and all(d <= VARIANT_TOLERANCE for d in deltas.values()))
-    record = {
-        "split": split,
-        "data": os.path.basename(os.path.normpath(data)),
-        "n_images": ref["n_images"],
-        "tolerance": VARIANT_TOLERANCE,
-        "variants": rows,
-    }
+def record_measurement(scorer: Scorer, record: dict) -> None:
+    """Keep ``record`` (:func:`adcore.evaluate.measure_variants`) in the cache manifest for :func:`check_usable`."""
     folder = cache_dir(scorer)
     with _locked(folder):
         manifest = read_manifest(folder)
         manifest["measured"] = record
         _write_manifest(folder, manifest)
-    for variant, row in rows.items():
-        log.info(
-            "variant %s: image/pixel AUROC %s / %s on %s (%s)",
-            variant,
-            row["image_auroc"],
-            row["pixel_auroc"],
-            split,
-            "usable" if row["usable"] else "NOT usable",
-        )
-    return record

@@ -146,7 +146,7 @@ def check_triton_model(cfg: ScoreConfig, model_name: str, art: dict) -> None:
     with another artifact's head and calibration, and labelled with the wrong model_version)."""
     from types import SimpleNamespace
 
-    from adcore.export import ModelMismatchError, check_served_model
+    from adcore.serving.artifacts import ModelMismatchError, check_served_model
 
     if cfg.triton_protocol == "grpc":
         import tritonclient.grpc as tc

@@ -306,9 +306,10 @@ def test_killed_run_then_rerun_loses_and_duplicates_nothing(tiny_artifact, tmp_p
 
 def test_triton_stopped_mid_run_then_rerun_fixes_errors(ray_local, tiny_artifact, tmp_path):
     pytest.importorskip("pytriton")
-    from adcore.export import export_onnx, write_triton_repository
+    from adcore.export import export_onnx
     from adcore.scorer import load
     from adcore.serving import LocalTriton
+    from adcore.serving.artifacts import write_triton_repository
     from jobs.score import main
 
     scorer = load(tiny_artifact)

@@ -9,6 +9,7 @@ import pytest
 
 from adcore import engine
 from adcore.data.demo import make_demo_dataset
+from adcore.evaluate import measure_variants
 from adcore.export import OnnxNetwork, read_metadata
 from adcore.scorer import TorchNetwork
 from adcore.scorer import load as load_torch
@@ -101,7 +102,7 @@ def test_int8_variant_measured_recorded_and_gated(artifact, demo):
     int8_scores = type(scorer)(scorer.model, scorer.head, scorer.calibration, scorer.meta, network=int8).raw(pixels)[0]
     np.testing.assert_allclose(int8_scores, fp32_scores, rtol=0.05)  # close, not equal: weights are int8
 
-    record = engine.measure_variants(scorer, demo, ("int8",))
+    record = measure_variants(scorer, demo, ("int8",))
     manifest = engine.read_manifest(scorer.network.path.parent)
     assert manifest["measured"] == record
     assert record["split"] == "valid" and record["n_images"] == 12 and record["tolerance"] == 0.005

@@ -10,19 +10,17 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from adcore.export import (  # noqa: E402
-    ModelMismatchError,
-    OnnxNetwork,
-    check_served_model,
-    export_onnx,
-    from_triton,
-    read_metadata,
-    tensor_specs,
-    write_triton_repository,
-)
+from adcore.export import OnnxNetwork, export_onnx, read_metadata  # noqa: E402
 from adcore.models import list_models  # noqa: E402
 from adcore.scorer import INPUT_NAME, OUTPUT_NAMES, to_uint8  # noqa: E402
 from adcore.serving import TensorSpec, write_model_repository  # noqa: E402
+from adcore.serving.artifacts import (  # noqa: E402
+    ModelMismatchError,
+    check_served_model,
+    tensor_specs,
+    write_triton_repository,
+)
+from adcore.serving.network import from_triton  # noqa: E402
 from adcore.testing import tiny_scorer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
