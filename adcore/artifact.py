@@ -12,10 +12,8 @@ checks every digest before anything is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -28,6 +26,7 @@ import safetensors.torch
 import torch
 
 from adcore import storage
+from adcore.integrity import file_problem, inside, name_problem, sha256_file
 
 FORMAT = "adcore-artifact"
 FORMAT_VERSION = 1
@@ -36,10 +35,6 @@ CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
 ARRAYS = "arrays.safetensors"
 _RESERVED = {MANIFEST, CONFIG, WEIGHTS, ARRAYS}
-# Read files in chunks when hashing, so large weights never sit twice in memory.
-_HASH_CHUNK = 1 << 20
-# A Windows drive ("C:") at the start of a name: absolute on some systems.
-_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 class ArtifactError(RuntimeError):
@@ -55,43 +50,6 @@ class Artifact:
     state_dict: dict[str, torch.Tensor]
     arrays: dict[str, np.ndarray]
     manifest: dict = field(default_factory=dict)
-
-
-def name_problem(name: object) -> str | None:
-    """Why ``name`` is not a plain relative path inside a folder (``a/b.bin``), or None if it is.
-
-    Names come from manifests on shared storage: absolute paths, ``..``, backslashes, drive
-    letters, empty or ``.`` parts and control characters are refused, so no name reaches
-    outside the folder it is joined to.
-    """
-    if not isinstance(name, str) or not name:
-        return "is empty or not a string"
-    if "\\" in name or _DRIVE.match(name):
-        return "has a backslash or a drive letter"
-    if name.startswith("/"):
-        return "is an absolute path"
-    if any(ord(c) < 0x20 or c == "\x7f" for c in name):
-        return "has a control character"
-    parts = name.split("/")
-    if ".." in parts:
-        return "has a '..' part"
-    if any(p in ("", ".") for p in parts):
-        return "has an empty or '.' part"
-    return None
-
-
-def inside(folder: Path, name: str) -> bool:
-    """True if ``folder / name``, symbolic links followed, stays inside ``folder``."""
-    root = Path(os.path.realpath(folder))
-    return Path(os.path.realpath(folder / name)).is_relative_to(root)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_contents(
@@ -120,7 +78,7 @@ def _write_contents(
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             name = p.relative_to(folder).as_posix()
-            files[name] = {"sha256": _sha256(p), "size": p.stat().st_size}
+            files[name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -224,16 +182,7 @@ def _parse_manifest(data: bytes, uri: str) -> dict:
 
 def _check_file(folder: Path, name: str, entry: dict) -> str | None:
     """Why ``name`` fails its manifest entry, or None if it matches."""
-    path = folder / name
-    if not inside(folder, name):
-        return "a symbolic link leaving the artifact folder"
-    if not path.is_file():
-        return "missing"
-    if path.stat().st_size != entry["size"]:
-        return f"size {path.stat().st_size} != {entry['size']} in the manifest"
-    if _sha256(path) != entry["sha256"]:
-        return "sha256 differs from the manifest"
-    return None
+    return file_problem(folder, name, entry["sha256"], entry["size"])
 
 
 def _fetch_s3(uri: str, cache_dir: Path | None) -> Path:

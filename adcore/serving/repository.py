@@ -256,7 +256,7 @@ def write_model_repository(
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
     _check_against_onnx(proto, onnx_path, inputs, outputs, batched=max_batch_size > 0)
-    external = _external_data_files(proto)
+    external = external_data_files(proto)
 
     common = dict(
         inputs=inputs,
@@ -362,7 +362,7 @@ def _check_against_onnx(
         raise ValueError(f"{path}: graph inputs {missing} have no TensorSpec")
 
 
-def _external_data_files(proto: onnx.ModelProto) -> list[str]:
+def external_data_files(proto: onnx.ModelProto) -> list[str]:
     """Relative paths of external-data files the ONNX refers to (empty for a self-contained file)."""
     files = set()
     for init in proto.graph.initializer:
