@@ -13,10 +13,11 @@ import os
 import re
 from pathlib import Path
 
+from adcore.engine import graph_entry
 from adcore.export import variant_filename
 from adcore.scorer import INPUT_NAME, OUTPUT_NAMES
 from adcore.serving.network import BATCH_ONLY_OUTPUTS
-from adcore.serving.repository import TensorSpec, write_model_repository
+from adcore.serving.repository import ONNX_FILENAME, TensorSpec, write_model_repository
 
 # Keys under ``parameters`` in config.pbtxt that tie a served model to its artifact.
 IDENTITY_KEYS = ("model_version", "fingerprint")
@@ -64,13 +65,19 @@ def write_triton_repository(
     ``model_version`` and ``fingerprint`` go into each config.pbtxt's ``parameters``
     (check them with :func:`check_served_model`), with the ``variant``. A variant other
     than fp32 is served as ``<name>_<variant>`` (and ``<name>_<variant>_ort``) unless
-    ``model_name`` is given. Returns ``{model: folder}``.
+    ``model_name`` is given. A graph from the engine cache is checked against the cache's
+    manifest, and its copies in the repository against the same digests. Returns ``{model: folder}``.
+
+    Raises:
+        ArtifactError: the graph (or its external weights) differs from its manifest.
     """
     params = repository_parameters(scorer)
     variant_filename(variant)  # checks the name
     name = model_name or _triton_name(params["artifact_model_name"]) + ("" if variant == "fp32" else f"_{variant}")
     params["variant"] = variant
     inputs, outputs = tensor_specs(scorer)
+    entry = graph_entry(onnx_path)
+    sha256 = {ONNX_FILENAME: entry["sha256"], **{n: e["sha256"] for n, e in entry.get("external", {}).items()}}
     return write_model_repository(
         onnx_path,
         repo_dir,
@@ -82,6 +89,7 @@ def write_triton_repository(
         preferred_batch_sizes=tuple(b for b in _PREFERRED_BATCHES if b <= max_batch_size),
         intra_op_num_threads=intra_op_num_threads,
         parameters=params,
+        sha256=sha256,
     )
 
 

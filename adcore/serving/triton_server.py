@@ -2,7 +2,8 @@
 
 Only Python-backend models can be loaded by that binary, so models are loaded
 explicitly by name (``--model-control-mode=explicit``): the ``_ort`` twins that
-``write_model_repository`` writes for GPU hosts stay on disk, unloaded.
+``write_model_repository`` writes for GPU hosts stay on disk, unloaded. The models' files
+are checked against their manifests (:func:`verify_repository`) before the server starts.
 On GPU hosts use NVIDIA's Triton container instead (``cluster/README.md``).
 """
 
@@ -21,6 +22,8 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+
+from adcore.serving.repository import verify_repository
 
 LOOPBACK = "127.0.0.1"
 STUB_PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"  # the stub must match this interpreter
@@ -75,6 +78,8 @@ def server_env() -> dict[str, str]:
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    # No __pycache__ beside model.py: the repository holds only the files its manifests list.
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
 
@@ -208,9 +213,14 @@ class LocalTriton:
         return args + self.extra_args
 
     def start(self) -> LocalTriton:
-        """Start the server and wait until it and every model are ready."""
+        """Check the models' files, start the server and wait until it and every model are ready.
+
+        Raises:
+            RepositoryError: a model's files differ from its manifest (nothing is started).
+        """
         if self._popen is not None:
             raise RuntimeError("LocalTriton already started")
+        verify_repository(self.repository, self.models)
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="adcore-triton-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
