@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import pathlib
 import sys
 import tempfile
@@ -45,12 +44,12 @@ from jobs.scoring import lease as leases
 from jobs.scoring import schema as S
 from jobs.scoring.lease import DEFAULT_TTL_S
 from jobs.scoring.resources import cluster_nodes, node_types, plan_replicas
+from jobs.scoring.schema import SECRET_ENV
 from jobs.scoring.sink import ROWS_PER_WRITE, Progress, RunSink
 from jobs.scoring.stages import Decoder, Postprocess, ScoreStage
 
 log = logging.getLogger("jobs.score")
 
-SECRET_ENV = "ADCORE_STUDY_KEY_SECRET"
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; a chest film is 3-9 Mpx, larger is a mistake or a bomb
 DECODE_BATCH = 8  # files per decode call: one NIfTI volume alone can be hundreds of frames
 SMOKE_IMAGES = 8
@@ -322,7 +321,10 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     if not listing.num_rows:
         raise SystemExit(f"--input {cfg.input}: no files to score")
     todo, skipped = ledger.plan_inputs(cfg.output, listing, model_version, cfg.rescore_all)
-    secret = os.environ.get(SECRET_ENV, "").encode() or None
+    try:
+        secret = S.study_key_secret()  # checked here; each decode task reads its own
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     log.info(
         "run %s: %d files listed under %s, %d unchanged since scored with model %s (skipped unread), %d to read; "
         "network %s, output %s",
@@ -352,9 +354,7 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     if cfg.dicom_output:  # the run's DICOM folder; the manifest then lists every object in it
         fields["dicom_output"] = dicom_out.run_root(cfg.dicom_output, run_id)
     if todo.num_rows:
-        manifest, files_seen = _score(
-            cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model, secret
-        )
+        manifest, files_seen = _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model)
     else:  # nothing changed: no Ray pipeline, no GET
         manifest, files_seen = RunSink.empty_manifest(fields, time.time() - started.timestamp()), 0
     manifest["skipped_files"] += skipped
@@ -389,7 +389,7 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     return manifest
 
 
-def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model, secret) -> tuple[dict, int]:
+def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model) -> tuple[dict, int]:
     """The Ray pipeline over the files to read; returns the run's manifest (not yet committed)."""
     ray = init_ray_for(cfg)
     nodes = cluster_nodes() + (node_types(cfg.cluster_config) if cfg.autoscaling and cfg.cluster_config else [])
@@ -426,7 +426,7 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     # The files to read travel as Arrow listing blocks; each decode task reads its own files once.
     step = max(1, cfg.files_per_block)
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
-    decoder = Decoder(input_size, cfg.max_pixels, secret)
+    decoder = Decoder(input_size, cfg.max_pixels)
     ds = ds.map_batches(decoder, batch_size=DECODE_BATCH, num_cpus=plan.decode_cpus, batch_format="numpy")
     stage_kwargs = dict(
         artifact=cfg.model,

@@ -78,8 +78,6 @@ def server_env() -> dict[str, str]:
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
-    # No __pycache__ beside model.py: the repository holds only the files its manifests list.
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
 
@@ -220,6 +218,9 @@ class LocalTriton:
         """
         if self._popen is not None:
             raise RuntimeError("LocalTriton already started")
+        for name in self.models:  # the stub's own bytecode of model.py from a former start: made again
+            for cache in (self.repository / name).rglob("__pycache__"):
+                shutil.rmtree(cache)
         verify_repository(self.repository, self.models)
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="adcore-triton-"))

@@ -51,6 +51,7 @@ import datetime as dt
 import hashlib
 import hmac
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -62,6 +63,10 @@ INFERENCE_ERROR = "inference"  # error kind of rows whose model call failed (tra
 READ_ERROR = "read"  # the file could not be read (gone since the listing, store down): transient
 TRANSIENT_ERROR_KINDS = (INFERENCE_ERROR, READ_ERROR)
 KEY_COLUMNS = ("image_uri", "frame", "model_version")
+# The HMAC key of study_key, read from the environment of whichever process uses it (each Ray
+# worker reads its own, so no task or actor ever carries it); cluster nodes need it set.
+SECRET_ENV = "ADCORE_STUDY_KEY_SECRET"
+MIN_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output can be guessed
 
 SCHEMA = pa.schema(
     [
@@ -111,6 +116,20 @@ def category_scores_value(names, scores) -> list[tuple[str, float]] | None:
     if not names or scores is None:
         return None
     return [(str(n), float(v)) for n, v in zip(names, scores)]
+
+
+def study_key_secret() -> bytes | None:
+    """The HMAC key from this process's ``ADCORE_STUDY_KEY_SECRET``; None when it is unset.
+
+    Raises:
+        ValueError: it is shorter than ``MIN_SECRET_BYTES`` (one line, without the value).
+    """
+    value = os.environ.get(SECRET_ENV, "").encode()
+    if value and len(value) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"{SECRET_ENV} is {len(value)} bytes; use at least {MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)"
+        )
+    return value or None
 
 
 def study_key(study_uid: str | None, secret: bytes | None) -> str | None:

@@ -17,6 +17,7 @@ All are plain callables on column batches, testable without Ray:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 
@@ -50,14 +51,22 @@ class Decoder:
         input_size: The network's square input size S.
         max_pixels: Files whose header announces more pixels are error rows (kind too_large),
             refused before any pixel is decoded.
-        secret: HMAC key of ``study_key``; None leaves it null.
+
+    The HMAC key of ``study_key`` (``ADCORE_STUDY_KEY_SECRET``) is read from the environment of
+    the worker that decodes, never carried by the decoder: unset, ``study_key`` is null.
     """
 
-    def __init__(self, input_size: int, max_pixels: int, secret: bytes | None = None):
+    def __init__(self, input_size: int, max_pixels: int):
         self.input_size = input_size
         self.max_pixels = max_pixels
-        self._secret = secret
         self._reader = storage.Reader()  # one filesystem per task
+
+    @functools.cached_property
+    def _secret(self) -> bytes | None:
+        return S.study_key_secret()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_secret"}  # read again where it is unpickled
 
     def __repr__(self) -> str:  # Ray may print the callable: never the secret
         return f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels})"
