@@ -23,7 +23,7 @@ from tests.integration.test_score_job import readable_bytes, visible
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-SECRET = "corpus-study-secret"
+SECRET = "corpus-study-secret-of-at-least-32-bytes"
 
 
 def _one_frame_damaged(path: str, index: int) -> bytes:
