@@ -218,9 +218,7 @@ class LocalTriton:
         """
         if self._popen is not None:
             raise RuntimeError("LocalTriton already started")
-        for name in self.models:  # the stub's own bytecode of model.py from a former start: made again
-            for cache in (self.repository / name).rglob("__pycache__"):
-                shutil.rmtree(cache)
+        remove_bytecode(self.repository, self.models)
         verify_repository(self.repository, self.models)
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="adcore-triton-"))
@@ -254,6 +252,7 @@ class LocalTriton:
             self._log_file.close()
             self._log_file = None
         remove_shm_regions(self.shm_prefix)
+        remove_bytecode(self.repository, self.models)
         if self._own_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -344,6 +343,13 @@ def python_backend_models(repository: Path) -> list[str]:
         if any(line.split() == ["backend:", '"python"'] for line in config.read_text().splitlines()):
             names.append(config.parent.name)
     return names
+
+
+def remove_bytecode(repository: Path, models: list[str]) -> None:
+    """Remove the ``__pycache__`` the Python-backend stub writes beside model.py (not in the model's manifest)."""
+    for name in models:
+        for cache in (Path(repository) / name).rglob("__pycache__"):
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def remove_shm_regions(prefix: str) -> None:
