@@ -277,6 +277,7 @@ def _write_graph(scorer: Scorer, folder: Path, variant: str, write) -> Path:
 
 
 def _list(scorer: Scorer, folder: Path, variant: str, entry: dict, measured: dict | None = None) -> None:
+    """Record ``entry`` as the graph of ``variant`` (and ``measured``, if the cache has no measurement yet)."""
     manifest = read_manifest(folder)
     manifest["files"][variant] = entry
     if manifest.get("measured") is None:
