@@ -32,7 +32,7 @@ PHI = {
     "PatientBirthDate": "19700131",
     "StudyInstanceUID": "1.2.826.0.1.3680043.99.424242",
 }
-SECRET = "test-study-secret"
+SECRET = "test-study-secret-of-at-least-32-bytes"
 NIFTI_SLICES = 3
 
 
