@@ -354,7 +354,9 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     if cfg.dicom_output:  # the run's DICOM folder; the manifest then lists every object in it
         fields["dicom_output"] = dicom_out.run_root(cfg.dicom_output, run_id)
     if todo.num_rows:
-        manifest, files_seen = _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model)
+        manifest, files_seen = _score(
+            cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model, secret
+        )
     else:  # nothing changed: no Ray pipeline, no GET
         manifest, files_seen = RunSink.empty_manifest(fields, time.time() - started.timestamp()), 0
     manifest["skipped_files"] += skipped
@@ -389,7 +391,7 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     return manifest
 
 
-def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model) -> tuple[dict, int]:
+def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model, secret) -> tuple[dict, int]:
     """The Ray pipeline over the files to read; returns the run's manifest (not yet committed)."""
     ray = init_ray_for(cfg)
     nodes = cluster_nodes() + (node_types(cfg.cluster_config) if cfg.autoscaling and cfg.cluster_config else [])
@@ -426,7 +428,7 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     # The files to read travel as Arrow listing blocks; each decode task reads its own files once.
     step = max(1, cfg.files_per_block)
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
-    decoder = Decoder(input_size, cfg.max_pixels)
+    decoder = Decoder(input_size, cfg.max_pixels, study_keys=secret is not None)  # each worker reads the secret
     ds = ds.map_batches(decoder, batch_size=DECODE_BATCH, num_cpus=plan.decode_cpus, batch_format="numpy")
     stage_kwargs = dict(
         artifact=cfg.model,

@@ -51,25 +51,33 @@ class Decoder:
         input_size: The network's square input size S.
         max_pixels: Files whose header announces more pixels are error rows (kind too_large),
             refused before any pixel is decoded.
+        study_keys: Key ``study_key`` with ``ADCORE_STUDY_KEY_SECRET`` (the job asks when its
+            driver has the secret); False leaves it null.
 
-    The HMAC key of ``study_key`` (``ADCORE_STUDY_KEY_SECRET``) is read from the environment of
-    the worker that decodes, never carried by the decoder: unset, ``study_key`` is null.
+    The secret is read from the environment of the worker that decodes, never carried by the
+    decoder: a worker without it fails with one line (every node of a cluster needs it).
     """
 
-    def __init__(self, input_size: int, max_pixels: int):
+    def __init__(self, input_size: int, max_pixels: int, study_keys: bool = False):
         self.input_size = input_size
         self.max_pixels = max_pixels
+        self.study_keys = study_keys
         self._reader = storage.Reader()  # one filesystem per task
 
     @functools.cached_property
     def _secret(self) -> bytes | None:
-        return S.study_key_secret()
+        if not self.study_keys:
+            return None
+        secret = S.study_key_secret()
+        if secret is None:
+            raise RuntimeError(f"{S.SECRET_ENV} is not set on this node; the job's driver has it: set it on every node")
+        return secret
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_secret"}  # read again where it is unpickled
 
     def __repr__(self) -> str:  # Ray may print the callable: never the secret
-        return f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels})"
+        return f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels}, study_keys={self.study_keys})"
 
     def _files(self, batch: dict[str, np.ndarray]):
         """(uri, bytes or an exception, size, version, prior sha, prior done frames) per file."""

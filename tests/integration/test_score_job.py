@@ -20,6 +20,7 @@ import pytest
 from adcore import storage
 from jobs.scoring import ledger
 from jobs.scoring.schema import SCHEMA, decode_mask
+from tests.integration.conftest import STUDY_SECRET
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -32,7 +33,7 @@ PHI = {
     "PatientBirthDate": "19700131",
     "StudyInstanceUID": "1.2.826.0.1.3680043.99.424242",
 }
-SECRET = "test-study-secret-of-at-least-32-bytes"
+SECRET = STUDY_SECRET  # what the workers of ray_local have
 NIFTI_SLICES = 3
 
 

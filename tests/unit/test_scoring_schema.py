@@ -106,7 +106,7 @@ def test_decoder_uses_the_job_secret_but_never_shows_it(monkeypatch):
     text = "decoder-secret-Zq81xv" * 2
     monkeypatch.setenv(SECRET_ENV, text)  # read by the decoder where it runs (tests/unit/test_shipped_secrets.py)
     secret = text.encode()
-    dec = Decoder(128, 100_000)  # as jobs/score.py builds it (CT_small is 128x128)
+    dec = Decoder(128, 100_000, study_keys=True)  # as jobs/score.py builds it (CT_small is 128x128)
     # It does use the secret: a DICOM's study_key is keyed by it.
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     buf = io.BytesIO()

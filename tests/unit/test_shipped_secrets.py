@@ -77,14 +77,16 @@ def test_decoder_reads_the_study_secret_in_the_worker(credentials, monkeypatch):
     batch = {"bytes": np.array([buf.getvalue()], dtype=object), "path": np.array(["ct.dcm"])}
     want = hmac.new(STUDY_SECRET.encode(), ds.StudyInstanceUID.encode(), hashlib.sha256).hexdigest()
 
-    decoder = Decoder(128, 100_000)  # as jobs/score.py builds it (CT_small is 128x128)
+    decoder = Decoder(128, 100_000, study_keys=True)  # as jobs/score.py builds it (CT_small is 128x128)
     _clean_pickle(decoder)
     assert list(decoder(batch)["study_key"]) == [want]  # used once, the key is cached in the object...
     shipped = _clean_pickle(decoder)  # ...and still not pickled with it
     worker = cloudpickle.loads(shipped)
     assert list(worker(batch)["study_key"]) == [want]  # the worker reads its own environment
-    monkeypatch.delenv(S.SECRET_ENV)
-    assert list(cloudpickle.loads(shipped)(batch)["study_key"]) == [None]
+    monkeypatch.delenv(S.SECRET_ENV)  # a node without it: refused, never a null key in silence
+    with pytest.raises(RuntimeError, match=f"{S.SECRET_ENV} is not set on this node"):
+        cloudpickle.loads(shipped)(batch)
+    assert list(Decoder(128, 100_000)(batch)["study_key"]) == [None]  # a driver without it asks for none
 
 
 def test_study_secret_needs_32_bytes(monkeypatch):
