@@ -12,7 +12,6 @@ checks every digest before anything is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import torch
 
 from adcore import storage
 from adcore.errors import UserError
+from adcore.integrity import file_problem, inside, name_problem, sha256_file
 
 FORMAT = "adcore-artifact"
 FORMAT_VERSION = 1
@@ -36,8 +36,6 @@ CONFIG = "config.json"
 WEIGHTS = "weights.safetensors"
 ARRAYS = "arrays.safetensors"
 _RESERVED = {MANIFEST, CONFIG, WEIGHTS, ARRAYS}
-# Read files in chunks when hashing, so large weights never sit twice in memory.
-_HASH_CHUNK = 1 << 20
 
 
 class ArtifactError(UserError, RuntimeError):
@@ -55,14 +53,6 @@ class Artifact:
     manifest: dict = field(default_factory=dict)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_contents(
     folder: Path,
     config: dict,
@@ -77,10 +67,9 @@ def _write_contents(
     safetensors.torch.save_file(tensors, str(folder / WEIGHTS))
     safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(folder / ARRAYS))
     for name, content in (extra_files or {}).items():
-        rel = Path(name)
-        if rel.is_absolute() or ".." in rel.parts or name in _RESERVED:
+        if name_problem(name) or name in _RESERVED:
             raise ArtifactError(f"extra file name {name!r} is reserved or leaves the artifact")
-        target = folder / rel
+        target = folder / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, bytes):
             target.write_bytes(content)
@@ -90,7 +79,7 @@ def _write_contents(
     for p in sorted(folder.rglob("*")):
         if p.is_file():
             name = p.relative_to(folder).as_posix()
-            files[name] = {"sha256": _sha256(p), "size": p.stat().st_size}
+            files[name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -157,31 +146,44 @@ def save_artifact(
 
 def _read_manifest(folder: Path, uri: str) -> dict:
     path = folder / MANIFEST
-    if not path.is_file():
+    if not path.is_file() or not inside(folder, MANIFEST):
         raise ArtifactError(f"{uri} has no {MANIFEST}: not an artifact, or its write did not finish")
+    return _parse_manifest(path.read_bytes(), uri)
+
+
+def _parse_manifest(data: bytes, uri: str) -> dict:
+    """The manifest in ``data``, its format and every file name checked (nothing is fetched before)."""
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{MANIFEST} of {uri} is not valid JSON: {err}") from None
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise ArtifactError(f"{MANIFEST} of {uri} is not an {FORMAT} manifest")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(manifest.get("format_version", 0), int) or manifest.get("format_version", 0) > FORMAT_VERSION:
         raise ArtifactError(
             f"{uri} has format version {manifest['format_version']}; this adcore reads up to {FORMAT_VERSION}"
         )
+    for name, entry in manifest["files"].items():
+        problem = name_problem(name)
+        if problem or name == MANIFEST:
+            raise ArtifactError(
+                f"{MANIFEST} of {uri} lists {name!r}, which {problem or 'is the manifest itself'}: refused, "
+                "an artifact holds plain relative paths only"
+            )
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)
+        ):
+            raise ArtifactError(f"{MANIFEST} of {uri}: the entry of {name!r} has no sha256 and size")
     return manifest
 
 
 def _check_file(folder: Path, name: str, entry: dict) -> str | None:
     """Why ``name`` fails its manifest entry, or None if it matches."""
-    path = folder / name
-    if not path.is_file():
-        return "missing"
-    if path.stat().st_size != entry["size"]:
-        return f"size {path.stat().st_size} != {entry['size']} in the manifest"
-    if _sha256(path) != entry["sha256"]:
-        return "sha256 differs from the manifest"
-    return None
+    return file_problem(folder, name, entry["sha256"], entry["size"])
 
 
 def _fetch_s3(uri: str, cache_dir: Path | None) -> Path:
@@ -191,15 +193,18 @@ def _fetch_s3(uri: str, cache_dir: Path | None) -> Path:
         root = os.environ.get("ADCORE_CACHE", Path.home() / ".cache" / "adcore")
         cache_dir = Path(root) / "artifacts"
     folder = Path(cache_dir) / prefix
-    folder.mkdir(parents=True, exist_ok=True)
     manifest_uri = storage.join(uri, MANIFEST)
     if not storage.exists(manifest_uri):
         raise ArtifactError(f"{uri} has no {MANIFEST}: not an artifact, or its write did not finish")
-    storage.write_bytes(folder / MANIFEST, storage.read_bytes(manifest_uri))
-    manifest = _read_manifest(folder, uri)
+    data = storage.read_bytes(manifest_uri)
+    manifest = _parse_manifest(data, uri)  # every name checked before anything is written
+    folder.mkdir(parents=True, exist_ok=True)
+    storage.write_bytes(folder / MANIFEST, data)
     for name, entry in manifest["files"].items():
         if _check_file(folder, name, entry) is None:
             continue
+        if not inside(folder, name):  # a symbolic link in the cache: write nowhere else
+            raise ArtifactError(f"{name} of {uri}: its cached copy is a symbolic link leaving {folder}")
         try:
             storage.write_bytes(folder / name, storage.read_bytes(storage.join(uri, name)))
         except FileNotFoundError:
@@ -211,11 +216,13 @@ def load_artifact(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     """Load and verify an artifact from a local directory or an S3 prefix.
 
     S3 artifacts are downloaded to ``cache_dir`` (default ``~/.cache/adcore/artifacts``,
-    or ``$ADCORE_CACHE/artifacts``) first. Every file in the manifest must match its
-    sha256 and size.
+    or ``$ADCORE_CACHE/artifacts``) first. Every file in the manifest must be a plain
+    relative path (checked before anything is downloaded), inside the folder (no symbolic
+    link out of it) and match its sha256 and size.
 
     Raises:
-        ArtifactError: no manifest, unknown format, or a file missing or altered.
+        ArtifactError: no manifest, unknown format, a name leaving the artifact, or a file
+            missing or altered.
     """
     uri = str(uri)
     if storage.is_s3(uri):

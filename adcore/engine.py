@@ -14,8 +14,13 @@ lock, the others wait and load what it wrote. For an ``s3://`` artifact the cach
 up at ``<uri>/onnx/<key>/`` first (``jobs/export.py`` uploads it there), so the nodes of a
 cluster download the graphs instead of exporting them again.
 
+Every graph file (and the side file of external weights a graph may have) is listed in the
+cache's manifest with its sha256 and size; a graph is loaded, downloaded, uploaded or served
+only when it matches, and an altered one is refused (:class:`adcore.artifact.ArtifactError`).
+
 A variant other than fp32 is used only when its record says it is usable: image and pixel
-AUROC on the validation split within ``VARIANT_TOLERANCE`` of fp32 (:func:`measure_variants`).
+AUROC on the validation split within ``VARIANT_TOLERANCE`` of fp32
+(:func:`adcore.evaluate.measure_variants`).
 """
 
 from __future__ import annotations
@@ -25,15 +30,28 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import tempfile
 import typing
 from pathlib import Path
 from typing import Literal
 
+import onnx
+
 from adcore import storage
+from adcore.artifact import ArtifactError
 from adcore.errors import UserError
-from adcore.export import ONNX_FORMAT, VARIANTS, OnnxNetwork, export_onnx, read_metadata, variant_filename
+from adcore.export import (
+    FORMAT_KEY,
+    ONNX_FORMAT,
+    OnnxNetwork,
+    export_onnx,
+    variant_filename,
+    write_variant,
+)
+from adcore.integrity import file_problem, name_problem, sha256_file
 from adcore.scorer import OUTPUT_NAMES, Network, Scorer, TorchNetwork
+from adcore.serving.repository import external_data_files
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +62,7 @@ ENGINES = tuple(e for e in typing.get_args(EngineName) if e != AUTO)
 VARIANT_TOLERANCE = 0.005
 CACHE_FOLDER = "onnx"  # inside the artifact folder
 CACHE_MANIFEST = "manifest.json"
-CACHE_FORMAT = "adcore-onnx-cache/1"
+CACHE_FORMAT = "adcore-onnx-cache/2"  # 2: every graph file with its sha256 (1 had none: its graphs are redone)
 _LOCK = ".lock"
 
 
@@ -116,7 +134,68 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / CACHE_MANIFEST
     if not path.is_file():
         return {"format": CACHE_FORMAT, "files": {}, "measured": None}
-    return json.loads(path.read_text())
+    return _checked_manifest(path.read_bytes(), str(path))
+
+
+def _checked_manifest(data: bytes, where: str) -> dict:
+    """A cache manifest with every file name and digest checked; an older format keeps its measurements only."""
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise ArtifactError(f"{where} is not an ONNX cache manifest: delete it to export the graphs again")
+    if manifest.get("format") != CACHE_FORMAT:
+        return {"format": CACHE_FORMAT, "files": {}, "measured": manifest.get("measured")}
+    for variant, entry in manifest["files"].items():
+        for name, item in _graph_files(entry if isinstance(entry, dict) else {}):
+            problem = name_problem(name) or ("is not a plain file name" if "/" in name else None)
+            if problem or not (isinstance(item.get("sha256"), str) and isinstance(item.get("bytes"), int)):
+                raise ArtifactError(
+                    f"{where}: the {variant} graph's file {name!r} {problem or 'has no sha256 and size'}: refused"
+                )
+    return manifest
+
+
+def _graph_files(entry: dict) -> list[tuple[str, dict]]:
+    """(name, {sha256, bytes}) of a manifest entry's graph and of its external-weight files."""
+    external = entry.get("external") or {}
+    return [(entry.get("file"), entry), *(external.items() if isinstance(external, dict) else [(None, {})])]
+
+
+def _entry(folder: Path, name: str) -> dict:
+    """The manifest entry of graph ``name`` in ``folder``: its digest and those of its external weights."""
+    entry = {"file": name, "bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+    external = external_data_files(onnx.load(str(folder / name), load_external_data=False))
+    if external:
+        entry["external"] = {
+            n: {"bytes": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in external
+        }
+    return entry
+
+
+def check_graph(folder: Path, entry: dict) -> dict[str, str]:
+    """The graph's metadata, once it and its external weights match their digests and it reads no other file.
+
+    Raises:
+        ArtifactError: a file differs from the manifest, or the graph names external data it does not list.
+    """
+    where = Path(folder) / entry["file"]
+    for name, item in _graph_files(entry):
+        problem = file_problem(folder, name, item["sha256"], item["bytes"])
+        if problem:
+            raise ArtifactError(
+                f"cached ONNX {Path(folder) / name}: {problem} ({CACHE_MANIFEST} beside it); refused: "
+                f"delete {folder} to export the graphs again"
+            )
+    proto = onnx.load(str(where), load_external_data=False)
+    try:
+        external = external_data_files(proto)
+    except ValueError as e:
+        raise ArtifactError(f"cached ONNX {where}: {e}; refused") from None
+    if sorted(external) != sorted(name for name, _ in _graph_files(entry)[1:]):
+        raise ArtifactError(f"cached ONNX {where} reads external data {external} its manifest does not list; refused")
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
@@ -138,90 +217,154 @@ def _locked(folder: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _usable_file(path: Path, scorer: Scorer) -> bool:
-    """A cached graph of this artifact and format (a stale or foreign file is redone)."""
-    if not path.is_file():
-        return False
-    try:
-        meta = read_metadata(path)
-    except Exception:  # noqa: BLE001 (unreadable: export again)
-        return False
-    return meta.get("fingerprint") == scorer.meta.get("fingerprint") and meta.get("adcore_onnx_format") == ONNX_FORMAT
+def _cached(folder: Path, variant: str, scorer: Scorer) -> Path | None:
+    """The checked graph of ``variant`` in ``folder``, or None if the cache lacks it (or it is another artifact's).
 
-
-def ensure_onnx(scorer: Scorer, variant: str = "fp32") -> Path:
-    """The cached graph of ``variant``, exported (fp32) or derived from fp32 only when the cache lacks it."""
-    from adcore.export import write_variant
-
-    name = variant_filename(variant)
-    folder = cache_dir(scorer)
-    path = folder / name
-    if _usable_file(path, scorer):
-        return path
-    with _locked(folder):
-        if _usable_file(path, scorer):  # another replica wrote it while this one waited
-            return path
-        if _download(scorer, folder, name):
-            return path
-        manifest = read_manifest(folder)
-        fp32 = folder / variant_filename("fp32")
-        if not _usable_file(fp32, scorer):
-            log.info("exporting %s to ONNX into %s (once per artifact)", scorer.version, folder)
-            _atomic(fp32, lambda tmp: export_onnx(scorer, tmp))
-            manifest["files"]["fp32"] = _entry(fp32)
-        if variant != "fp32":
-            log.info("writing the %s variant of %s", variant, scorer.version)
-            _atomic(path, lambda tmp: write_variant(fp32, variant, tmp))
-            manifest["files"][variant] = _entry(path)
-        manifest.update(format=CACHE_FORMAT, model_version=scorer.version, fingerprint=scorer.meta["fingerprint"])
-        _write_manifest(folder, manifest)
+    Raises:
+        ArtifactError: the manifest lists the graph but the file (or its external weights) differs.
+    """
+    entry = read_manifest(folder)["files"].get(variant)
+    if entry is None or not (folder / entry["file"]).is_file():
+        return None
+    path = folder / entry["file"]
+    meta = check_graph(folder, entry)
+    if meta.get("fingerprint") != scorer.meta.get("fingerprint") or meta.get(FORMAT_KEY) != ONNX_FORMAT:
+        return None  # a stale graph: exported again
     return path
 
 
-def _entry(path: Path) -> dict:
-    return {"file": path.name, "bytes": path.stat().st_size}
+def ensure_onnx(scorer: Scorer, variant: str = "fp32") -> Path:
+    """The cached graph of ``variant``, exported (fp32) or derived from fp32 only when the cache lacks it.
+
+    Raises:
+        ArtifactError: a cached or downloaded graph differs from its manifest's digest.
+    """
+    variant_filename(variant)  # checks the name
+    folder = cache_dir(scorer)
+    path = _cached(folder, variant, scorer)
+    if path is not None:
+        return path
+    with _locked(folder):
+        path = _cached(folder, variant, scorer)  # another replica wrote it while this one waited
+        if path is None:
+            path = _download(scorer, folder, variant)
+        if path is None:
+            fp32 = _cached(folder, "fp32", scorer)
+            if fp32 is None:
+                log.info("exporting %s to ONNX into %s (once per artifact)", scorer.version, folder)
+                fp32 = _write_graph(scorer, folder, "fp32", lambda tmp: export_onnx(scorer, tmp))
+            path = fp32
+            if variant != "fp32":
+                log.info("writing the %s variant of %s", variant, scorer.version)
+                path = _write_graph(scorer, folder, variant, lambda tmp: write_variant(fp32, variant, tmp))
+    return path
 
 
-def _atomic(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary name beside ``path``, then renamed: readers never see half a file."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.onnx")
+def _write_graph(scorer: Scorer, folder: Path, variant: str, write) -> Path:
+    """``write(path)`` in a private folder beside the cache, then moved in (external weights first) and listed.
+
+    Readers never see half a file: each is renamed into place whole, and the manifest that makes
+    the graph usable is written last.
+    """
+    name = variant_filename(variant)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".{name}.tmp-"))
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write(staging / name)
+        entry = _entry(staging, name)
+        for other, _ in _graph_files(entry)[1:]:
+            os.replace(staging / other, folder / other)
+        os.replace(staging / name, folder / name)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    _list(scorer, folder, variant, entry)
+    return folder / name
 
 
-def _download(scorer: Scorer, folder: Path, name: str) -> bool:
-    """Fetch ``name`` (and the manifest) from ``<s3 artifact>/onnx/<key>/`` when the artifact is on S3 and has it."""
+def _list(scorer: Scorer, folder: Path, variant: str, entry: dict, measured: dict | None = None) -> None:
+    """Record ``entry`` as the graph of ``variant`` (and ``measured``, if the cache has no measurement yet)."""
+    manifest = read_manifest(folder)
+    manifest["files"][variant] = entry
+    if manifest.get("measured") is None:
+        manifest["measured"] = measured
+    manifest.update(format=CACHE_FORMAT, model_version=scorer.version, fingerprint=scorer.meta["fingerprint"])
+    _write_manifest(folder, manifest)
+
+
+def _remote_manifest(scorer: Scorer) -> tuple[str, dict] | None:
+    """``(<s3 artifact>/onnx/<key>, its manifest)`` when the artifact is on S3 and has one."""
     uri = getattr(scorer, "artifact_uri", None)
     if not uri or not storage.is_s3(uri):
-        return False
+        return None
     remote = storage.join(uri, CACHE_FOLDER, cache_key(scorer))
-    if not storage.exists(storage.join(remote, name)):
-        return False
-    log.info("downloading the cached ONNX %s of %s", name, scorer.version)
-    _atomic(folder / name, lambda tmp: storage.write_bytes(tmp, storage.read_bytes(storage.join(remote, name))))
-    with contextlib.suppress(FileNotFoundError):
-        storage.write_bytes(folder / CACHE_MANIFEST, storage.read_bytes(storage.join(remote, CACHE_MANIFEST)))
-    return _usable_file(folder / name, scorer)
+    manifest_uri = storage.join(remote, CACHE_MANIFEST)
+    if not storage.exists(manifest_uri):
+        return None
+    return remote, _checked_manifest(storage.read_bytes(manifest_uri), manifest_uri)
+
+
+def _download(scorer: Scorer, folder: Path, variant: str) -> Path | None:
+    """Fetch ``variant`` from ``<s3 artifact>/onnx/<key>/`` when the artifact is on S3 and lists it there.
+
+    Each file is checked against the remote manifest's digest before it is moved into the cache.
+    """
+    found = _remote_manifest(scorer)
+    entry = found[1]["files"].get(variant) if found else None
+    if entry is None:
+        return None
+    remote, manifest = found
+    log.info("downloading the cached ONNX %s of %s", entry["file"], scorer.version)
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".download.tmp-"))
+    try:
+        for name, item in _graph_files(entry):
+            storage.write_bytes(staging / name, storage.read_bytes(storage.join(remote, name)))
+            problem = file_problem(staging, name, item["sha256"], item["bytes"])
+            if problem:
+                raise ArtifactError(
+                    f"ONNX graph {storage.join(remote, name)}: {problem} ({CACHE_MANIFEST} beside it); refused: "
+                    "export it again with jobs/export.py"
+                )
+        for name, _ in reversed(_graph_files(entry)):  # the graph last
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _list(scorer, folder, variant, entry, manifest.get("measured"))
+    return _cached(folder, variant, scorer)
 
 
 def upload_cache(scorer: Scorer, uri: str) -> None:
-    """Copy the scorer's engine cache to ``<uri>/onnx/<key>/`` (an ``s3://`` artifact), manifest last."""
+    """Copy the engine cache to ``<uri>/onnx/<key>/`` (an ``s3://`` artifact): each graph checked, manifest last."""
     folder = cache_dir(scorer)
     remote = storage.join(uri, CACHE_FOLDER, cache_key(scorer))
     manifest = read_manifest(folder)
     for entry in manifest["files"].values():
-        storage.write_bytes(storage.join(remote, entry["file"]), (folder / entry["file"]).read_bytes())
+        check_graph(folder, entry)
+        for name, _ in _graph_files(entry):
+            storage.write_bytes(storage.join(remote, name), (folder / name).read_bytes())
     storage.write_bytes(storage.join(remote, CACHE_MANIFEST), (folder / CACHE_MANIFEST).read_bytes())
+
+
+def graph_entry(path: str | os.PathLike) -> dict:
+    """The checked manifest entry of a graph in an engine cache, or digests read from the files of any other graph.
+
+    Raises:
+        ArtifactError: the graph is listed in the manifest beside it and differs from it.
+    """
+    path = Path(path)
+    for entry in read_manifest(path.parent)["files"].values():
+        if entry["file"] == path.name:
+            check_graph(path.parent, entry)
+            return entry
+    return _entry(path.parent, path.name)
 
 
 def check_usable(scorer: Scorer, variant: str) -> dict:
     """The measurement that allows ``variant``; raises :class:`VariantNotUsableError` if there is none or it failed."""
     if variant == "fp32":
         return {}
-    measured = (read_manifest(cache_dir(scorer)).get("measured") or {}).get("variants", {})
+    measured = read_manifest(cache_dir(scorer)).get("measured")
+    if measured is None and (found := _remote_manifest(scorer)):  # a node that has not downloaded it yet
+        measured = found[1].get("measured")
+    measured = (measured or {}).get("variants", {})
     record = measured.get(variant)
     if record is None:
         raise VariantNotUsableError(
@@ -297,51 +440,10 @@ def load_scorer(
     return scorer
 
 
-def measure_variants(
-    scorer: Scorer, data: str, variants: tuple[str, ...] = VARIANTS, split: str = "valid", limit: int | None = None
-) -> dict:
-    """Image and pixel AUROC of each variant on ``split`` next to fp32's; records them in the cache manifest.
-
-    A variant is usable when both AUROCs are within ``VARIANT_TOLERANCE`` of fp32's (fp32 itself
-    always is). Returns the record: ``{"split", "n_images", "tolerance", "variants": {...}}``.
-    """
-    from adcore.evaluate import evaluate
-
-    variants = tuple(dict.fromkeys(("fp32", *variants)))
-    rows = {}
-    for variant in variants:
-        network = load_network(scorer, "onnx", variant, device="cpu", require_usable=False)
-        probe = Scorer(scorer.model, scorer.head, scorer.calibration, scorer.meta, network=network)
-        row = evaluate(probe, data, split, limit=limit)
-        rows[variant] = {k: row.get(k) for k in ("image_auroc", "pixel_auroc", "seconds")}
-        rows[variant]["n_images"] = row["n_images"]
-    ref = rows["fp32"]
-    for variant, row in rows.items():
-        deltas = {}
-        for key in ("image_auroc", "pixel_auroc"):
-            if row[key] is not None and ref[key] is not None:
-                deltas[key] = round(abs(row[key] - ref[key]), 6)
-        row["max_auroc_delta"] = max(deltas.values()) if deltas else None
-        row["usable"] = variant == "fp32" or (bool(deltas) and all(d <= VARIANT_TOLERANCE for d in deltas.values()))
-    record = {
-        "split": split,
-        "data": os.path.basename(os.path.normpath(data)),
-        "n_images": ref["n_images"],
-        "tolerance": VARIANT_TOLERANCE,
-        "variants": rows,
-    }
+def record_measurement(scorer: Scorer, record: dict) -> None:
+    """Keep ``record`` (:func:`adcore.evaluate.measure_variants`) in the cache manifest for :func:`check_usable`."""
     folder = cache_dir(scorer)
     with _locked(folder):
         manifest = read_manifest(folder)
         manifest["measured"] = record
         _write_manifest(folder, manifest)
-    for variant, row in rows.items():
-        log.info(
-            "variant %s: image/pixel AUROC %s / %s on %s (%s)",
-            variant,
-            row["image_auroc"],
-            row["pixel_auroc"],
-            split,
-            "usable" if row["usable"] else "NOT usable",
-        )
-    return record

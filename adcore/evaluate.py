@@ -23,21 +23,25 @@ above it. Anomalous images without a category are left out of the three.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from adcore import metrics, storage
+from adcore import engine, export, metrics, storage
 from adcore.cli import parse_config, run_command
-from adcore.engine import EngineName, load_scorer
+from adcore.engine import EngineName
 from adcore.export import VariantName
 from adcore.scorer import Scorer
 from adcore.training.loop import load_split
 
 PROG = "python -m adcore.evaluate"
+log = logging.getLogger(__name__)
+
 TABLE_KEYS = (
     "image_auroc",
     "pixel_auroc",
@@ -100,6 +104,55 @@ def evaluate(scorer: Scorer, data: str, split: str = "test", batch_size: int = 8
     return out
 
 
+def measure_variants(
+    scorer: Scorer,
+    data: str,
+    variants: tuple[str, ...] = export.VARIANTS,
+    split: str = "valid",
+    limit: int | None = None,
+) -> dict:
+    """Image and pixel AUROC of each variant on ``split`` next to fp32's; records them in the cache manifest.
+
+    A variant is usable when both AUROCs are within ``engine.VARIANT_TOLERANCE`` of fp32's (fp32 itself
+    always is). Returns the record: ``{"split", "n_images", "tolerance", "variants": {...}}``.
+    """
+    variants = tuple(dict.fromkeys(("fp32", *variants)))
+    rows = {}
+    for variant in variants:
+        network = engine.load_network(scorer, "onnx", variant, device="cpu", require_usable=False)
+        probe = Scorer(scorer.model, scorer.head, scorer.calibration, scorer.meta, network=network)
+        row = evaluate(probe, data, split, limit=limit)
+        rows[variant] = {k: row.get(k) for k in ("image_auroc", "pixel_auroc", "seconds")}
+        rows[variant]["n_images"] = row["n_images"]
+    ref = rows["fp32"]
+    for variant, row in rows.items():
+        deltas = {}
+        for key in ("image_auroc", "pixel_auroc"):
+            if row[key] is not None and ref[key] is not None:
+                deltas[key] = round(abs(row[key] - ref[key]), 6)
+        row["max_auroc_delta"] = max(deltas.values()) if deltas else None
+        close = bool(deltas) and all(d <= engine.VARIANT_TOLERANCE for d in deltas.values())
+        row["usable"] = variant == "fp32" or close
+    record = {
+        "split": split,
+        "data": os.path.basename(os.path.normpath(data)),
+        "n_images": ref["n_images"],
+        "tolerance": engine.VARIANT_TOLERANCE,
+        "variants": rows,
+    }
+    engine.record_measurement(scorer, record)
+    for variant, row in rows.items():
+        log.info(
+            "variant %s: image/pixel AUROC %s / %s on %s (%s)",
+            variant,
+            row["image_auroc"],
+            row["pixel_auroc"],
+            split,
+            "usable" if row["usable"] else "NOT usable",
+        )
+    return record
+
+
 def multi_anomaly(names: tuple[str, ...], samples, results) -> dict:
     """The three protocols on the normal images and the anomalous ones of a known category."""
     keep = [i for i, s in enumerate(samples) if s.label == 0 or s.category in names]
@@ -132,7 +185,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> None:
     cfg = parse_config(EvaluateConfig, argv, __doc__.splitlines()[0], prog=prog)
     rows = []
     for uri in cfg.model:
-        scorer = load_scorer(uri, engine=cfg.engine, variant=cfg.variant, require_usable=False)
+        scorer = engine.load_scorer(uri, engine=cfg.engine, variant=cfg.variant, require_usable=False)
         row = evaluate(scorer, cfg.data, cfg.split, cfg.batch_size, limit=cfg.limit)
         row["name"] = scorer.name if cfg.variant == "fp32" else f"{scorer.name} ({cfg.variant})"
         row["engine"], row["variant"] = type(scorer.network).__name__, cfg.variant

@@ -13,9 +13,7 @@ client) in for ``scorer.forward``::
 
 The artifact's identity (``model_version``, ``fingerprint``) is written into
 the ONNX metadata so a file found on its own still names its artifact, and by
-:func:`write_triton_repository` into each Triton ``config.pbtxt``, where
-:func:`check_served_model` compares it with the artifact a scoring job loaded.
-Triton returns ``score`` as [B, 1]; :func:`from_triton` restores [B].
+:func:`adcore.serving.artifacts.write_triton_repository` into each Triton ``config.pbtxt``.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import typing
 from pathlib import Path
 from typing import Literal
@@ -32,7 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from adcore.errors import UserError
 from adcore.scorer import INPUT_NAME, OUTPUT_NAMES, as_float, as_uint8
 
 # Example batch for tracing: not 1, which torch.export would specialise as a constant.
@@ -256,116 +252,3 @@ def write_variant(fp32_path: str | os.PathLike, variant: str, path: str | os.Pat
     external = proto.ByteSize() > _INLINE_WEIGHTS_LIMIT
     onnx.save(proto, str(path), save_as_external_data=external, location=path.name + ".data" if external else None)
     return path
-
-
-# --- Triton model repository -------------------------------------------------
-# Keys under ``parameters`` in config.pbtxt that tie a served model to its artifact.
-IDENTITY_KEYS = ("model_version", "fingerprint")
-# Dynamic batcher targets; those above max_batch_size are dropped.
-_PREFERRED_BATCHES = (4, 8, 16)
-# Outputs with no dimension but the batch one; Triton rejects empty dims, so they are dims [1] + reshape [].
-_BATCH_ONLY_OUTPUTS = ("score",)
-
-
-class ModelMismatchError(UserError, RuntimeError):
-    """The model a server runs is not the network of the artifact the caller loaded."""
-
-
-def tensor_specs(scorer) -> tuple[list, list]:
-    """Triton input/output specs (without the batch dimension) of the exported network."""
-    from adcore.serving import TensorSpec
-
-    size, g, e = int(scorer.input_size), int(scorer.model.grid), int(scorer.model.embedding_dim)
-    dims = {"score": [1], "anomaly_map": [g, g], "patch_embeddings": [g * g, e]}
-    outputs = [TensorSpec(n, "FP32", dims[n], reshape=[] if n in _BATCH_ONLY_OUTPUTS else None) for n in OUTPUT_NAMES]
-    return [TensorSpec(INPUT_NAME, "UINT8", [3, size, size])], outputs
-
-
-def repository_parameters(scorer) -> dict[str, str]:
-    """What config.pbtxt records about the artifact: name, integer version, model_version, fingerprint."""
-    missing = [k for k in ("model_name", "version", *IDENTITY_KEYS) if k not in scorer.meta]
-    if missing:
-        raise ValueError(f"scorer has no {missing} in its meta: save it as an artifact before exporting to Triton")
-    return {
-        "artifact_model_name": str(scorer.meta["model_name"]),
-        "artifact_version": str(int(scorer.meta["version"])),
-        "model_version": str(scorer.meta["model_version"]),
-        "fingerprint": str(scorer.meta["fingerprint"]),
-    }
-
-
-def write_triton_repository(
-    scorer,
-    onnx_path: str | os.PathLike,
-    repo_dir: str | os.PathLike,
-    model_name: str | None = None,
-    max_batch_size: int = 32,
-    intra_op_num_threads: int = 0,
-    variant: str = "fp32",
-) -> dict[str, Path]:
-    """Write ``<name>`` (Python backend, CPU) and ``<name>_ort`` (onnxruntime backend, GPU) for this scorer.
-
-    The repository version is the artifact's integer version; the artifact's
-    ``model_version`` and ``fingerprint`` go into each config.pbtxt's ``parameters``
-    (check them with :func:`check_served_model`), with the ``variant``. A variant other
-    than fp32 is served as ``<name>_<variant>`` (and ``<name>_<variant>_ort``) unless
-    ``model_name`` is given. Returns ``{model: folder}``.
-    """
-    from adcore.serving import write_model_repository
-
-    params = repository_parameters(scorer)
-    variant_filename(variant)  # checks the name
-    name = model_name or _triton_name(params["artifact_model_name"]) + ("" if variant == "fp32" else f"_{variant}")
-    params["variant"] = variant
-    inputs, outputs = tensor_specs(scorer)
-    return write_model_repository(
-        onnx_path,
-        repo_dir,
-        name,
-        version=int(params["artifact_version"]),
-        inputs=inputs,
-        outputs=outputs,
-        max_batch_size=max_batch_size,
-        preferred_batch_sizes=tuple(b for b in _PREFERRED_BATCHES if b <= max_batch_size),
-        intra_op_num_threads=intra_op_num_threads,
-        parameters=params,
-    )
-
-
-def _triton_name(name: str) -> str:
-    """A Triton-safe model name (letters, digits, ``_.-``) from an artifact's model_name."""
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
-
-
-def served_parameters(model_config: dict) -> dict[str, str]:
-    """``parameters`` of a model config as Triton returns it (HTTP JSON or gRPC ``as_json``)."""
-    config = model_config.get("config", model_config)
-    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-
-
-def check_served_model(model_config: dict, scorer) -> None:
-    """Raise :class:`ModelMismatchError` unless the served model was exported from ``scorer``'s artifact.
-
-    Args:
-        model_config: The server's answer to ``get_model_config`` for the model.
-        scorer: The artifact the caller loaded (for the FAISS head and calibration).
-    """
-    served = served_parameters(model_config)
-    want = {k: str(scorer.meta.get(k)) for k in IDENTITY_KEYS}
-    wrong = {k: served.get(k) for k in IDENTITY_KEYS if served.get(k) != want[k]}
-    if wrong:
-        name = model_config.get("config", model_config).get("name", "?")
-        raise ModelMismatchError(
-            f"Triton model {name!r} serves {wrong}, but the artifact {scorer.version!r} has "
-            f"{ {k: want[k] for k in wrong} }: re-export it with jobs/export.py "
-            "or point the job at the matching artifact"
-        )
-
-
-def from_triton(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Triton's outputs -> ``Scorer.forward``'s shapes (``score`` is served as dims [1], so it comes back [B, 1])."""
-    out = dict(outputs)
-    for name in _BATCH_ONLY_OUTPUTS:
-        if name in out:
-            out[name] = np.asarray(out[name]).reshape(-1)
-    return out

@@ -1,15 +1,17 @@
 """Local paths and ``s3://bucket/prefix`` URIs through ``pyarrow.fs``.
 
-The S3 endpoint and credentials come from the standard AWS environment variables
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_SESSION_TOKEN``, ``AWS_REGION``/``AWS_DEFAULT_REGION``), so the same URI works
-in a notebook, a Ray worker and Ray Data (pass ``s3_filesystem()`` as its
-``filesystem``). An ``http://`` endpoint selects plain HTTP (a local test server).
+The S3 endpoint comes from ``AWS_ENDPOINT_URL`` (an ``http://`` one selects plain HTTP: a
+local test server) and ``AWS_REGION``/``AWS_DEFAULT_REGION``; the credentials from the AWS
+SDK's standard chain on each node (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_SESSION_TOKEN``, ``~/.aws``, an instance or pod role), never passed in explicitly, so
+the same URI works in a notebook, a Ray worker and Ray Data (pass ``s3_filesystem()`` as its
+``filesystem``), and no filesystem object that is pickled into a task carries a key.
 Nothing here logs or formats credentials into messages.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import re
@@ -26,6 +28,8 @@ S3_PREFIX = "s3://"
 # What a mistyped S3 URI starts with ("s3:/b", "S3://b", "s3:b", "s3a://b"): refused, never a local folder of that name.
 _MISTYPED_S3 = re.compile(r"^s3[an]?:", re.IGNORECASE)
 _FILE_PREFIX = "file://"
+# Attempts per S3 request (throttling, 5xx answers, dropped connections) before it fails.
+S3_MAX_ATTEMPTS = 10
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -42,13 +46,22 @@ def _env(*names: str) -> str | None:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """An S3 filesystem configured from the AWS environment variables.
+    """This process's S3 filesystem for the endpoint and region of the AWS environment (one per process).
 
-    Without ``AWS_ACCESS_KEY_ID`` the AWS SDK's default credential chain applies
-    (instance profile, ``~/.aws``).
+    No key is given to it: the AWS SDK's default credential chain finds them (environment
+    variables, ``~/.aws``, an instance or pod role) when a request is signed, on whichever node
+    the filesystem is used. So every node needs the chain: Ray workers of a local cluster
+    inherit the environment of the process that called ``ray.init``; on a multi-node cluster
+    give each node the variables or a role (the jobs never forward credentials themselves).
     """
-    kwargs: dict = {}
     endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    return _s3_filesystem(endpoint, _env("AWS_REGION", "AWS_DEFAULT_REGION"), os.getpid())
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_filesystem(endpoint: str | None, region: str | None, pid: int) -> pafs.S3FileSystem:
+    """``pid``: a forked child makes its own (the SDK's connections are not shared across a fork)."""
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
     if endpoint:
         scheme, sep, host = endpoint.partition("://")
         if not sep:
@@ -57,17 +70,8 @@ def s3_filesystem() -> pafs.S3FileSystem:
             raise StorageURIError(f"AWS_ENDPOINT_URL must start with http:// or https://, not {scheme}://")
         kwargs["endpoint_override"] = host.rstrip("/")
         kwargs["scheme"] = scheme
-    region = _env("AWS_REGION", "AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    access_key = _env("AWS_ACCESS_KEY_ID")
-    secret_key = _env("AWS_SECRET_ACCESS_KEY")
-    if access_key and secret_key:
-        kwargs["access_key"] = access_key
-        kwargs["secret_key"] = secret_key
-        token = _env("AWS_SESSION_TOKEN")
-        if token:
-            kwargs["session_token"] = token
     return pafs.S3FileSystem(**kwargs)
 
 

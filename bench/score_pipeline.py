@@ -149,12 +149,12 @@ def bare_engines(artifact: str, pixels: np.ndarray, threads: int) -> dict[str, f
 
 def variant_table(artifact: str, data: str, rates: dict[str, float], limit: int | None) -> list[str]:
     """fp32 / int8 / fp16 side by side: bare speed (and x fp32) and validation AUROC (recorded in the artifact)."""
-    from adcore import engine as engines
+    from adcore.evaluate import measure_variants
     from adcore.scorer import load
 
     record = None
     if data and (pathlib.Path(data) / "valid").is_dir():
-        record = engines.measure_variants(load(artifact, use_gpu=False), data, VARIANTS, limit=limit)
+        record = measure_variants(load(artifact, use_gpu=False), data, VARIANTS, limit=limit)
     lines = [f"{'variant':8s} {'bare img/s':>11s} {'x fp32':>7s} {'image AUROC':>12s} {'pixel AUROC':>12s}  usable"]
     for variant in VARIANTS:
         rate = rates[f"onnx {variant}"]
@@ -204,8 +204,8 @@ def run_modes(
     Returns the summary lines.
     """
     from adcore import engine as engines
-    from adcore.export import write_triton_repository
     from adcore.scorer import load
+    from adcore.serving.artifacts import write_triton_repository
 
     scorer = load(artifact, use_gpu=False)
     pixels = decoded_batch(images, batch, scorer.input_size)

@@ -2,11 +2,13 @@
 
     python cluster/triton_local.py start --repository /path/to/repo [--models a,b] [--state FILE]
     python cluster/triton_local.py stop [--state FILE]
+    python cluster/triton_local.py verify --repository /path/to/repo [--models a,b]
 
 ``start`` loads the Python-backend models (all of them unless ``--models``), prints the
 URLs, writes pid/ports to the state file and returns while the server keeps running.
-``stop`` stops that server's process group only. On GPU hosts use NVIDIA's Triton
-container instead (see cluster/README.md).
+``stop`` stops that server's process group only. ``verify`` checks the models' files against
+their manifests (``start`` does it too): run it before serving the repository with NVIDIA's
+Triton container on GPU hosts (see cluster/README.md).
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import json
 import sys
 from pathlib import Path
 
-from adcore.serving.triton_server import LocalTriton, process_group_alive, remove_shm_regions, stop_process_group
+from adcore.serving.repository import RepositoryError, verify_repository
+from adcore.serving.triton_server import (
+    LocalTriton,
+    process_group_alive,
+    remove_bytecode,
+    remove_shm_regions,
+    stop_process_group,
+)
 
 DEFAULT_STATE = Path(".triton_local.json")
 
@@ -47,6 +56,7 @@ def stop(state_path: Path) -> bool:
     else:
         stop_process_group(state["pid"])
     remove_shm_regions(state.get("shm_prefix", ""))
+    remove_bytecode(Path(state["repository"]), state["models"])
     state_path.unlink()
     return True
 
@@ -61,11 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--ready-timeout-s", type=float, default=60.0)
     p_stop = sub.add_parser("stop", help="stop the server recorded in the state file")
     p_stop.add_argument("--state", type=Path, default=DEFAULT_STATE)
+    p_verify = sub.add_parser("verify", help="check the models' files against their manifests")
+    p_verify.add_argument("--repository", type=Path, required=True)
+    p_verify.add_argument("--models", default="", help="comma-separated; default: every model")
     args = parser.parse_args(argv)
 
+    models = [m for m in getattr(args, "models", "").split(",") if m] or None
+    try:
+        if args.command == "verify":
+            verify_repository(args.repository, models)
+            print(f"{args.repository}: every model file matches its manifest")
+            return 0
+        if args.command == "start":
+            state = start(args.repository, models, args.state, args.ready_timeout_s)
+    except RepositoryError as e:
+        raise SystemExit(str(e)) from None
     if args.command == "start":
-        models = [m for m in args.models.split(",") if m] or None
-        state = start(args.repository, models, args.state, args.ready_timeout_s)
         print(f"tritonserver pid {state['pid']} serving {', '.join(state['models'])}")
         print(f"HTTP  {state['http_url']}")
         print(f"gRPC  {state['grpc_url']}")

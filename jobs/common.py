@@ -23,8 +23,10 @@ from jobs.console import quiet_ray_console
 log = logging.getLogger("jobs")
 
 # Non-secret settings forwarded to the cluster's workers when this driver starts or joins a
-# cluster itself (credentials are not: workers take them from their node's environment or
-# instance profile, so they never appear in a runtime_env shown by the dashboard).
+# cluster itself. Credentials (AWS keys, ADCORE_STUDY_KEY_SECRET) are not: the workers of a local
+# cluster that ``ray.init`` starts here inherit this process's environment, and every node of a
+# multi-node cluster needs its own (environment, ``~/.aws`` or an instance role), so they never
+# appear in a runtime_env shown by the dashboard nor in a pickled task.
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",

@@ -13,7 +13,7 @@ within 0.005 of fp32 on both is marked usable (the scoring job refuses the other
 
 The centroid / memory-bank matching and the calibration stay in the artifact, which
 stays where it is: the scoring job loads it for the FAISS stage and checks, with
-``adcore.export.check_served_model``, that the server runs the network of that same
+``adcore.serving.artifacts.check_served_model``, that the server runs the network of that same
 artifact (``model_version`` and ``fingerprint`` are recorded as ``parameters`` in each
 config.pbtxt).
 """
@@ -29,7 +29,9 @@ from adcore import engine, storage
 from adcore import export as onnx_export
 from adcore.cli import parse_config, required_unless, run_command
 from adcore.errors import FlagError
+from adcore.evaluate import measure_variants
 from adcore.scorer import OUTPUT_NAMES, Scorer
+from adcore.serving import artifacts as triton_models
 
 log = logging.getLogger("jobs.export")
 
@@ -81,7 +83,7 @@ def serve_and_compare(scorer: Scorer, repository: Path, model_name: str, onnx_pa
     with LocalTriton(repository, models=[model_name]) as server:
         client = httpclient.InferenceServerClient(server.http_url)
         try:
-            onnx_export.check_served_model(client.get_model_config(model_name), scorer)
+            triton_models.check_served_model(client.get_model_config(model_name), scorer)
         finally:
             client.close()
         with TritonClient(server.http_url, model_name) as triton:
@@ -106,12 +108,13 @@ def how_to_serve(repository: Path, model_name: str, artifact: str) -> str:
             f"Triton repository {repository}: {model_name} (Python backend, CPU) and {ort_name} (onnxruntime, GPU).",
             "Serve on CPU (tritonserver bundled in nvidia-pytriton):",
             f"  python cluster/triton_local.py start --repository {repository} --models {model_name}",
-            "Serve on a GPU host (NVIDIA's container; load only the _ort model):",
+            "Serve on a GPU host (NVIDIA's container; load only the _ort model), after checking its files:",
+            f"  python cluster/triton_local.py verify --repository {repository}",
             f'  docker run --rm --gpus all --shm-size=1g -p 8000:8000 -p 8001:8001 -v "{repository}:/models:ro" \\',
             "    nvcr.io/nvidia/tritonserver:24.10-py3 tritonserver --model-repository=/models \\",
             f"    --model-control-mode=explicit --load-model={ort_name}",
-            f"The FAISS head and calibration stay in the artifact {artifact}: the scoring job loads it and",
-            "checks the served model with adcore.export.check_served_model(client.get_model_config(name), scorer).",
+            f"The FAISS head and calibration stay in the artifact {artifact}: the scoring job loads it and checks",
+            "the served model with adcore.serving.artifacts.check_served_model(client.get_model_config(name), scorer).",
         ]
     )
 
@@ -153,13 +156,13 @@ def main(cfg: ExportConfig) -> dict:
         scorer = engine.load_scorer(artifact, engine="torch")
         log.info("exporting %s (version %s) from %s", scorer.version, scorer.meta.get("version"), artifact)
         paths = {v: engine.ensure_onnx(scorer, v) for v in variants}
-        measured = engine.measure_variants(scorer, cfg.data, tuple(variants), limit=cfg.limit) if cfg.data else None
+        measured = measure_variants(scorer, cfg.data, tuple(variants), limit=cfg.limit) if cfg.data else None
         if storage.is_s3(artifact):
             engine.upload_cache(scorer, artifact)  # every node's scoring job downloads these instead of exporting
         dirs: dict[str, Path] = {}
         for variant in variants:
             suffix = "" if variant == "fp32" else f"_{variant}"
-            dirs |= onnx_export.write_triton_repository(
+            dirs |= triton_models.write_triton_repository(
                 scorer,
                 paths[variant],
                 repository,

@@ -36,7 +36,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import pathlib
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from jobs.scoring import lease as leases
 from jobs.scoring import schema as S
 from jobs.scoring.lease import DEFAULT_TTL_S
 from jobs.scoring.resources import cluster_nodes, node_types, plan_replicas
+from jobs.scoring.schema import SECRET_ENV
 from jobs.scoring.sink import ROWS_PER_WRITE, Progress, RunSink
 from jobs.scoring.stages import Decoder, Postprocess, ScoreStage
 
@@ -167,7 +167,7 @@ def check_triton_model(cfg: ScoreConfig, model_name: str, art: dict) -> None:
     with another artifact's head and calibration, and labelled with the wrong model_version)."""
     from types import SimpleNamespace
 
-    from adcore.export import ModelMismatchError, check_served_model
+    from adcore.serving.artifacts import ModelMismatchError, check_served_model
 
     if cfg.triton_protocol == "grpc":
         import tritonclient.grpc as tc
@@ -348,7 +348,10 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     keys = S.image_keys(listing.column("uri").to_pylist(), cfg.path_privacy, os.environ.get(SECRET_ENV, "").encode())
     listing = listing.append_column("image_key", pa.array(keys, pa.string()))
     todo, skipped = ledger.plan_inputs(cfg.output, listing, model_version, cfg.rescore_all)
-    secret = os.environ.get(SECRET_ENV, "").encode() or None
+    try:
+        secret = S.study_key_secret()  # checked here; each decode task reads its own
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     log.info(
         "run %s: %d files listed under %s, %d unchanged since scored with model %s (skipped unread), %d to read; "
         "network %s, output %s",
@@ -458,7 +461,7 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     decoder = Decoder(
         input_size,
         cfg.max_pixels,
-        secret,
+        study_keys=secret is not None,  # each worker reads the secret from its own environment
         max_frames=cfg.max_frames,
         max_file_bytes=cfg.max_file_bytes,
         input_root=cfg.input,

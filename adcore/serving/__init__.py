@@ -7,17 +7,25 @@ model (CPU ``tritonserver`` from nvidia-pytriton) and an ``_ort`` onnxruntime-ba
 
 from adcore.serving.client import TritonClient, TritonUnavailableError
 from adcore.serving.network import TritonNetwork
-from adcore.serving.repository import ORT_SUFFIX, TensorSpec, write_model_repository
+from adcore.serving.repository import (
+    ORT_SUFFIX,
+    RepositoryError,
+    TensorSpec,
+    verify_repository,
+    write_model_repository,
+)
 from adcore.serving.triton_server import LocalTriton, TritonStartError, find_tritonserver
 
 __all__ = [
     "ORT_SUFFIX",
     "LocalTriton",
+    "RepositoryError",
     "TensorSpec",
     "TritonClient",
     "TritonNetwork",
     "TritonStartError",
     "TritonUnavailableError",
     "find_tritonserver",
+    "verify_repository",
     "write_model_repository",
 ]

@@ -8,9 +8,20 @@ import numpy as np
 
 from adcore.serving.client import TritonClient
 
+# Outputs with no dimension but the batch one; Triton rejects empty dims, so they are served as dims [1] + reshape [].
+BATCH_ONLY_OUTPUTS = ("score",)
 # Requests kept in flight ahead of the head: the server computes chunk k+1 while this
 # process matches chunk k against the FAISS index.
 DEFAULT_IN_FLIGHT = 1
+
+
+def from_triton(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Triton's outputs -> ``Scorer.forward``'s shapes (``score`` is served as dims [1], so it comes back [B, 1])."""
+    out = dict(outputs)
+    for name in BATCH_ONLY_OUTPUTS:
+        if name in out:
+            out[name] = np.asarray(out[name]).reshape(-1)
+    return out
 
 
 class TritonNetwork:
@@ -55,8 +66,7 @@ class TritonNetwork:
         return self._thread.submit(self._infer, pixels).result()
 
     def _infer(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        from adcore.export import from_triton
-        from adcore.scorer import INPUT_NAME, as_float, as_uint8
+        from adcore.scorer import INPUT_NAME, as_float, as_uint8  # torch: only once a request is made
 
         served = self.client.input_dtypes.get(INPUT_NAME)
         x = as_uint8(pixels) if served == "UINT8" else as_float(pixels)

@@ -10,10 +10,16 @@ One ONNX file becomes two models in the same repository:
 
 Both read ``<repo>/<model>/<version>/model.onnx``; the ONNX is hard-linked when
 possible and copied otherwise, so the repository never points outside itself.
+
+Each model folder holds a ``manifest.json`` with the sha256 and size of its files (graph,
+external weights, ``model.py``, ``config.pbtxt``). :func:`verify_repository` checks them before a
+server starts (:class:`adcore.serving.LocalTriton` does; run it before NVIDIA's container too),
+and the Python-backend model checks its graph again when Triton loads it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -23,8 +29,12 @@ from pathlib import Path
 
 import onnx
 
+from adcore.integrity import file_problem, name_problem, sha256_file
+
 ORT_SUFFIX = "_ort"
 ONNX_FILENAME = "model.onnx"  # the onnxruntime backend's default_model_filename
+MANIFEST = "manifest.json"  # in each model folder, beside config.pbtxt (Triton ignores it)
+MANIFEST_FORMAT = "adcore-triton-model/1"
 
 # Triton data types (config.pbtxt spells them TYPE_<x>) keyed by ONNX TensorProto enum.
 _ONNX_TO_TRITON = {
@@ -55,6 +65,7 @@ _PYTHON_PARAMETERS = ("intra_op_num_threads", "onnx_filename")
 # process (where ``triton_python_backend_utils`` exists), never in the caller.
 PYTHON_MODEL_SOURCE = '''"""Triton Python-backend model: onnxruntime on CPU (written by adcore.serving.repository)."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -63,11 +74,28 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
+def check_files(model_dir, version, onnx_filename):
+    """Every file of this version matches the sha256 the repository's manifest.json lists."""
+    manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    files = {k: v for k, v in manifest["files"].items() if k.split("/")[0] == version}
+    if f"{version}/{onnx_filename}" not in files:
+        raise ValueError(f"{model_dir}/manifest.json does not list {version}/{onnx_filename}: refused")
+    for name, entry in files.items():
+        digest = hashlib.sha256()
+        with open(Path(model_dir) / name, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            raise ValueError(f"{model_dir}/{name}: sha256 differs from manifest.json: refused, write the model again")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        onnx_path = Path(args["model_repository"]) / args["model_version"] / params.get("onnx_filename", "model.onnx")
+        onnx_filename = params.get("onnx_filename", "model.onnx")
+        check_files(args["model_repository"], args["model_version"], onnx_filename)
+        onnx_path = Path(args["model_repository"]) / args["model_version"] / onnx_filename
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(params.get("intra_op_num_threads", "0"))
         options.inter_op_num_threads = 1
@@ -208,6 +236,7 @@ def write_model_repository(
     intra_op_num_threads: int = 0,
     ort_instance_kind: str = "KIND_GPU",
     parameters: dict[str, str] | None = None,
+    sha256: dict[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write ``<model_name>`` (Python backend) and ``<model_name>_ort`` (onnxruntime backend).
 
@@ -228,9 +257,15 @@ def write_model_repository(
         parameters: Extra ``parameters`` entries written into both config.pbtxt files (e.g. the
             identity of the artifact the ONNX came from); the Python-backend model's own keys
             (``intra_op_num_threads``, ``onnx_filename``) may not be among them.
+        sha256: What the graph's files must hash to (``{file name: hex digest}``, the graph and
+            its external weights, e.g. from the engine cache's manifest); the copies in the
+            repository are checked against it. None: the digests are taken from the copies.
 
     Returns:
         ``{model_name: dir, model_name + "_ort": dir}``.
+
+    Raises:
+        RepositoryError: a copied file does not hash to its ``sha256``.
     """
     onnx_path = Path(onnx_path)
     repo_dir = Path(repo_dir)
@@ -256,7 +291,7 @@ def write_model_repository(
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
     _check_against_onnx(proto, onnx_path, inputs, outputs, batched=max_batch_size > 0)
-    external = _external_data_files(proto)
+    external = external_data_files(proto)
 
     common = dict(
         inputs=inputs,
@@ -285,8 +320,60 @@ def write_model_repository(
             params = {"intra_op_num_threads": str(int(intra_op_num_threads)), "onnx_filename": ONNX_FILENAME}
         config = _config_pbtxt(name, backend, kind=kind, parameters={**params, **extra}, **common)
         (model_dir / "config.pbtxt").write_text(config, encoding="utf-8")
+        _write_manifest(model_dir, version_dir, [ONNX_FILENAME, *external], sha256)
         dirs[name] = model_dir
     return dirs
+
+
+class RepositoryError(RuntimeError):
+    """A Triton model folder is incomplete or differs from its manifest."""
+
+
+def _write_manifest(model_dir: Path, version_dir: Path, graph_files: list[str], sha256: dict[str, str] | None) -> None:
+    """``<model>/manifest.json``: sha256 and size of every file of the model, the graph's checked against ``sha256``."""
+    files = {}
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(model_dir).as_posix()
+        files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    for name in graph_files if sha256 is not None else ():
+        got = files[f"{version_dir.name}/{name}"]["sha256"]
+        if sha256.get(name) != got:
+            raise RepositoryError(
+                f"{version_dir / name}: sha256 {got[:12]}... is not the graph's {str(sha256.get(name))[:12]}...: "
+                "its source changed while it was copied; refused"
+            )
+    (model_dir / MANIFEST).write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
+
+
+def verify_repository(repo_dir: str | os.PathLike, models: list[str] | None = None) -> None:
+    """Check every file of ``models`` (default: every model folder) against its ``manifest.json``.
+
+    Raises:
+        RepositoryError: a manifest is missing, names a path outside its folder, or a file is
+            missing, altered, or a graph/code file the manifest does not list.
+    """
+    repo_dir = Path(repo_dir)
+    names = models if models is not None else sorted(p.parent.name for p in repo_dir.glob("*/config.pbtxt"))
+    for model in names:
+        model_dir = repo_dir / model
+        try:
+            manifest = json.loads((model_dir / MANIFEST).read_text())
+            files = manifest["files"] if manifest.get("format") == MANIFEST_FORMAT else None
+        except (OSError, ValueError, KeyError, AttributeError):
+            files = None
+        if not isinstance(files, dict):
+            raise RepositoryError(f"{model_dir} has no readable {MANIFEST}: write the model again with jobs/export.py")
+        for rel, entry in files.items():
+            problem = name_problem(rel) or file_problem(model_dir, rel, entry["sha256"], entry["size"])
+            if problem:
+                raise RepositoryError(f"Triton model file {model_dir / rel}: {problem} ({MANIFEST}); refused")
+        unlisted = sorted(
+            p.relative_to(model_dir).as_posix()
+            for p in model_dir.rglob("*")
+            if p.is_file() and p.relative_to(model_dir).as_posix() not in (MANIFEST, *files)
+        )
+        if unlisted:
+            raise RepositoryError(f"{model_dir}: files {unlisted} are not in its {MANIFEST}; refused")
 
 
 def _checked_parameters(parameters: dict[str, str] | None) -> dict[str, str]:
@@ -362,7 +449,7 @@ def _check_against_onnx(
         raise ValueError(f"{path}: graph inputs {missing} have no TensorSpec")
 
 
-def _external_data_files(proto: onnx.ModelProto) -> list[str]:
+def external_data_files(proto: onnx.ModelProto) -> list[str]:
     """Relative paths of external-data files the ONNX refers to (empty for a self-contained file)."""
     files = set()
     for init in proto.graph.initializer:

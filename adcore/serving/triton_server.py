@@ -2,7 +2,8 @@
 
 Only Python-backend models can be loaded by that binary, so models are loaded
 explicitly by name (``--model-control-mode=explicit``): the ``_ort`` twins that
-``write_model_repository`` writes for GPU hosts stay on disk, unloaded.
+``write_model_repository`` writes for GPU hosts stay on disk, unloaded. The models' files
+are checked against their manifests (:func:`verify_repository`) before the server starts.
 On GPU hosts use NVIDIA's Triton container instead (``cluster/README.md``).
 """
 
@@ -21,6 +22,8 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+
+from adcore.serving.repository import verify_repository
 
 LOOPBACK = "127.0.0.1"
 STUB_PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"  # the stub must match this interpreter
@@ -208,9 +211,15 @@ class LocalTriton:
         return args + self.extra_args
 
     def start(self) -> LocalTriton:
-        """Start the server and wait until it and every model are ready."""
+        """Check the models' files, start the server and wait until it and every model are ready.
+
+        Raises:
+            RepositoryError: a model's files differ from its manifest (nothing is started).
+        """
         if self._popen is not None:
             raise RuntimeError("LocalTriton already started")
+        remove_bytecode(self.repository, self.models)
+        verify_repository(self.repository, self.models)
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="adcore-triton-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +252,7 @@ class LocalTriton:
             self._log_file.close()
             self._log_file = None
         remove_shm_regions(self.shm_prefix)
+        remove_bytecode(self.repository, self.models)
         if self._own_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -333,6 +343,13 @@ def python_backend_models(repository: Path) -> list[str]:
         if any(line.split() == ["backend:", '"python"'] for line in config.read_text().splitlines()):
             names.append(config.parent.name)
     return names
+
+
+def remove_bytecode(repository: Path, models: list[str]) -> None:
+    """Remove the ``__pycache__`` the Python-backend stub writes beside model.py (not in the model's manifest)."""
+    for name in models:
+        for cache in (Path(repository) / name).rglob("__pycache__"):
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 def remove_shm_regions(prefix: str) -> None:

@@ -58,6 +58,7 @@ import datetime as dt
 import hashlib
 import hmac
 import io
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -71,9 +72,12 @@ TOO_LARGE = "too_large"  # more bytes (listing) or pixels (header) than the job'
 NOT_A_FILE = "not_a_file"  # a FIFO, socket, device, folder link or link leaving the input: never read
 TRANSIENT_ERROR_KINDS = (INFERENCE_ERROR, READ_ERROR)
 KEY_COLUMNS = ("image_key", "frame", "model_version")
-SECRET_ENV = "ADCORE_STUDY_KEY_SECRET"  # the HMAC key of study_key and pseudonymous image_key: read where used
+# The HMAC key of study_key and of pseudonymous image_key. study_key: read from the environment of
+# whichever process uses it (each Ray worker reads its own, so no task or actor ever carries it);
+# cluster nodes need it set. image_key: made by the driver from the listing.
+SECRET_ENV = "ADCORE_STUDY_KEY_SECRET"
 PATH_PRIVACY = ("keep", "pseudonymize")  # --path-privacy: the image_uri column filled, or null
-MIN_SECRET_BYTES = 32  # HMAC keys shorter than SHA-256's output would be the weak part of the pseudonym
+MIN_SECRET_BYTES = 32  # an HMAC-SHA256 key shorter than its output can be guessed
 
 SCHEMA = pa.schema(
     [
@@ -131,8 +135,7 @@ def check_secret(secret: bytes | None, env: str = SECRET_ENV) -> bytes:
     """The HMAC key, refused (one line) when missing or shorter than ``MIN_SECRET_BYTES``."""
     if not secret or len(secret) < MIN_SECRET_BYTES:
         raise ValueError(
-            f"{env} must hold at least {MIN_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`); "
-            f"it has {len(secret or b'')}"
+            f"{env} is {len(secret or b'')} bytes; use at least {MIN_SECRET_BYTES} (e.g. `openssl rand -hex 32`)"
         )
     return secret
 
@@ -163,6 +166,16 @@ def category_scores_value(names, scores) -> list[tuple[str, float]] | None:
     if not names or scores is None:
         return None
     return [(str(n), float(v)) for n, v in zip(names, scores)]
+
+
+def study_key_secret() -> bytes | None:
+    """The HMAC key from this process's ``ADCORE_STUDY_KEY_SECRET``; None when it is unset.
+
+    Raises:
+        ValueError: it is shorter than ``MIN_SECRET_BYTES`` (one line, without the value).
+    """
+    value = os.environ.get(SECRET_ENV, "").encode()
+    return check_secret(value) if value else None
 
 
 def study_key(study_uid: str | None, secret: bytes | None) -> str | None:

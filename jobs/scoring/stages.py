@@ -17,6 +17,7 @@ All are plain callables on column batches, testable without Ray:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -60,7 +61,8 @@ class Decoder:
         input_size: The network's square input size S.
         max_pixels: Files whose header announces more pixels are error rows (kind too_large),
             refused before any pixel is decoded.
-        secret: HMAC key of ``study_key``; None leaves it null.
+        study_keys: Key ``study_key`` with ``ADCORE_STUDY_KEY_SECRET`` (the job asks when its
+            driver has the secret); False leaves it null.
         max_frames: Files whose header announces more frames are error rows (kind
             too_many_frames), refused before any pixel is decoded.
         max_file_bytes: Listed files larger than this are error rows (kind too_large), never
@@ -68,13 +70,16 @@ class Decoder:
         input_root: The listed local folder (``--input``): local files must be regular files
             inside it. Empty: only the regular-file check.
         chunk_bytes: Prepared pixels one chunk of rows holds at most (at least one row).
+
+    The secret is read from the environment of the worker that decodes, never carried by the
+    decoder: a worker without it fails with one line (every node of a cluster needs it).
     """
 
     def __init__(
         self,
         input_size: int,
         max_pixels: int,
-        secret: bytes | None = None,
+        study_keys: bool = False,
         *,
         max_frames: int = DEFAULT_MAX_FRAMES,
         max_file_bytes: int | None = None,
@@ -87,13 +92,25 @@ class Decoder:
         self.max_file_bytes = max_file_bytes
         self.input_root = input_root
         self.chunk_rows = max(1, chunk_bytes // (3 * input_size * input_size))
-        self._secret = secret
+        self.study_keys = study_keys
         self._reader = storage.Reader()  # one filesystem per task
+
+    @functools.cached_property
+    def _secret(self) -> bytes | None:
+        if not self.study_keys:
+            return None
+        secret = S.study_key_secret()
+        if secret is None:
+            raise RuntimeError(f"{S.SECRET_ENV} is not set on this node; the job's driver has it: set it on every node")
+        return secret
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_secret"}  # read again where it is unpickled
 
     def __repr__(self) -> str:  # Ray may print the callable: never the secret
         return (
             f"Decoder(input_size={self.input_size}, max_pixels={self.max_pixels}, max_frames={self.max_frames}, "
-            f"max_file_bytes={self.max_file_bytes})"
+            f"max_file_bytes={self.max_file_bytes}, study_keys={self.study_keys})"
         )
 
     def _files(self, batch: dict[str, np.ndarray]):

@@ -6,6 +6,12 @@ import os
 
 import pytest
 
+from jobs.scoring.schema import SECRET_ENV
+
+# The study-key secret of the module's cluster: Ray workers read it from their own environment,
+# which a local cluster's workers inherit from the process that started it (as on a real node).
+STUDY_SECRET = "integration-study-secret-of-at-least-32-bytes"
+
 
 @pytest.fixture(scope="module")
 def ray_local():
@@ -14,6 +20,14 @@ def ray_local():
 
     os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-score")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    saved = os.environ.get(SECRET_ENV)
+    os.environ[SECRET_ENV] = STUDY_SECRET  # the workers' environment; each test sets the driver's
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    finally:
+        if saved is None:
+            os.environ.pop(SECRET_ENV)
+        else:
+            os.environ[SECRET_ENV] = saved
     yield ray
     ray.shutdown()

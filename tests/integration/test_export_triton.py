@@ -29,8 +29,9 @@ import tritonclient.http as httpclient  # noqa: E402
 
 from adcore import engine  # noqa: E402
 from adcore import scorer as scoring  # noqa: E402
-from adcore.export import ModelMismatchError, OnnxNetwork, check_served_model  # noqa: E402
+from adcore.export import OnnxNetwork  # noqa: E402
 from adcore.serving import LocalTriton, TritonClient, TritonNetwork  # noqa: E402
+from adcore.serving.artifacts import ModelMismatchError, check_served_model  # noqa: E402
 from adcore.testing import tiny_artifact  # noqa: E402
 from jobs.export import ExportConfig, main  # noqa: E402
 

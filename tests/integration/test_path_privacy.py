@@ -95,7 +95,7 @@ def test_pseudonymized_paths_reach_only_the_path_map(ray_local, tiny_artifact, t
     with pytest.raises(SystemExit, match="--path-privacy pseudonymize"):
         main(config(input=str(tmp_path / "in"), model=tiny_artifact, output=str(out)))
     monkeypatch.setenv("ADCORE_STUDY_KEY_SECRET", "short")
-    with pytest.raises(SystemExit, match="at least 32 bytes"):
+    with pytest.raises(SystemExit, match="use at least 32"):
         main(cfg)
 
 

@@ -19,11 +19,12 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from tests import real_corpus as corpus
+from tests.integration.conftest import STUDY_SECRET
 from tests.integration.test_score_job import readable_bytes, visible
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-SECRET = "corpus-study-secret"
+SECRET = STUDY_SECRET  # what the workers of ray_local have
 
 
 def _one_frame_damaged(path: str, index: int) -> bytes:

@@ -36,7 +36,7 @@ def test_two_runs_on_two_nodes_then_report(s3_server, two_nodes, tiny_artifact, 
     from jobs.score import ScoreConfig
     from jobs.score import main as score
 
-    monkeypatch.setenv("ADCORE_STUDY_KEY_SECRET", "s")
+    monkeypatch.setenv("ADCORE_STUDY_KEY_SECRET", "s" * 32)
     bucket = s3_server.make_bucket("score-report")
     rng = np.random.default_rng(3)
     files = {f"img{i}.png": _png((rng.random((48, 40)) * 255).astype(np.uint8)) for i in range(6)}

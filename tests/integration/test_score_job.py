@@ -20,6 +20,7 @@ import pytest
 from adcore import storage
 from jobs.scoring import ledger
 from jobs.scoring.schema import SCHEMA, decode_mask
+from tests.integration.conftest import STUDY_SECRET
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -32,7 +33,7 @@ PHI = {
     "PatientBirthDate": "19700131",
     "StudyInstanceUID": "1.2.826.0.1.3680043.99.424242",
 }
-SECRET = "test-study-secret"
+SECRET = STUDY_SECRET  # what the workers of ray_local have
 NIFTI_SLICES = 3
 
 
@@ -306,9 +307,10 @@ def test_killed_run_then_rerun_loses_and_duplicates_nothing(tiny_artifact, tmp_p
 
 def test_triton_stopped_mid_run_then_rerun_fixes_errors(ray_local, tiny_artifact, tmp_path):
     pytest.importorskip("pytriton")
-    from adcore.export import export_onnx, write_triton_repository
+    from adcore.export import export_onnx
     from adcore.scorer import load
     from adcore.serving import LocalTriton
+    from adcore.serving.artifacts import write_triton_repository
     from jobs.score import main
 
     scorer = load(tiny_artifact)

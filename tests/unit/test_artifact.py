@@ -121,3 +121,74 @@ def test_s3_manifest_written_last(s3_server, tmp_path, rng, monkeypatch):
     assert written == ["upload", storage.join(uri, "manifest.json")]
     manifest = json.loads(storage.read_bytes(storage.join(uri, "manifest.json")))
     assert manifest["files"]["config.json"]["size"] > 0
+
+
+HOSTILE_NAMES = ["../x", "/etc/x", "a/../../x", "a//b", "./a", "a\\..\\x", "C:x", "", "a/\x00b"]
+
+
+def _with_manifest_entry(manifest: dict, name: str, data: bytes) -> bytes:
+    import hashlib
+
+    files = {**manifest["files"], name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
+    return json.dumps({**manifest, "files": files}).encode()
+
+
+def _all_files(root):
+    return sorted(str(p) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_local_manifest_names_must_stay_inside(tmp_path, rng, name):
+    config, state, arrays = _contents(rng)
+    folder = tmp_path / "a"
+    save_artifact(folder, config, state, arrays)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_bytes(_with_manifest_entry(manifest, name, b"x"))
+    with pytest.raises(ArtifactError, match="manifest.json of .* lists .*refused") as err:
+        load_artifact(folder)
+    assert "\n" not in str(err.value)
+
+
+def test_local_symlinks_leaving_the_folder_are_refused(tmp_path, rng):
+    config, state, arrays = _contents(rng)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "notes.txt").write_bytes(b"hi")
+    folder = tmp_path / "a"
+    save_artifact(folder, config, state, arrays, extra_files={"notes/notes.txt": b"hi"})
+    # The same bytes behind a link out of the folder: the digest matches, the place does not.
+    (folder / "notes" / "notes.txt").unlink()
+    (folder / "notes" / "notes.txt").symlink_to(outside / "notes.txt")
+    with pytest.raises(ArtifactError, match="notes/notes.txt of .*symbolic link leaving"):
+        load_artifact(folder)
+    # A linked sub-folder is the same escape.
+    (folder / "notes" / "notes.txt").unlink()
+    (folder / "notes").rmdir()
+    (folder / "notes").symlink_to(outside)
+    with pytest.raises(ArtifactError, match="symbolic link leaving"):
+        load_artifact(folder)
+    # A link that stays inside is fine.
+    (folder / "notes").unlink()
+    (folder / "notes").mkdir()
+    (folder / "copy.txt").write_bytes(b"hi")
+    (folder / "notes" / "notes.txt").symlink_to(folder / "copy.txt")
+    load_artifact(folder)
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/x", "ABSOLUTE", "../../outside/x"])
+def test_s3_manifest_names_refused_before_any_write(s3_server, tmp_path, rng, name):
+    bucket = s3_server.make_bucket("artifact-hostile")
+    uri = storage.join(bucket, "models", "toy")
+    config, state, arrays = _contents(rng)
+    save_artifact(uri, config, state, arrays)
+    if name == "ABSOLUTE":  # an absolute path this test can look at afterwards
+        name = str(tmp_path / "outside" / "x")
+    manifest = json.loads(storage.read_bytes(storage.join(uri, "manifest.json")))
+    storage.write_bytes(storage.join(uri, "manifest.json"), _with_manifest_entry(manifest, name, b"payload"))
+    # The object the hostile name points at exists on the store (S3 keys may hold "..").
+    storage.write_bytes(f"{uri}/{name.lstrip('/')}", b"payload")
+    before = _all_files(tmp_path)
+    with pytest.raises(ArtifactError, match="lists .*refused"):
+        load_artifact(uri, cache_dir=tmp_path / "cache")
+    assert _all_files(tmp_path) == before  # nothing written: not the cache, not outside it
+    assert not (tmp_path / "outside").exists()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from adcore import engine
+from adcore import engine, storage
+from adcore import export as onnx_export
+from adcore.artifact import ArtifactError
 from adcore.data.demo import make_demo_dataset
+from adcore.evaluate import measure_variants
 from adcore.export import OnnxNetwork, read_metadata
 from adcore.scorer import TorchNetwork
 from adcore.scorer import load as load_torch
@@ -77,10 +81,100 @@ def test_a_stale_cached_graph_is_exported_again(artifact, tmp_path):
     other = tiny_scorer("patchcore", seed=1).save(str(tmp_path / "other"), model_name="pc-other")  # other weights
     other_path = engine.load_scorer(other, use_gpu=False, threads=1).network.path
     assert other_path.parent.name != path.parent.name  # keyed by fingerprint
-    # A foreign graph under this artifact's name (a copied folder, a half-finished copy) is not used.
+    # A foreign graph under this artifact's name that the manifest does not list (a half-finished
+    # copy) is not used: exported again.
+    manifest = engine.read_manifest(path.parent)
+    (path.parent / engine.CACHE_MANIFEST).unlink()
     path.write_bytes(other_path.read_bytes())
     again = engine.load_scorer(artifact, use_gpu=False, threads=1)
     assert read_metadata(again.network.path)["fingerprint"] == scorer.meta["fingerprint"]
+    assert engine.read_manifest(path.parent)["files"]["fp32"]["sha256"] == manifest["files"]["fp32"]["sha256"]
+    # The same file swapped in behind the manifest's back is refused.
+    path.write_bytes(other_path.read_bytes())
+    with pytest.raises(ArtifactError, match="model.onnx: size .* refused"):
+        engine.load_scorer(artifact, use_gpu=False, threads=1)
+    (path.parent / engine.CACHE_MANIFEST).unlink()
+    engine.ensure_onnx(scorer)
+
+
+def _flip_byte(path: Path) -> bytes:
+    """Flip one bit in the middle of ``path`` (same size); returns the original bytes."""
+    data = path.read_bytes()
+    i = len(data) // 2
+    path.write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :])
+    return data
+
+
+def _graph_files(manifest: dict) -> dict[str, str]:
+    """file name -> variant, for every graph and external-weight file the manifest lists."""
+    files = {}
+    for variant, entry in manifest["files"].items():
+        files[entry["file"]] = variant
+        files |= dict.fromkeys(entry.get("external", {}), variant)
+    return files
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-weights"])
+def test_every_cached_graph_file_is_checked(tmp_path, monkeypatch, external):
+    """fp32, int8, fp16 and their external weights: a byte changed in any of them is refused."""
+    if external:  # weights in side files, as for paper-size models over protobuf's 2 GiB
+        monkeypatch.setattr(onnx_export, "_INLINE_WEIGHTS_LIMIT", 0)
+    uri = tiny_artifact(tmp_path / "pc", "patchcore", version=1)
+    scorer = engine.load_scorer(uri, engine="torch", use_gpu=False)
+    paths = {v: engine.ensure_onnx(scorer, v) for v in onnx_export.VARIANTS}
+    folder = paths["fp32"].parent
+    files = _graph_files(engine.read_manifest(folder))
+    assert set(files.values()) == set(onnx_export.VARIANTS)
+    assert any(name.endswith(".data") for name in files) == external
+    for name, variant in files.items():
+        original = _flip_byte(folder / name)
+        with pytest.raises(ArtifactError, match=f"{name}: sha256 differs .*refused") as err:
+            engine.ensure_onnx(scorer, variant)
+        assert "\n" not in str(err.value)
+        (folder / name).write_bytes(original)
+        assert engine.ensure_onnx(scorer, variant) == paths[variant]
+    # The scoring path (load_scorer on CPU: onnxruntime) refuses it the same way.
+    _flip_byte(folder / "model.onnx")
+    with pytest.raises(ArtifactError, match="sha256 differs"):
+        engine.load_scorer(uri, use_gpu=False, threads=1)
+
+
+@pytest.mark.parametrize("tampered", ["model.onnx", "model.onnx.data"])
+def test_graphs_from_s3_are_checked(s3_server, tmp_path, monkeypatch, tampered):
+    """The graphs jobs/export.py uploads beside an S3 artifact arrive whole (external weights too) and unaltered."""
+    monkeypatch.setattr(onnx_export, "_INLINE_WEIGHTS_LIMIT", 0)
+    monkeypatch.setenv("ADCORE_CACHE", str(tmp_path / "node1"))
+    bucket = s3_server.make_bucket("engine-cache")
+    uri = tiny_scorer("patchcore").save(storage.join(bucket, f"pc-{tampered}"), model_name="pc", version=1)
+    exporter = engine.load_scorer(uri, engine="torch", use_gpu=False)
+    engine.ensure_onnx(exporter)
+    engine.upload_cache(exporter, uri)
+    remote = storage.join(uri, engine.CACHE_FOLDER, engine.cache_key(exporter))
+    assert set(_graph_files(json.loads(storage.read_bytes(storage.join(remote, engine.CACHE_MANIFEST))))) == {
+        "model.onnx",
+        "model.onnx.data",
+    }
+
+    def fresh_node(name: str):
+        monkeypatch.setenv("ADCORE_CACHE", str(tmp_path / name))
+        return engine.load_scorer(uri, engine="torch", use_gpu=False)
+
+    node = fresh_node("node2")  # downloads, never exports
+    monkeypatch.setattr(engine, "export_onnx", lambda *a: pytest.fail("exported instead of downloaded"))
+    path = engine.ensure_onnx(node)
+    assert path.parent.is_relative_to(tmp_path / "node2") and (path.parent / "model.onnx.data").is_file()
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, node.input_size, node.input_size), dtype=np.uint8)
+    want = OnnxNetwork(engine.ensure_onnx(exporter))(pixels)
+    for key, value in OnnxNetwork(path)(pixels).items():
+        np.testing.assert_array_equal(value, want[key])
+
+    data = storage.read_bytes(storage.join(remote, tampered))
+    i = len(data) // 2
+    storage.write_bytes(storage.join(remote, tampered), data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :])
+    node = fresh_node("node3")
+    with pytest.raises(ArtifactError, match=f"ONNX graph s3://.*/{tampered}: sha256 differs .*refused"):
+        engine.ensure_onnx(node)
+    assert not list(engine.cache_dir(node).glob("model.onnx*"))  # nothing altered reached the cache
 
 
 def test_torch_engine_and_unmeasured_variant(artifact):
@@ -101,7 +195,7 @@ def test_int8_variant_measured_recorded_and_gated(artifact, demo):
     int8_scores = type(scorer)(scorer.model, scorer.head, scorer.calibration, scorer.meta, network=int8).raw(pixels)[0]
     np.testing.assert_allclose(int8_scores, fp32_scores, rtol=0.05)  # close, not equal: weights are int8
 
-    record = engine.measure_variants(scorer, demo, ("int8",))
+    record = measure_variants(scorer, demo, ("int8",))
     manifest = engine.read_manifest(scorer.network.path.parent)
     assert manifest["measured"] == record
     assert record["split"] == "valid" and record["n_images"] == 12 and record["tolerance"] == 0.005

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +11,21 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from adcore.export import (  # noqa: E402
+from adcore import engine  # noqa: E402
+from adcore import export as onnx_export  # noqa: E402
+from adcore.artifact import ArtifactError  # noqa: E402
+from adcore.export import OnnxNetwork, export_onnx, read_metadata  # noqa: E402
+from adcore.models import list_models  # noqa: E402
+from adcore.scorer import INPUT_NAME, OUTPUT_NAMES, to_uint8  # noqa: E402
+from adcore.serving import LocalTriton, RepositoryError, TensorSpec, verify_repository, write_model_repository  # noqa: E402
+from adcore.serving.artifacts import (  # noqa: E402
     ModelMismatchError,
-    OnnxNetwork,
     check_served_model,
-    export_onnx,
-    from_triton,
-    read_metadata,
     tensor_specs,
     write_triton_repository,
 )
-from adcore.models import list_models  # noqa: E402
-from adcore.scorer import INPUT_NAME, OUTPUT_NAMES, to_uint8  # noqa: E402
-from adcore.serving import TensorSpec, write_model_repository  # noqa: E402
+from adcore.serving.network import from_triton  # noqa: E402
+from adcore.serving.repository import PYTHON_MODEL_SOURCE  # noqa: E402
 from adcore.testing import tiny_scorer  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -215,3 +218,68 @@ def test_external_weights_travel_with_the_repository(tmp_path):
     got = OnnxNetwork(dirs["pc"] / "2" / "model.onnx")(pixels)
     want = scorer.forward(pixels)
     np.testing.assert_allclose(got["patch_embeddings"], want["patch_embeddings"], atol=TOLERANCE, rtol=0)
+
+
+def _flip_byte(path: Path) -> None:
+    data = path.read_bytes()
+    i = len(data) // 2
+    path.write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :])
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-weights"])
+def test_triton_repository_files_are_checked(tmp_path, monkeypatch, external):
+    """Built from the engine cache's checked graph; every file of each model is then checked before serving."""
+    if external:
+        monkeypatch.setattr(onnx_export, "_INLINE_WEIGHTS_LIMIT", 0)
+    uri = tiny_scorer("patchcore").save(str(tmp_path / "artifact"), model_name="pc", version=2)
+    scorer = engine.load_scorer(uri, engine="torch", use_gpu=False)
+    graph = engine.ensure_onnx(scorer)
+    repo = tmp_path / "repo"
+    # A cached graph altered before the build: refused, nothing written.
+    original = graph.read_bytes()
+    _flip_byte(graph)
+    with pytest.raises(ArtifactError, match="model.onnx: sha256 differs .*refused"):
+        write_triton_repository(scorer, graph, repo)
+    assert not repo.exists()
+    graph.write_bytes(original)
+
+    dirs = write_triton_repository(scorer, graph, repo)
+    verify_repository(repo)
+    for model_dir in dirs.values():
+        files = json.loads((model_dir / "manifest.json").read_text())["files"]
+        assert {"config.pbtxt", "2/model.onnx"} <= set(files)
+        assert any(name.endswith(".data") for name in files) == external
+        for name in files:
+            kept = (model_dir / name).read_bytes()
+            _flip_byte(model_dir / name)
+            with pytest.raises(RepositoryError, match=f"{model_dir.name}/{name}: sha256 differs .*refused") as err:
+                verify_repository(repo, [model_dir.name])
+            assert "\n" not in str(err.value)
+            with pytest.raises(RepositoryError, match="sha256 differs"):  # checked before a server starts
+                LocalTriton(repo, models=[model_dir.name]).start()
+            (model_dir / name).write_bytes(kept)  # in place: the graph is hard-linked to the cache's
+        verify_repository(repo, [model_dir.name])
+    # A file nobody listed (code beside model.py) is refused too.
+    (dirs["pc"] / "2" / "extra.py").write_text("import os\n")
+    with pytest.raises(RepositoryError, match="extra.py.*not in its manifest.json"):
+        verify_repository(repo)
+    # The Python-backend model checks its graph itself when Triton loads it (NVIDIA's container too).
+    check_files = _python_model_function("check_files")
+    (dirs["pc"] / "2" / "extra.py").unlink()
+    check_files(str(dirs["pc"]), "2", "model.onnx")
+    (dirs["pc"] / "2" / "model.onnx").unlink()
+    (dirs["pc"] / "2" / "model.onnx").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(ValueError, match="model.onnx: sha256 differs"):
+        check_files(str(dirs["pc"]), "2", "model.onnx")
+
+
+def _python_model_function(name: str):
+    """A function of the Python-backend model.py, run here (the module itself needs Triton's stub)."""
+    import ast
+    import hashlib
+
+    tree = ast.parse(PYTHON_MODEL_SOURCE)
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope = {"hashlib": hashlib, "json": json, "Path": Path}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "model.py", "exec"), scope)  # noqa: S102
+    return scope[name]
