@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import pathlib
 import sys
 import tempfile
@@ -63,7 +64,6 @@ from jobs.scoring.stages import Decoder, Postprocess, ScoreStage
 log = logging.getLogger("jobs.score")
 
 PROG = "python jobs/score.py"
-SECRET_ENV = S.SECRET_ENV
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; a chest film is 3-9 Mpx, larger is a mistake or a bomb
 DEFAULT_MAX_FILE_BYTES = 2 * 2**30  # whole multi-frame studies fit; a read holds the file in memory
 DECODE_BATCH = 8  # files per decode call: one NIfTI volume alone can be hundreds of frames
