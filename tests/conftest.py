@@ -1,10 +1,20 @@
-"""Fixtures shared by every test: a local S3 server and a seeded random generator."""
+"""Fixtures shared by every test (a local S3 server, a seeded random generator) and the test tiers.
+
+Tiers, by marker (``make unit`` runs ``-m unit``, ``make test`` everything):
+
+- ``integration``: real local services: every test under ``tests/integration`` and every test that
+  starts the S3 server (the ``s3_server`` fixture).
+- ``slow``: training runs, ONNX exports, gloo process groups, subprocess jobs: marked in the files.
+- ``unit``: every other test under ``tests/unit`` (set here), the fast tier.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,6 +72,51 @@ def s3_server():
             else:
                 os.environ[key] = value
         server.stop()
+
+
+_TESTS = Path(__file__).resolve().parent
+# Tests that need local services by fixture name, wherever their file lives.
+_SERVICE_FIXTURES = {"s3_server", "ray_local"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = item.path.resolve().relative_to(_TESTS).parts[0]
+        if folder == "integration" or _SERVICE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+        if folder == "unit" and not any(item.get_closest_marker(name) for name in ("integration", "slow")):
+            item.add_marker(pytest.mark.unit)
+
+
+# Every extra the suite needs is installed by `make setup`: a skip for a missing module, or any
+# other skip, hides a subsystem from CI. Only optional hardware may skip a test.
+_OPTIONAL_SKIP = re.compile(r"\b(GPU|CUDA)\b")
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+
+
+def _fail_unless_optional(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if not _OPTIONAL_SKIP.search(reason):
+            report.outcome = "failed"
+            report.longrepr = f"skipped without an optional-hardware reason (the suite needs it run): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_unless_optional(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_unless_optional(outcome.get_result())
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from adcore.scorer import INPUT_NAME, OUTPUT_NAMES, to_uint8  # noqa: E402
 from adcore.serving import TensorSpec, write_model_repository  # noqa: E402
 from adcore.testing import tiny_scorer  # noqa: E402
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]  # every test exports a graph
 
 TOLERANCE = 1e-4  # float rounding between torch and onnxruntime; measured below 1e-5
 ARTIFACT_VERSION = 4

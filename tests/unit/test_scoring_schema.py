@@ -7,6 +7,7 @@ import hashlib
 import hmac
 
 import numpy as np
+import pytest
 
 from jobs.scoring import schema as S
 
@@ -165,6 +166,7 @@ def _score_rows(artifact: str, tmp_path, n: int = 4):
     return Postprocess(config, "run-1")(stage(decoded)), stage.scorer
 
 
+@pytest.mark.slow
 def test_rows_of_a_model_with_categories_carry_them(tmp_path):
     from adcore.testing import tiny_artifact
 
@@ -186,6 +188,7 @@ def test_rows_of_a_model_with_categories_carry_them(tmp_path):
     assert [r["category"] for r in rows] == [w.category for w in want]  # the job's rows are the Scorer's
 
 
+@pytest.mark.slow
 def test_rows_of_a_model_without_categories_have_null_category(tmp_path):
     from adcore.testing import tiny_artifact
 

@@ -67,6 +67,7 @@ def _gloo_worker(rank: int, world: int, port: int, data: str, out: str, minutes:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_uneven_data_and_budget_finish(seventeen, tmp_path):
     """17 images, batch 8, a time budget one rank exhausts first: both ranks stop together, no hang."""
     ctx = multiprocessing.get_context("spawn")
@@ -112,6 +113,7 @@ def _agree_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_collectives_agree_across_ranks(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
@@ -170,6 +172,7 @@ RESUME_CFG = dict(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [("domain", 1), ("fusion", 2)])
 def test_resumed_run_continues_the_losses_of_an_uninterrupted_one(small, stop_after):
     """Crash after an epoch of stage 1 or 2, resume from that checkpoint: the same per-epoch losses follow."""
@@ -198,6 +201,7 @@ def test_resumed_run_continues_the_losses_of_an_uninterrupted_one(small, stop_af
     )
 
 
+@pytest.mark.slow
 def test_stage_one_checkpoint_skips_stage_one_when_done(small):
     states = []
     train(small, TrainConfig(**{**RESUME_CFG, "epochs": 1}), hooks=TrainHooks(report=lambda m, s: states.append(s())))
@@ -210,6 +214,7 @@ def test_stage_one_checkpoint_skips_stage_one_when_done(small):
     assert [(m["stage"], m["epoch"]) for m in seen] == [("fusion", 1)]
 
 
+@pytest.mark.slow
 def test_old_checkpoint_layout_starts_afresh(small, caplog):
     seen = []
     old = {"stage": 1, "epoch": 1, "model": {}, "history": []}  # what the loop wrote before format 2
