@@ -19,20 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytriton  # noqa: F401 (the Triton binary's package: a missing one fails, never skips)
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
-pytest.importorskip("pytriton")
-pytest.importorskip("tritonclient.http")
-pytest.importorskip("tritonclient.grpc")
-
-import tritonclient.grpc as grpcclient  # noqa: E402
-import tritonclient.http as httpclient  # noqa: E402
-
-from adcore import engine  # noqa: E402
-from adcore import scorer as scoring  # noqa: E402
-from adcore.export import ModelMismatchError, OnnxNetwork, check_served_model  # noqa: E402
-from adcore.serving import LocalTriton, TritonClient, TritonNetwork  # noqa: E402
-from adcore.testing import tiny_artifact  # noqa: E402
-from jobs.export import ExportConfig, main  # noqa: E402
+from adcore import engine
+from adcore import scorer as scoring
+from adcore.export import ModelMismatchError, OnnxNetwork, check_served_model
+from adcore.serving import LocalTriton, TritonClient, TritonNetwork
+from adcore.testing import tiny_artifact
+from jobs.export import ExportConfig, main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -305,7 +305,6 @@ def test_killed_run_then_rerun_loses_and_duplicates_nothing(tiny_artifact, tmp_p
 
 
 def test_triton_stopped_mid_run_then_rerun_fixes_errors(ray_local, tiny_artifact, tmp_path):
-    pytest.importorskip("pytriton")
     from adcore.export import export_onnx, write_triton_repository
     from adcore.scorer import load
     from adcore.serving import LocalTriton

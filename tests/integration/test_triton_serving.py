@@ -10,17 +10,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+import pytriton  # noqa: F401 (the Triton binary's package: a missing one fails, never skips)
+import torch
+import tritonclient.grpc  # noqa: F401
+import tritonclient.http  # noqa: F401
 
-torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("pytriton")
-pytest.importorskip("tritonclient.http")
-pytest.importorskip("tritonclient.grpc")
-
-from adcore.serving.client import TritonClient, TritonUnavailableError  # noqa: E402
-from adcore.serving.repository import TensorSpec, write_model_repository  # noqa: E402
-from adcore.serving.triton_server import LocalTriton, TritonStartError, process_group_alive  # noqa: E402
+from adcore.serving.client import TritonClient, TritonUnavailableError
+from adcore.serving.repository import TensorSpec, write_model_repository
+from adcore.serving.triton_server import LocalTriton, TritonStartError, process_group_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
