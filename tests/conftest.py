@@ -10,9 +10,11 @@ Tiers, by marker (``make unit`` runs ``-m unit``, ``make test`` everything):
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +119,31 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_unless_optional(outcome.get_result())
+
+
+class _LeaseWaitSeen(logging.Handler):
+    """Sets ``seen`` when a run logs that it waits for another run's lease."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seen = threading.Event()
+
+    def emit(self, record):
+        if record.getMessage().startswith("waiting for run"):
+            self.seen.set()
+
+
+@pytest.fixture
+def lease_waiting() -> threading.Event:
+    """An event set once a scoring run waits for the output's lease (instead of a guessed delay)."""
+    from jobs.scoring import lease
+
+    handler, level = _LeaseWaitSeen(), lease.log.level
+    lease.log.addHandler(handler)
+    lease.log.setLevel(logging.INFO)
+    yield handler.seen
+    lease.log.removeHandler(handler)
+    lease.log.setLevel(level)
 
 
 @pytest.fixture
