@@ -135,18 +135,19 @@ def readable_bytes(output: str) -> list[bytes]:
 
 
 def visible(output: str):
-    """The reader's view (latest completed run per key) as a list of dicts, via DuckDB."""
+    """The reader's view (latest completed run per key) as a list of dicts, via DuckDB, and the raw rows
+    of the completed runs (checked first: no run wrote a key twice)."""
     import duckdb
 
     table = ledger.read_runs(output, ledger.completed_runs(output))
     con = duckdb.connect()
     con.register("scores", table)
-    con.execute(ledger.LATEST_VIEW_SQL)
+    # The run files themselves, before any window: one row per key in each run.
     dup = con.execute(
-        "SELECT count(*) FROM (SELECT image_uri, frame, model_version, count(*) c "
-        "FROM latest GROUP BY ALL HAVING c > 1)"
-    ).fetchall()[0][0]
-    assert dup == 0
+        "SELECT image_uri, frame, model_version, run_id, count(*) c FROM scores GROUP BY ALL HAVING c > 1"
+    ).fetchall()
+    assert dup == [], f"keys written more than once by one run: {dup[:5]}"
+    con.execute(ledger.LATEST_VIEW_SQL)
     return con.sql("SELECT * FROM latest ORDER BY image_uri, frame").to_arrow_table().to_pylist(), table
 
 
