@@ -152,11 +152,26 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory) -> str:
-    """Path of a saved tiny fusion-small artifact (random-init towers), shared by the session."""
+def tiny_artifacts(tmp_path_factory):
+    """``get(preset, version)``: the path of a saved tiny artifact of that family (random-init towers),
+    made once per test run; its engine cache (ONNX graphs) is shared too. Tests must not modify it."""
     from adcore.testing import tiny_artifact as make
 
-    return make(tmp_path_factory.mktemp("artifact") / "fusion-small-tiny")
+    made: dict[tuple[str, int], str] = {}
+
+    def get(preset: str = "fusion-small", version: int = 1) -> str:
+        if (preset, version) not in made:
+            folder = tmp_path_factory.mktemp(f"artifact-{preset}-v{version}")
+            made[preset, version] = make(folder / f"{preset}-tiny", preset, version=version)
+        return made[preset, version]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_artifacts) -> str:
+    """Path of the session's tiny fusion-small artifact."""
+    return tiny_artifacts()
 
 
 # The interpreter's own teardown after the last test once ended in a segmentation fault in CI

@@ -27,7 +27,6 @@ from adcore import engine
 from adcore import scorer as scoring
 from adcore.export import ModelMismatchError, OnnxNetwork, check_served_model
 from adcore.serving import LocalTriton, TritonClient, TritonNetwork
-from adcore.testing import tiny_artifact
 from jobs.export import ExportConfig, main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,13 +47,13 @@ def _model_name(preset: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, s3_server):
+def served(tmp_path_factory, s3_server, tiny_artifacts):
     """Export every tiny artifact with the job into one repository and serve it."""
     work = tmp_path_factory.mktemp("export")
     repo = work / "repo"
     scorers, outputs = {}, {}
     for preset, version in PRESETS.items():
-        local = tiny_artifact(work / preset, preset, version=version)
+        local = tiny_artifacts(preset, version)
         if preset == FROM_S3:
             uri = s3_server.make_bucket("export-triton-test") + f"/{preset}"
             scoring.load(local).save(uri, model_name=_model_name(preset), version=version)

@@ -139,14 +139,15 @@ def test_unchanged_rerun_reads_nothing_and_changes_rescore_exactly_those(s3_and_
     assert s3.image_gets() == 0, s3.counts  # unchanged: decided from the listing alone
     assert m2["rows"] == 0 and m2["skipped_files"] == len(files) and m2["unchanged_files"] == len(files)
 
-    # Three objects change: two images, and the volume re-uploaded with one slice fewer.
+    # Three objects change (two images, and the volume re-uploaded with one slice fewer) and one is new.
     storage.write_bytes(f"{src}/img03.png", png(103))
     storage.write_bytes(f"{src}/img07.png", png(107))
     storage.write_bytes(f"{src}/vol/brain.nii", nifti(2, 1))
+    storage.write_bytes(f"{src}/new.png", png(200))
     s3.counts.clear()
     m3 = main(config(input=src, model=tiny_artifact, output=out))
     runs.append(new_rows(out, m3))
-    assert s3.image_gets() == 3 and m3["rows"] == 2 + 2 and m3["skipped_files"] == len(files) - 3
+    assert s3.image_gets() == 4 and m3["rows"] == 2 + 2 + 1 and m3["skipped_files"] == len(files) - 3
     latest = ledger.visible_rows(out)
     gone = [r for r in latest.to_pylist() if r["superseded"]]
     assert [(r["image_uri"].rsplit("/", 1)[-1], r["frame"]) for r in gone] == [("brain.nii", 2)]
@@ -162,7 +163,7 @@ def test_unchanged_rerun_reads_nothing_and_changes_rescore_exactly_those(s3_and_
     latest = ledger.visible_rows(out)
     assert keyed(latest) == keyed(window_over(runs))
     assert {r["run_id"] for r in latest.to_pylist() if not r["superseded"]} == {m4["run_id"]}
-    assert sum(not r["superseded"] for r in latest.to_pylist()) == 12 + 2
+    assert sum(not r["superseded"] for r in latest.to_pylist()) == 12 + 1 + 2
 
 
 def test_one_writer_per_output(s3_and_ray, tiny_artifact, tmp_path, monkeypatch, lease_waiting):

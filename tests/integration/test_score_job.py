@@ -197,19 +197,10 @@ def test_s3_archive_end_to_end(s3_server, ray_local, tiny_artifact, monkeypatch,
     assert m1["counts"] == {"ok": len(archive) - 5 + NIFTI_SLICES - 1, "error": 5}
     assert m1["rows"] == raw.num_rows == len(rows)
 
-    # Rerun: nothing new is scored, nothing is duplicated.
+    # Rerun: nothing new is scored (bad files neither: their errors are permanent), nothing is duplicated.
+    # Changed and new files and --rescore-all: tests/integration/test_incremental.py.
     m2 = main(config(input=f"{bucket}/archive", model=tiny_artifact, output=out))
     assert m2["rows"] == 0 and m2["skipped_files"] == len(archive)
-    # A changed file and a new one: only those are scored.
-    storage.write_bytes(f"{bucket}/archive/normal/img00.png", _png(np.full((30, 30), 7, np.uint8)))
-    storage.write_bytes(f"{bucket}/archive/normal/new.png", _png(np.full((30, 30), 9, np.uint8)))
-    m3 = main(config(input=f"{bucket}/archive", model=tiny_artifact, output=out))
-    assert m3["rows"] == 2 and m3["skipped_files"] == len(archive) - 1
-    # --rescore-all supersedes: the view still holds one row per key, all from the new run.
-    m4 = main(config(input=f"{bucket}/archive", model=tiny_artifact, output=out, rescore_all=True))
-    rows, raw = visible(out)
-    assert {r["run_id"] for r in rows} == {m4["run_id"]}
-    assert len(rows) == len(archive) + 1 + NIFTI_SLICES - 1
 
     # No identifier anywhere: output files, manifests, logs.
     blobs = readable_bytes(out)

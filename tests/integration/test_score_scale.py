@@ -82,27 +82,65 @@ def test_unplaceable_requests_fail_at_once(cluster, tiny_artifact, tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+def _replica_working_on(node, out) -> bool:
+    """A model replica on ``node`` has started (it holds the node's fake GPU and its actor is alive)
+    and the run is writing rows: from here on that replica holds batches."""
+    from ray._private.state import actors, available_resources_per_node
+
+    if available_resources_per_node().get(node.node_id, {}).get("GPU", 1.0) != 0.0:
+        return False
+    alive = [
+        a["ActorClassName"]
+        for a in actors().values()
+        if a["Address"]["NodeID"] == node.node_id and a["State"] == "ALIVE"
+    ]
+    print("ALIVE ON VICTIM", alive)
+    return any("MapWorker" in name for name in alive) and any(out.glob("run_date=*/run_id=*/part-*"))
+
+
 def test_a_node_removed_mid_run_loses_and_duplicates_nothing_after_a_rerun(cluster, tiny_artifact, tmp_path):
+    import ray
+
     from jobs.score import main
 
     c, nodes = cluster
-    inp, out = _archive(tmp_path / "in", N_IMAGES), str(tmp_path / "out")
-    kw = dict(input=inp, model=tiny_artifact, output=out, ray_address=c.address, replicas="1:2", simulated_batch_s=0.3)
+    inp, out = _archive(tmp_path / "in", N_IMAGES), tmp_path / "out"
+    kw = dict(
+        input=inp,
+        model=tiny_artifact,
+        output=str(out),
+        ray_address=c.address,
+        replicas="1:2",
+        simulated_batch_s=0.3,
+        rows_per_file=4,  # progress shows as files while the replicas score
+    )
     result: dict = {}
 
     def run():
         try:
             result["m"] = main(_config(**kw))
-        except BaseException as e:  # noqa: BLE001 (the run may fail when its node goes)
+        except BaseException as e:  # noqa: BLE001
             result["error"] = e
 
     job = threading.Thread(target=run)
     job.start()
-    time.sleep(15)  # replicas started and scoring
-    c.remove_node(nodes[1])
+    deadline = time.monotonic() + 240
+    working = []
+    while not working:
+        assert job.is_alive() and time.monotonic() < deadline, result
+        time.sleep(0.1)
+        if ray.is_initialized():
+            from ray._private.state import available_resources_per_node
+            print("AVAIL", {k[:8]: v.get("GPU") for k, v in available_resources_per_node().items()}, [n.node_id[:8] for n in nodes])
+            working = [n for n in nodes if _replica_working_on(n, out)]
+    victim = working[-1]
+    written = len(list(out.glob("run_date=*/run_id=*/part-*")))
+    print("REMOVING", written)
+    c.remove_node(victim)
     job.join(timeout=300)
+    print("RESULT", {k: (v if k == "error" else {x: v[x] for x in ("rows", "counts", "rows_by_node")}) for k, v in result.items()}, "alive", job.is_alive(), "victim", victim.node_id)
     assert not job.is_alive()
-    if "m" not in result:  # the run failed: it committed nothing, a rerun scores what is missing
+    if "m" not in result:
         main(_config(**kw))
-    rows, _ = visible(out)
+    rows, _ = visible(str(out))
     assert len(rows) == N_IMAGES and {r["status"] for r in rows} == {"ok"}

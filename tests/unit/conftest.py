@@ -35,9 +35,14 @@ def pytest_runtest_protocol(item, nextitem):
         yield
 
 
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 @pytest.fixture(autouse=True)
 def _no_ray_left_running(request):
+    before = _ray_running()
     yield
-    ray = sys.modules.get("ray")
-    if request.node.get_closest_marker("unit") and ray is not None and ray.is_initialized():
-        pytest.fail("a unit-tier test left Ray running: mark it integration", pytrace=False)
+    if request.node.get_closest_marker("unit") and not before and _ray_running():
+        pytest.fail("a unit-tier test started Ray: mark it integration", pytrace=False)
