@@ -32,8 +32,11 @@ $(VENV)/.adcore-setup: pyproject.toml Makefile
 demo: setup
 	$(PY) jobs/demo.py
 
+# The whole suite, every tier; prints the 25 slowest tests and its wall time.
 test: setup
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --durations=25 --basetemp=$(PYTEST_TMP)
+	@start=$$(date +%s); \
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --durations=25 --basetemp=$(PYTEST_TMP); \
+	status=$$?; echo "make test: $$(( $$(date +%s) - start )) s wall"; exit $$status
 
 # The fast tier (marker `unit`, tests/conftest.py): no Ray, servers, training runs, ONNX exports or
 # process groups; under 2 minutes. Prints its wall time.
