@@ -166,9 +166,9 @@ def _score_rows(artifact: str, tmp_path, n: int = 4):
     return Postprocess(config, "run-1")(stage(decoded)), stage.scorer
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def stages_ray():
-    """The job's stages read the Ray node they run on: called here, they start a local Ray (then shut down)."""
+    """The job's stages read the Ray node they run on: called here, they start a local Ray (one per module)."""
     import ray
 
     running = ray.is_initialized()
