@@ -32,12 +32,19 @@ $(VENV)/.adcore-setup: pyproject.toml Makefile
 demo: setup
 	$(PY) jobs/demo.py
 
+# The whole suite, every tier; prints the 25 slowest tests and its wall time.
 test: setup
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --durations=25 --basetemp=$(PYTEST_TMP)
+	@start=$$(date +%s); \
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --durations=25 --basetemp=$(PYTEST_TMP); \
+	status=$$?; echo "make test: $$(( $$(date +%s) - start )) s wall"; exit $$status
 
-# The fast tier: unit tests only (no Ray cluster, S3 server or Triton), under 2 minutes.
+# The fast tier (marker `unit`, tests/conftest.py): no Ray, servers, training runs, ONNX exports or
+# process groups; under 2 minutes. Prints its wall time.
 unit: setup
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --basetemp=$(PYTEST_TMP)-unit tests/unit
+	@start=$$(date +%s); \
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --durations=10 --basetemp=$(PYTEST_TMP)-unit \
+	  -m unit tests/unit; status=$$?; \
+	echo "make unit: $$(( $$(date +%s) - start )) s wall"; exit $$status
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,10 +1,22 @@
-"""Fixtures shared by every test: a local S3 server and a seeded random generator."""
+"""Fixtures shared by every test (a local S3 server, a seeded random generator) and the test tiers.
+
+Tiers, by marker (``make unit`` runs ``-m unit``, ``make test`` everything):
+
+- ``integration``: real local services: every test under ``tests/integration`` and every test that
+  starts the S3 server (the ``s3_server`` fixture).
+- ``slow``: training runs, ONNX exports, gloo process groups, subprocess jobs: marked in the files.
+- ``unit``: every other test under ``tests/unit`` (set here), the fast tier.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,17 +76,102 @@ def s3_server():
         server.stop()
 
 
+_TESTS = Path(__file__).resolve().parent
+# Tests that need local services by fixture name, wherever their file lives.
+_SERVICE_FIXTURES = {"s3_server", "ray_local"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = item.path.resolve().relative_to(_TESTS).parts[0]
+        if folder == "integration" or _SERVICE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+        if folder == "unit" and not any(item.get_closest_marker(name) for name in ("integration", "slow")):
+            item.add_marker(pytest.mark.unit)
+
+
+# Every extra the suite needs is installed by `make setup`: a skip for a missing module, or any
+# other skip, hides a subsystem from CI. Only optional hardware may skip a test.
+_OPTIONAL_SKIP = re.compile(r"\b(GPU|CUDA)\b")
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+
+
+def _fail_unless_optional(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if not _OPTIONAL_SKIP.search(reason):
+            report.outcome = "failed"
+            report.longrepr = f"skipped without an optional-hardware reason (the suite needs it run): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_unless_optional(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_unless_optional(outcome.get_result())
+
+
+class _LeaseWaitSeen(logging.Handler):
+    """Sets ``seen`` when a run logs that it waits for another run's lease."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seen = threading.Event()
+
+    def emit(self, record):
+        if record.getMessage().startswith("waiting for run"):
+            self.seen.set()
+
+
+@pytest.fixture
+def lease_waiting() -> threading.Event:
+    """An event set once a scoring run waits for the output's lease (instead of a guessed delay)."""
+    from jobs.scoring import lease
+
+    handler, level = _LeaseWaitSeen(), lease.log.level
+    lease.log.addHandler(handler)
+    lease.log.setLevel(logging.INFO)
+    yield handler.seen
+    lease.log.removeHandler(handler)
+    lease.log.setLevel(level)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory) -> str:
-    """Path of a saved tiny fusion-small artifact (random-init towers), shared by the session."""
+def tiny_artifacts(tmp_path_factory):
+    """``get(preset, version)``: the path of a saved tiny artifact of that family (random-init towers),
+    made once per test run; its engine cache (ONNX graphs) is shared too. Tests must not modify it."""
     from adcore.testing import tiny_artifact as make
 
-    return make(tmp_path_factory.mktemp("artifact") / "fusion-small-tiny")
+    made: dict[tuple[str, int], str] = {}
+
+    def get(preset: str = "fusion-small", version: int = 1) -> str:
+        if (preset, version) not in made:
+            folder = tmp_path_factory.mktemp(f"artifact-{preset}-v{version}")
+            made[preset, version] = make(folder / f"{preset}-tiny", preset, version=version)
+        return made[preset, version]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_artifacts) -> str:
+    """Path of the session's tiny fusion-small artifact."""
+    return tiny_artifacts()
 
 
 # The interpreter's own teardown after the last test once ended in a segmentation fault in CI

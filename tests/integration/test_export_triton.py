@@ -19,21 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytriton  # noqa: F401 (the Triton binary's package: a missing one fails, never skips)
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 
-pytest.importorskip("pytriton")
-pytest.importorskip("tritonclient.http")
-pytest.importorskip("tritonclient.grpc")
-
-import tritonclient.grpc as grpcclient  # noqa: E402
-import tritonclient.http as httpclient  # noqa: E402
-
-from adcore import engine  # noqa: E402
-from adcore import scorer as scoring  # noqa: E402
-from adcore.export import OnnxNetwork  # noqa: E402
-from adcore.serving import LocalTriton, TritonClient, TritonNetwork  # noqa: E402
-from adcore.serving.artifacts import ModelMismatchError, check_served_model  # noqa: E402
-from adcore.testing import tiny_artifact  # noqa: E402
-from jobs.export import ExportConfig, main  # noqa: E402
+from adcore import engine
+from adcore import scorer as scoring
+from adcore.export import OnnxNetwork
+from adcore.serving import LocalTriton, TritonClient, TritonNetwork
+from adcore.serving.artifacts import ModelMismatchError, check_served_model
+from jobs.export import ExportConfig, main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,13 +48,13 @@ def _model_name(preset: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, s3_server):
+def served(tmp_path_factory, s3_server, tiny_artifacts):
     """Export every tiny artifact with the job into one repository and serve it."""
     work = tmp_path_factory.mktemp("export")
     repo = work / "repo"
     scorers, outputs = {}, {}
     for preset, version in PRESETS.items():
-        local = tiny_artifact(work / preset, preset, version=version)
+        local = tiny_artifacts(preset, version)
         if preset == FROM_S3:
             uri = s3_server.make_bucket("export-triton-test") + f"/{preset}"
             scoring.load(local).save(uri, model_name=_model_name(preset), version=version)

@@ -139,14 +139,15 @@ def test_unchanged_rerun_reads_nothing_and_changes_rescore_exactly_those(s3_and_
     assert s3.image_gets() == 0, s3.counts  # unchanged: decided from the listing alone
     assert m2["rows"] == 0 and m2["skipped_files"] == len(files) and m2["unchanged_files"] == len(files)
 
-    # Three objects change: two images, and the volume re-uploaded with one slice fewer.
+    # Three objects change (two images, and the volume re-uploaded with one slice fewer) and one is new.
     storage.write_bytes(f"{src}/img03.png", png(103))
     storage.write_bytes(f"{src}/img07.png", png(107))
     storage.write_bytes(f"{src}/vol/brain.nii", nifti(2, 1))
+    storage.write_bytes(f"{src}/new.png", png(200))
     s3.counts.clear()
     m3 = main(config(input=src, model=tiny_artifact, output=out))
     runs.append(new_rows(out, m3))
-    assert s3.image_gets() == 3 and m3["rows"] == 2 + 2 and m3["skipped_files"] == len(files) - 3
+    assert s3.image_gets() == 4 and m3["rows"] == 2 + 2 + 1 and m3["skipped_files"] == len(files) - 3
     latest = ledger.visible_rows(out)
     gone = [r for r in latest.to_pylist() if r["superseded"]]
     assert [(r["image_uri"].rsplit("/", 1)[-1], r["frame"]) for r in gone] == [("brain.nii", 2)]
@@ -162,10 +163,10 @@ def test_unchanged_rerun_reads_nothing_and_changes_rescore_exactly_those(s3_and_
     latest = ledger.visible_rows(out)
     assert keyed(latest) == keyed(window_over(runs))
     assert {r["run_id"] for r in latest.to_pylist() if not r["superseded"]} == {m4["run_id"]}
-    assert sum(not r["superseded"] for r in latest.to_pylist()) == 12 + 2
+    assert sum(not r["superseded"] for r in latest.to_pylist()) == 12 + 1 + 2
 
 
-def test_one_writer_per_output(s3_and_ray, tiny_artifact, tmp_path):
+def test_one_writer_per_output(s3_and_ray, tiny_artifact, tmp_path, monkeypatch, lease_waiting):
     from jobs.score import main
 
     src, out = tmp_path / "in", str(tmp_path / "out")
@@ -173,17 +174,32 @@ def test_one_writer_per_output(s3_and_ray, tiny_artifact, tmp_path):
     for i in range(6):
         (src / f"img{i}.png").write_bytes(png(i))
 
-    # A run that crashed holding the lease (no heartbeat, a half-written folder): once it expires, the next proceeds.
-    crashed = leases.acquire(out, "20000101T000000Z-dead0000", ttl_s=1.0)
+    # A run that crashed holding the lease (no heartbeat, a half-written folder): once it expires, the next
+    # proceeds. Its TTL is far longer than the refused run below takes to reach the lease.
+    crashed = leases.acquire(out, "20000101T000000Z-dead0000", ttl_s=10.0)
     crashed._stop.set()
+    crashed._thread.join()
     dead = tmp_path / "out/run_date=2000-01-01/run_id=20000101T000000Z-dead0000"
     dead.mkdir(parents=True)
     (dead / "part-00000.parquet").write_bytes(b"partial")
     with pytest.raises(SystemExit, match="being scored by run 20000101T000000Z-dead0000"):
         main(config(input=str(src), model=tiny_artifact, output=out))
-    time.sleep(1.2)
+    deadline = time.monotonic() + 60
+    while leases.current_holder(out) is not None:  # until its recorded expiry has passed
+        assert time.monotonic() < deadline, "the crashed run's lease never expired"
+        time.sleep(0.1)
 
-    # Two runs at once: the first scores (slowly); the second is refused at once; a third waits its turn.
+    # Two runs at once: the first scores, then holds the lease at its commit until the test lets it go;
+    # the second is refused at once; a third waits its turn.
+    commit = threading.Event()
+    write_manifest = ledger.write_manifest
+
+    def held_commit(*args, **kwargs):
+        if threading.current_thread().name == "first":
+            assert commit.wait(240), "the test never let the first run commit"
+        return write_manifest(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "write_manifest", held_commit)
     results, errors = {}, {}
 
     def run(name, **kw):
@@ -192,16 +208,23 @@ def test_one_writer_per_output(s3_and_ray, tiny_artifact, tmp_path):
         except SystemExit as e:
             errors[name] = str(e)
 
-    first = threading.Thread(target=run, args=("first",), kwargs={"simulated_batch_s": 3.0, "batch_size": 2})
-    first.start()
-    deadline = time.monotonic() + 60
-    while leases.current_holder(out) in (None,) or leases.current_holder(out)["run_id"].endswith("dead0000"):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    run("second")
-    assert "being scored by run" in errors["second"] and "--wait-for-lease" in errors["second"]
-    run("third", wait_for_lease=300.0)
-    first.join()
+    first = threading.Thread(target=run, args=("first",), name="first")
+    third = threading.Thread(target=run, args=("third",), kwargs={"wait_for_lease": 300.0}, name="third")
+    try:
+        first.start()
+        deadline = time.monotonic() + 120
+        while (leases.current_holder(out) or {}).get("run_id") in (None, "20000101T000000Z-dead0000"):
+            assert first.is_alive() and time.monotonic() < deadline, errors
+            time.sleep(0.1)
+        run("second")
+        assert "being scored by run" in errors["second"] and "--wait-for-lease" in errors["second"]
+        third.start()
+        assert lease_waiting.wait(120), "the third run did not wait for the lease"
+        assert first.is_alive() and "third" not in results
+    finally:
+        commit.set()
+        first.join(240)
+        third.join(240)
     assert set(results) == {"first", "third"}, errors
     assert results["first"]["rows"] == 6 and results["third"]["rows"] == 0 and results["third"]["skipped_files"] == 6
     assert not dead.exists()  # the dead run's folder is gone, the live runs' are not

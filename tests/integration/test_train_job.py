@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.train.torch  # noqa: F401 (a required extra: a missing one fails, never skips)
 
-pytest.importorskip("ray.train.torch")
-
-from adcore import scorer as scorer_lib  # noqa: E402
-from adcore import storage  # noqa: E402
-from adcore.data import bmad  # noqa: E402
-from adcore.data.demo import make_demo_dataset  # noqa: E402
-from adcore.training import TrainConfig  # noqa: E402
-from jobs import train as train_job  # noqa: E402
+from adcore import scorer as scorer_lib
+from adcore import storage
+from adcore.data import bmad
+from adcore.data.demo import make_demo_dataset
+from adcore.training import TrainConfig
+from jobs import train as train_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 

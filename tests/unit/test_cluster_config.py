@@ -6,14 +6,11 @@ import copy
 import json
 from pathlib import Path
 
+import jsonschema
 import pytest
-
-yaml = pytest.importorskip("yaml")
-jsonschema = pytest.importorskip("jsonschema")
-pytest.importorskip("ray")
-
-import ray.autoscaler  # noqa: E402
-from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
+import ray.autoscaler
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [REPO_ROOT / "ray_cluster.yaml", *sorted((REPO_ROOT / "cluster").glob("*.yaml"))]

@@ -53,6 +53,7 @@ def test_choice_is_logged(caplog):
     assert "network engine: onnx" in caplog.text
 
 
+@pytest.mark.slow
 def test_cpu_picks_onnx_and_the_export_is_cached_once(artifact):
     first = engine.load_scorer(artifact, use_gpu=False, threads=1)
     assert isinstance(first.network, OnnxNetwork) and first.network.input_dtype == "uint8"
@@ -75,6 +76,7 @@ def test_cpu_picks_onnx_and_the_export_is_cached_once(artifact):
         np.testing.assert_allclose(a, b, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_stale_cached_graph_is_exported_again(artifact, tmp_path):
     scorer = engine.load_scorer(artifact, use_gpu=False, threads=1)
     path = scorer.network.path
@@ -184,6 +186,7 @@ def test_torch_engine_and_unmeasured_variant(artifact):
         engine.load_network(scorer, "auto", "int8", device="cpu")
 
 
+@pytest.mark.slow
 def test_int8_variant_measured_recorded_and_gated(artifact, demo):
     scorer = engine.load_scorer(artifact, use_gpu=False, threads=1)
     int8 = engine.load_network(scorer, "onnx", "int8", threads=1, device="cpu", require_usable=False)

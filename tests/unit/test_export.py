@@ -28,7 +28,7 @@ from adcore.serving.network import from_triton  # noqa: E402
 from adcore.serving.repository import PYTHON_MODEL_SOURCE  # noqa: E402
 from adcore.testing import tiny_scorer  # noqa: E402
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]  # every test exports a graph
 
 TOLERANCE = 1e-4  # float rounding between torch and onnxruntime; measured below 1e-5
 ARTIFACT_VERSION = 4

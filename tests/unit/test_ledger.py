@@ -141,18 +141,27 @@ def test_cleanup_removes_dead_runs_and_orphan_latest_files_only(tmp_path):
     assert ledger.visible_rows(out).num_rows == 1
 
 
+def _wait_until_expired(out: str, deadline_s: float = 60.0) -> None:
+    """Until the live lease's recorded expiry has passed (the holder stopped renewing it)."""
+    deadline = time.monotonic() + deadline_s
+    while leases.current_holder(out) is not None:
+        assert time.monotonic() < deadline, "the lease never expired"
+        time.sleep(0.05)
+
+
 def test_a_second_run_is_refused_until_the_lease_is_released_or_expires(tmp_path):
     out = str(tmp_path / "out")
     first = leases.acquire(out, "run-1", ttl_s=30)
     with pytest.raises(leases.LeaseHeld, match="being scored by run run-1.*--wait-for-lease"):
         leases.acquire(out, "run-2", ttl_s=30)
     first.release()
-    second = leases.acquire(out, "run-2", ttl_s=0.6)
+    # A TTL far longer than the next two calls take, even on a loaded machine.
+    second = leases.acquire(out, "run-2", ttl_s=3.0)
     second._stop.set()  # a crash: the heartbeat stops, nothing releases the lease
     second._thread.join()
     with pytest.raises(leases.LeaseHeld):
         leases.acquire(out, "run-3", ttl_s=30)
-    time.sleep(0.7)
+    _wait_until_expired(out)
     third = leases.acquire(out, "run-3", ttl_s=30)  # expired: taken over
     with pytest.raises(leases.LeaseLost, match="run-2 lost the lease"):
         second.check()  # the stalled run must not commit
@@ -160,13 +169,20 @@ def test_a_second_run_is_refused_until_the_lease_is_released_or_expires(tmp_path
     third.release()
 
 
-def test_wait_for_lease_waits_for_the_holder(tmp_path):
+def test_wait_for_lease_waits_for_the_holder(tmp_path, lease_waiting):
     out = str(tmp_path / "out")
     holder = leases.acquire(out, "run-1", ttl_s=30)
-    threading.Timer(1.0, holder.release).start()
-    t0 = time.monotonic()
-    waiter = leases.acquire(out, "run-2", ttl_s=30, wait_s=20)
-    assert 0.5 < time.monotonic() - t0 < 15 and waiter.number == holder.number + 1
+    released = threading.Event()
+
+    def release_once_waited_for():
+        if lease_waiting.wait(60):
+            holder.release()
+            released.set()
+
+    threading.Thread(target=release_once_waited_for, daemon=True).start()
+    waiter = leases.acquire(out, "run-2", ttl_s=30, wait_s=120)
+    assert lease_waiting.is_set() and released.is_set(), "the lease was taken without waiting for its holder"
+    assert waiter.number == holder.number + 1
     waiter.release()
 
 

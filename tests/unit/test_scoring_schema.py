@@ -185,10 +185,20 @@ def _score_rows(artifact: str, tmp_path, n: int = 4):
     return Postprocess(config, "run-1")(stage(decoded)), stage.scorer
 
 
-def test_rows_of_a_model_with_categories_carry_them(tmp_path):
-    from adcore.testing import tiny_artifact
+@pytest.fixture(scope="module")
+def stages_ray():
+    """The job's stages read the Ray node they run on: called here, they start a local Ray (one per module)."""
+    import ray
 
-    art = tiny_artifact(str(tmp_path / "sdmad"), preset="sdmad")
+    running = ray.is_initialized()
+    yield
+    if not running:
+        ray.shutdown()
+
+
+@pytest.mark.integration
+def test_rows_of_a_model_with_categories_carry_them(tmp_path, tiny_artifacts, stages_ray):
+    art = tiny_artifacts("sdmad", 4)
     table, scorer = _score_rows(art, tmp_path)
     names = scorer.categories
     assert len(names) >= 3
@@ -206,10 +216,9 @@ def test_rows_of_a_model_with_categories_carry_them(tmp_path):
     assert [r["category"] for r in rows] == [w.category for w in want]  # the job's rows are the Scorer's
 
 
-def test_rows_of_a_model_without_categories_have_null_category(tmp_path):
-    from adcore.testing import tiny_artifact
-
-    art = tiny_artifact(str(tmp_path / "pc"), preset="patchcore-mobilenet")
+@pytest.mark.integration
+def test_rows_of_a_model_without_categories_have_null_category(tmp_path, tiny_artifacts, stages_ray):
+    art = tiny_artifacts("patchcore-mobilenet")
     table, scorer = _score_rows(art, tmp_path)
     assert scorer.categories == () and table.schema.equals(
         S.SCHEMA.append(table.schema.field("_node_id")).append(table.schema.field("_scored_unix"))

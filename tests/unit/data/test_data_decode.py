@@ -81,14 +81,22 @@ def test_lossless_jpeg2000_matches_uncompressed():
     np.testing.assert_allclose(j2k, ref, atol=1e-6)
 
 
-def test_12bit_jpeg_decodes_or_is_clean_unsupported():
+# pydicom's reference pixels for JPEG-lossy.dcm (12-bit JPEG Extended; stored values at [row, col]).
+JPEG_LOSSY_REFERENCE = {(420, 140): 244, (230, 120): 95}
+
+
+def test_12bit_jpeg_extended_decodes_to_the_reference_values():
     path = get_testdata_file("JPEG-lossy.dcm")
-    try:
-        frames = decode_path(path)
-    except DecodeError as e:
-        assert e.kind == "unsupported" and path in str(e) and "JPEG" in e.reason
-    else:
-        assert frames[0].pixels.shape == (1024, 256)
+    frames = decode_path(path)
+    assert len(frames) == 1 and frames[0].error is None
+    pixels = frames[0].pixels
+    assert pixels.shape == (1024, 256) and pixels.min() == 0.0 and pixels.max() == 1.0
+    # A window of exactly the 12-bit range maps a stored value v to v / 4095: the stored values come back.
+    ds = pydicom.dcmread(path)
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    stored = decode_image(dicom_bytes(ds), "jpeg-lossy.dcm")[0].pixels * 4095
+    for (row, col), value in JPEG_LOSSY_REFERENCE.items():
+        assert stored[row, col] == pytest.approx(value, abs=0.01), (row, col)
 
 
 def test_palette_color_becomes_rgb():

@@ -93,6 +93,7 @@ def trained(kinds_demo, tmp_path_factory):
     return scorer, str(out), states
 
 
+@pytest.mark.slow
 def test_tiny_training_with_two_labelled_anomalies(kinds_demo, trained):
     scorer, path, states = trained
     assert [m["epoch"] for m, _ in states] == [1, 2]
@@ -113,6 +114,7 @@ def test_tiny_training_with_two_labelled_anomalies(kinds_demo, trained):
     assert result.mask.shape == (50, 70) and 0 < result.score < 1
 
 
+@pytest.mark.slow
 def test_reference_normals_are_fixed_at_training_and_reused_at_test(kinds_demo, trained):
     scorer, path, states = trained
     first = states[0][1]["model"]["ref_images"]  # checkpointed after the first epoch
@@ -157,6 +159,7 @@ def test_dra_refuses_training_without_labelled_anomalies(kinds_demo, tmp_path):
     assert [s.label for s in list_split(kinds_demo, "train")] == [0] * 10  # labelled=0: normal images only
 
 
+@pytest.mark.slow
 def test_resume_continues_after_the_saved_epoch_with_the_same_references(kinds_demo, trained):
     _, _, states = trained
     state = states[0][1]  # after epoch 1 of 2

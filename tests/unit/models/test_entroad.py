@@ -96,6 +96,7 @@ def test_vision_tower_is_frozen(tiny):
     tiny.eval()
 
 
+@pytest.mark.slow
 def test_zero_shot_protocol_train_on_brain_score_chest(tmp_path):
     from adcore.data.demo import make_demo_dataset
     from adcore.data.demo_chest import make_chest_dataset

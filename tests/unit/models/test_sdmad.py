@@ -123,6 +123,7 @@ def one_shot(cats_demo, tmp_path_factory):
     return train(cats_demo, cfg, output=str(out)), str(out)
 
 
+@pytest.mark.slow
 def test_tiny_one_shot_run_on_demo_categories(cats_demo, one_shot):
     scorer, path = one_shot
     summary = json.loads(Path(path, "config.json").read_text())["training"]

@@ -26,6 +26,7 @@ def demo(tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["fusion-small", "fusion-small-paper", "patchcore"])
 def test_smoke_training_produces_a_loadable_calibrated_artifact(demo, tmp_path, preset):
     reports = []
@@ -51,6 +52,7 @@ def test_smoke_training_produces_a_loadable_calibrated_artifact(demo, tmp_path, 
     assert result.mask.shape == (50, 70) and 0 <= result.score <= 1
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_epochs(demo, tmp_path):
     states = []
     hooks = TrainHooks(report=lambda metrics, state: states.append(state()))
@@ -65,6 +67,7 @@ def test_resume_skips_finished_epochs(demo, tmp_path):
     assert seen == [("fusion", 2), ("fusion", 3)], "stage 1 and the finished epoch are not run again"
 
 
+@pytest.mark.slow
 def test_without_epochs_training_runs_until_the_time_budget_is_spent(demo, tmp_path):
     """No --epochs: the gradient stage trains until --minutes is spent, keeping its best epoch (an explicit
     --epochs trains exactly that many: the smoke test above)."""
@@ -77,6 +80,7 @@ def test_without_epochs_training_runs_until_the_time_budget_is_spent(demo, tmp_p
     assert reports[-1]["epochs"] is None and training["selected_epoch"] is not None, "the best epoch is kept"
 
 
+@pytest.mark.slow
 def test_cli_train_then_evaluate(demo, tmp_path, capsys):
     art = str(tmp_path / "pc")
     train_main(["--data", demo, "--preset", "patchcore", "--output", art, "--tiny", "--smoke-test"])
@@ -99,6 +103,7 @@ def test_bad_layout_is_a_clear_error(tmp_path):
         train(str(tmp_path), TrainConfig(tiny=True, smoke_test=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["fusion-small", "patchcore"])
 def test_normal_only_data_trains_end_to_end_with_a_specificity_threshold(tmp_path, preset):
     """No anomalies anywhere in train/ or valid/ (the common case in hospitals): thresholds come from
@@ -123,6 +128,7 @@ def _valid_images(root):
     return [bmad.load_sample(s)[0] for s in bmad.list_split(root, "valid")][:8]
 
 
+@pytest.mark.slow
 def test_epoch_average_is_validated_and_kept_and_fusion_small_skips_stage_one(demo, tmp_path, monkeypatch):
     import adcore.models.fusion.train as fusion_train
 
