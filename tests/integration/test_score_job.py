@@ -145,11 +145,11 @@ def visible(output: str):
     con.register("scores", table)
     # The run files themselves, before any window: one row per key in each run.
     dup = con.execute(
-        "SELECT image_uri, frame, model_version, run_id, count(*) c FROM scores GROUP BY ALL HAVING c > 1"
+        "SELECT image_key, frame, model_version, run_id, count(*) c FROM scores GROUP BY ALL HAVING c > 1"
     ).fetchall()
     assert dup == [], f"keys written more than once by one run: {dup[:5]}"
     con.execute(ledger.LATEST_VIEW_SQL)
-    return con.sql("SELECT * FROM latest ORDER BY image_uri, frame").to_arrow_table().to_pylist(), table
+    return con.sql("SELECT * FROM latest ORDER BY image_key, frame").to_arrow_table().to_pylist(), table
 
 
 def config(**kw):
