@@ -70,6 +70,14 @@ ACTOR_MEMORY_BASE = 5 * 2**28  # 1.25 GiB
 IN_FLIGHT_BATCHES = 8
 MIN_IN_FLIGHT_BYTES = 256 * 2**20  # Ray Data needs room for a few read/decode blocks whatever the batch
 MIN_BLOCK_BYTES = 2**20  # Ray Data's own minimum target block size: tiny inputs stay in few blocks
+# Errors of a map or write task that a later attempt can get past (throttling, a network blip),
+# matched against the exception's message; Ray Data retries nothing unless told.
+TRANSIENT_ERRORS = (
+    "SLOW_DOWN", "SlowDown", "HTTP status 503", "HTTP status 500", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
+    "NETWORK_CONNECTION", "Connection reset", "Connection refused", "timed out", "Throttl",
+)  # fmt: skip
+# Attempts of a task after its first one (on top of each S3 call's own attempts with backoff).
+MAP_RETRIES = 4
 
 
 @dataclass
@@ -430,6 +438,7 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     ctx.enable_progress_bars = False  # the job logs its own progress lines
     ctx.wait_for_min_actors_s = int(cfg.wait_for_replicas_s)  # fail, never wait forever, on unplaceable replicas
     ctx.max_tasks_in_flight_per_actor = TASKS_IN_FLIGHT_PER_REPLICA
+    set_retries(ctx)
     # Decoded blocks of about one model batch: the model starts after one batch is decoded (not a whole
     # read block), and each model call's rows come out (and are written) as soon as they are scored.
     ctx.target_max_block_size = max(MIN_BLOCK_BYTES, batch_bytes(cfg.batch_size, input_size))
@@ -502,6 +511,13 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     with _ProgressLog(progress, total, cfg.progress_every_s, int(fields["unchanged_files"]), cfg.progress):
         ds.write_datasink(sink, ray_remote_args={"num_cpus": plan.decode_cpus})
     return sink.committed, sink.files_seen
+
+
+def set_retries(ctx) -> None:
+    """Retry a map or write task that failed on a transient error, and a replica's call that raised one."""
+    ctx.retried_map_errors = list(TRANSIENT_ERRORS)
+    ctx.max_map_retries = MAP_RETRIES
+    ctx.actor_task_retry_on_errors = [ConnectionError, TimeoutError]
 
 
 # Locations that must not overlap (one inside the other), and why.

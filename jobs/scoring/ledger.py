@@ -330,7 +330,8 @@ def _map(fn, args: list[tuple]) -> list:
         import ray
 
         if ray.is_initialized():
-            remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+            # A task that failed on the store (throttled, a network error) runs again: its outputs have fixed names.
+            remote = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(fn)
             return ray.get([remote.remote(*a) for a in args])
     except ImportError:
         pass
