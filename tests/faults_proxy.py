@@ -17,6 +17,10 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+NO_SUCH_KEY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NoSuchKey</Code>'
+    b"<Message>The specified key does not exist.</Message><RequestId>fault</RequestId></Error>"
+)
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message><RequestId>fault</RequestId></Error>"
@@ -34,12 +38,17 @@ class FaultProxy:
         seed: Seed of the fault draws.
         methods: Request methods that can be faulted.
         paths: Regular expression the request path (with query) must match to be faulted.
+        gone: Regular expression of object paths that read as deleted (GET and HEAD answered 404
+            NoSuchKey) while still listed: a file removed between the listing and the read.
     """
 
-    def __init__(self, upstream: str, share: float = 0.0, seed: int = 0, methods=("GET", "PUT", "POST"), paths=""):
+    def __init__(
+        self, upstream: str, share: float = 0.0, seed: int = 0, methods=("GET", "PUT", "POST"), paths="", gone=""
+    ):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.share, self.methods, self.paths = share, set(methods), re.compile(paths)
+        self.gone = re.compile(gone) if gone else None
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.requests: Counter = Counter()  # (method, path without query) -> requests forwarded
@@ -111,6 +120,9 @@ class FaultProxy:
 
             def _any(self) -> None:
                 body = self._body()
+                if proxy.gone and self.command in ("GET", "HEAD") and proxy.gone.search(self.path.split("?", 1)[0]):
+                    self._reply(404, [("Content-Type", "application/xml")], NO_SUCH_KEY)
+                    return
                 if proxy._fault(self.command, self.path):
                     self._reply(503, [("Content-Type", "application/xml")], SLOW_DOWN)
                     return

@@ -56,6 +56,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from adcore import storage
+from jobs.scoring import lease as leases
 from jobs.scoring import schema as S
 from jobs.scoring.schema import TRANSIENT_ERROR_KINDS
 
@@ -115,22 +116,61 @@ def manifest_uri(output: str, run_id: str) -> str:
 def completed_runs(output: str, after: str | None = None) -> list[dict]:
     """Manifests of the completed runs under ``output`` (those after run id ``after``), oldest first.
 
-    Manifests are named by run id, so runs up to ``after`` are not read at all.
+    Manifests are named by run id, so runs up to ``after`` are not read at all. A manifest written
+    after its run had lost the lease is no commit (``lease.committed_in_time``) and is left out.
     """
-    uri = storage.join(output, MANIFESTS)
-    if not storage.exists(uri):
-        return []
     out = []
-    for m in storage.list_files(uri, suffixes=[".json"], recursive=False):
+    creations = None
+    for m, written in _manifest_files(output):
         if after is not None and posixpath.basename(m)[: -len(".json")] <= after:
             continue
         try:
             manifest = json.loads(storage.read_bytes(m))
         except (ValueError, OSError) as e:
             raise ValueError(f"unreadable run manifest {m}: {e}") from None
-        if manifest.get("format") == MANIFEST_FORMAT:
-            out.append(manifest)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            continue
+        if manifest.get("lease") is not None:
+            creations = leases.lease_creations(output) if creations is None else creations
+            if not leases.committed_in_time(manifest["lease"], written, creations):
+                continue
+        out.append(manifest)
     return sorted(out, key=lambda m: m["run_id"])
+
+
+def _manifest_files(output: str) -> list[tuple[str, float | None]]:
+    """(URI, when the store wrote it) of each run manifest."""
+    uri = storage.join(output, MANIFESTS)
+    fs, base = storage.filesystem_for(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base))
+    except FileNotFoundError:
+        return []
+    prefix = storage.S3_PREFIX if storage.is_s3(output) else ""
+    return sorted(
+        (prefix + i.path, i.mtime.timestamp() if i.mtime is not None else None)
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(".json")
+    )
+
+
+def reject_late_commits(output: str) -> list[str]:
+    """Delete the manifests written after their run lost the lease (no commits); returns their run ids.
+
+    Call it holding the lease, before :func:`cleanup_incomplete` (their folders are then incomplete).
+    """
+    late, creations = [], leases.lease_creations(output)
+    for uri, written in _manifest_files(output):
+        try:
+            lease = json.loads(storage.read_bytes(uri)).get("lease")
+        except (ValueError, OSError):
+            continue  # not this function's to judge
+        if not leases.committed_in_time(lease, written, creations):
+            late.append(uri)
+    for uri in late:
+        storage.delete(uri)
+        log.warning("removed the manifest of run %s: written after its run had lost the lease", uri)
+    return [posixpath.basename(u)[: -len(".json")] for u in late]
 
 
 def completed_ids(output: str) -> set[str]:
@@ -338,14 +378,15 @@ def _map(fn, args: list[tuple]) -> list:
     return [fn(*a) for a in args]
 
 
-def compact(output: str, buckets: int = DEFAULT_BUCKETS) -> dict | None:
+def compact(output: str, buckets: int = DEFAULT_BUCKETS, check=None) -> dict | None:
     """Fold the runs committed after ``latest`` into it; returns the new latest manifest (None: no runs).
 
     Rewrites only the buckets the new runs' rows fall in: phase 1 splits each new run file by
     bucket (a task per file), phase 2 merges each touched bucket's old file with its fragments
     (a task per bucket), then the new manifest replaces the old one in one write. Task outputs
     have deterministic names, so a retried task overwrites its own file. Call it while holding
-    the output's lease.
+    the output's lease; ``check()`` (the lease's) runs before the new manifest is written and
+    raises if the lease was lost.
     """
     current = read_latest(output)
     through = current["through_run_id"] if current else None
@@ -386,6 +427,8 @@ def compact(output: str, buckets: int = DEFAULT_BUCKETS) -> dict | None:
         "rows": sum(v["n_rows"] for v in bucket_files.values()),
         "runs_folded": [m["run_id"] for m in pending],
     }
+    if check is not None:
+        check()
     storage.write_bytes(latest_manifest_uri(output), json.dumps(manifest, indent=1).encode())
     for b in touched:  # the replaced files: no reader of the new manifest needs them
         prev = old.get(f"{b:03d}")

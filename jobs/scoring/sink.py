@@ -29,7 +29,7 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 from adcore import storage
 from jobs.scoring import schema as S
 from jobs.scoring.dicom_out import DICOM_COLUMN, DICOM_ERROR_COLUMN
-from jobs.scoring.stages import NODE_COLUMN, TIME_COLUMN
+from jobs.scoring.stages import NODE_COLUMN, SPLITS_COLUMN, TIME_COLUMN
 
 log = logging.getLogger("jobs.score")
 
@@ -115,14 +115,19 @@ class RunSink(Datasink[dict]):
             "dicom_objects": [],  # DICOM-SEG/SR written for these rows (paths under the run's DICOM folder)
             "dicom_failed": {},  # instances whose DICOM objects were not written, by reason
             "scored": [],  # (unix seconds, rows): one entry per model batch
+            "oom_splits": 0,  # model calls split in two after a device out-of-memory error
         }
         if table is None or table.num_rows == 0:
             return result
+        if SPLITS_COLUMN in table.column_names:  # counted before skip markers (which may carry them) go
+            result["oom_splits"] = int(pc.sum(table.column(SPLITS_COLUMN)).as_py() or 0)
+            table = table.drop_columns([SPLITS_COLUMN])
         skipped = pc.equal(table.column("status"), S.STATUS_SKIPPED)
         result["skipped_files"] = int(pc.sum(skipped).as_py() or 0)
         table = table.filter(pc.invert(skipped))
         nodes = table.column(NODE_COLUMN).to_pylist()
         scored = _rows_by_time(table.column(TIME_COLUMN).to_pylist())
+
         if DICOM_COLUMN in table.column_names:  # --dicom-output: counted here, never written to Parquet
             result["dicom_objects"] = [p for ps in table.column(DICOM_COLUMN).to_pylist() for p in ps or ()]
             failed = table.column(DICOM_ERROR_COLUMN).to_pylist()
@@ -208,6 +213,7 @@ class RunSink(Datasink[dict]):
             "errors_by_kind": dict(errors),
             "rows_by_node": dict(nodes),
             "dicom_rows": sum(r["dicom_rows"] for r in parts),
+            "oom_splits": sum(r.get("oom_splits", 0) for r in parts),
             "seconds": round(elapsed, 3),
             "rows_per_s": round(rows / max(elapsed, 1e-9), 3),
             "first_rows_seconds": round(first, 3),

@@ -170,6 +170,8 @@ class ScoreStage:
 
         from adcore import engine as engines
 
+        _replica_death_hook()
+
         threads = max(1, threads)
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the actor's CPUs otherwise
@@ -215,6 +217,7 @@ class ScoreStage:
         n_cat = len(self.scorer.categories)
         cat_scores = np.full((n, n_cat), np.nan, np.float32)
         ok = np.flatnonzero(status == S.STATUS_OK)
+        splits_before = self.scorer.oom_splits
         for rows, out in self.scorer.iter_raw(_gather(batch["pixels"], ok), with_categories=True):
             idx = ok[rows]
             if isinstance(out, Exception):  # a failed model call marks its rows, the job goes on
@@ -228,6 +231,9 @@ class ScoreStage:
         passed = {c: _texts(batch[c]) if c in TEXT_COLUMNS else batch[c] for c in PASSED_COLUMNS}
         node = np.full(n, self.node_id, dtype=object)
         scored = np.full(n, time.time(), dtype=np.float64)
+        splits = np.zeros(n, np.int64)  # the batch's out-of-memory splits, on its first row
+        if n:
+            splits[0] = self.scorer.oom_splits - splits_before
         return {
             **passed,
             "status": status,
@@ -237,6 +243,7 @@ class ScoreStage:
             **({CATEGORY_SCORES_COLUMN: cat_scores} if n_cat else {}),
             NODE_COLUMN: node,
             TIME_COLUMN: scored,
+            SPLITS_COLUMN: splits,
         }
 
 
@@ -285,7 +292,8 @@ class Postprocess:
             scored_at=dt.datetime.now(dt.timezone.utc),
         )
         table = table.append_column(NODE_COLUMN, pa.array([_text(v) for v in batch[NODE_COLUMN]], pa.string()))
-        return table.append_column(TIME_COLUMN, pa.array(batch[TIME_COLUMN], pa.float64()))
+        table = table.append_column(TIME_COLUMN, pa.array(batch[TIME_COLUMN], pa.float64()))
+        return table.append_column(SPLITS_COLUMN, pa.array(batch[SPLITS_COLUMN], pa.int64()))
 
 
 # Carried from the decoder through the replicas to the output.
@@ -297,9 +305,30 @@ PASSED_COLUMNS = (
 NODE_COLUMN = "_node_id"
 # When the replica scored the row (unix seconds): the manifest's start-up vs steady-state rates.
 TIME_COLUMN = "_scored_unix"
+# Model calls split in two after a device out-of-memory error (per batch, on its first row): the manifest's oom_splits.
+SPLITS_COLUMN = "_oom_splits"
 RESULT_COLUMNS = ("score", "raw_score", "label", "mask_png", "mask_area", "peak_row", "peak_col", "category")
 # Per-category raw scores [n, C] from the replicas, for heads with categories (absent otherwise).
 CATEGORY_SCORES_COLUMN = "_category_scores"
+
+
+# Fault hook of the tests: a path; the first replica to load creates the file there and exits at once
+# (a replica that dies while loading), the next ones load normally.
+FAULT_REPLICA_EXIT_ENV = "ADCORE_FAULT_REPLICA_EXIT"
+
+
+def _replica_death_hook() -> None:
+    import os
+
+    marker = os.environ.get(FAULT_REPLICA_EXIT_ENV)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(1)
 
 
 def _gather(pixels: np.ndarray, idx: np.ndarray) -> np.ndarray:

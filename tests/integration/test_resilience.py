@@ -80,3 +80,62 @@ def test_throttling_store_30_percent_every_row_ok(s3_server, tiny_artifact, tmp_
     assert len(rows) == len(files)
     assert {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows if r["error"]][:3]
     assert ledger.read_latest(f"{bucket}/out")["rows"] == len(files)  # compacted too
+
+
+def test_file_gone_after_listing_is_a_read_error_row(s3_server, tiny_artifact, tmp_path):
+    """A file deleted between the listing and its read (the store answers 404) is one ``read`` error row;
+    the night goes on, and the next night scores it again."""
+    from adcore import storage
+    from tests.faults_proxy import FaultProxy
+
+    bucket = s3_server.make_bucket("vanishing")
+    files = images(6, seed=1)
+    for name, data in files.items():
+        storage.write_bytes(f"{bucket}/in/{name}", data)
+    args = ["--input", f"{bucket}/in", "--model", tiny_artifact, "--output", f"{bucket}/out"]
+    with FaultProxy(s3_server.endpoint, gone=r"/vanishing/in/img002\.png$") as proxy:
+        done = run_job(args, job_env(tmp_path, AWS_ENDPOINT_URL=proxy.endpoint))
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {r["image_key"].rsplit("/", 1)[-1]: r for r in visible_rows(f"{bucket}/out")}
+    assert len(rows) == len(files)
+    assert rows["img002.png"]["status"] == "error" and rows["img002.png"]["error"].startswith("read:")
+    assert {r["status"] for n, r in rows.items() if n != "img002.png"} == {"ok"}
+    again = run_job(args, job_env(tmp_path, AWS_ENDPOINT_URL=s3_server.endpoint))  # back: read next night
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert {r["status"] for r in visible_rows(f"{bucket}/out")} == {"ok"}
+
+
+def test_cuda_oom_splits_the_batch_and_the_manifest_counts_it(tiny_artifact, tmp_path):
+    """Model calls above 2 frames run out of memory (the torch network's fault hook): the batches are
+    split, every row is ok, and the manifest counts the splits."""
+    from adcore.scorer import FAULT_OOM_ABOVE_ENV
+
+    (tmp_path / "in").mkdir()
+    for name, data in images(12, seed=2).items():
+        (tmp_path / "in" / name).write_bytes(data)
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "in"), "--model", tiny_artifact, "--output", str(out), "--engine", "torch"]
+    done = run_job(args, job_env(tmp_path, **{FAULT_OOM_ABOVE_ENV: "2"}))
+    assert done.returncode == 0, done.stderr[-4000:]
+    (manifest,) = ledger.completed_runs(str(out))
+    assert manifest["counts"] == {"ok": 12, "error": 0}
+    assert manifest["oom_splits"] >= 1
+    assert "ran out of device memory and were split" in done.stderr
+
+
+def test_a_replica_that_dies_while_loading_is_replaced(tiny_artifact, tmp_path):
+    """The first model replica exits while it loads (its process gone): another one takes its place and
+    the night completes."""
+    from jobs.scoring.stages import FAULT_REPLICA_EXIT_ENV
+
+    (tmp_path / "in").mkdir()
+    for name, data in images(8, seed=3).items():
+        (tmp_path / "in" / name).write_bytes(data)
+    marker = tmp_path / "replica-died"
+    out = tmp_path / "out"
+    args = ["--input", str(tmp_path / "in"), "--model", tiny_artifact, "--output", str(out)]
+    done = run_job(args, job_env(tmp_path, **{FAULT_REPLICA_EXIT_ENV: str(marker)}))
+    assert marker.exists(), "no replica died: the hook did not run"
+    assert done.returncode == 0, done.stderr[-4000:]
+    (manifest,) = ledger.completed_runs(str(out))
+    assert manifest["counts"] == {"ok": 8, "error": 0}
