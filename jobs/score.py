@@ -21,6 +21,14 @@ of kind ``too_large`` (refused before decoding; it is not downscaled). S3 endpoi
 credentials come from the standard AWS_* environment variables. DICOM studies get a
 pseudonymous ``study_key`` keyed by ``ADCORE_STUDY_KEY_SECRET``.
 
+Faults: S3 calls are retried with backoff (10 attempts), then the map or write task that met a
+transient error (``TRANSIENT_ERRORS``) runs again; a file that still cannot be read, or vanished
+since the listing, is an error row of kind ``read`` (scored again next night). A model call that
+runs out of device memory is split in halves. Replicas start as nodes arrive (the job waits up to
+``--wait-for-replicas-s`` for the first) and one that dies while loading is replaced. Results
+reach the store block by block; a killed run's whole files are committed by the next run, which
+scores only the rest. The commit is fenced by the output's lease (``jobs/scoring/lease.py``).
+
 With ``--dicom-output`` DICOM inputs scored ok also get a DICOM Segmentation and a TID 1500
 measurement report (``jobs/scoring/dicom_out.py``), written under ``<dicom-output>/<run_id>/``
 only: they carry the source's patient and study modules, the Parquet never does.
@@ -48,7 +56,7 @@ from jobs.scoring import schema as S
 from jobs.scoring.lease import DEFAULT_TTL_S
 from jobs.scoring.resources import cluster_nodes, node_types, plan_replicas
 from jobs.scoring.sink import ROWS_PER_WRITE, Progress, RunSink
-from jobs.scoring.stages import Decoder, Postprocess, ScoreStage
+from jobs.scoring.stages import FramesDecoder, Postprocess, ScoreStage
 
 log = logging.getLogger("jobs.score")
 
@@ -70,6 +78,7 @@ ACTOR_MEMORY_BASE = 5 * 2**28  # 1.25 GiB
 IN_FLIGHT_BATCHES = 8
 MIN_IN_FLIGHT_BYTES = 256 * 2**20  # Ray Data needs room for a few read/decode blocks whatever the batch
 MIN_BLOCK_BYTES = 2**20  # Ray Data's own minimum target block size: tiny inputs stay in few blocks
+WRITE_CPU_SHARE = 0.5  # a write task is mostly waiting on the store
 # Replicas that may die while loading (a node reclaimed, a crash in a CUDA library) in a row, each
 # replaced, before the job fails: a replica that loads resets the count.
 REPLICA_INIT_DEATHS = 3
@@ -115,7 +124,7 @@ class ScoreConfig:
     # torch/onnxruntime/FAISS threads per replica; 0 = its CPUs (plus the decode CPU's idle share on CPU nodes)
     inference_threads: int = 0
     files_per_block: int = 64  # read blocks: few and large, Ray's per-block cost dominates otherwise
-    rows_per_file: int = ROWS_PER_WRITE  # rows per write task and Parquet file (one row group)
+    rows_per_file: int = ROWS_PER_WRITE  # rows per write task and Parquet file (one row group); 0: one per block
     progress_every_s: float = 10.0
     # auto: one line redrawn in place on a terminal (stderr a TTY), periodic log lines otherwise; or "line", "log"
     progress: str = "auto"
@@ -310,6 +319,10 @@ def main(cfg: ScoreConfig) -> dict:
         raise SystemExit(str(e)) from None
     with lease:
         try:
+            ledger.reject_late_commits(cfg.output)  # manifests written after their run lost the lease
+            # Holding the lease, every other run has ended: a folder without a manifest is a dead run's.
+            # Its whole files are committed (scored once, kept); what is left of it is removed below.
+            ledger.salvage_incomplete(cfg.output, ledger.completed_ids(cfg.output), lease.number)
             # The run id is taken under the lease, so it sorts after every run committed before it
             # (even one that ended this very second, or whose host's clock ran ahead).
             started, run_id = next_run_id(cfg.output)
@@ -346,8 +359,6 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     model_name, model_version = art.get("model_name", "model"), art.get("model_version", "unsaved")
     input_size = int(art["input_size"])
     run_date = started.strftime("%Y-%m-%d")
-    # Holding the lease, every other run has ended: folders without a manifest are dead runs'.
-    ledger.reject_late_commits(cfg.output)  # manifests written after their run lost the lease
     ledger.cleanup_incomplete(cfg.output, ledger.completed_ids(cfg.output), keep=run_id)
     if cfg.dicom_output:
         dicom_out.cleanup_incomplete(cfg.dicom_output, cfg.output, ledger.completed_ids(cfg.output), keep=run_id)
@@ -485,7 +496,7 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     # The files to read travel as Arrow listing blocks; each decode task reads its own files once.
     step = max(1, cfg.files_per_block)
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
-    decoder = Decoder(input_size, cfg.max_pixels, secret)
+    decoder = FramesDecoder(input_size, cfg.max_pixels, secret)
     ds = ds.map_batches(decoder, batch_size=DECODE_BATCH, num_cpus=plan.decode_cpus, batch_format="numpy")
     stage_kwargs = dict(
         artifact=cfg.model,
@@ -543,9 +554,12 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
         path_privacy=cfg.path_privacy,
         path_map=cfg.path_map,
     )
+    ledger.write_run_stub(rdir, sink.manifest)  # before any part: a salvage of this run needs its fields
     total = int(fields["input_files"])
     with _ProgressLog(progress, total, cfg.progress_every_s, int(fields["unchanged_files"]), cfg.progress):
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": plan.decode_cpus})
+        # Write tasks of their own (other resources than the stages before them, so Ray Data does not
+        # fuse them): postprocessing and DICOM writing scale with the cluster, each block is written as it comes.
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": plan.decode_cpus * WRITE_CPU_SHARE})
     return sink.committed, sink.files_seen
 
 

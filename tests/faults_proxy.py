@@ -71,6 +71,11 @@ class FaultProxy:
         with self._lock:
             return sum(n for (m, p), n in self.requests.items() if m == "GET" and path_contains in p)
 
+    def read(self, path_contains: str) -> set[str]:
+        """Paths (without query) that got a forwarded GET, among those containing ``path_contains``."""
+        with self._lock:
+            return {p for (m, p) in self.requests if m == "GET" and path_contains in p}
+
     def _fault(self, method: str, path: str) -> bool:
         if method not in self.methods or not self.paths.search(path):
             return False

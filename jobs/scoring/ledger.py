@@ -33,8 +33,9 @@ README's SQL) read ``latest`` plus any run committed after ``through_run_id``
 (image key, size, ETag or mtime) key is in the sorted array of done keys is skipped with no GET;
 the others are read once. A file whose listing is unchanged but some of whose frames
 failed transiently (``inference``, ``read``) gets ``prior_done``: only its other frames are
-scored again. Killing a run at any point loses nothing (no manifest: its files are still
-"not scored") and duplicates nothing.
+scored again. Killing a run at any point loses nothing and duplicates nothing: the next run
+commits the files the dead run wrote whole (:func:`salvage_incomplete`, before its own run id
+is taken, so its rows are newer) and scores the others.
 
 **Identity.** Every rule above keys on ``image_key``: the URI itself with ``--path-privacy
 keep``, a keyed hash of it with ``pseudonymize`` (``schema.image_keys``). Files written
@@ -44,6 +45,7 @@ An output keeps the mode of its first run (:func:`check_privacy`).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -236,6 +238,95 @@ def cleanup_incomplete(output: str, completed_ids: set[str], keep: str | None = 
         storage.delete_dir(uri)
         log.info("removed incomplete run folder %s", uri)
     return removed
+
+
+RUN_STUB = "_run.json"  # in a run's folder from its start: the manifest's fields known then
+PARTS_FRAMES_SUFFIX = ".frames.json"  # beside each part file: image key -> frames of its file (sink.py)
+
+
+def write_run_stub(run_folder: str, fields: dict) -> None:
+    """Record a starting run's manifest fields in its folder (what a salvage of its parts needs)."""
+    storage.write_bytes(storage.join(run_folder, RUN_STUB), json.dumps(fields).encode())
+
+
+def salvage_incomplete(output: str, completed_ids: set[str], lease: int, keep: str | None = None) -> list[dict]:
+    """Commit the whole files of runs that died (killed, preempted): returns the manifests written.
+
+    A dead run's part files are whole or absent (each is written at once); a part is kept when
+    every file it has rows of has all its frames in the kept parts (``.frames.json`` beside each
+    part), so the files a salvage commits are complete and the next run skips them unread. The
+    other parts are removed (their files are scored again). The manifest is the dead run's, marked
+    ``salvaged``, fenced by this holder's ``lease``. Runs with DICOM outputs are not salvaged.
+    Call it holding the lease, before :func:`cleanup_incomplete` (which removes what is left).
+    """
+    out = []
+    for folder in incomplete_run_dirs(output, completed_ids):
+        if keep and folder.endswith(f"run_id={keep}"):
+            continue
+        try:
+            fields = json.loads(storage.read_bytes(storage.join(folder, RUN_STUB)))
+        except (FileNotFoundError, ValueError):
+            continue
+        if fields.get("dicom_output"):
+            continue
+        manifest = _salvage(output, folder, fields, lease)
+        if manifest:
+            out.append(manifest)
+    return out
+
+
+def _salvage(output: str, folder: str, fields: dict, lease: int) -> dict | None:
+    parts, frames = {}, {}
+    for uri in storage.list_files(folder, suffixes=[".parquet"]):
+        try:
+            fs, path = storage.filesystem_for(uri)
+            parts[uri] = pq.read_table(path, filesystem=fs, columns=["image_key", "frame", "status", "error"])
+            frames.update(json.loads(storage.read_bytes(uri + PARTS_FRAMES_SUFFIX)))
+        except (OSError, ValueError, pa.ArrowInvalid):
+            parts.pop(uri, None)
+    kept = set(parts)
+    while True:  # drop parts holding any file not whole in the kept parts, until none is left to drop
+        have: dict[str, set] = {}
+        for uri in kept:
+            for k, f in zip(parts[uri].column("image_key").to_pylist(), parts[uri].column("frame").to_pylist()):
+                have.setdefault(k, set()).add(f)
+        whole = {k for k, fs in have.items() if len(fs) >= frames.get(k, len(fs) + 1)}
+        now = {u for u in kept if set(parts[u].column("image_key").to_pylist()) <= whole}
+        if now == kept:
+            break
+        kept = now
+    for uri in storage.list_files(folder):
+        if uri.endswith(".parquet") and uri not in kept or uri.endswith(PARTS_FRAMES_SUFFIX):
+            storage.delete(uri)
+    if not kept:
+        return None
+    table = pa.concat_tables([parts[u] for u in sorted(kept)])
+    status = table.column("status").to_pylist()
+    errors: dict[str, int] = {}
+    for e in table.column("error").to_pylist():
+        if e:
+            errors[S.error_kind(e)] = errors.get(S.error_kind(e), 0) + 1
+    rel = posixpath.relpath(storage.filesystem_for(folder)[1], storage.filesystem_for(output)[1])
+    manifest = {
+        **fields,
+        "files": [posixpath.join(rel, posixpath.basename(u)) for u in sorted(kept)],
+        "skipped_files": 0,
+        "rows": table.num_rows,
+        "counts": {S.STATUS_OK: status.count(S.STATUS_OK), S.STATUS_ERROR: status.count(S.STATUS_ERROR)},
+        "errors_by_kind": errors,
+        "rows_by_node": {},
+        "salvaged": True,
+        "lease": lease,
+        "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_manifest(output, manifest)
+    log.info(
+        "kept %d row(s) of run %s, which did not complete (%d part file(s))",
+        table.num_rows,
+        fields["run_id"],
+        len(kept),
+    )
+    return manifest
 
 
 def read_runs(output: str, manifests: list[dict], columns: list[str] | None = None) -> pa.Table | None:

@@ -127,6 +127,32 @@ class Decoder:
         return out
 
 
+class FramesDecoder(Decoder):
+    """:class:`Decoder` whose rows also carry ``FRAMES_COLUMN``: how many frames their file has.
+
+    The write tasks record it beside each part file, so the parts of a run that died count as done
+    only for files every frame of which they hold (``ledger.salvage_incomplete``). Relies on one call
+    emitting every frame of its files (frames already done, dropped, are counted from ``prior_done``).
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().__call__(batch)
+        prior: dict[str, tuple] = {}
+        if "prior_done" in batch:
+            for key, sha, done in zip(batch["image_key"], batch["prior_sha"], batch["prior_done"]):
+                prior[str(key)] = (_text(sha), 0 if done is None else len(done))
+        keys = [str(k) for k in out["image_key"]]
+        emitted: dict[str, int] = {}
+        for k, st in zip(keys, out["status"]):
+            emitted[k] = emitted.get(k, 0) + (st != S.STATUS_SKIPPED)
+        frames = []
+        for k, sha in zip(keys, out["content_sha256"]):
+            prior_sha, done = prior.get(k, (None, 0))
+            frames.append(emitted[k] + (done if prior_sha is not None and prior_sha == sha else 0) or 1)
+        out[FRAMES_COLUMN] = np.array(frames, np.int64)
+        return out
+
+
 class ScoreStage:
     """Network + FAISS head on batches of prepared frames: one model replica (a Ray actor).
 
@@ -244,6 +270,7 @@ class ScoreStage:
             NODE_COLUMN: node,
             TIME_COLUMN: scored,
             SPLITS_COLUMN: splits,
+            **({FRAMES_COLUMN: batch[FRAMES_COLUMN]} if FRAMES_COLUMN in batch else {}),
         }
 
 
@@ -293,7 +320,10 @@ class Postprocess:
         )
         table = table.append_column(NODE_COLUMN, pa.array([_text(v) for v in batch[NODE_COLUMN]], pa.string()))
         table = table.append_column(TIME_COLUMN, pa.array(batch[TIME_COLUMN], pa.float64()))
-        return table.append_column(SPLITS_COLUMN, pa.array(batch[SPLITS_COLUMN], pa.int64()))
+        table = table.append_column(SPLITS_COLUMN, pa.array(batch[SPLITS_COLUMN], pa.int64()))
+        if FRAMES_COLUMN in batch:
+            table = table.append_column(FRAMES_COLUMN, pa.array(batch[FRAMES_COLUMN], pa.int64()))
+        return table
 
 
 # Carried from the decoder through the replicas to the output.
@@ -305,6 +335,8 @@ PASSED_COLUMNS = (
 NODE_COLUMN = "_node_id"
 # When the replica scored the row (unix seconds): the manifest's start-up vs steady-state rates.
 TIME_COLUMN = "_scored_unix"
+# Frames of the row's file (all of them, scored now or before): salvaging a dead run's parts.
+FRAMES_COLUMN = "_file_frames"
 # Model calls split in two after a device out-of-memory error (per batch, on its first row): the manifest's oom_splits.
 SPLITS_COLUMN = "_oom_splits"
 RESULT_COLUMNS = ("score", "raw_score", "label", "mask_png", "mask_area", "peak_row", "peak_col", "category")

@@ -139,3 +139,59 @@ def test_a_replica_that_dies_while_loading_is_replaced(tiny_artifact, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     (manifest,) = ledger.completed_runs(str(out))
     assert manifest["counts"] == {"ok": 8, "error": 0}
+
+
+def test_a_killed_night_keeps_its_whole_files_and_the_rerun_reads_only_the_rest(s3_server, tiny_artifact, tmp_path):
+    """The job's whole process group SIGKILLed once its first results are on the store: the rerun commits
+    what the dead run wrote whole, reads (GETs) only the other files, and one row per frame is visible."""
+    import signal
+    import time
+
+    from adcore import storage
+    from tests.faults_proxy import FaultProxy
+
+    bucket = s3_server.make_bucket("killed")
+    files = images(40, seed=4)
+    for name, data in files.items():
+        storage.write_bytes(f"{bucket}/in/{name}", data)
+    out = f"{bucket}/out"
+    args = ["--input", f"{bucket}/in", "--model", tiny_artifact, "--output", out, "--simulated-batch-s", "0.5"]
+    cmd = [PY, str(REPO / "jobs/score.py"), *args, "--batch-size", "2", "--files-per-block", "2"]
+    with FaultProxy(s3_server.endpoint) as proxy:
+        env = job_env(tmp_path, AWS_ENDPOINT_URL=proxy.endpoint)
+        proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not any(u.endswith(".parquet") for u in _files(f"{out}/run_date=")):  # the first result part
+                assert proc.poll() is None, "the job ended before it could be killed"
+                assert time.monotonic() < deadline, "no result part from the job"
+                time.sleep(0.2)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert ledger.completed_runs(out) == []  # it committed nothing itself
+
+    with FaultProxy(s3_server.endpoint) as proxy:
+        done = run_job(args, job_env(tmp_path, AWS_ENDPOINT_URL=proxy.endpoint))
+        read = {p.rsplit("/", 1)[-1] for p in proxy.read("/killed/in/")}
+    assert done.returncode == 0, done.stderr[-4000:]
+    salvaged, rerun = ledger.completed_runs(out)
+    assert salvaged.get("salvaged") and salvaged["rows"] >= 1 and not rerun.get("salvaged")
+    kept = {r["image_key"].rsplit("/", 1)[-1] for r in ledger.read_runs(out, [salvaged], ["image_key"]).to_pylist()}
+    assert read == set(files) - kept  # the files the dead run wrote are not read again
+    assert rerun["rows"] == len(files) - len(kept)
+    rows = visible_rows(out)
+    assert len(rows) == len(files) and {r["status"] for r in rows} == {"ok"}
+    assert all(storage.exists(f) for f in ledger.run_files(out, salvaged))  # the dead run's files stay
+
+
+def _files(prefix: str) -> list[str]:
+    from adcore import storage
+
+    bucket_prefix = prefix.rsplit("/", 1)[0]
+    try:
+        return [u for u in storage.list_files(bucket_prefix) if u.startswith(prefix)]
+    except FileNotFoundError:
+        return []
