@@ -331,7 +331,7 @@ def main(cfg: ScoreConfig) -> dict:
         except (KeyboardInterrupt, leases.LeaseLost):
             if lease.lost or sys.exc_info()[0] is leases.LeaseLost:
                 why = lease.lost or str(sys.exc_info()[1])
-                raise SystemExit(f"{why}; nothing of this run was committed: rerun when the store answers") from None
+                raise SystemExit(f"{why}; this run committed nothing (the next run keeps its whole files)") from None
             raise
     return manifest
 

@@ -144,11 +144,9 @@ def test_a_replica_that_dies_while_loading_is_replaced(tiny_artifact, tmp_path):
 def test_a_killed_night_keeps_its_whole_files_and_the_rerun_reads_only_the_rest(s3_server, tiny_artifact, tmp_path):
     """The job's whole process group SIGKILLed once its first results are on the store: the rerun commits
     what the dead run wrote whole, reads (GETs) only the other files, and one row per frame is visible."""
-    import signal
-    import time
-
     from adcore import storage
     from tests.faults_proxy import FaultProxy
+    from tests.jobproc import kill_group_when
 
     bucket = s3_server.make_bucket("killed")
     files = images(40, seed=4)
@@ -162,15 +160,8 @@ def test_a_killed_night_keeps_its_whole_files_and_the_rerun_reads_only_the_rest(
         proc = subprocess.Popen(
             cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        try:
-            deadline = time.monotonic() + 300
-            while not any(u.endswith(".parquet") for u in _files(f"{out}/run_date=")):  # the first result part
-                assert proc.poll() is None, "the job ended before it could be killed"
-                assert time.monotonic() < deadline, "no result part from the job"
-                time.sleep(0.2)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        first_part = lambda: any(u.endswith(".parquet") for u in _files(f"{out}/run_date="))  # noqa: E731
+        kill_group_when(proc, first_part, 300, "result part")
     assert ledger.completed_runs(out) == []  # it committed nothing itself
 
     with FaultProxy(s3_server.endpoint) as proxy:

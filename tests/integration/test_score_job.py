@@ -20,6 +20,7 @@ import pytest
 from adcore import storage
 from jobs.scoring import ledger
 from jobs.scoring.schema import SCHEMA, decode_mask
+from tests.jobproc import kill_group_when
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -269,15 +270,7 @@ def test_killed_run_then_rerun_loses_and_duplicates_nothing(tiny_artifact, tmp_p
         "8",
     ]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 150
-        while len(list(out.glob("run_date=*/run_id=*/part-*.parquet"))) < 3:
-            assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no progress from the job"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_group_when(proc, lambda: len(list(out.glob("run_date=*/run_id=*/part-*.parquet"))) >= 3, 150, "progress")
     assert ledger.completed_runs(str(out)) == []
     killed = ledger.incomplete_run_dirs(str(out), set())
     assert len(killed) == 1
