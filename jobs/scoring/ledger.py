@@ -162,7 +162,11 @@ def reject_late_commits(output: str) -> list[str]:
     Call it holding the lease, before :func:`cleanup_incomplete` (their folders are then incomplete).
     """
     late, creations = [], leases.lease_creations(output)
+    current = read_latest(output)
+    through = current["through_run_id"] if current else ""
     for uri, written in _manifest_files(output):
+        if posixpath.basename(uri)[: -len(".json")] <= through:
+            continue  # folded into latest: accepted by an earlier holder
         try:
             lease = json.loads(storage.read_bytes(uri)).get("lease")
         except (ValueError, OSError):

@@ -344,15 +344,16 @@ RESULT_COLUMNS = ("score", "raw_score", "label", "mask_png", "mask_area", "peak_
 CATEGORY_SCORES_COLUMN = "_category_scores"
 
 
-# Fault hook of the tests: a path; the first replica to load creates the file there and exits at once
-# (a replica that dies while loading), the next ones load normally.
-FAULT_REPLICA_EXIT_ENV = "ADCORE_FAULT_REPLICA_EXIT"
+# Fault hook of the tests: "exit:PATH" or "raise:PATH"; the first replica to load creates the file
+# at PATH and dies (its process exits, or its constructor raises: a CUDA library failing to load),
+# the next ones load normally.
+FAULT_REPLICA_DEATH_ENV = "ADCORE_FAULT_REPLICA_DEATH"
 
 
 def _replica_death_hook() -> None:
     import os
 
-    marker = os.environ.get(FAULT_REPLICA_EXIT_ENV)
+    how, _, marker = os.environ.get(FAULT_REPLICA_DEATH_ENV, "").partition(":")
     if not marker:
         return
     try:
@@ -360,7 +361,9 @@ def _replica_death_hook() -> None:
     except FileExistsError:
         return
     os.close(fd)
-    os._exit(1)
+    if how == "exit":
+        os._exit(1)
+    raise RuntimeError("replica failed while loading (fault hook)")
 
 
 def _gather(pixels: np.ndarray, idx: np.ndarray) -> np.ndarray:

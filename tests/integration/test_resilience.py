@@ -123,10 +123,11 @@ def test_cuda_oom_splits_the_batch_and_the_manifest_counts_it(tiny_artifact, tmp
     assert "ran out of device memory and were split" in done.stderr
 
 
-def test_a_replica_that_dies_while_loading_is_replaced(tiny_artifact, tmp_path):
-    """The first model replica exits while it loads (its process gone): another one takes its place and
-    the night completes."""
-    from jobs.scoring.stages import FAULT_REPLICA_EXIT_ENV
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_replica_that_dies_while_loading_is_replaced(tiny_artifact, tmp_path, how):
+    """The first model replica dies while it loads (its constructor raises, or its process exits):
+    another one takes its place and the night completes."""
+    from jobs.scoring.stages import FAULT_REPLICA_DEATH_ENV
 
     (tmp_path / "in").mkdir()
     for name, data in images(8, seed=3).items():
@@ -134,7 +135,7 @@ def test_a_replica_that_dies_while_loading_is_replaced(tiny_artifact, tmp_path):
     marker = tmp_path / "replica-died"
     out = tmp_path / "out"
     args = ["--input", str(tmp_path / "in"), "--model", tiny_artifact, "--output", str(out)]
-    done = run_job(args, job_env(tmp_path, **{FAULT_REPLICA_EXIT_ENV: str(marker)}))
+    done = run_job(args, job_env(tmp_path, **{FAULT_REPLICA_DEATH_ENV: f"{how}:{marker}"}))
     assert marker.exists(), "no replica died: the hook did not run"
     assert done.returncode == 0, done.stderr[-4000:]
     (manifest,) = ledger.completed_runs(str(out))
