@@ -183,9 +183,30 @@ def _numbers(output: str) -> list[int]:
 
 def _read(uri: str) -> dict | None:
     try:
-        return json.loads(storage.read_bytes(uri))
+        return json.loads(_get(uri))
     except (FileNotFoundError, ValueError):
         return None  # gone, or being created this instant
+
+
+_client = threading.local()
+
+
+def _get(uri: str) -> bytes:
+    """A lease file's bytes; on S3 through boto3 (adaptive retries). pyarrow reads an object into a
+    buffer of the object's size, and a throttling error's body, larger than a lease record, fails the
+    read instead of being retried."""
+    if not storage.is_s3(uri):
+        return storage.read_bytes(uri)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client = getattr(_client, "by_endpoint", {}).get(endpoint)
+    if client is None:
+        client = storage.s3_client()
+        _client.by_endpoint = {endpoint: client}
+    bucket, _, key = uri[len(storage.S3_PREFIX) :].partition("/")
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        raise FileNotFoundError(uri) from None
 
 
 def current_holder(output: str) -> dict | None:

@@ -187,3 +187,22 @@ def _files(prefix: str) -> list[str]:
         return [u for u in storage.list_files(bucket_prefix) if u.startswith(prefix)]
     except FileNotFoundError:
         return []
+
+
+def test_the_job_waits_for_a_node_that_can_hold_a_replica_and_says_so(ray_local, caplog):
+    """No node can hold the replica (more CPUs than the local cluster has): progress lines name what
+    the job waits for, then it gives up after --wait-for-replicas-s; a replica that fits starts at once."""
+    import logging
+    from types import SimpleNamespace
+
+    from jobs.score import ScoreConfig, wait_for_first_replica
+
+    caplog.set_level(logging.INFO, logger="jobs.score")
+    cfg = ScoreConfig(wait_for_replicas_s=2.5, progress_every_s=1.0)
+    with pytest.raises(SystemExit, match="no node could hold a model replica .*--wait-for-replicas-s 2.5"):
+        wait_for_first_replica(ray_local, SimpleNamespace(cpus=64.0, min_replicas=1), 0.0, 2**30, cfg)
+    waits = [r.getMessage() for r in caplog.records if "waiting for a node" in r.getMessage()]
+    assert len(waits) >= 2 and "64 CPU + 1.0 GiB" in waits[0]
+    caplog.clear()
+    wait_for_first_replica(ray_local, SimpleNamespace(cpus=1.0, min_replicas=1), 0.0, 2**20, cfg)
+    assert not any("waiting for a node" in r.getMessage() for r in caplog.records)
