@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,9 @@ INPUT_NAME = "pixel_values"
 # Map pixels upsampled in one call: bounds the float32 temporaries (a few of them, 4 bytes each)
 # when a batch holds large frames (a 3-9 Mpx chest film).
 UPSAMPLE_PIXELS = 16_000_000
+# Fault hook of the tests (a CUDA out-of-memory error cannot be caused on a CPU): when set to N,
+# the in-process torch network raises torch.OutOfMemoryError for any batch larger than N.
+FAULT_OOM_ABOVE_ENV = "ADCORE_FAULT_OOM_ABOVE"
 
 
 def prepare(image: np.ndarray, size: int) -> np.ndarray:
@@ -117,9 +121,12 @@ class TorchNetwork:
 
     def __init__(self, model: AnomalyModel):
         self.model = model.eval()
+        self.oom_above = int(os.environ.get(FAULT_OOM_ABOVE_ENV) or 0)  # tests only: 0 = off
 
     @torch.inference_mode()
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        if self.oom_above and len(pixels) > self.oom_above:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (fault hook: batch {len(pixels)} > {self.oom_above})")
         device = next(self.model.parameters()).device
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")  # a read-only view (e.g. Ray's block)
@@ -228,6 +235,8 @@ class Scorer:
         self.calibration = calibration
         self.meta = dict(meta or {})
         self.network: Network = network or TorchNetwork(self.model)
+        self.oom_splits = 0  # network calls split in two after an out-of-memory error (callers read and reset it)
+        self.fitting_batch: int | None = None  # largest batch known to fit after a split: later calls stay within it
 
     @property
     def input_size(self) -> int:
@@ -266,12 +275,12 @@ class Scorer:
         """
         categories = self.categories
         n = len(pixels)
-        step = self.network.max_batch or max(1, n)
+        step = min(self.network.max_batch or max(1, n), self.fitting_batch or n or 1)
         chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
         def network(rows: slice):
             try:
-                return self.forward(pixels[rows])
+                return self._forward_fitting(pixels[rows])
             except Exception as e:  # noqa: BLE001 (the caller decides what a failed chunk means)
                 return e
 
@@ -294,6 +303,25 @@ class Scorer:
             futures = [pool.submit(network, rows) for rows in chunks]
             for rows, fut in zip(chunks, futures):
                 yield rows, head(fut.result())
+
+    def _forward_fitting(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`forward`, split in halves (recursively) while the device runs out of memory.
+
+        Only a single frame that does not fit raises; each split is counted in ``oom_splits``
+        and the largest half that fitted bounds later calls (``fitting_batch``).
+        """
+        try:
+            return self.forward(pixels)
+        except Exception as e:
+            if not is_out_of_memory(e) or len(pixels) <= 1:
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the failed call's blocks, before the smaller ones
+        half = (len(pixels) + 1) // 2
+        self.oom_splits += 1
+        parts = [self._forward_fitting(pixels[:half]), self._forward_fitting(pixels[half:])]
+        self.fitting_batch = min(self.fitting_batch or half, half)
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def raw(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Network + head: raw scores [B] and raw maps [B, g, g] (raises on failure)."""
@@ -386,6 +414,11 @@ class Scorer:
         scorer.artifact_path = art.path
         scorer.artifact_config = cfg
         return scorer
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device out-of-memory error (torch's, or onnxruntime's failed allocation)."""
+    return isinstance(e, torch.OutOfMemoryError) or "Failed to allocate memory" in str(e)
 
 
 def _fingerprint(state: dict[str, torch.Tensor], arrays: dict[str, np.ndarray]) -> str:

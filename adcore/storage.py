@@ -330,14 +330,21 @@ def download_dir(uri: str | os.PathLike, local_dir: str | os.PathLike) -> None:
 LIST_PAGE = 1000  # S3's page size; local listings are batched the same way
 
 
+# Attempts of a listing or lease call: S3 answers 503 SlowDown under load; adaptive mode also
+# slows this client's own request rate while it is throttled.
+S3_CLIENT_RETRIES = {"mode": "adaptive", "max_attempts": 10}
+
+
 def s3_client():
     """A boto3 S3 client from the same AWS_* variables as :func:`s3_filesystem`."""
     import boto3
+    from botocore.config import Config
 
     return boto3.client(
         "s3",
         endpoint_url=_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
         region_name=_env("AWS_REGION", "AWS_DEFAULT_REGION"),
+        config=Config(retries=S3_CLIENT_RETRIES),
     )
 
 

@@ -26,6 +26,14 @@ its prepared frames on in chunks (``stages.DEFAULT_CHUNK_BYTES``). S3 endpoint a
 credentials come from the standard AWS_* environment variables. DICOM studies get a
 pseudonymous ``study_key`` keyed by ``ADCORE_STUDY_KEY_SECRET``.
 
+Faults: S3 calls are retried with backoff (10 attempts), then the map or write task that met a
+transient error (``TRANSIENT_ERRORS``) runs again; a file that still cannot be read, or vanished
+since the listing, is an error row of kind ``read`` (scored again next night). A model call that
+runs out of device memory is split in halves. Replicas start as nodes arrive (the job waits up to
+``--wait-for-replicas-s`` for the first) and one that dies while loading is replaced. Results
+reach the store block by block; a killed run's whole files are committed by the next run, which
+scores only the rest. The commit is fenced by the output's lease (``jobs/scoring/lease.py``).
+
 With ``--dicom-output`` DICOM inputs scored ok also get a DICOM Segmentation and a TID 1500
 measurement report (``jobs/scoring/dicom_out.py``), written under ``<dicom-output>/<run_id>/``
 only: they carry the source's patient and study modules, the Parquet never does.
@@ -83,6 +91,18 @@ IN_FLIGHT_BATCHES = 8
 MIN_IN_FLIGHT_BYTES = 256 * 2**20  # Ray Data needs room for a few read/decode blocks whatever the batch
 MIN_BLOCK_BYTES = 2**20  # Ray Data's own minimum target block size: tiny inputs stay in few blocks
 ProgressMode = Literal["auto", "line", "log"]  # --progress
+WRITE_CPU_SHARE = 0.5  # a write task is mostly waiting on the store
+# Replicas that may die while loading (a node reclaimed, a crash in a CUDA library) in a row, each
+# replaced, before the job fails: a replica that loads resets the count.
+REPLICA_INIT_DEATHS = 3
+# Errors of a map or write task that a later attempt can get past (throttling, a network blip),
+# matched against the exception's message; Ray Data retries nothing unless told.
+TRANSIENT_ERRORS = (
+    "SLOW_DOWN", "SlowDown", "HTTP status 503", "HTTP status 500", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
+    "NETWORK_CONNECTION", "Connection reset", "Connection refused", "timed out", "Throttl",
+)  # fmt: skip
+# Attempts of a task after its first one (on top of each S3 call's own attempts with backoff).
+MAP_RETRIES = 4
 
 
 @dataclass
@@ -113,11 +133,13 @@ class ScoreConfig:
     gpus_per_replica: float = 1.0  # with --device gpu/auto on a cluster with GPUs
     autoscaling: bool = False  # the cluster's autoscaler can start nodes: wait for replicas instead of refusing
     cluster_config: str = ""  # with --autoscaling: the cluster launcher YAML whose node types the plan may use
-    wait_for_replicas_s: float = 600.0  # how long the job waits for its minimum replicas before failing
+    # how long the job waits for a node that can hold its first replica (a cold autoscaled GPU node boots,
+    # pulls its image and installs CUDA libraries) before failing
+    wait_for_replicas_s: float = 1800.0
     # torch/onnxruntime/FAISS threads per replica; 0 = its CPUs (plus the decode CPU's idle share on CPU nodes)
     inference_threads: int = 0
     files_per_block: int = 64  # read blocks: few and large, Ray's per-block cost dominates otherwise
-    rows_per_file: int = ROWS_PER_WRITE  # rows per write task and Parquet file (one row group)
+    rows_per_file: int = ROWS_PER_WRITE  # rows per write task and Parquet file (one row group); 0: one per block
     progress_every_s: float = 10.0
     # auto: one line redrawn in place on a terminal (stderr a TTY), periodic log lines otherwise; or "line", "log"
     progress: ProgressMode = "auto"
@@ -307,16 +329,33 @@ def main(cfg: ScoreConfig) -> dict:
         check_triton_model(cfg, triton_model, art)
 
     try:
-        lease = leases.acquire(cfg.output, S.new_run_id(), cfg.lease_ttl_s, cfg.wait_for_lease)
+        lease = leases.acquire(cfg.output, S.new_run_id(), cfg.lease_ttl_s, cfg.wait_for_lease, _interrupt_main)
     except leases.LeaseHeld as e:
         raise SystemExit(str(e)) from None
     with lease:
-        # The run id is taken under the lease, so it sorts after every run committed before it
-        # (even one that ended this very second, or whose host's clock ran ahead).
-        started, run_id = next_run_id(cfg.output)
-        lease.rename(run_id)
-        manifest = _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model)
+        try:
+            ledger.reject_late_commits(cfg.output)  # manifests written after their run lost the lease
+            # Holding the lease, every other run has ended: a folder without a manifest is a dead run's.
+            # Its whole files are committed (scored once, kept); what is left of it is removed below.
+            ledger.salvage_incomplete(cfg.output, ledger.completed_ids(cfg.output), lease.number)
+            # The run id is taken under the lease, so it sorts after every run committed before it
+            # (even one that ended this very second, or whose host's clock ran ahead).
+            started, run_id = next_run_id(cfg.output)
+            lease.rename(run_id)
+            manifest = _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model)
+        except (KeyboardInterrupt, leases.LeaseLost):
+            if lease.lost or sys.exc_info()[0] is leases.LeaseLost:
+                why = lease.lost or str(sys.exc_info()[1])
+                raise SystemExit(f"{why}; this run committed nothing (the next run keeps its whole files)") from None
+            raise
     return manifest
+
+
+def _interrupt_main(message: str) -> None:
+    """The lease's watchdog lost the lease: stop the driver (its main thread) before the lease expires."""
+    import _thread
+
+    _thread.interrupt_main()
 
 
 def next_run_id(output: str) -> tuple[dt.datetime, str]:
@@ -335,13 +374,12 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     model_name, model_version = art.get("model_name", "model"), art.get("model_version", "unsaved")
     input_size = int(art["input_size"])
     run_date = started.strftime("%Y-%m-%d")
-    # Holding the lease, every other run has ended: folders without a manifest are dead runs'.
     ledger.cleanup_incomplete(cfg.output, ledger.completed_ids(cfg.output), keep=run_id)
     if cfg.dicom_output:
         dicom_out.cleanup_incomplete(cfg.dicom_output, cfg.output, ledger.completed_ids(cfg.output), keep=run_id)
         dicom_out.write_run_marker(cfg.dicom_output, run_id, cfg.output)
     ledger.cleanup_latest(cfg.output)
-    ledger.compact(cfg.output, cfg.latest_buckets)  # a run that died between commit and compaction
+    ledger.compact(cfg.output, cfg.latest_buckets, lease.check)  # a run that died between commit and compaction
     listing = list_inputs(cfg.input)
     if not listing.num_rows:
         raise SystemExit(f"--input {cfg.input}: no files to score")
@@ -388,11 +426,16 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     else:  # nothing changed: no Ray pipeline, no GET
         manifest, files_seen = RunSink.empty_manifest(fields, time.time() - started.timestamp()), 0
     manifest["skipped_files"] += skipped
-    lease.check()  # a run that lost its lease must not commit: the new holder may be scoring the same files
-    ledger.write_manifest(cfg.output, manifest)
+    # The fenced commit: the manifest carries the lease's number and counts only if the store wrote it
+    # before any newer lease existed (a run that lost its lease must not commit: the new holder may be
+    # scoring the same files, and has removed this run's folder as a dead run's).
+    manifest["lease"] = lease.number
+    lease.check()
+    lease.confirm(ledger.write_manifest(cfg.output, manifest))
     if cfg.dicom_output:  # before any expiry: a completed run's PACS objects are never removed
         dicom_out.write_run_marker(cfg.dicom_output, run_id, cfg.output, completed=True)
-    ledger.compact(cfg.output, cfg.latest_buckets)
+    ledger.compact(cfg.output, cfg.latest_buckets, lease.check)
+    lease.check()
     expired = ledger.expire_runs(cfg.output, cfg.retain_runs)
     files_done = manifest["skipped_files"] + files_seen
     log.info(
@@ -403,6 +446,12 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
         manifest["rows_per_s"],
         manifest["counts"][S.STATUS_ERROR],
     )
+    if manifest.get("oom_splits"):
+        log.warning(
+            "%d model call(s) ran out of device memory and were split (later calls at the size that fitted): "
+            "lower --batch-size to avoid it",
+            manifest["oom_splits"],
+        )
     if not secret and manifest.get("dicom_rows"):
         log.warning("%s is not set: study_key is null for DICOM inputs", SECRET_ENV)
     log.info(
@@ -446,8 +495,15 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the job logs its own progress lines
-    ctx.wait_for_min_actors_s = int(cfg.wait_for_replicas_s)  # fail, never wait forever, on unplaceable replicas
+    memory = ACTOR_MEMORY_FACTOR * art_bytes + ACTOR_MEMORY_BASE
+    wait_for_first_replica(ray, plan, gpus, memory, cfg)
+    # Replicas start as nodes have room and the pool grows as they arrive: no start-up gate (Ray Data's
+    # gate fails on the first replica that dies while loading), a dead one replaced a bounded number of times.
+    ctx.wait_for_min_actors_s = 0
+    ctx.max_consecutive_actor_init_deaths = REPLICA_INIT_DEATHS
+    ctx.execution_no_progress_timeout_s = max(ctx.execution_no_progress_timeout_s, cfg.wait_for_replicas_s)
     ctx.max_tasks_in_flight_per_actor = TASKS_IN_FLIGHT_PER_REPLICA
+    set_retries(ctx)
     # Decoded blocks of about one model batch: the model starts after one batch is decoded (not a whole
     # read block), and each model call's rows come out (and are written) as soon as they are scored.
     ctx.target_max_block_size = max(MIN_BLOCK_BYTES, batch_bytes(cfg.batch_size, input_size))
@@ -490,7 +546,7 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_replicas, max_size=plan.max_replicas),
         num_cpus=plan.cpus,
         num_gpus=gpus,
-        memory=ACTOR_MEMORY_FACTOR * art_bytes + ACTOR_MEMORY_BASE,
+        memory=memory,
         batch_format="numpy",
         zero_copy_batch=True,
     )
@@ -524,10 +580,51 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
         path_privacy=cfg.path_privacy,
         path_map=cfg.path_map,
     )
+    ledger.write_run_stub(rdir, sink.manifest)  # before any part: a salvage of this run needs its fields
     total = int(fields["input_files"])
     with _ProgressLog(progress, total, cfg.progress_every_s, int(fields["unchanged_files"]), cfg.progress):
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": plan.decode_cpus})
+        # Write tasks of their own (other resources than the stages before them, so Ray Data does not
+        # fuse them): postprocessing and DICOM writing scale with the cluster, each block is written as it comes.
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": plan.decode_cpus * WRITE_CPU_SHARE})
     return sink.committed, sink.files_seen
+
+
+def wait_for_first_replica(ray, plan, gpus: float, memory: float, cfg: ScoreConfig) -> None:
+    """Wait (with progress lines) until a node can hold one model replica; the autoscaler is asked for the
+    minimum replicas meanwhile. More replicas join the pool as more nodes arrive."""
+    need = {"CPU": plan.cpus, **({"GPU": gpus} if gpus else {}), "memory": memory}
+    if cfg.autoscaling:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{k: v for k, v in need.items() if k != "memory"}] * plan.min_replicas)
+    what = f"{plan.cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "") + f" + {memory / 2**30:.1f} GiB"
+    t0 = time.monotonic()
+    while True:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if any(all(n["Resources"].get(k, 0) >= v for k, v in need.items()) for n in nodes):
+            return
+        waited = time.monotonic() - t0
+        if waited >= cfg.wait_for_replicas_s:
+            raise SystemExit(
+                f"no node could hold a model replica ({what}) within --wait-for-replicas-s "
+                f"{cfg.wait_for_replicas_s:g}: start such a node (or let the autoscaler), or wait longer"
+            )
+        log.info(
+            "waiting for a node that can hold the first model replica (%s): %d node(s) up, none large enough; "
+            "%.0f s of %.0f s",
+            what,
+            len(nodes),
+            waited,
+            cfg.wait_for_replicas_s,
+        )
+        time.sleep(min(max(cfg.progress_every_s, 1.0), max(cfg.wait_for_replicas_s - waited, 0.1)))
+
+
+def set_retries(ctx) -> None:
+    """Retry a map or write task that failed on a transient error, and a replica's call that raised one."""
+    ctx.retried_map_errors = list(TRANSIENT_ERRORS)
+    ctx.max_map_retries = MAP_RETRIES
+    ctx.actor_task_retry_on_errors = [ConnectionError, TimeoutError]
 
 
 # Locations that must not overlap (one inside the other), and why.

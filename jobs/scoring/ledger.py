@@ -33,8 +33,9 @@ README's SQL) read ``latest`` plus any run committed after ``through_run_id``
 (image key, size, ETag or mtime) key is in the sorted array of done keys is skipped with no GET;
 the others are read once. A file whose listing is unchanged but some of whose frames
 failed transiently (``inference``, ``read``) gets ``prior_done``: only its other frames are
-scored again. Killing a run at any point loses nothing (no manifest: its files are still
-"not scored") and duplicates nothing.
+scored again. Killing a run at any point loses nothing and duplicates nothing: the next run
+commits the files the dead run wrote whole (:func:`salvage_incomplete`, before its own run id
+is taken, so its rows are newer) and scores the others.
 
 **Identity.** Every rule above keys on ``image_key``: the URI itself with ``--path-privacy
 keep``, a keyed hash of it with ``pseudonymize`` (``schema.image_keys``). Files written
@@ -44,6 +45,7 @@ An output keeps the mode of its first run (:func:`check_privacy`).
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -56,6 +58,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from adcore import storage
+from jobs.scoring import lease as leases
 from jobs.scoring import schema as S
 from jobs.scoring.schema import TRANSIENT_ERROR_KINDS
 
@@ -115,22 +118,65 @@ def manifest_uri(output: str, run_id: str) -> str:
 def completed_runs(output: str, after: str | None = None) -> list[dict]:
     """Manifests of the completed runs under ``output`` (those after run id ``after``), oldest first.
 
-    Manifests are named by run id, so runs up to ``after`` are not read at all.
+    Manifests are named by run id, so runs up to ``after`` are not read at all. A manifest written
+    after its run had lost the lease is no commit (``lease.committed_in_time``) and is left out.
     """
-    uri = storage.join(output, MANIFESTS)
-    if not storage.exists(uri):
-        return []
     out = []
-    for m in storage.list_files(uri, suffixes=[".json"], recursive=False):
+    creations = None
+    for m, written in _manifest_files(output):
         if after is not None and posixpath.basename(m)[: -len(".json")] <= after:
             continue
         try:
             manifest = json.loads(storage.read_bytes(m))
         except (ValueError, OSError) as e:
             raise ValueError(f"unreadable run manifest {m}: {e}") from None
-        if manifest.get("format") == MANIFEST_FORMAT:
-            out.append(manifest)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            continue
+        if manifest.get("lease") is not None:
+            creations = leases.lease_creations(output) if creations is None else creations
+            if not leases.committed_in_time(manifest["lease"], written, creations):
+                continue
+        out.append(manifest)
     return sorted(out, key=lambda m: m["run_id"])
+
+
+def _manifest_files(output: str) -> list[tuple[str, float | None]]:
+    """(URI, when the store wrote it) of each run manifest."""
+    uri = storage.join(output, MANIFESTS)
+    fs, base = storage.filesystem_for(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base))
+    except FileNotFoundError:
+        return []
+    prefix = storage.S3_PREFIX if storage.is_s3(output) else ""
+    return sorted(
+        (prefix + i.path, i.mtime.timestamp() if i.mtime is not None else None)
+        for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(".json")
+    )
+
+
+def reject_late_commits(output: str) -> list[str]:
+    """Delete the manifests written after their run lost the lease (no commits); returns their run ids.
+
+    Call it holding the lease, before :func:`cleanup_incomplete` (their folders are then incomplete).
+    """
+    late, creations = [], leases.lease_creations(output)
+    current = read_latest(output)
+    through = current["through_run_id"] if current else ""
+    for uri, written in _manifest_files(output):
+        if posixpath.basename(uri)[: -len(".json")] <= through:
+            continue  # folded into latest: accepted by an earlier holder
+        try:
+            lease = json.loads(storage.read_bytes(uri)).get("lease")
+        except (ValueError, OSError):
+            continue  # not this function's to judge
+        if not leases.committed_in_time(lease, written, creations):
+            late.append(uri)
+    for uri in late:
+        storage.delete(uri)
+        log.warning("removed the manifest of run %s: written after its run had lost the lease", uri)
+    return [posixpath.basename(u)[: -len(".json")] for u in late]
 
 
 def completed_ids(output: str) -> set[str]:
@@ -196,6 +242,95 @@ def cleanup_incomplete(output: str, completed_ids: set[str], keep: str | None = 
         storage.delete_dir(uri)
         log.info("removed incomplete run folder %s", uri)
     return removed
+
+
+RUN_STUB = "_run.json"  # in a run's folder from its start: the manifest's fields known then
+PARTS_FRAMES_SUFFIX = ".frames.json"  # beside each part file: image key -> frames of its file (sink.py)
+
+
+def write_run_stub(run_folder: str, fields: dict) -> None:
+    """Record a starting run's manifest fields in its folder (what a salvage of its parts needs)."""
+    storage.write_bytes(storage.join(run_folder, RUN_STUB), json.dumps(fields).encode())
+
+
+def salvage_incomplete(output: str, completed_ids: set[str], lease: int, keep: str | None = None) -> list[dict]:
+    """Commit the whole files of runs that died (killed, preempted): returns the manifests written.
+
+    A dead run's part files are whole or absent (each is written at once); a part is kept when
+    every file it has rows of has all its frames in the kept parts (``.frames.json`` beside each
+    part), so the files a salvage commits are complete and the next run skips them unread. The
+    other parts are removed (their files are scored again). The manifest is the dead run's, marked
+    ``salvaged``, fenced by this holder's ``lease``. Runs with DICOM outputs are not salvaged.
+    Call it holding the lease, before :func:`cleanup_incomplete` (which removes what is left).
+    """
+    out = []
+    for folder in incomplete_run_dirs(output, completed_ids):
+        if keep and folder.endswith(f"run_id={keep}"):
+            continue
+        try:
+            fields = json.loads(storage.read_bytes(storage.join(folder, RUN_STUB)))
+        except (FileNotFoundError, ValueError):
+            continue
+        if fields.get("dicom_output"):
+            continue
+        manifest = _salvage(output, folder, fields, lease)
+        if manifest:
+            out.append(manifest)
+    return out
+
+
+def _salvage(output: str, folder: str, fields: dict, lease: int) -> dict | None:
+    parts, frames = {}, {}
+    for uri in storage.list_files(folder, suffixes=[".parquet"]):
+        try:
+            fs, path = storage.filesystem_for(uri)
+            parts[uri] = pq.read_table(path, filesystem=fs, columns=["image_key", "frame", "status", "error"])
+            frames.update(json.loads(storage.read_bytes(uri + PARTS_FRAMES_SUFFIX)))
+        except (OSError, ValueError, pa.ArrowInvalid):
+            parts.pop(uri, None)
+    kept = set(parts)
+    while True:  # drop parts holding any file not whole in the kept parts, until none is left to drop
+        have: dict[str, set] = {}
+        for uri in kept:
+            for k, f in zip(parts[uri].column("image_key").to_pylist(), parts[uri].column("frame").to_pylist()):
+                have.setdefault(k, set()).add(f)
+        whole = {k for k, fs in have.items() if len(fs) >= frames.get(k, len(fs) + 1)}
+        now = {u for u in kept if set(parts[u].column("image_key").to_pylist()) <= whole}
+        if now == kept:
+            break
+        kept = now
+    for uri in storage.list_files(folder):
+        if uri.endswith(".parquet") and uri not in kept or uri.endswith(PARTS_FRAMES_SUFFIX):
+            storage.delete(uri)
+    if not kept:
+        return None
+    table = pa.concat_tables([parts[u] for u in sorted(kept)])
+    status = table.column("status").to_pylist()
+    errors: dict[str, int] = {}
+    for e in table.column("error").to_pylist():
+        if e:
+            errors[S.error_kind(e)] = errors.get(S.error_kind(e), 0) + 1
+    rel = posixpath.relpath(storage.filesystem_for(folder)[1], storage.filesystem_for(output)[1])
+    manifest = {
+        **fields,
+        "files": [posixpath.join(rel, posixpath.basename(u)) for u in sorted(kept)],
+        "skipped_files": 0,
+        "rows": table.num_rows,
+        "counts": {S.STATUS_OK: status.count(S.STATUS_OK), S.STATUS_ERROR: status.count(S.STATUS_ERROR)},
+        "errors_by_kind": errors,
+        "rows_by_node": {},
+        "salvaged": True,
+        "lease": lease,
+        "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_manifest(output, manifest)
+    log.info(
+        "kept %d row(s) of run %s, which did not complete (%d part file(s))",
+        table.num_rows,
+        fields["run_id"],
+        len(kept),
+    )
+    return manifest
 
 
 def read_runs(output: str, manifests: list[dict], columns: list[str] | None = None) -> pa.Table | None:
@@ -330,21 +465,23 @@ def _map(fn, args: list[tuple]) -> list:
         import ray
 
         if ray.is_initialized():
-            remote = ray.remote(num_cpus=1, max_retries=3)(fn)
+            # A task that failed on the store (throttled, a network error) runs again: its outputs have fixed names.
+            remote = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(fn)
             return ray.get([remote.remote(*a) for a in args])
     except ImportError:
         pass
     return [fn(*a) for a in args]
 
 
-def compact(output: str, buckets: int = DEFAULT_BUCKETS) -> dict | None:
+def compact(output: str, buckets: int = DEFAULT_BUCKETS, check=None) -> dict | None:
     """Fold the runs committed after ``latest`` into it; returns the new latest manifest (None: no runs).
 
     Rewrites only the buckets the new runs' rows fall in: phase 1 splits each new run file by
     bucket (a task per file), phase 2 merges each touched bucket's old file with its fragments
     (a task per bucket), then the new manifest replaces the old one in one write. Task outputs
     have deterministic names, so a retried task overwrites its own file. Call it while holding
-    the output's lease.
+    the output's lease; ``check()`` (the lease's) runs before the new manifest is written and
+    raises if the lease was lost.
     """
     current = read_latest(output)
     through = current["through_run_id"] if current else None
@@ -385,6 +522,8 @@ def compact(output: str, buckets: int = DEFAULT_BUCKETS) -> dict | None:
         "rows": sum(v["n_rows"] for v in bucket_files.values()),
         "runs_folded": [m["run_id"] for m in pending],
     }
+    if check is not None:
+        check()
     storage.write_bytes(latest_manifest_uri(output), json.dumps(manifest, indent=1).encode())
     for b in touched:  # the replaced files: no reader of the new manifest needs them
         prev = old.get(f"{b:03d}")

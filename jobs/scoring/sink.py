@@ -1,8 +1,10 @@
 """Distributed Parquet writes of a scoring run: write tasks, then the manifest from their results.
 
 Each write task (:meth:`RunSink.write`, on whichever node Ray runs it) writes one file
-``part-<task index>.parquet`` into the run's folder: a retried task overwrites its own
-file, and a failed run leaves no manifest, so nothing it wrote is ever read. The driver
+``part-<task index>.parquet`` into the run's folder, whole or not at all, with the frame count
+of each of its files beside it (``.frames.json``): a retried task overwrites its own file. A
+run that dies leaves no manifest; the next run commits the files it wrote whole
+(``ledger.salvage_incomplete``) and removes the rest. The driver
 holds no result rows: tasks return only their file name and counts, and
 :meth:`RunSink.on_write_complete` writes the manifest from those (ledger rules apply).
 
@@ -15,6 +17,7 @@ pairs under ``--path-map`` (``<path-map>/<run_id>/``), the one place the paths g
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import posixpath
 import time
@@ -29,13 +32,15 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 from adcore import storage
 from jobs.scoring import schema as S
 from jobs.scoring.dicom_out import DICOM_COLUMN, DICOM_ERROR_COLUMN
-from jobs.scoring.stages import NODE_COLUMN, TIME_COLUMN
+from jobs.scoring.stages import FRAMES_COLUMN, NODE_COLUMN, SPLITS_COLUMN, TIME_COLUMN
 
 log = logging.getLogger("jobs.score")
 
-# Rows per write task (and per Parquet row group): large row groups read fast in DuckDB and
-# keep per-file metadata small; a task's rows stay in memory until it writes them.
-ROWS_PER_WRITE = 20_000
+# Rows per write task (and per Parquet row group); 0: one write task per block as it arrives
+# (about a model batch), so results reach the store as they are scored and a killed run keeps
+# them (``ledger.salvage_incomplete``); compaction folds the small parts into the latest table.
+ROWS_PER_WRITE = 0
+FRAMES_SUFFIX = ".frames.json"  # beside each part: image key -> frames of its file
 
 
 def _rows_by_time(times: list[float]) -> list[tuple[float, int]]:
@@ -93,8 +98,8 @@ class RunSink(Datasink[dict]):
         self.files_seen = 0  # files with a frame-0 row in this run (for the final progress line)
 
     @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_write
+    def min_rows_per_write(self) -> int | None:
+        return self.rows_per_write or None
 
     def get_name(self) -> str:
         return "AdcoreRun"
@@ -115,30 +120,40 @@ class RunSink(Datasink[dict]):
             "dicom_objects": [],  # DICOM-SEG/SR written for these rows (paths under the run's DICOM folder)
             "dicom_failed": {},  # instances whose DICOM objects were not written, by reason
             "scored": [],  # (unix seconds, rows): one entry per model batch
+            "oom_splits": 0,  # model calls split in two after a device out-of-memory error
         }
         if table is None or table.num_rows == 0:
             return result
+        if SPLITS_COLUMN in table.column_names:  # counted before skip markers (which may carry them) go
+            result["oom_splits"] = int(pc.sum(table.column(SPLITS_COLUMN)).as_py() or 0)
+            table = table.drop_columns([SPLITS_COLUMN])
         skipped = pc.equal(table.column("status"), S.STATUS_SKIPPED)
         result["skipped_files"] = int(pc.sum(skipped).as_py() or 0)
         table = table.filter(pc.invert(skipped))
         nodes = table.column(NODE_COLUMN).to_pylist()
         scored = _rows_by_time(table.column(TIME_COLUMN).to_pylist())
+
         if DICOM_COLUMN in table.column_names:  # --dicom-output: counted here, never written to Parquet
             result["dicom_objects"] = [p for ps in table.column(DICOM_COLUMN).to_pylist() for p in ps or ()]
             failed = table.column(DICOM_ERROR_COLUMN).to_pylist()
             result["dicom_failed"] = dict(Counter(e for e in failed if e))
             table = table.drop_columns([DICOM_COLUMN, DICOM_ERROR_COLUMN])
+        frames = {}  # image key -> frames of its file: which files this part holds whole (a dead run's salvage)
+        if FRAMES_COLUMN in table.column_names:
+            frames = dict(zip(table.column("image_key").to_pylist(), table.column(FRAMES_COLUMN).to_pylist()))
+            table = table.drop_columns([FRAMES_COLUMN])
         table = table.drop_columns([NODE_COLUMN, TIME_COLUMN])
         if table.num_rows:
             table = self._identify(table, ctx.task_idx)
         table = table.select(S.SCHEMA.names).cast(S.SCHEMA)
         if table.num_rows:
-            fs, dir_path = storage.filesystem_for(self.run_dir)
-            if not storage.is_s3(self.run_dir):
-                fs.create_dir(dir_path, recursive=True)
             name = f"part-{ctx.task_idx:05d}.parquet"
-            with fs.open_output_stream(posixpath.join(dir_path, name)) as sink:
-                pq.write_table(table, sink, compression="zstd", row_group_size=max(table.num_rows, 1))
+            if frames:  # first: a part present has its frame counts beside it
+                storage.write_bytes(storage.join(self.run_dir, name + FRAMES_SUFFIX), json.dumps(frames).encode())
+            buf = pa.BufferOutputStream()
+            pq.write_table(table, buf, compression="zstd", row_group_size=max(table.num_rows, 1))
+            # Whole or not at all (a local rename, one S3 upload): a killed task leaves no partial part.
+            storage.write_bytes(storage.join(self.run_dir, name), buf.getvalue().to_pybytes())
             statuses = table.column("status").to_pylist()
             result.update(
                 file=name,
@@ -208,6 +223,7 @@ class RunSink(Datasink[dict]):
             "errors_by_kind": dict(errors),
             "rows_by_node": dict(nodes),
             "dicom_rows": sum(r["dicom_rows"] for r in parts),
+            "oom_splits": sum(r.get("oom_splits", 0) for r in parts),
             "seconds": round(elapsed, 3),
             "rows_per_s": round(rows / max(elapsed, 1e-9), 3),
             "first_rows_seconds": round(first, 3),

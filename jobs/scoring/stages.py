@@ -177,25 +177,27 @@ class Decoder:
             frames = decode_image(
                 data, file[0], max_pixels=self.max_pixels, max_frames=self.max_frames, frame_errors=True
             )
-        except DecodeError as e:
+        except DecodeError as e:  # the file is one (error) row
             if 0 not in done:
                 rows.add(file, sha, 0, S.STATUS_ERROR, S.format_error(e.kind, e.reason))
             else:
                 rows.add(file, sha, 0, S.STATUS_SKIPPED)
             return
         todo = [f for f in frames if f.index not in done]
+        n = len(frames)  # every row of the file says how many frames it has (salvage of a dead run's parts)
         del frames
         if not todo:
-            rows.add(file, sha, 0, S.STATUS_SKIPPED)
+            rows.add(file, sha, 0, S.STATUS_SKIPPED, file_frames=n)
         for i, f in enumerate(todo):
             todo[i] = None  # the source frame goes once prepared
             key = S.study_key(f.study_uid, self._secret)
             if f.error is not None:  # this frame alone failed to decode: its own error row
                 error = S.format_error(f.error.kind, f.error.reason)
-                rows.add(file, sha, f.index, S.STATUS_ERROR, error, modality=f.modality, key=key)
+                rows.add(file, sha, f.index, S.STATUS_ERROR, error, modality=f.modality, key=key, file_frames=n)
             else:
                 px = to_uint8(prepare(f.pixels, self.input_size))
-                rows.add(file, sha, f.index, S.STATUS_OK, px=px, hw=f.pixels.shape[:2], modality=f.modality, key=key)
+                hw = f.pixels.shape[:2]
+                rows.add(file, sha, f.index, S.STATUS_OK, px=px, hw=hw, modality=f.modality, key=key, file_frames=n)
             yield
 
 
@@ -216,22 +218,24 @@ class _Rows:
         self._reset()
 
     def _reset(self) -> None:
-        self.cols: dict[str, list] = {c: [] for c in ROW_COLUMNS}
+        self.cols: dict[str, list] = {c: [] for c in (*ROW_COLUMNS, FRAMES_COLUMN)}
         self.pixels: list[np.ndarray] = []
 
     def __len__(self) -> int:
         return len(self.pixels)
 
-    def add(self, file, sha, frame, status, error=None, px=None, hw=(None, None), modality=None, key=None) -> None:
+    def add(
+        self, file, sha, frame, status, error=None, px=None, hw=(None, None), modality=None, key=None, file_frames=1
+    ) -> None:
         (uri, image_key, size, version) = file
-        values = (uri, image_key, sha, frame, hw[0], hw[1], modality, key, status, error, size, version)
-        for c, v in zip(ROW_COLUMNS, values):
+        values = (uri, image_key, sha, frame, hw[0], hw[1], modality, key, status, error, size, version, file_frames)
+        for c, v in zip((*ROW_COLUMNS, FRAMES_COLUMN), values):
             self.cols[c].append(v)
         self.pixels.append(self.blank if px is None else px)
 
     def take(self) -> dict[str, np.ndarray]:
         out = {c: np.array(v, dtype=object) for c, v in self.cols.items()}
-        for c in ("frame", "height", "width", "file_size"):
+        for c in ("frame", "height", "width", "file_size", FRAMES_COLUMN):
             out[c] = np.array([-1 if v is None else v for v in self.cols[c]], dtype=np.int64)
         shape = (0, 3, self.size, self.size)
         out["pixels"] = np.stack(self.pixels) if self.pixels else np.zeros(shape, np.uint8)
@@ -283,6 +287,8 @@ class ScoreStage:
 
         from adcore import engine as engines
 
+        _replica_death_hook()
+
         threads = max(1, threads)
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the actor's CPUs otherwise
@@ -328,6 +334,7 @@ class ScoreStage:
         n_cat = len(self.scorer.categories)
         cat_scores = np.full((n, n_cat), np.nan, np.float32)
         ok = np.flatnonzero(status == S.STATUS_OK)
+        splits_before = self.scorer.oom_splits
         for rows, out in self.scorer.iter_raw(_gather(batch["pixels"], ok), with_categories=True):
             idx = ok[rows]
             if isinstance(out, Exception):  # a failed model call marks its rows, the job goes on
@@ -341,6 +348,9 @@ class ScoreStage:
         passed = {c: _texts(batch[c]) if c in TEXT_COLUMNS else batch[c] for c in PASSED_COLUMNS}
         node = np.full(n, self.node_id, dtype=object)
         scored = np.full(n, time.time(), dtype=np.float64)
+        splits = np.zeros(n, np.int64)  # the batch's out-of-memory splits, on its first row
+        if n:
+            splits[0] = self.scorer.oom_splits - splits_before
         return {
             **passed,
             "status": status,
@@ -350,6 +360,8 @@ class ScoreStage:
             **({CATEGORY_SCORES_COLUMN: cat_scores} if n_cat else {}),
             NODE_COLUMN: node,
             TIME_COLUMN: scored,
+            SPLITS_COLUMN: splits,
+            **({FRAMES_COLUMN: batch[FRAMES_COLUMN]} if FRAMES_COLUMN in batch else {}),
         }
 
 
@@ -387,7 +399,7 @@ class Postprocess:
                 res[c][i] = v
             res["category_scores"][i] = S.category_scores_value(self.categories, None if cats is None else cats[j])
         cols = {c: [_text(v) for v in batch[c]] for c in TEXT_COLUMNS}
-        for c in ("frame", "height", "width", "file_size"):
+        for c in ("frame", "height", "width", "file_size", FRAMES_COLUMN):
             cols[c] = [None if v < 0 else int(v) for v in batch[c]]
         cols["frame"] = [0 if v is None else v for v in cols["frame"]]
         table = S.to_table(
@@ -398,7 +410,11 @@ class Postprocess:
             scored_at=dt.datetime.now(dt.timezone.utc),
         )
         table = table.append_column(NODE_COLUMN, pa.array([_text(v) for v in batch[NODE_COLUMN]], pa.string()))
-        return table.append_column(TIME_COLUMN, pa.array(batch[TIME_COLUMN], pa.float64()))
+        table = table.append_column(TIME_COLUMN, pa.array(batch[TIME_COLUMN], pa.float64()))
+        table = table.append_column(SPLITS_COLUMN, pa.array(batch[SPLITS_COLUMN], pa.int64()))
+        if FRAMES_COLUMN in batch:
+            table = table.append_column(FRAMES_COLUMN, pa.array(batch[FRAMES_COLUMN], pa.int64()))
+        return table
 
 
 # Carried from the decoder through the replicas to the output.
@@ -410,9 +426,35 @@ PASSED_COLUMNS = (
 NODE_COLUMN = "_node_id"
 # When the replica scored the row (unix seconds): the manifest's start-up vs steady-state rates.
 TIME_COLUMN = "_scored_unix"
+# Frames of the row's file (all of them, scored now or before): salvaging a dead run's parts.
+FRAMES_COLUMN = "_file_frames"
+# Model calls split in two after a device out-of-memory error (per batch, on its first row): the manifest's oom_splits.
+SPLITS_COLUMN = "_oom_splits"
 RESULT_COLUMNS = ("score", "raw_score", "label", "mask_png", "mask_area", "peak_row", "peak_col", "category")
 # Per-category raw scores [n, C] from the replicas, for heads with categories (absent otherwise).
 CATEGORY_SCORES_COLUMN = "_category_scores"
+
+
+# Fault hook of the tests: "exit:PATH" or "raise:PATH"; the first replica to load creates the file
+# at PATH and dies (its process exits, or its constructor raises: a CUDA library failing to load),
+# the next ones load normally.
+FAULT_REPLICA_DEATH_ENV = "ADCORE_FAULT_REPLICA_DEATH"
+
+
+def _replica_death_hook() -> None:
+    import os
+
+    how, _, marker = os.environ.get(FAULT_REPLICA_DEATH_ENV, "").partition(":")
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+    if how == "exit":
+        os._exit(1)
+    raise RuntimeError("replica failed while loading (fault hook)")
 
 
 def _gather(pixels: np.ndarray, idx: np.ndarray) -> np.ndarray:
