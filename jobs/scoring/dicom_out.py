@@ -56,6 +56,9 @@ SEG_SERIES_NUMBER = 9701  # series numbers of the derived series: high, to sort 
 SR_SERIES_NUMBER = 9702
 KEY_HEX = 20  # hex digits of SHA-256(image_uri) in object names (80 bits: no collision in any archive)
 MANUFACTURER = "adcore"
+# Carried in both objects' algorithm identification (SEG: Algorithm Parameters; SR: TID 4019's
+# Algorithm Parameter), where a PACS viewer shows what produced a finding.
+INTENDED_USE = "Research use only: not a medical device and not a diagnosis; above-threshold means unusual"
 # Private codes (coding scheme designator "99" + name: DICOM PS3.16 8.2) for what no standard code names.
 CODING_SCHEME = "99ADCORE"
 
@@ -185,7 +188,13 @@ class DicomWriter:
             if m.shape != pixels.shape[1:]:
                 raise ValueError("mask size differs from the source's Rows/Columns")
             pixels[f] = m
-        algorithm = hd.AlgorithmIdentificationSequence(name=self.model_name, version=self.model_version, family=c["ai"])
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name=self.model_name,
+            version=self.model_version,
+            family=c["ai"],
+            source=MANUFACTURER,
+            parameters={"intended_use": INTENDED_USE},
+        )
         segment = hd.seg.SegmentDescription(
             segment_number=1,
             segment_label="anomaly",
@@ -216,7 +225,9 @@ class DicomWriter:
         import highdicom as hd
 
         c = _codes()
-        algorithm = hd.sr.AlgorithmIdentification(name=self.model_name, version=self.model_version)
+        algorithm = hd.sr.AlgorithmIdentification(
+            name=self.model_name, version=self.model_version, parameters=[INTENDED_USE], manufacturer=MANUFACTURER
+        )
         device = hd.sr.DeviceObserverIdentifyingAttributes(
             uid=_uid(self.model_version, "device"),
             name=self.model_name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -13,6 +14,21 @@ from jobs.scoring.schema import SECRET_ENV
 STUDY_SECRET = "integration-study-secret-of-at-least-32-bytes"
 
 
+@contextlib.contextmanager
+def nodes_environment():
+    """The environment Ray nodes started inside this block give their workers: the study secret
+    (each test sets the driver's own)."""
+    saved = os.environ.get(SECRET_ENV)
+    os.environ[SECRET_ENV] = STUDY_SECRET
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(SECRET_ENV)
+        else:
+            os.environ[SECRET_ENV] = saved
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local two-CPU Ray for the module's jobs (drivers in this process)."""
@@ -20,14 +36,7 @@ def ray_local():
 
     os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-score")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    saved = os.environ.get(SECRET_ENV)
-    os.environ[SECRET_ENV] = STUDY_SECRET  # the workers' environment; each test sets the driver's
-    try:
+    with nodes_environment():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    finally:
-        if saved is None:
-            os.environ.pop(SECRET_ENV)
-        else:
-            os.environ[SECRET_ENV] = saved
     yield ray
     ray.shutdown()

@@ -138,6 +138,8 @@ def check_objects(
                 if (uri, f) in ok:
                     segs.setdefault((uri, f), []).append(px[f].astype(bool))
             assert seg.SegmentSequence[0].SegmentLabel == "anomaly"
+            algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+            assert dicom_out.INTENDED_USE in algorithm.AlgorithmParameters  # what produced it, and what it is not
         else:
             for g in sr_groups(ds):
                 r = ok[(by_sop[g["sop"]], g["frame"])]
@@ -145,6 +147,7 @@ def check_objects(
                 assert g["num"]["anomaly-area"] == r["mask_area"]
                 assert g["finding"] == ("Abnormal" if r["label"] else "Normal")
                 assert r["model_name"] in g["text"] and r["model_version"] in g["text"]
+                assert dicom_out.INTENDED_USE in g["text"]  # TID 4019's algorithm parameter: not a diagnosis
                 reported.add((r["image_uri"], r["frame"]))
     assert reported == set(ok), "every scored DICOM frame is in a report"
     for key, r in ok.items():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from adcore import storage
+from tests.integration.conftest import STUDY_SECRET, nodes_environment
 from tests.integration.test_score_job import PHI, _dicom_with_phi, _png, upload
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -22,8 +23,9 @@ def two_nodes():
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_TMPDIR", "/tmp/ray-report")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
+    with nodes_environment():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address)
     yield cluster
     ray.shutdown()
@@ -36,7 +38,7 @@ def test_two_runs_on_two_nodes_then_report(s3_server, two_nodes, tiny_artifact, 
     from jobs.score import ScoreConfig
     from jobs.score import main as score
 
-    monkeypatch.setenv("ADCORE_STUDY_KEY_SECRET", "s" * 32)
+    monkeypatch.setenv("ADCORE_STUDY_KEY_SECRET", STUDY_SECRET)
     bucket = s3_server.make_bucket("score-report")
     rng = np.random.default_rng(3)
     files = {f"img{i}.png": _png((rng.random((48, 40)) * 255).astype(np.uint8)) for i in range(6)}
