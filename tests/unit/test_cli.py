@@ -240,7 +240,7 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys, text, message):
 def test_example_nightly_config_parses_as_the_score_job():
     from jobs.score import parse_args
 
-    cfg = parse_args(["--config", str(REPO / "cluster" / "nightly-score.yaml")])
+    cfg = parse_args(["--config", str(REPO / "cluster" / "jobs" / "nightly-score.yaml")])
     assert cfg.input.startswith("s3://") and cfg.model.startswith("s3://") and cfg.output.startswith("s3://")
 
 
