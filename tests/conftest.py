@@ -24,6 +24,7 @@ import pytest
 # Offline and quiet: no usage reports, no model-hub downloads.
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # no instance metadata here: never wait on it
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 # Dummy credentials for the local moto server only.

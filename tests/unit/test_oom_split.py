@@ -7,9 +7,12 @@ raises ``torch.OutOfMemoryError`` for batches above a size; everything else is t
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from adcore.scorer import FAULT_OOM_ABOVE_ENV
 from jobs.scoring import schema as S
+
+pytestmark = pytest.mark.integration  # the replica stage runs under a local Ray
 
 
 def _batch(n: int, size: int, rng) -> dict[str, np.ndarray]:
