@@ -383,8 +383,10 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     listing = list_inputs(cfg.input)
     if not listing.num_rows:
         raise SystemExit(f"--input {cfg.input}: no files to score")
-    keys = S.image_keys(listing.column("uri").to_pylist(), cfg.path_privacy, os.environ.get(SECRET_ENV, "").encode())
-    listing = listing.append_column("image_key", pa.array(keys, pa.string()))
+    if cfg.path_privacy != "keep":  # kept paths are their own keys (ledger.plan_inputs): no copy of the listing
+        key_secret = os.environ.get(SECRET_ENV, "").encode()
+        keys = S.image_keys(listing.column("uri").to_pylist(), cfg.path_privacy, key_secret)
+        listing = listing.append_column("image_key", pa.array(keys, pa.string()))
     todo, skipped = ledger.plan_inputs(cfg.output, listing, model_version, cfg.rescore_all)
     try:
         secret = S.study_key_secret()  # checked here; each decode task reads its own
