@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from adcore import s3retry
 from adcore.errors import DataNotFoundError, StorageURIError
 
 S3_PREFIX = "s3://"
@@ -46,33 +47,52 @@ def _env(*names: str) -> str | None:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    """This process's S3 filesystem for the endpoint and region of the AWS environment (one per process).
+    """This process's native S3 filesystem for the endpoint and region of the AWS environment.
 
     No key is given to it: the AWS SDK's default credential chain finds them (environment
     variables, ``~/.aws``, an instance or pod role) when a request is signed, on whichever node
     the filesystem is used. So every node needs the chain: Ray workers of a local cluster
     inherit the environment of the process that called ``ray.init``; on a multi-node cluster
     give each node the variables or a role (the jobs never forward credentials themselves).
+    For libraries that need the native class (Ray Train's storage); everything else goes
+    through :func:`filesystem_for`, whose operations outlast throttling (:mod:`adcore.s3retry`).
     """
-    endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-    return _s3_filesystem(endpoint, _env("AWS_REGION", "AWS_DEFAULT_REGION"), os.getpid())
+    endpoint, scheme, region = _s3_settings()
+    return _s3_filesystem(endpoint, scheme, region, os.getpid())
 
 
-@functools.lru_cache(maxsize=4)
-def _s3_filesystem(endpoint: str | None, region: str | None, pid: int) -> pafs.S3FileSystem:
-    """``pid``: a forked child makes its own (the SDK's connections are not shared across a fork)."""
-    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
+def _s3_settings() -> tuple[str | None, str | None, str | None]:
+    """(endpoint host, scheme, region) from the AWS environment."""
+    endpoint, scheme = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"), None
     if endpoint:
         scheme, sep, host = endpoint.partition("://")
         if not sep:
             scheme, host = "https", endpoint
         if scheme not in ("http", "https"):
             raise StorageURIError(f"AWS_ENDPOINT_URL must start with http:// or https://, not {scheme}://")
-        kwargs["endpoint_override"] = host.rstrip("/")
-        kwargs["scheme"] = scheme
+        endpoint = host.rstrip("/")
+    return endpoint, scheme, _env("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_filesystem(endpoint: str | None, scheme: str | None, region: str | None, pid: int) -> pafs.S3FileSystem:
+    """``pid``: a forked child makes its own (the SDK's connections are not shared across a fork)."""
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS)}
+    if endpoint:
+        kwargs.update(endpoint_override=endpoint, scheme=scheme)
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)
+
+
+def retrying_s3_filesystem() -> pafs.FileSystem:
+    """This process's S3 filesystem whose every operation is retried through throttling (one per process)."""
+    return _retrying(*_s3_settings(), os.getpid())
+
+
+@functools.lru_cache(maxsize=4)
+def _retrying(endpoint: str | None, scheme: str | None, region: str | None, pid: int) -> pafs.FileSystem:
+    return s3retry.filesystem(endpoint, scheme, region)
 
 
 def local_path(uri: str | os.PathLike) -> str:
@@ -102,7 +122,7 @@ def filesystem_for(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         path = text[len(S3_PREFIX) :].strip("/")
         if not path:
             raise StorageURIError(f"S3 URI has no bucket: {text!r} (expected s3://bucket/prefix)")
-        return s3_filesystem(), path
+        return retrying_s3_filesystem(), path
     return pafs.LocalFileSystem(), local_path(text)
 
 
@@ -175,7 +195,7 @@ class Reader:
         s3 = is_s3(uri)
         fs = self._fs.get(s3)
         if fs is None:
-            fs = self._fs[s3] = s3_filesystem() if s3 else pafs.LocalFileSystem()
+            fs = self._fs[s3] = retrying_s3_filesystem() if s3 else pafs.LocalFileSystem()
         path = str(uri)[len(S3_PREFIX) :] if s3 else local_path(uri)
         with fs.open_input_stream(path) as f:
             return f.read()
@@ -189,7 +209,7 @@ class Reader:
             return read_local_listed(local_path(uri), size, local_path(root))
         fs = self._fs.get(True)
         if fs is None:
-            fs = self._fs[True] = s3_filesystem()
+            fs = self._fs[True] = retrying_s3_filesystem()
         with fs.open_input_stream(str(uri)[len(S3_PREFIX) :]) as f:
             return _at_most(f, size)
 

@@ -98,6 +98,11 @@ def faults(args, server, artifact, bucket, tmp) -> list[dict]:
             t0 = time.monotonic()
             done = subprocess.run(cmd, env=env, timeout=JOB_TIMEOUT_S, capture_output=True, text=True)
             wall = time.monotonic() - t0
+        log = tmp / f"job-faults-{int(share * 100)}.log"
+        log.write_text(done.stdout + done.stderr)
+        if done.returncode:
+            tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+            print(f"job at {share:.0%} faults exited {done.returncode}; its log: {log}\n{tail}", file=sys.stderr)
         runs = ledger.completed_runs(output)
         ok = sum(m["counts"]["ok"] for m in runs)
         out.append(

@@ -79,9 +79,8 @@ def driver_runtime_env() -> dict:
 
 def storage_args(uri: str) -> tuple[str, pafs.FileSystem | None]:
     """``(storage_path, storage_filesystem)`` for a Ray ``RunConfig``: local path or S3 URI."""
-    if storage.is_s3(uri):
-        fs, path = storage.filesystem_for(uri)
-        return path, fs
+    if storage.is_s3(uri):  # Ray Train's storage: the native S3 filesystem, its own retries
+        return storage.filesystem_for(uri)[1], storage.s3_filesystem()
     return storage.local_path(uri), None
 
 

@@ -55,7 +55,7 @@ from typing import Literal
 
 import pyarrow as pa
 
-from adcore import storage
+from adcore import s3retry, storage
 from adcore.cli import hidden, parse_config, required_unless, run_command
 from adcore.data.decode import DEFAULT_MAX_FRAMES
 from adcore.engine import EngineName
@@ -97,10 +97,7 @@ WRITE_CPU_SHARE = 0.5  # a write task is mostly waiting on the store
 REPLICA_INIT_DEATHS = 3
 # Errors of a map or write task that a later attempt can get past (throttling, a network blip),
 # matched against the exception's message; Ray Data retries nothing unless told.
-TRANSIENT_ERRORS = (
-    "SLOW_DOWN", "SlowDown", "HTTP status 503", "HTTP status 500", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE",
-    "NETWORK_CONNECTION", "Connection reset", "Connection refused", "timed out", "Throttl",
-)  # fmt: skip
+TRANSIENT_ERRORS = s3retry.TRANSIENT_ERRORS
 # Attempts of a task after its first one (on top of each S3 call's own attempts with backoff).
 MAP_RETRIES = 4
 

@@ -26,7 +26,8 @@ def test_filesystem_from_environment(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
     fs, path = storage.filesystem_for("s3://bucket/some/prefix/")
     assert path == "bucket/some/prefix"
-    got = _settings(fs)
+    assert fs.__reduce__()[1][0].settings == ("127.0.0.1:9000", "http", "eu-west-3")
+    got = _settings(storage.s3_filesystem())
     assert (got["endpoint_override"], got["scheme"], got["region"]) == ("127.0.0.1:9000", "http", "eu-west-3")
     assert "very-secret-value" not in repr(fs) and "very-secret-value" not in str(fs)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.example.org")
