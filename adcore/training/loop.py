@@ -170,6 +170,13 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
             seed=cfg.seed + 1000 * hooks.rank,
         )
         train_images = len(train_set["images"]) * hooks.world_size
+    unmasked = getattr(batches, "image_level_only", 0)
+    if unmasked and hooks.is_main:
+        log.warning(
+            "%d labelled anomalies have no mask: used for image-level supervision only "
+            "(never as normal patches, no pixel loss)",
+            unmasked,
+        )
     resume = hooks.resume or {}
     if resume and resume.get("format") != STATE_FORMAT:
         log.warning("checkpoint of an older layout (no optimiser or stage state): starting afresh")
@@ -219,6 +226,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         "train_images": train_images,
         **summary,
         **({"head_choice": chosen} if chosen else {}),
+        **({"image_level_only": unmasked} if unmasked else {}),
     }
     summary["seconds"] = round(time.monotonic() - t0, 1)
     if output and hooks.is_main:
