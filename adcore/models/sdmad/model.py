@@ -16,6 +16,8 @@ The paper's public text is an abstract; what is built here is adcore's reading o
 * **Categories.** ``z_c = sum_s W_sc * act_s`` with ``W`` a softmax of learnt weights over the signs
   the bank lists for c (a shared sign enters every category that lists it). The normal class has a
   learnt logit ``b0``; image logit = logsumexp_c z_c - b0; per-category scores = softmax([b0, z]).
+  ``score`` and ``anomaly_map`` are the image and map logits (``sigmoid_outputs``: their sigmoids,
+  which float32 ties at 1.0; artifacts saved before the field).
 * **Stage 1 (alignment, ``train.py``).** Cross-entropy over {normal, categories} plus the
   *discrepancy amplification* hinge ``max(0, margin - (z_y - max_{c != y} z_c))`` on the labelled
   shots, a sign-alignment BCE (a shot's own signs on, signs only other categories list off) and
@@ -184,7 +186,9 @@ class SDMADModel(AnomalyModel):
 
     @classmethod
     def from_config_dict(cls, data: dict) -> SDMADModel:
-        cfg = SDMADConfig.from_dict({k: v for k, v in data.items() if k != "family"})
+        data = {k: v for k, v in data.items() if k != "family"}
+        data.setdefault("sigmoid_outputs", True)  # saved before the field existed: sigmoid outputs
+        cfg = SDMADConfig.from_dict(data)
         bank = bank_of(cfg.text)
         # The embeddings come with the artifact's weights: placeholders of the recorded width.
         d = cfg.text.dim
@@ -280,9 +284,10 @@ class SDMADModel(AnomalyModel):
         ev = self.evidence(patches)
         b, g = images.shape[0], self.grid
         map_logit = ev["map_logit"].reshape(b, g, g)
+        out = torch.sigmoid if self.cfg.sigmoid_outputs else torch.clone  # raw logits: no ties at 1.0
         return ModelOutput(
-            score=torch.sigmoid(ev["image_logit"]),
-            anomaly_map=torch.sigmoid(map_logit),
+            score=out(ev["image_logit"]),
+            anomaly_map=out(map_logit),
             patch_embeddings=patches,
             image_logit=ev["image_logit"],
             map_logit=map_logit,

@@ -153,3 +153,18 @@ def test_sdmad_refuses_data_without_categories(tmp_path):
         train(str(plain), TrainConfig(preset="sdmad", tiny=True, labelled=2, smoke_test=True))
     with pytest.raises(ValueError, match="labelled anomalies"):
         train(str(plain), TrainConfig(preset="sdmad", tiny=True, smoke_test=True))
+
+
+def test_strongly_anomalous_images_keep_their_order():
+    torch.manual_seed(0)
+    model = create("sdmad", tiny=True).eval()
+    x = torch.rand(4, 3, model.input_size, model.input_size)
+    with torch.no_grad():
+        model.normal_bias.fill_(-100.0)  # every image far past the float32 range of a sigmoid
+        score = model(x).score
+        assert score.min() > 40 and len(set(score.tolist())) == 4
+        model.cfg.sigmoid_outputs = True  # the earlier outputs: all tie at 1.0
+        assert model(x).score.tolist() == [1.0] * 4
+    saved = model.config_dict()
+    del saved["sigmoid_outputs"]
+    assert type(model).from_config_dict(saved).cfg.sigmoid_outputs  # artifacts saved before: as trained
