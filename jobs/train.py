@@ -37,7 +37,7 @@ from adcore.cli import hidden, parse_command, run_command, setup_logging
 from adcore.errors import DataNotFoundError
 from adcore.models import create, family_for
 from adcore.training import TrainConfig, TrainHooks, dist, refuse_unused_flags, train
-from adcore.training.loop import SMOKE_IMAGES
+from adcore.training.loop import SMOKE_IMAGES, model_overrides
 from adcore.training.stream import StreamedBatches, decode_train, image_level_only, shard_listing, train_listing
 from jobs.common import init_ray, local_copy, run_name, storage_args
 from jobs.console import quiet_ray_loggers
@@ -220,7 +220,7 @@ def train_datasets(job: JobConfig, cfg: TrainConfig) -> tuple[dict, dict]:
     ranks need to know about them; ``({}, {})`` when the family keeps its images in memory."""
     import ray.data
 
-    model = create(cfg.preset, weights=cfg.weights or None, tiny=cfg.tiny, **cfg.overrides)
+    model = create(cfg.preset, weights=cfg.weights or None, tiny=cfg.tiny, **model_overrides(cfg))
     if not job.stream or family_for(model).needs_images_in_memory:
         return {}, {}
     listing = train_listing(job.data, cfg.labelled, cfg.seed)

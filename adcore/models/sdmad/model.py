@@ -40,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adcore.errors import FlagError
 from adcore.models.base import AnomalyModel, ModelOutput
 from adcore.models.sdmad.config import SDMADConfig, SignTextSpec
 from adcore.models.towers import Tower
-from adcore.signs import SignBank, load_sign_bank
+from adcore.signs import SignBank, load_sign_bank, read_sign_bank
 
 AGGREGATION_KERNEL = 3  # locally aware patch features (PatchCore's 3x3 neighbourhood average)
 
@@ -57,6 +58,14 @@ def bank_of(text: SignTextSpec) -> SignBank:
     else:
         bank = load_sign_bank(text.domain)
     return bank.subset(text.categories) if text.categories else bank
+
+
+def sign_overrides(path: str) -> dict:
+    """``--signs FILE``: the sign bank in that file (YAML or JSON) as model config overrides; it is
+    frozen into the artifact like a bundled bank."""
+    bank = read_sign_bank(path)
+    frozen = {"normal": list(bank.normal), "categories": {k: list(v) for k, v in bank.categories.items()}}
+    return {"text": {"domain": bank.domain, "bank": frozen, "categories": None}}
 
 
 def encode_signs(text: SignTextSpec, bank: SignBank, clip_weights: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +273,12 @@ class SDMADModel(AnomalyModel):
             return
         keep_cat = [self.categories.index(n) for n in names] if set(names) <= set(self.categories) else None
         if keep_cat is None:
-            raise ValueError(f"sign bank {self.bank.domain!r} has categories {self.categories}, not all of {names}")
+            missing = sorted(set(names) - set(self.categories))
+            raise FlagError(
+                f"sign bank {self.bank.domain!r} has categories {self.categories}, not {missing} of the dataset's "
+                f"{list(names)}: write a sign bank naming every category (YAML or JSON, docs/models/sdmad.md) "
+                "and pass it with --signs FILE"
+            )
         sub = self.bank.subset(list(names))
         rows = [self.bank.signs.index(s) for s in sub.signs]
         dim = self.sign_emb.shape[1]
