@@ -108,3 +108,29 @@ def test_training_log_counts_the_image_level_only_anomalies(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="adcore.train"):
         train(str(root), cfg)
     assert "2 labelled anomalies have no mask: used for image-level supervision only" in caplog.text
+
+
+def test_streamed_batches_mark_an_unmasked_anomaly_unknown():
+    import pyarrow as pa
+
+    from adcore.training.stream import LISTING_SCHEMA, StreamedBatches, image_level_only
+
+    size = 16
+    pixels = np.full((3, 3, size, size), 128, np.uint8)
+    decoded = {
+        "index": np.arange(3),
+        "pixels": pixels,
+        "mask": np.zeros((3, size, size), bool),
+        "has_mask": np.array([False, False, True]),
+        "label": np.array([0, 1, 1], np.int8),
+    }
+    decoded["mask"][2, :8] = True
+    batches = StreamedBatches(lambda epoch: [decoded], n_images=3, batch_size=3, anomaly_share=0.0)
+    (batch,) = list(batches.epoch(0))
+    assert batch.known.tolist() == [True, False, True]
+    assert batch.patch_share(2)[1].tolist() == [-1.0] * 4 and batch.patch_share(2)[2].tolist() == [1, 1, 0, 0]
+    listing = pa.table(
+        {"index": [0, 1, 2], "uri": ["a", "b", "c"], "mask_uri": ["", "", "m"], "label": [0, 1, 1]},
+        schema=LISTING_SCHEMA,
+    )
+    assert image_level_only(listing) == 1
