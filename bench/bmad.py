@@ -35,7 +35,7 @@ import numpy as np
 from bmad_layout import DATASETS, fewshot_view, find_dataset, read_layout, write_view
 
 from adcore.calibration import fit_calibration
-from adcore.cli import hidden, parse_config
+from adcore.cli import hidden, parse_config, run_command
 from adcore.evaluate import evaluate
 from adcore.training import TrainConfig, train
 from adcore.training.loop import load_split
@@ -183,4 +183,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "bench/bmad.py")
