@@ -134,3 +134,17 @@ def test_streamed_batches_mark_an_unmasked_anomaly_unknown():
         schema=LISTING_SCHEMA,
     )
     assert image_level_only(listing) == 1
+
+
+def test_fusion_memory_and_normal_centroids_leave_an_unmasked_anomaly_out():
+    from adcore.models.fusion.fit import fit_centroids
+
+    torch.manual_seed(0)
+    model = create("fusion-small", tiny=True).eval()
+    assert model.cfg.memory_layers and model.cfg.clean_centroids  # the bank and centroids of the clean pass
+    model.cfg.memory_coreset_ratio, model.cfg.memory_max_bank = 1.0, 10**6
+    size, cut = model.input_size, model.proj_dim
+    head = fit_centroids(model, FitData(_with_unmasked_anomaly(size), quick=True))
+    anomalous = _patches_of(model, _checkerboard(size))[:, cut:]
+    nearest = torch.cdist(torch.from_numpy(anomalous), torch.from_numpy(head.memory)).min(1).values
+    assert nearest.min() > 1e-3 and len(head.memory) == 4 * model.grid**2
