@@ -37,8 +37,8 @@ from adcore.cli import hidden, parse_command, run_command, setup_logging
 from adcore.errors import DataNotFoundError
 from adcore.models import create, family_for
 from adcore.training import TrainConfig, TrainHooks, dist, refuse_unused_flags, train
-from adcore.training.loop import SMOKE_IMAGES
-from adcore.training.stream import StreamedBatches, decode_train, shard_listing, train_listing
+from adcore.training.loop import SMOKE_IMAGES, model_overrides
+from adcore.training.stream import StreamedBatches, decode_train, image_level_only, shard_listing, train_listing
 from jobs.common import init_ray, local_copy, run_name, storage_args
 from jobs.console import quiet_ray_loggers
 
@@ -179,7 +179,12 @@ def train_worker(config: dict) -> None:
         quiet_ray_loggers(("ray.data",))
         shard = ray.train.get_dataset_shard(f"{TRAIN_DATASET}_{rank}")
         hooks.train_batches = StreamedBatches(
-            _epoch_iterator(shard, cfg), streamed["rows_per_rank"], cfg.batch_size, cfg.anomaly_share, seed=cfg.seed
+            _epoch_iterator(shard, cfg),
+            streamed["rows_per_rank"],
+            cfg.batch_size,
+            cfg.anomaly_share,
+            seed=cfg.seed,
+            image_level_only=streamed["image_level_only"],
         )
         hooks.train_images = streamed["images"]
     train(data, cfg, output=job.output, hooks=hooks)
@@ -215,7 +220,7 @@ def train_datasets(job: JobConfig, cfg: TrainConfig) -> tuple[dict, dict]:
     ranks need to know about them; ``({}, {})`` when the family keeps its images in memory."""
     import ray.data
 
-    model = create(cfg.preset, weights=cfg.weights or None, tiny=cfg.tiny, **cfg.overrides)
+    model = create(cfg.preset, weights=cfg.weights or None, tiny=cfg.tiny, **model_overrides(cfg))
     if not job.stream or family_for(model).needs_images_in_memory:
         return {}, {}
     listing = train_listing(job.data, cfg.labelled, cfg.seed)
@@ -234,7 +239,12 @@ def train_datasets(job: JobConfig, cfg: TrainConfig) -> tuple[dict, dict]:
             compute=ray.data.TaskPoolStrategy(size=max(1, min(job.decode_tasks, len(blocks)))),
         )
         ds.context.enable_progress_bars = False  # one bar per rank and epoch; the [train] lines say it
-    info = {"rows_per_rank": shards[0].num_rows, "images": listing.num_rows}
+    # Every rank holds every labelled anomaly (shard_listing), so each rank's count is the listing's.
+    info = {
+        "rows_per_rank": shards[0].num_rows,
+        "images": listing.num_rows,
+        "image_level_only": image_level_only(listing),
+    }
     log.info(
         "streaming %d training images: %d per rank, decoded at %d px in Ray Data tasks",
         info["images"],

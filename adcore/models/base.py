@@ -16,8 +16,10 @@ class ModelOutput:
     pipeline interpolates them to each image's own size.
     """
 
-    score: torch.Tensor  # [B] base image score in [0, 1]
-    anomaly_map: torch.Tensor  # [B, g, g] base per-patch anomaly probability
+    # [B] base image score: a probability, or the raw logit where the family's head passes it through
+    # (DRA, SD-MAD: float32 sigmoids would tie at 1.0); the calibration maps it to [0, 1] either way.
+    score: torch.Tensor
+    anomaly_map: torch.Tensor  # [B, g, g] base per-patch anomaly score (probability or logit, as ``score``)
     patch_embeddings: torch.Tensor  # [B, g*g, E] what the FAISS stage matches
     image_logit: torch.Tensor  # [B]
     map_logit: torch.Tensor  # [B, g, g]

@@ -14,6 +14,8 @@ records and never branches on a family's name:
 * ``needs_labelled_anomalies``: the training loop refuses to train it without labelled anomalies.
 * ``needs_images_in_memory``: its stages index the rank's decoded images (``batches.pixels``), so
   ``jobs/train.py`` loads the shard into memory instead of streaming it.
+* ``signs``: reads a sign-bank file (``--signs FILE``) into model config overrides; None: the family
+  has no sign bank and the flag is refused.
 * ``train_flags``: which of the run's schedule flags (:data:`SCHEDULE_FLAGS`) its training reads; the
   entry points refuse the others when they are given, with ``own_schedule`` saying where the family's
   own schedule is set.
@@ -55,4 +57,5 @@ class MethodFamily:
     needs_images_in_memory: bool = False  # indexes the shard's images (DRA's balanced batches): no streamed input
     train_flags: tuple[str, ...] = ()  # the SCHEDULE_FLAGS its training reads; the others are refused when given
     own_schedule: str = ""  # where its own schedule is set instead (the refusal's hint)
+    signs: Callable[[str], dict] | None = None  # --signs FILE -> model config overrides; None: no sign bank
     description: str = ""

@@ -172,10 +172,13 @@ class Tower(nn.Module):
         return enc.layers if hasattr(enc, "layers") else enc.layer
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [0, 1] -> this tower's size and normalisation."""
+        """[B, 3, H, W] in [0, 1] -> this tower's size and normalisation. A larger input is reduced with
+        an antialiasing filter, so a tower fed a larger common input sees what a resize of the original
+        to its own size would give (fusion-large: CLIP's 336 from the 384 input BEiT takes as it is)."""
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            shrink = images.shape[-1] > self.image_size and images.shape[-2] > self.image_size
             images = F.interpolate(
-                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+                images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=shrink
             )
         return (images - self.mean) / self.std
 

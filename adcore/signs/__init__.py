@@ -18,11 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
+from adcore.errors import UserError
+
 SIGN_DIR = Path(__file__).resolve().parent
 N_EXAMPLES = 3  # signs of a category shown to the language model as few-shot examples
 ATTEMPTS_PER_SIGN = 5  # sampling attempts per wanted sign (duplicates and blanks are dropped)
 MAX_NEW_TOKENS = 30  # one short sign
 TEMPERATURE = 0.8
+
+
+class SignBankError(UserError, ValueError):
+    """A sign-bank file that cannot be used (not there, not YAML/JSON, or malformed)."""
 
 
 @dataclass
@@ -80,18 +86,34 @@ def _strings(values) -> bool:
 
 
 def read_sign_bank(path: str | Path) -> SignBank:
-    """Reads and checks a sign-bank JSON file (bundled or regenerated)."""
-    path = Path(path)
-    data = json.loads(path.read_text())
+    """Reads and checks a sign-bank file: JSON (``.json``) or YAML, a local path or ``s3://`` URI.
+
+    ``{"domain": ..., "normal": [sign, ...], "categories": {name: [sign, ...]}, "source": ...}``;
+    ``domain`` defaults to the file name and ``source`` to empty. The file is untrusted input:
+    YAML is read with ``safe_load`` and every field is checked.
+    """
+    import yaml
+
+    from adcore import storage
+
+    name = str(path)
+    text = storage.read_bytes(name).decode()
+    try:  # JSON is YAML too; a .json file is read as JSON for JSON's own error messages
+        data = json.loads(text) if name.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise SignBankError(f"{name}: not a valid sign bank ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise SignBankError(f"{name}: expected a mapping with 'normal' and 'categories'")
     cats = data.get("categories")
     if not _strings(data.get("normal")):
-        raise ValueError(f"{path}: 'normal' must be a non-empty list of non-empty strings")
+        raise SignBankError(f"{name}: 'normal' must be a non-empty list of non-empty strings")
     if not isinstance(cats, dict) or len(cats) < 2:
-        raise ValueError(f"{path}: 'categories' must map at least two category names to their signs")
-    for name, signs in cats.items():
-        if not _strings(signs) or len(set(signs)) != len(signs):
-            raise ValueError(f"{path}: category {name!r} needs a list of distinct non-empty signs")
-    return SignBank(data.get("domain", path.stem), list(data["normal"]), dict(cats), data.get("source", ""))
+        raise SignBankError(f"{name}: 'categories' must map at least two category names to their signs")
+    for cat, signs in cats.items():
+        if not isinstance(cat, str) or not _strings(signs) or len(set(signs)) != len(signs):
+            raise SignBankError(f"{name}: category {cat!r} needs a list of distinct non-empty signs")
+    domain = str(data.get("domain") or Path(name).stem)
+    return SignBank(domain, list(data["normal"]), dict(cats), str(data.get("source", "")))
 
 
 def _sample_lines(model, tokenizer, prompt: str, n: int, avoid: list[str]) -> list[str]:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from adcore.training import dist
 
@@ -46,14 +45,15 @@ class FitData:
     def patches_by_class(self, model, anomaly_share: float) -> tuple[np.ndarray, np.ndarray]:
         """Patch embeddings [n, E] of this rank's normal and anomalous patches.
 
-        Every normal image gets a synthetic anomaly with probability ``anomaly_share``.
+        Every normal image gets a synthetic anomaly with probability ``anomaly_share``. A labelled
+        anomaly without a mask gives no patch to either class.
         """
         normal, anomalous = [], []
         device = next(model.parameters()).device
         for batch in self.batches.epoch(FIT_EPOCH, anomaly_share=anomaly_share):
             out = model(batch.images.to(device))
             emb = out.patch_embeddings.float().cpu().numpy()  # [B, g*g, E]
-            share = F.adaptive_avg_pool2d(batch.masks[:, None], model.grid).flatten(1).numpy()  # [B, g*g]
+            share = batch.patch_share(model.grid).numpy()  # [B, g*g]; unknown masks: neither class
             normal.append(emb[share == 0])
             anomalous.append(emb[share >= ANOMALOUS_PATCH_SHARE])
         return np.concatenate(normal), np.concatenate(anomalous)

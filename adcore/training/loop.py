@@ -29,6 +29,7 @@ from adcore.data import bmad
 from adcore.errors import FlagError
 from adcore.models import create, family, family_for, list_models, preset
 from adcore.models.family import SCHEDULE_FLAGS
+from adcore.models.registry import merge_config
 from adcore.scorer import Scorer
 from adcore.training import dist
 from adcore.training.data import SyntheticAnomalyBatches, load_images
@@ -68,6 +69,7 @@ class TrainConfig:
     smoke_test: bool = False  # a few steps on a few images, to check the plumbing
     tiny: bool = hidden(False)  # the preset's tiny random-init variant (tests)
     overrides: dict[str, Any] = field(default_factory=dict)  # model config overrides
+    signs: str = ""  # sign-bank file (YAML or JSON) naming the dataset's anomaly categories (SD-MAD)
 
     def budget_s(self, stage: int, elapsed_s: float = 0.0) -> float | None:
         """Stage 1 gets at most a fifth of ``minutes``; stage 2 whatever is left of 85 % of it
@@ -110,6 +112,17 @@ class TrainHooks:
         return self.rank == 0
 
 
+def model_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's model config overrides: ``--overrides`` with what ``--signs FILE`` adds."""
+    if not cfg.signs:
+        return dict(cfg.overrides)
+    record = family(preset(cfg.preset)["family"])
+    if record.signs is None:
+        takes = [n for n in list_models() if family(preset(n)["family"]).signs is not None]
+        raise FlagError(f"--signs: preset {cfg.preset!r} has no sign bank (presets that take one: {', '.join(takes)})")
+    return merge_config(cfg.overrides, record.signs(cfg.signs))
+
+
 def refuse_unused_flags(cfg: TrainConfig, given: Iterable[str]) -> None:
     """Refuse the schedule flags in ``given`` (flags a user set) that ``cfg.preset``'s family does not read."""
     record = family(preset(cfg.preset)["family"])
@@ -147,7 +160,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
     device = dist.resolve_device(hooks.device)
     torch.manual_seed(cfg.seed)
     t0 = time.monotonic()
-    model = create(cfg.preset, weights=cfg.weights or None, tiny=cfg.tiny, **cfg.overrides)
+    model = create(cfg.preset, weights=cfg.weights or None, tiny=cfg.tiny, **model_overrides(cfg))
     family = family_for(model)
     if family.needs_labelled_anomalies and cfg.labelled < 1:
         raise ValueError(
@@ -170,6 +183,13 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
             seed=cfg.seed + 1000 * hooks.rank,
         )
         train_images = len(train_set["images"]) * hooks.world_size
+    unmasked = getattr(batches, "image_level_only", 0)
+    if unmasked and hooks.is_main:
+        log.warning(
+            "%d labelled anomalies have no mask: used for image-level supervision only "
+            "(never as normal patches, no pixel loss)",
+            unmasked,
+        )
     resume = hooks.resume or {}
     if resume and resume.get("format") != STATE_FORMAT:
         log.warning("checkpoint of an older layout (no optimiser or stage state): starting afresh")
@@ -219,6 +239,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         "train_images": train_images,
         **summary,
         **({"head_choice": chosen} if chosen else {}),
+        **({"image_level_only": unmasked} if unmasked else {}),
     }
     summary["seconds"] = round(time.monotonic() - t0, 1)
     if output and hooks.is_main:

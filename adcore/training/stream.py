@@ -103,8 +103,9 @@ class DecodeTrain:
         self.reader = storage.Reader()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels, masks = [], []
+        pixels, masks, has_mask = [], [], []
         for uri, mask_uri in zip(batch["uri"], batch["mask_uri"]):
+            has_mask.append(bool(mask_uri))
             image = decode_image(self.reader.read(uri), str(uri))[0].pixels
             pixels.append(to_uint8(prepare(image, self.size)))
             if mask_uri:
@@ -117,8 +118,16 @@ class DecodeTrain:
             "index": np.asarray(batch["index"], np.int64),
             "pixels": np.stack(pixels),  # [B, 3, S, S] uint8
             "mask": np.stack(masks),  # [B, S, S] bool
+            "has_mask": np.asarray(has_mask, bool),  # False: no mask file (a labelled anomaly's is unknown)
             "label": np.asarray(batch["label"], np.int8),
         }
+
+
+def image_level_only(listing: pa.Table) -> int:
+    """Labelled anomalies of a listing without a mask: image-level supervision only."""
+    labels = listing.column("label").to_numpy()
+    no_mask = np.array([not m for m in listing.column("mask_uri").to_pylist()], bool)
+    return int(((labels == 1) & no_mask).sum())
 
 
 def decode_train(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -136,6 +145,7 @@ class StreamedBatches:
         batch_size: images per batch the stream yields.
         anomaly_share: probability that a normal image gets a synthetic anomaly.
         seed: with the epoch and the image index, seeds each image's synthesis.
+        image_level_only: labelled anomalies of the shard without a mask (:func:`image_level_only`).
     """
 
     def __init__(
@@ -145,9 +155,11 @@ class StreamedBatches:
         batch_size: int,
         anomaly_share: float = 0.5,
         seed: int = 0,
+        image_level_only: int = 0,
     ):
         self.iterate, self.n_images, self.batch_size = iterate, n_images, batch_size
         self.anomaly_share, self.seed = anomaly_share, seed
+        self.image_level_only = image_level_only
 
     def __len__(self) -> int:
         return (self.n_images + self.batch_size - 1) // self.batch_size
@@ -162,8 +174,10 @@ class StreamedBatches:
         for batch in self.iterate(epoch):
             images = [np.ascontiguousarray(p.transpose(1, 2, 0), np.float32) / 255.0 for p in batch["pixels"]]
             items = []
+            known = batch.get("has_mask", np.ones(len(images), bool)) | (np.asarray(batch["label"]) == 0)
             for j, (index, mask, label) in enumerate(zip(batch["index"], batch["mask"], batch["label"])):
                 rng = np.random.default_rng([self.seed, epoch, int(index)])
+                mask = mask if known[j] else None  # a labelled anomaly without a mask: unknown
                 others = images[:j] + images[j + 1 :] or images
 
                 def options(rng=rng, others=others) -> list:

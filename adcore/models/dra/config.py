@@ -42,6 +42,12 @@ class DRAConfig:
     # colour jitter 0.1) and "synth" (adcore's Perlin texture, foreign-image texture, CutPaste).
     pseudo_kinds: list[str] = field(default_factory=lambda: ["cutmix", "synth"])
     rotation_deg: float = 180.0  # official: RandomRotation(180) on every training image
+    # Image logit: the official sum of raw head scores (seen + pseudo + residual - normal). True: each
+    # head min-max normalised with validation statistics first (artifacts saved before this field).
+    normalise_heads: bool = False
+    # score / anomaly_map are the raw logits, so rankings never tie. True: their sigmoids, which float32
+    # rounds to 1.0 on strongly anomalous images (artifacts saved before this field).
+    sigmoid_outputs: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,13 +8,15 @@ Heads, on the backbone's feature map ``F`` [B, C, g, g]:
 * residual (latent residual / composite): ``mean(F(references)) - F`` -> 3x3 conv + BN + ReLU -> top-K head,
   where the references are ``n_ref`` normal training images fixed at training and saved with the weights.
 
-Each head's score is averaged over ``n_scales`` image scales. The image logit is the sum of the
-anomaly heads minus the normal head, each min-max normalised with statistics of the *validation* split
-(buffers ``head_lo``/``head_hi``, set by the training hook; identity until then). ``score`` is its sigmoid
-(a monotone squash into [0, 1], so rankings are the logit's).
+Each head's score is averaged over ``n_scales`` image scales. The image logit is the sum of the raw
+anomaly heads minus the raw normal head, as the official evaluation composes them. ``score`` is that
+logit itself: a sigmoid in float32 rounds every strongly anomalous image to 1.0 and ties them; the
+calibration maps the logit to [0, 1]. Artifacts saved before these choices (``normalise_heads``,
+``sigmoid_outputs``) min-max normalise each head with statistics of the *validation* split (buffers
+``head_lo``/``head_hi``) and output sigmoids; they load and score as they were trained.
 
-Extension (not in the paper): the anomaly map is the sum of the seen and pseudo heads' per-patch scores,
-normalised like their image scores, so the pipeline's mask column stays meaningful.
+Extension (not in the paper): the anomaly map is the sum of the seen and pseudo heads' per-patch scores
+(normalised like their image scores under ``normalise_heads``), so the pipeline's mask column stays meaningful.
 """
 
 from __future__ import annotations
@@ -127,7 +129,11 @@ class DRAModel(AnomalyModel):
 
     @classmethod
     def from_config_dict(cls, data: dict) -> DRAModel:
-        return cls(DRAConfig.from_dict({k: v for k, v in data.items() if k != "family"}))
+        data = {k: v for k, v in data.items() if k != "family"}
+        # Saved before the fields existed: min-max normalised heads and sigmoid outputs.
+        data.setdefault("normalise_heads", True)
+        data.setdefault("sigmoid_outputs", True)
+        return cls(DRAConfig.from_dict(data))
 
     # --- references and normalisation --------------------------------------
     def has_references(self) -> bool:
@@ -171,7 +177,9 @@ class DRAModel(AnomalyModel):
         return torch.stack(scores).mean(0), torch.stack(maps).mean(0), first
 
     def combine(self, scores: torch.Tensor, patch_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised head scores -> image logit [B] (anomaly heads minus normal head) and map logit [B, g, g]."""
+        """Head scores [B, 4] -> image logit [B] (anomaly heads minus normal head) and map logit [B, g, g]."""
+        if not self.cfg.normalise_heads:
+            return scores[:, 1:].sum(1) - scores[:, 0], patch_maps.sum(1)
         z = (scores - self.head_lo) / (self.head_hi - self.head_lo)  # [B, 4]
         logit = z[:, 1:].sum(1) - z[:, 0]
         lo, hi = self.head_lo[1:3].view(1, 2, 1, 1), self.head_hi[1:3].view(1, 2, 1, 1)
@@ -180,9 +188,10 @@ class DRAModel(AnomalyModel):
     def forward(self, images: torch.Tensor) -> ModelOutput:
         scores, patch_maps, feats = self.head_outputs(images)
         logit, map_logit = self.combine(scores, patch_maps)
+        out = torch.sigmoid if self.cfg.sigmoid_outputs else torch.clone  # raw logits: no ties at 1.0
         return ModelOutput(
-            score=torch.sigmoid(logit),
-            anomaly_map=torch.sigmoid(map_logit),
+            score=out(logit),
+            anomaly_map=out(map_logit),
             patch_embeddings=feats.flatten(2).transpose(1, 2),  # [B, g*g, C]
             image_logit=logit,
             map_logit=map_logit,

@@ -1,7 +1,8 @@
 """DRA's gradient stage (official ``train.py``): Adam, StepLR, gradient clipping, the four deviation losses.
 
 Before the first step the ``n_ref`` reference normals are fixed (seeded) and stay in the weights; after
-the last, each head's score range on the validation split becomes its normalisation (never the test split).
+the last, under ``normalise_heads``, each head's score range on the validation split becomes its
+normalisation (never the test split); by default the heads are summed raw, as the official code does.
 Hyperparameters come from the model's ``DRAConfig`` (the paper's values; override them with
 ``--overrides '{"epochs": 5}'``); the run's ``--minutes``, ``--seed`` and ``--smoke-test`` apply.
 """
@@ -145,8 +146,10 @@ def train_dra(model, ctx: TrainContext) -> dict:
             break
     if STAGE not in ctx.stages_done:
         ctx.stages_done.append(STAGE)
+    summary = {"dra_steps": done, "labelled_anomalies": int((labels == 1).sum())}
+    if not cfg.normalise_heads:
+        return summary
     lo, hi = fit_normalisation(model, ctx.valid["images"], run.batch_size)
     if hooks.is_main:
         log.info("DRA head normalisation (validation min/max): %s", dict(zip(HEADS, zip(lo.round(4), hi.round(4)))))
-    summary = {"dra_steps": done, "labelled_anomalies": int((labels == 1).sum())}
     return summary | {"head_lo": lo.tolist(), "head_hi": hi.tolist()}

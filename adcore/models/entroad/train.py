@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adcore.layers.losses import dice_loss, focal_loss, fusion_loss
+from adcore.layers.losses import fusion_loss, pixel_losses
 from adcore.training.stages import TrainContext, format_row, run_stage, validate
 
 log = logging.getLogger("adcore.train")
@@ -46,18 +46,16 @@ def _upsample(logits: torch.Tensor, grid: int, size: int) -> torch.Tensor:
     return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def entroad_loss(branches, masks: torch.Tensor, labels: torch.Tensor, mask_size: int, prior_weight: float):
-    """Loss on the blended output plus ``prior_weight`` x Dice + Focal of the prior branch alone."""
+def entroad_loss(branches, masks: torch.Tensor, labels: torch.Tensor, mask_size: int, prior_weight: float, known=None):
+    """Loss on the blended output plus ``prior_weight`` x Dice + Focal of the prior branch alone; images
+    whose mask is not ``known`` ([B] bool) count for the image term only."""
     out = branches.output
     grid = out.map_logit.shape[-1]
     target = (F.interpolate(masks[:, None], size=(mask_size, mask_size), mode="area")[:, 0] >= 0.5).float()
-    loss = fusion_loss(out.image_logit, _upsample(out.map_logit, grid, mask_size), labels, target)["loss"]
+    loss = fusion_loss(out.image_logit, _upsample(out.map_logit, grid, mask_size), labels, target, known)["loss"]
     if prior_weight:
-        prior = _upsample(branches.prior_logit, grid, mask_size)
-        probs = torch.sigmoid(prior)
-        loss = loss + prior_weight * (
-            dice_loss(probs, target) + dice_loss(1 - probs, 1 - target) + focal_loss(prior, target)
-        )
+        dice, focal = pixel_losses(_upsample(branches.prior_logit, grid, mask_size), target, known)
+        loss = loss + prior_weight * (dice + focal)
     return loss
 
 
@@ -68,7 +66,7 @@ def train_entroad(model, ctx: TrainContext) -> dict:
     prior_weight = model.cfg.prior_loss_weight
 
     def step(module: nn.Module, batch) -> torch.Tensor:
-        return entroad_loss(module(batch.images), batch.masks, batch.labels, cfg.mask_size, prior_weight)
+        return entroad_loss(module(batch.images), batch.masks, batch.labels, cfg.mask_size, prior_weight, batch.known)
 
     def keep_if_best(row: dict) -> None:
         aurocs = [row[k] for k in ("val_image_auroc", "val_pixel_auroc") if row.get(k) is not None]

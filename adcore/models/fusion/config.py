@@ -68,6 +68,9 @@ class FusionConfig:
     memory_weight_choices: list[float] = field(default_factory=list)  # memory weights chosen between on validation
     memory_scale_choices: list[float] = field(default_factory=list)  # and multipliers of the memory sigmoid's scale
     map_sigma_px: float = 0.0  # Gaussian smoothing of the final map, sigma in input pixels (PatchCore's 4)
+    # Network input size; None: the larger tower's (BEiT's 384 beside CLIP's 336), each tower resizing down
+    # from it, as the paper resizes the original for each tower. Saved before the field: the vision tower's.
+    input_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

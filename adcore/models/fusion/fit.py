@@ -13,7 +13,6 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from adcore.layers.coreset import greedy_coreset
 from adcore.layers.vae import VAEConfig, fit_vae_centroids
@@ -46,7 +45,8 @@ def kmeans_centroids(embeddings: np.ndarray, k: int, seed: int = 0) -> np.ndarra
 
 @torch.inference_mode()
 def fit_pass(model, data, anomaly_share: float, max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings [n, g*g, E] of this rank's training images and each patch's mask share [n, g*g].
+    """Embeddings [n, g*g, E] of this rank's training images and each patch's mask share [n, g*g]
+    (-1 for every patch of a labelled anomaly without a mask).
 
     One pass of the training batches (seeded as the fit's), stopped after ``max_images`` images.
     """
@@ -54,7 +54,7 @@ def fit_pass(model, data, anomaly_share: float, max_images: int | None = None) -
     embs, shares, seen = [], [], 0
     for batch in data.batches.epoch(FIT_EPOCH, anomaly_share=anomaly_share):
         embs.append(model(batch.images.to(device)).patch_embeddings.float().cpu().numpy())
-        shares.append(F.adaptive_avg_pool2d(batch.masks[:, None], model.grid).flatten(1).numpy())
+        shares.append(batch.patch_share(model.grid).numpy())  # unknown masks: -1, neither class
         seen += len(batch.images)
         if max_images is not None and seen >= max_images:
             break

@@ -114,7 +114,7 @@ class FusionModel(AnomalyModel):
         self.projection = clip_projection if clip_projection is not None else nn.Linear(v.width, proj_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale)))
         self.domain_head = nn.Linear(d.width, 1)  # stage 1: binary normal/anomalous classifier
-        self.input_size = v.image_size
+        self.input_size = cfg.input_size or max(v.image_size, d.image_size)  # towers resize down from it
         self.grid = v.grid
         self.proj_dim = proj_dim
         self.memory_dim = d.width * len(cfg.memory_layers)  # memory features after the projected embeddings
@@ -133,6 +133,8 @@ class FusionModel(AnomalyModel):
     @classmethod
     def from_config_dict(cls, data: dict) -> FusionModel:
         data = {k: v for k, v in data.items() if k != "family"}
+        # Saved before the field existed: the network took the vision tower's size (others resized from it).
+        data.setdefault("input_size", data["vision"].get("image_size"))
         cfg = FusionConfig.from_dict(data)
         dim = int(cfg.proj_dim)
         return cls(cfg, anchors=torch.zeros(dim, 2))  # anchors come with the artifact's weights

@@ -67,7 +67,8 @@ def _fusion_step(mask_size: int):
         size = (mask_size, mask_size)
         logits = F.interpolate(out.map_logit[:, None], size=size, mode="bilinear", align_corners=False)
         target = F.interpolate(batch.masks[:, None], size=size, mode="area")
-        return fusion_loss(out.image_logit, logits[:, 0], batch.labels, (target[:, 0] >= 0.5).float())["loss"]
+        mask = (target[:, 0] >= 0.5).float()
+        return fusion_loss(out.image_logit, logits[:, 0], batch.labels, mask, batch.known)["loss"]
 
     return step
 

@@ -6,7 +6,7 @@ from adcore.models.family import MethodFamily
 from adcore.models.sdmad.config import SDMADConfig
 from adcore.models.sdmad.fit import fit_sdmad
 from adcore.models.sdmad.head import SDMADHead
-from adcore.models.sdmad.model import SDMADModel
+from adcore.models.sdmad.model import SDMADModel, sign_overrides
 from adcore.models.sdmad.train import train_sdmad
 
 FAMILY = MethodFamily(
@@ -21,6 +21,7 @@ FAMILY = MethodFamily(
     own_schedule="SD-MAD's steps and learning rate come from its model config; set them with "
     '--overrides \'{"steps": 150, "lr": 0.003}\'',
     needs_labelled_anomalies=True,
+    signs=sign_overrides,
     needs_images_in_memory=True,  # stage 1 indexes the shard's images (the shots, the normals it caches)
     description="SD-MAD: sign embeddings aligned with anomaly categories, signs selected at inference",
 )

@@ -59,6 +59,9 @@ class SDMADConfig:
     w_map: float = 1.0  # patch BCE on synthetic anomalies, shots' masks and normals
     shot_augment: int = 2  # views of every shot: itself and its mirror image (k can be 1)
     max_normals: int = 200  # normal training images cached for stage 1
+    # score / anomaly_map are the raw logits, so rankings never tie. True: their sigmoids, which float32
+    # rounds to 1.0 on strongly anomalous images (artifacts saved before this field).
+    sigmoid_outputs: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

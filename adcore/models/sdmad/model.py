@@ -16,6 +16,8 @@ The paper's public text is an abstract; what is built here is adcore's reading o
 * **Categories.** ``z_c = sum_s W_sc * act_s`` with ``W`` a softmax of learnt weights over the signs
   the bank lists for c (a shared sign enters every category that lists it). The normal class has a
   learnt logit ``b0``; image logit = logsumexp_c z_c - b0; per-category scores = softmax([b0, z]).
+  ``score`` and ``anomaly_map`` are the image and map logits (``sigmoid_outputs``: their sigmoids,
+  which float32 ties at 1.0; artifacts saved before the field).
 * **Stage 1 (alignment, ``train.py``).** Cross-entropy over {normal, categories} plus the
   *discrepancy amplification* hinge ``max(0, margin - (z_y - max_{c != y} z_c))`` on the labelled
   shots, a sign-alignment BCE (a shot's own signs on, signs only other categories list off) and
@@ -38,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adcore.errors import FlagError
 from adcore.models.base import AnomalyModel, ModelOutput
 from adcore.models.sdmad.config import SDMADConfig, SignTextSpec
 from adcore.models.towers import Tower
-from adcore.signs import SignBank, load_sign_bank
+from adcore.signs import SignBank, load_sign_bank, read_sign_bank
 
 AGGREGATION_KERNEL = 3  # locally aware patch features (PatchCore's 3x3 neighbourhood average)
 
@@ -55,6 +58,14 @@ def bank_of(text: SignTextSpec) -> SignBank:
     else:
         bank = load_sign_bank(text.domain)
     return bank.subset(text.categories) if text.categories else bank
+
+
+def sign_overrides(path: str) -> dict:
+    """``--signs FILE``: the sign bank in that file (YAML or JSON) as model config overrides; it is
+    frozen into the artifact like a bundled bank."""
+    bank = read_sign_bank(path)
+    frozen = {"normal": list(bank.normal), "categories": {k: list(v) for k, v in bank.categories.items()}}
+    return {"text": {"domain": bank.domain, "bank": frozen, "categories": None}}
 
 
 def encode_signs(text: SignTextSpec, bank: SignBank, clip_weights: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +195,9 @@ class SDMADModel(AnomalyModel):
 
     @classmethod
     def from_config_dict(cls, data: dict) -> SDMADModel:
-        cfg = SDMADConfig.from_dict({k: v for k, v in data.items() if k != "family"})
+        data = {k: v for k, v in data.items() if k != "family"}
+        data.setdefault("sigmoid_outputs", True)  # saved before the field existed: sigmoid outputs
+        cfg = SDMADConfig.from_dict(data)
         bank = bank_of(cfg.text)
         # The embeddings come with the artifact's weights: placeholders of the recorded width.
         d = cfg.text.dim
@@ -260,7 +273,12 @@ class SDMADModel(AnomalyModel):
             return
         keep_cat = [self.categories.index(n) for n in names] if set(names) <= set(self.categories) else None
         if keep_cat is None:
-            raise ValueError(f"sign bank {self.bank.domain!r} has categories {self.categories}, not all of {names}")
+            missing = sorted(set(names) - set(self.categories))
+            raise FlagError(
+                f"sign bank {self.bank.domain!r} has categories {self.categories}, not {missing} of the dataset's "
+                f"{list(names)}: write a sign bank naming every category (YAML or JSON, docs/models/sdmad.md) "
+                "and pass it with --signs FILE"
+            )
         sub = self.bank.subset(list(names))
         rows = [self.bank.signs.index(s) for s in sub.signs]
         dim = self.sign_emb.shape[1]
@@ -280,9 +298,10 @@ class SDMADModel(AnomalyModel):
         ev = self.evidence(patches)
         b, g = images.shape[0], self.grid
         map_logit = ev["map_logit"].reshape(b, g, g)
+        out = torch.sigmoid if self.cfg.sigmoid_outputs else torch.clone  # raw logits: no ties at 1.0
         return ModelOutput(
-            score=torch.sigmoid(ev["image_logit"]),
-            anomaly_map=torch.sigmoid(map_logit),
+            score=out(ev["image_logit"]),
+            anomaly_map=out(map_logit),
             patch_embeddings=patches,
             image_logit=ev["image_logit"],
             map_logit=map_logit,

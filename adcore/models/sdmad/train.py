@@ -37,6 +37,7 @@ STAGE = "sdmad"
 SMOKE_STEPS = 2
 SYNTH_SEED = 7_001  # seed stream of stage 1's synthetic anomalies (beside the run's seed)
 ANOMALOUS_PATCH_SHARE = 0.5  # a patch is anomalous when at least half its pixels are in the mask
+UNKNOWN_TARGET = -1.0  # patch target of a shot without a mask: left out of the map loss
 
 
 def dataset_root(sample_path: Path) -> Path:
@@ -73,10 +74,13 @@ def _augment(x: torch.Tensor, n: int) -> list[torch.Tensor]:
     return views[: max(1, min(n, len(views)))]
 
 
-def _share(masks: torch.Tensor, grid: int) -> torch.Tensor:
-    """[B, S, S] masks -> [B, g*g] anomalous patch targets (0/1)."""
+def _share(masks: torch.Tensor, grid: int, known: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, S, S] masks -> [B, g*g] anomalous patch targets (0/1; -1 on images whose mask is not ``known``)."""
     share = F.adaptive_avg_pool2d(masks[:, None].float(), grid).flatten(1)
-    return (share >= ANOMALOUS_PATCH_SHARE).float()
+    target = (share >= ANOMALOUS_PATCH_SHARE).float()
+    if known is None:
+        return target
+    return torch.where(known[:, None], target, torch.full_like(target, UNKNOWN_TARGET))
 
 
 @torch.no_grad()
@@ -117,7 +121,7 @@ def stage1_loss(model, ev: dict, y: torch.Tensor, is_shot: torch.Tensor, patch_y
         ev: :func:`adcore.models.sdmad.model.evidence` of the step's images.
         y: Class per image: 0 normal, 1..C a shot's category, -1 a synthetic anomaly (no category).
         is_shot: Which images are labelled shots.
-        patch_y: [B, N] anomalous-patch targets.
+        patch_y: [B, N] anomalous-patch targets (-1: unknown, a shot without a mask; left out).
     """
     cfg, logits = model.cfg, ev["category_logits"]  # [B, 1 + C]
     known = y >= 0
@@ -137,9 +141,12 @@ def stage1_loss(model, ev: dict, y: torch.Tensor, is_shot: torch.Tensor, patch_y
         target = torch.cat([model.association[:, y[is_shot] - 1].T, torch.zeros_like(ev["act"][y == 0])])
         acts = torch.cat([ev["act"][is_shot], ev["act"][y == 0]])
         parts["sign"] = F.binary_cross_entropy_with_logits(acts, target)
-    pos = patch_y.sum().clamp_min(1)
-    pos_weight = ((patch_y.numel() - pos) / pos).clamp(max=50.0)
-    parts["map"] = F.binary_cross_entropy_with_logits(ev["map_logit"], patch_y, pos_weight=pos_weight)
+    known = patch_y >= 0
+    target = patch_y.clamp_min(0)
+    pos = target.sum().clamp_min(1)
+    pos_weight = ((known.sum() - pos) / pos).clamp(max=50.0)
+    per_patch = F.binary_cross_entropy_with_logits(ev["map_logit"], target, pos_weight=pos_weight, reduction="none")
+    parts["map"] = (per_patch * known).sum() / known.sum().clamp_min(1)
     total = ce + 0.5 * any_loss + cfg.w_map * parts["map"]
     total = total + cfg.w_disc * parts.get("disc", 0.0) + cfg.w_sign * parts.get("sign", 0.0)
     return total, {k: float(v.detach()) for k, v in parts.items()}
@@ -224,7 +231,11 @@ def train_sdmad(model, ctx: TrainContext) -> dict:
     normal_px = torch.from_numpy(np.stack([pixels[i] for i in normal_idx]))
     syn_px, syn_masks = _synthetic([pixels[i] for i in normal_idx], [run.seed, hooks.rank])
     shot_px = torch.from_numpy(np.stack([pixels[i] for i in shot_idx]))
-    shot_masks = torch.from_numpy(np.stack([ctx.batches.masks[i] for i in shot_idx]).astype(np.float32))
+    # A shot without a mask supervises its image and category only: its patches' targets are unknown.
+    shot_known = torch.tensor([ctx.batches.masks[i] is not None for i in shot_idx], dtype=torch.bool)
+    shot_masks = torch.from_numpy(
+        np.stack([np.zeros((size, size)) if m is None else m for m in (ctx.batches.masks[i] for i in shot_idx)])
+    ).float()
     views = _augment(shot_px, cfg.shot_augment)
     mask_views = _augment(shot_masks[:, None], cfg.shot_augment)
     bs = run.batch_size
@@ -234,7 +245,7 @@ def train_sdmad(model, ctx: TrainContext) -> dict:
     f_syn = model.reduce(_features(model, syn_px, bs, device))
     f_shot = torch.cat([model.reduce(_features(model, v, bs, device)) for v in views])
     y_shot = torch.tensor([names.index(s.category) + 1 for s in shots] * len(views), device=device)
-    m_shot = torch.cat([_share(m[:, 0], g) for m in mask_views]).to(device)
+    m_shot = torch.cat([_share(m[:, 0], g, shot_known) for m in mask_views]).to(device)
     m_syn = _share(syn_masks, g).to(device)
     log.info("SD-MAD features cached in %.0f s: %d normal, %d synthetic, %d shot views (%d shots, categories %s); "
              "PCA keeps %.2f of the variance", time.monotonic() - t0, len(f_normal), len(f_syn), len(f_shot),

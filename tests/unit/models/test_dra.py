@@ -100,18 +100,49 @@ def test_tiny_training_with_two_labelled_anomalies(kinds_demo, trained):
     assert all(np.isfinite(m["loss"]) and {"loss_seen", "loss_residual"} <= set(m) for m, _ in states)
     summary = json.loads(Path(path, "config.json").read_text())["training"]
     assert summary["labelled_anomalies"] == 2 and summary["dra_steps"] == 4
-    # the final score is normalised with the validation split's head scores (min/max per head)
+    # the image logit is the official one: raw anomaly heads summed, minus the raw normal head
     model = load(path).model
+    assert not model.cfg.normalise_heads and not model.cfg.sigmoid_outputs and "head_lo" not in summary
     valid = load_split(kinds_demo, "valid", None)
     pixels = torch.from_numpy(np.stack([prepare(im, model.input_size) for im in valid["images"]]))
     with torch.no_grad():
         heads = model.head_outputs(pixels)[0]
-    lo, hi = heads.min(0).values.numpy(), heads.max(0).values.numpy()
-    np.testing.assert_allclose(model.head_lo.numpy(), lo, atol=1e-5)
-    want_hi = np.where(hi - lo > 1e-6, hi, lo + 1)  # a head constant on the validation split is only shifted
-    np.testing.assert_allclose(model.head_hi.numpy(), want_hi, atol=1e-5)
+        out = model(pixels)
+    torch.testing.assert_close(out.score, heads[:, 1:].sum(1) - heads[:, 0])
     (result,) = load(path).score_images([np.random.default_rng(0).random((50, 70), dtype=np.float32)])
-    assert result.mask.shape == (50, 70) and 0 < result.score < 1
+    assert result.mask.shape == (50, 70) and 0 <= result.score <= 1  # calibrated
+
+
+def test_artifacts_saved_before_keep_normalised_heads_and_sigmoid_outputs():
+    torch.manual_seed(0)
+    model = create("dra", tiny=True).eval()
+    saved = model.config_dict()
+    del saved["normalise_heads"], saved["sigmoid_outputs"]
+    old = type(model).from_config_dict(saved)
+    assert old.cfg.normalise_heads and old.cfg.sigmoid_outputs
+    old.load_state_dict(model.state_dict())
+    old.set_normalisation(torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([2.0, 3.0, 6.0, 4.0]))
+    x = torch.rand(2, 3, model.input_size, model.input_size)
+    with torch.no_grad():
+        heads = old.head_outputs(x)[0]
+        z = (heads - old.head_lo) / (old.head_hi - old.head_lo)
+        torch.testing.assert_close(old(x).score, torch.sigmoid(z[:, 1:].sum(1) - z[:, 0]))
+
+
+def test_strongly_anomalous_images_keep_their_order():
+    torch.manual_seed(0)
+    model = create("dra", tiny=True).eval()
+    with torch.no_grad():  # the seen head far past the float32 range of a sigmoid, and image-dependent
+        model.seen_head.scoring.weight.mul_(1e4)
+        model.seen_head.scoring.bias.fill_(60.0)
+    x = torch.rand(4, 3, model.input_size, model.input_size)
+    with torch.no_grad():
+        score = model(x).score
+    assert score.dtype == torch.float32 and score.min() > 40  # sigmoid(40) is 1.0 in float32
+    assert len(set(score.tolist())) == 4
+    model.cfg.sigmoid_outputs = True  # the earlier outputs: all tie at 1.0
+    with torch.no_grad():
+        assert model(x).score.tolist() == [1.0] * 4
 
 
 @pytest.mark.slow

@@ -102,3 +102,52 @@ def test_first_fusion_point_follows_the_paper_formulas(name, overrides):
     assert not torch.allclose(c, b, atol=1e-3)  # the towers differ, so a swap is visible
     torch.testing.assert_close(seen["adapter_in"], fused_in, atol=1e-5, rtol=0)
     torch.testing.assert_close(seen["residual"], residual, atol=1e-5, rtol=0)
+
+
+def _tower_inputs(model, image) -> dict[str, torch.Tensor]:
+    """The pixels each tower of ``model`` resizes ``image`` (the original) to, un-normalised."""
+    import numpy as np
+
+    from adcore.scorer import prepare
+
+    seen = {}
+    for name in ("vision", "domain"):
+        tower = getattr(model, name)
+
+        def record(x, tower=tower, name=name, original=tower.prepare):
+            out = original(x)
+            seen[name] = out * tower.std + tower.mean
+            return out
+
+        tower.prepare = record
+    with torch.no_grad():
+        model(torch.from_numpy(np.ascontiguousarray(prepare(image, model.input_size)))[None])
+    return seen
+
+
+def test_fusion_large_towers_each_see_their_own_resize_of_the_original():
+    import numpy as np
+
+    from adcore.scorer import prepare
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:200, :200] / 200
+    original = (0.5 + 0.3 * np.sin(40 * xx) * np.cos(30 * yy) + 0.1 * rng.random((200, 200))).astype(np.float32)
+    model = create("fusion-large", tiny=True).eval()
+    v_size, d_size = model.vision.image_size, model.domain.image_size
+    assert d_size > v_size and model.input_size == d_size  # the larger tower's size: BEiT's, not CLIP's
+    seen = _tower_inputs(model, original)
+    own = {
+        name: torch.from_numpy(prepare(original, size))[None] for name, size in (("vision", v_size), ("domain", d_size))
+    }
+    torch.testing.assert_close(seen["domain"], own["domain"], atol=1e-5, rtol=0)  # the original at its size
+    near = (seen["vision"] - own["vision"]).abs().mean()
+    assert seen["vision"].shape[-1] == v_size and near < 0.02  # an antialiased reduction: close to its own resize
+    # artifacts saved before: the network took the vision tower's size and the domain tower upsampled it
+    saved = model.config_dict()
+    del saved["input_size"]
+    old = type(model).from_config_dict(saved).eval()
+    assert old.input_size == v_size
+    upsampled = _tower_inputs(old, original)["domain"]
+    assert (upsampled - own["domain"]).abs().mean() > 1e-3  # an upsampled copy of CLIP's input, not its own resize

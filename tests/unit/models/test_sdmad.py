@@ -153,3 +153,63 @@ def test_sdmad_refuses_data_without_categories(tmp_path):
         train(str(plain), TrainConfig(preset="sdmad", tiny=True, labelled=2, smoke_test=True))
     with pytest.raises(ValueError, match="labelled anomalies"):
         train(str(plain), TrainConfig(preset="sdmad", tiny=True, smoke_test=True))
+
+
+def test_strongly_anomalous_images_keep_their_order():
+    torch.manual_seed(0)
+    model = create("sdmad", tiny=True).eval()
+    x = torch.rand(4, 3, model.input_size, model.input_size)
+    with torch.no_grad():
+        model.normal_bias.fill_(-100.0)  # every image far past the float32 range of a sigmoid
+        score = model(x).score
+        assert score.min() > 40 and len(set(score.tolist())) == 4
+        model.cfg.sigmoid_outputs = True  # the earlier outputs: all tie at 1.0
+        assert model(x).score.tolist() == [1.0] * 4
+    saved = model.config_dict()
+    del saved["sigmoid_outputs"]
+    assert type(model).from_config_dict(saved).cfg.sigmoid_outputs  # artifacts saved before: as trained
+
+
+@pytest.mark.slow
+def test_a_sites_own_categories_train_with_signs_file(tmp_path):
+    from adcore.data import bmad
+    from adcore.errors import FlagError
+
+    demo = dict(n_train=6, n_valid=8, n_test=4, size=64, kinds=KINDS[:2], n_train_anomalous=2, categories=True)
+    root = make_demo_dataset(tmp_path / "site", **demo)
+    rename = {KINDS[0]: "drusen", KINDS[1]: "cyst"}
+    bmad.write_categories(root, {p: rename[c] for p, c in bmad.read_categories(root).items()})
+    cfg = TrainConfig(preset="sdmad", tiny=True, labelled=2, smoke_test=True)
+    with pytest.raises(FlagError, match=r"not \['cyst', 'drusen'\].*--signs FILE"):
+        train(str(root), cfg)
+    signs_file = tmp_path / "retina.yaml"
+    signs_file.write_text(
+        "domain: retina_site\n"
+        "normal: [regular retinal layers, a smooth foveal pit]\n"
+        "categories:\n"
+        "  drusen: [small deposits under the retinal pigment epithelium]\n"
+        "  cyst: [a round fluid space within the retina, a dark intraretinal cavity]\n"
+    )
+    cfg.signs = str(signs_file)
+    out = tmp_path / "art"
+    train(str(root), cfg, output=str(out))
+    again = load(str(out))
+    assert set(again.categories) == {"drusen", "cyst"}
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["training"]["config"]["signs"] == str(signs_file)
+    signs_file.unlink()  # the artifact carries its bank: it rebuilds without the file
+    assert load(str(out)).model.bank.domain == "retina_site"
+
+
+def test_signs_flag_is_refused_for_a_preset_without_a_sign_bank(tmp_path):
+    from adcore.errors import FlagError
+    from adcore.training.loop import model_overrides
+    from jobs.train import parse
+
+    bank = tmp_path / "b.json"
+    bank.write_text(json.dumps({"normal": ["n"], "categories": {"a": ["x"], "b": ["y"]}}))
+    _, cfg = parse(["--data", "d", "--output", "o", "--preset", "sdmad", "--labelled", "2", "--signs", str(bank)])
+    assert model_overrides(cfg)["text"]["bank"]["categories"] == {"a": ["x"], "b": ["y"]}
+    cfg.preset = "patchcore"
+    with pytest.raises(FlagError, match="--signs: preset 'patchcore' has no sign bank.*sdmad"):
+        model_overrides(cfg)
