@@ -14,7 +14,6 @@ import logging
 import os
 import pty
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 from adcore import storage
 from jobs.scoring import dicom_out, ledger
 from jobs.scoring.schema import decode_mask
+from tests.dicom_checks import dciodvfy_errors
 from tests.integration.test_score_job import (
     PHI,
     SECRET,
@@ -54,20 +54,6 @@ def _with_phi(name: str) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf)
     return buf.getvalue()
-
-
-def dciodvfy_errors(data: bytes, tmp: Path) -> list[str]:
-    """The ``Error`` lines dciodvfy prints for one object (warnings are allowed)."""
-    if shutil.which("dciodvfy") is None:
-        pytest.fail("dciodvfy is missing: `make setup` installs Debian's dicom3tools (apt-get install -y dicom3tools)")
-    path = tmp / "check.dcm"
-    path.write_bytes(data)
-    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    lines = (done.stdout + done.stderr).splitlines()
-    errors = [line for line in lines if line.startswith("Error")]
-    if done.returncode != 0 and not errors:
-        errors = [f"dciodvfy exited {done.returncode}"]
-    return errors
 
 
 def sr_groups(ds) -> list[dict]:
