@@ -149,6 +149,7 @@ class ScoreConfig:
     # DICOMweb root (e.g. http://pacs:8042/dicom-web): each SEG and SR is stored there by STOW-RS as it is written;
     # credentials from ADCORE_PACS_TOKEN or ADCORE_PACS_USER/ADCORE_PACS_PASSWORD; needs --dicom-output
     pacs_url: str = ""
+    pacs_attempts: int = hidden(6)  # STOW-RS tries per object (tests: a PACS down for the whole run, quickly)
     retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
     # keep: tables carry image_uri; pseudonymize: they carry only image_key (HMAC of the URI with
     # ADCORE_STUDY_KEY_SECRET) and the key -> URI map goes to --path-map alone (paths often name patients)
@@ -385,7 +386,8 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     if cfg.dicom_output:
         dicom_out.cleanup_incomplete(cfg.dicom_output, cfg.output, ledger.completed_ids(cfg.output), keep=run_id)
         dicom_out.write_run_marker(cfg.dicom_output, run_id, cfg.output)
-    earlier = pacs.retry_pending(cfg.dicom_output, pacs.StowSender(cfg.pacs_url)) if cfg.pacs_url else None
+    sender = pacs.StowSender(cfg.pacs_url, attempts=cfg.pacs_attempts) if cfg.pacs_url else None
+    earlier = pacs.retry_pending(cfg.dicom_output, sender) if sender else None
     ledger.cleanup_latest(cfg.output)
     ledger.compact(cfg.output, cfg.latest_buckets, lease.check)  # a run that died between commit and compaction
     listing = list_inputs(cfg.input)
@@ -579,6 +581,7 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
             art.get("model_version", "unsaved"),
             _version(),
             pacs_url=cfg.pacs_url,
+            pacs_attempts=cfg.pacs_attempts,
         )
         ds = ds.map_batches(writer, batch_size=None, num_cpus=plan.decode_cpus, batch_format="pyarrow")
 

@@ -7,12 +7,14 @@ HTTP and DICOM ports of its own, no remote access and no authentication.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -36,8 +38,9 @@ def missing() -> str | None:
 class Orthanc:
     """``with Orthanc(folder) as pacs``: ``pacs.url`` (REST API), ``pacs.dicomweb`` (DICOMweb root)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, users: dict[str, str] | None = None):
         self.folder = Path(folder)
+        self.users = users or {}  # HTTP basic authentication when set
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb = f"{self.url}/dicom-web"
@@ -53,7 +56,8 @@ class Orthanc:
             "HttpPort": self.port,
             "DicomPort": _free_port(),
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "Plugins": [str(PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
@@ -69,6 +73,8 @@ class Orthanc:
             try:
                 self.get("/system")
                 return self
+            except urllib.error.HTTPError:
+                return self  # it answers (a 401 before the credentials are checked is an answer)
             except OSError:
                 time.sleep(0.2)
         self.__exit__()
@@ -88,7 +94,11 @@ class Orthanc:
 
     def get(self, path: str):
         """GET on the REST API, parsed JSON."""
-        with urllib.request.urlopen(self.url + path, timeout=10) as resp:
+        req = urllib.request.Request(self.url + path)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
     def instances_by_study(self) -> dict[str, set[str]]:

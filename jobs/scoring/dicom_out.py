@@ -14,14 +14,26 @@ highdicom
 and writes them under ``<dicom-output>/<run_id>/`` as ``<key>.seg.dcm`` / ``<key>.sr.dcm``,
 ``key`` = the first 20 hex digits of SHA-256(image_uri) (plus ``-f<first>-<last>`` for a
 multi-frame source): deterministic, so a retried task overwrites its own files, and nothing
-identifying in the name. Their UIDs are derived from the run, the file and the frames
-(``2.25.`` UUID UIDs). A SEG series and an SR series per source series and run.
+identifying in the name. Their UIDs are derived from the model version, the file's content,
+its key and the frames (``2.25.`` UUID UIDs): the same result gets the same UIDs, so a run
+repeated after a crash replaces its objects in a PACS instead of adding copies. A SEG series and
+an SR series per source series and model version.
 
 A multi-frame source whose frames are split over several model batches gets one SEG + SR per
 batch (frame range in the name): each SEG holds the anomalous frames of its range (empty frames
 are omitted, highdicom's default), each SR the measurements of every frame of its range. A
 split range with no anomalous pixel gets no SEG (an all-empty SEG would claim every frame of the
 source), only its SR.
+
+Sources without usable geometry (no frame of reference, or one equal to the study UID; no
+positive pixel spacing or slice thickness; a multi-frame image without functional groups) get
+SEGs without any (``jobs.scoring.dicom_source``): one per anomalous frame (``<key>-f<n>-<n>``
+for a multi-frame source; the first frame's, empty, for an instance without anomalous pixels).
+Instances that are not images (RT Dose, a SEG) are skipped, counted by SOP class.
+
+With ``pacs_url`` each object is stored in the PACS by DICOMweb STOW-RS as soon as it is
+written, in this task (``jobs.scoring.pacs``); the objects the PACS did not take are passed on
+in ``PACS_UNSENT_COLUMN`` for the next run to send.
 
 The objects carry the source's patient and study modules, as DICOM requires: they go only
 under ``--dicom-output``, never into the Parquet, and nothing here logs a value read from
@@ -121,6 +133,8 @@ class DicomWriter:
         run_id: This run; objects go to ``<dicom_output>/<run_id>/``.
         model_name, model_version: The artifact's identity, written into both objects.
         software_version: adcore's version (the SEG's Software Versions).
+        pacs_url: A DICOMweb root: each object is stored there (STOW-RS) as soon as it is written.
+        pacs_attempts: STOW-RS tries per object.
     """
 
     def __init__(
@@ -131,12 +145,14 @@ class DicomWriter:
         model_version: str,
         software_version: str,
         pacs_url: str = "",
+        pacs_attempts: int = 6,
     ):
         self.root = run_root(dicom_output, run_id)
         self.run_id = run_id
         self.model_name, self.model_version = model_name, model_version
         self.software_version = software_version
         self.pacs_url = pacs_url  # the sender (and its credentials) is made in the worker, on first use
+        self.pacs_attempts = pacs_attempts
         self._pacs = None
         self._reader = storage.Reader()
 
@@ -181,7 +197,7 @@ class DicomWriter:
         from jobs.scoring.pacs import PacsError, StowSender
 
         if self._pacs is None:
-            self._pacs = StowSender(self.pacs_url)
+            self._pacs = StowSender(self.pacs_url, attempts=self.pacs_attempts)
         done, failed = 0, []
         for name, data in written:
             try:
