@@ -146,9 +146,8 @@ class ScoreConfig:
     # local folder or s3:// prefix: DICOM-SEG + SR per scored DICOM instance, under <dicom-output>/<run_id>/
     # (they carry the source's patient/study modules: PACS-bound, never mixed into --output)
     dicom_output: str = ""
-    # DICOMweb root (e.g. http://pacs:8042/dicom-web): each SEG and SR is stored there by STOW-RS as it is written;
-    # credentials from ADCORE_PACS_TOKEN or ADCORE_PACS_USER/ADCORE_PACS_PASSWORD; needs --dicom-output
-    pacs_url: str = ""
+    # credentials from the workers' environment: ADCORE_PACS_TOKEN or ADCORE_PACS_USER/ADCORE_PACS_PASSWORD
+    pacs_url: str = ""  # DICOMweb root (http://pacs:8042/dicom-web): each SEG/SR stored by STOW-RS as written
     pacs_attempts: int = hidden(6)  # STOW-RS tries per object (tests: a PACS down for the whole run, quickly)
     retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
     # keep: tables carry image_uri; pseudonymize: they carry only image_key (HMAC of the URI with

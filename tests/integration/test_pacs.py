@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+from dataclasses import replace
 
 import pydicom
 import pytest
@@ -174,8 +175,6 @@ def test_pacs_down_all_night_gets_the_objects_the_next_night(ray_local, tiny_art
         max_pixels=10**7,
     )
     with FaultProxy(orthanc.url, methods=("POST",), paths=r"^/dicom-web/studies", fail_first=10**6) as proxy:
-        from dataclasses import replace
-
         cfg = replace(cfg, pacs_url=proxy.endpoint + "/dicom-web")
         first = main(cfg)
         names = first["dicom_objects"]["files"]
@@ -206,3 +205,12 @@ def test_credentials_stay_out_of_pickles_and_urls(monkeypatch):
         pacs.check_url(f"http://{USER}:{PASSWORD}@pacs/dicom-web")
     with pytest.raises(SystemExit, match="http"):
         pacs.check_url("pacs:8042")
+
+
+def test_pacs_url_needs_dicom_output(tiny_artifact, tmp_path):
+    from jobs.score import main
+
+    write_local(tmp_path / "in", {"ct.dcm": _sources()["ct/geometry.dcm"]})
+    cfg = config(input=str(tmp_path / "in"), model=tiny_artifact, output=str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match="--pacs-url needs --dicom-output"):
+        main(replace(cfg, pacs_url="http://127.0.0.1:9/dicom-web"))
