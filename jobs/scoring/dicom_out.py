@@ -154,6 +154,7 @@ class DicomWriter:
         self.pacs_url = pacs_url  # the sender (and its credentials) is made in the worker, on first use
         self.pacs_attempts = pacs_attempts
         self._pacs = None
+        self._pacs_down = False  # set in a task once the PACS stopped answering (after the retries)
         self._reader = storage.Reader()
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -193,19 +194,29 @@ class DicomWriter:
         return table
 
     def send(self, written: list[tuple[str, bytes]]) -> tuple[int, list[str]]:
-        """STOW-RS of one instance's objects as soon as they are written: (sent, names not sent)."""
+        """STOW-RS of one instance's objects as soon as they are written: (sent, names not sent).
+
+        Once the PACS is unavailable (after the retries), this task sends nothing more: its objects
+        wait for the next run rather than each waiting out the backoff.
+        """
         from jobs.scoring.pacs import PacsError, StowSender
 
         if self._pacs is None:
             self._pacs = StowSender(self.pacs_url, attempts=self.pacs_attempts)
         done, failed = 0, []
         for name, data in written:
+            if self._pacs_down:
+                failed.append(name)
+                continue
             try:
                 self._pacs.send(data)
                 done += 1
             except PacsError as e:
                 failed.append(name)
+                self._pacs_down = e.unavailable
                 log.warning("one DICOM object not stored in the PACS (%s): kept for the next run", e)
+                if e.unavailable:
+                    log.warning("the PACS is unavailable: this task's other objects are kept for the next run")
         return done, failed
 
     def write_instance(self, uri: str, rows: list[dict]) -> list[tuple[str, bytes]]:

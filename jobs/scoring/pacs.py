@@ -36,7 +36,15 @@ FAILED_SOP_SEQUENCE = "00081198"  # STOW-RS response: the instances the PACS ref
 
 
 class PacsError(Exception):
-    """An object the PACS did not store (after the retries, where retrying made sense)."""
+    """An object the PACS did not store (after the retries, where retrying made sense).
+
+    ``unavailable``: the PACS did not answer or answered with a server error to the last try (it
+    is down: sending more now is futile), rather than refusing this object.
+    """
+
+    def __init__(self, why: str, unavailable: bool):
+        super().__init__(why)
+        self.unavailable = unavailable
 
 
 def check_url(url: str) -> str:
@@ -102,7 +110,7 @@ class StowSender:
             if why is None:
                 return
             if not retry or attempt == self.attempts:
-                raise PacsError(why)
+                raise PacsError(why, unavailable=retry)
             log.info("PACS store failed (%s), retry %d/%d in %.1f s", why, attempt, self.attempts - 1, wait)
             time.sleep(wait)
             wait *= 2
@@ -136,8 +144,13 @@ def record_pending(dicom_output: str, run_id: str, files: list[str]) -> None:
 
 
 def retry_pending(dicom_output: str, sender: StowSender) -> dict[str, int]:
-    """Sends the objects earlier runs could not; what is sent leaves the lists. Returns the counts."""
+    """Sends the objects earlier runs could not; what is sent leaves the lists. Returns the counts.
+
+    Once the PACS is unavailable (after the retries), the rest stay listed untried: a PACS down for
+    days must not hold the night's run for an hour per thousand objects.
+    """
     counts = {"sent": 0, "failed": 0}
+    down = False
     try:
         lists = storage.list_files(storage.join(dicom_output, PENDING_DIR), suffixes=[".json"])
     except FileNotFoundError:
@@ -150,13 +163,17 @@ def retry_pending(dicom_output: str, sender: StowSender) -> dict[str, int]:
             continue
         left = []
         for name in files:
+            if down:
+                left.append(name)
+                continue
             try:
                 sender.send(storage.read_bytes(storage.join(dicom_output, run_id, name)))
                 counts["sent"] += 1
             except FileNotFoundError:
                 continue  # its run folder is gone: nothing left to send
-            except PacsError:
+            except PacsError as e:
                 left.append(name)
+                down = e.unavailable
         counts["failed"] += len(left)
         if left:
             storage.write_bytes(uri, json.dumps({"files": left}).encode())

@@ -179,6 +179,7 @@ def test_pacs_down_all_night_gets_the_objects_the_next_night(ray_local, tiny_art
         first = main(cfg)
         names = first["dicom_objects"]["files"]
         assert first["pacs"]["sent"] == 0 and first["pacs"]["unsent"] == names and len(names) == 2
+        assert proxy.faults["POST"] == 2  # the first object's two tries; then the task stopped sending
         pending = pacs.pending_path(str(tmp_path / "outbox"), first["run_id"])
         assert json.loads(storage.read_bytes(pending)) == {"files": names}
         assert orthanc.get("/instances") == []
