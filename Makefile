@@ -12,15 +12,17 @@ PYTEST_TMP ?= /tmp/adcore-pytest
 setup: system-tools $(VENV)/.adcore-setup
 
 # Debian tools the tests use: dciodvfy (dicom3tools) validates the DICOM outputs, chromium renders the
-# report. Installed when missing and apt-get can (as root, or with sudo that needs no password); without
-# them the tests that need them fail and say so.
-SYSTEM_PKGS := dicom3tools chromium
+# report, Orthanc with its DICOMweb plugin is the PACS the outputs are sent to. Installed when missing and
+# apt-get can (as root, or with sudo that needs no password); without them the tests that need them fail
+# and say so.
+SYSTEM_PKGS := dicom3tools chromium orthanc orthanc-dicomweb
 APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || (sudo -n true 2>/dev/null && echo "sudo apt-get"))
 system-tools:
-	@command -v dciodvfy >/dev/null && command -v chromium >/dev/null || \
+	@command -v dciodvfy >/dev/null && command -v chromium >/dev/null && command -v Orthanc >/dev/null && \
+	  [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
 	  { [ -n "$(APT)" ] && { $(APT) install -y -q $(SYSTEM_PKGS) || \
 	      { $(APT) update -q && $(APT) install -y -q $(SYSTEM_PKGS); }; } || \
-	    echo "warning: dciodvfy/chromium missing; install Debian packages $(SYSTEM_PKGS) (needs root)"; }
+	    echo "warning: dciodvfy/chromium/Orthanc missing; install Debian packages $(SYSTEM_PKGS) (needs root)"; }
 
 $(VENV)/.adcore-setup: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -59,7 +59,7 @@ LIMIT $k
 """
 
 SCORE_DISTRIBUTION_SQL = """
-SELECT run_id, coalesce(modality, 'non-DICOM') AS modality, count(*) AS n,
+SELECT run_id, coalesce(nullif(modality, ''), if(modality IS NULL, 'non-DICOM', 'DICOM')) AS modality, count(*) AS n,
        avg(score) AS mean, quantile_cont(score, 0.05) AS p05, quantile_cont(score, 0.5) AS p50,
        quantile_cont(score, 0.95) AS p95, avg(label) AS anomalous_fraction
 FROM scores
@@ -94,7 +94,7 @@ ORDER BY model_version, n DESC, category
 
 # Score histograms per run and modality, binned in DuckDB (no score list in Python).
 HISTOGRAM_SQL = f"""
-SELECT run_id, coalesce(modality, 'non-DICOM') AS modality,
+SELECT run_id, coalesce(nullif(modality, ''), if(modality IS NULL, 'non-DICOM', 'DICOM')) AS modality,
        least(CAST(floor(score * {HIST_BINS}) AS INTEGER), {HIST_BINS - 1}) AS bin, count(*) AS n
 FROM scores
 WHERE status = 'ok'

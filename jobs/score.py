@@ -60,7 +60,7 @@ from adcore.cli import hidden, parse_config, required_unless, run_command
 from adcore.data.decode import DEFAULT_MAX_FRAMES
 from adcore.engine import EngineName
 from adcore.export import VariantName
-from jobs.scoring import dicom_out, ledger
+from jobs.scoring import dicom_out, ledger, pacs
 from jobs.scoring import lease as leases
 from jobs.scoring import schema as S
 from jobs.scoring.lease import DEFAULT_TTL_S
@@ -143,6 +143,9 @@ class ScoreConfig:
     # local folder or s3:// prefix: DICOM-SEG + SR per scored DICOM instance, under <dicom-output>/<run_id>/
     # (they carry the source's patient/study modules: PACS-bound, never mixed into --output)
     dicom_output: str = ""
+    # credentials from the workers' environment: ADCORE_PACS_TOKEN or ADCORE_PACS_USER/ADCORE_PACS_PASSWORD
+    pacs_url: str = ""  # DICOMweb root (http://pacs:8042/dicom-web): each SEG/SR stored by STOW-RS as written
+    pacs_attempts: int = hidden(6)  # STOW-RS tries per object (tests: a PACS down for the whole run, quickly)
     retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
     # keep: tables carry image_uri; pseudonymize: they carry only image_key (HMAC of the URI with
     # ADCORE_STUDY_KEY_SECRET) and the key -> URI map goes to --path-map alone (paths often name patients)
@@ -316,6 +319,10 @@ def main(cfg: ScoreConfig) -> dict:
         raise SystemExit(f"--progress {cfg.progress!r}: expected one of {', '.join(PROGRESS_MODES)}")
     if cfg.dicom_output:
         cfg = replace(cfg, dicom_output=storage.absolute(cfg.dicom_output))
+    if cfg.pacs_url:
+        if not cfg.dicom_output:
+            raise SystemExit("--pacs-url needs --dicom-output (the objects are kept there, and resent from there)")
+        cfg = replace(cfg, pacs_url=pacs.check_url(cfg.pacs_url))
     if cfg.path_map:
         cfg = replace(cfg, path_map=storage.absolute(cfg.path_map))
     _check_privacy_flags(cfg)
@@ -375,6 +382,8 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     if cfg.dicom_output:
         dicom_out.cleanup_incomplete(cfg.dicom_output, cfg.output, ledger.completed_ids(cfg.output), keep=run_id)
         dicom_out.write_run_marker(cfg.dicom_output, run_id, cfg.output)
+    sender = pacs.StowSender(cfg.pacs_url, attempts=cfg.pacs_attempts) if cfg.pacs_url else None
+    earlier = pacs.retry_pending(cfg.dicom_output, sender) if sender else None
     ledger.cleanup_latest(cfg.output)
     ledger.compact(cfg.output, cfg.latest_buckets, lease.check)  # a run that died between commit and compaction
     listing = list_inputs(cfg.input)
@@ -418,6 +427,8 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     }
     if cfg.dicom_output:  # the run's DICOM folder; the manifest then lists every object in it
         fields["dicom_output"] = dicom_out.run_root(cfg.dicom_output, run_id)
+    if cfg.pacs_url:
+        fields["pacs_url"] = cfg.pacs_url
     if todo.num_rows:
         manifest, files_seen = _score(
             cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model, secret
@@ -425,6 +436,9 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     else:  # nothing changed: no Ray pipeline, no GET
         manifest, files_seen = RunSink.empty_manifest(fields, time.time() - started.timestamp()), 0
     manifest["skipped_files"] += skipped
+    if cfg.pacs_url:  # listed before the commit: a run that then dies leaves a list whose folder goes (ignored)
+        manifest["pacs"]["earlier_runs"] = earlier
+        pacs.record_pending(cfg.dicom_output, run_id, manifest["pacs"]["unsent"])
     # The fenced commit: the manifest carries the lease's number and counts only if the store wrote it
     # before any newer lease existed (a run that lost its lease must not commit: the new holder may be
     # scoring the same files, and has removed this run's folder as a dead run's).
@@ -451,6 +465,8 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
             "lower --batch-size to avoid it",
             manifest["oom_splits"],
         )
+    if manifest.get("pacs", {}).get("failed"):
+        log.warning("%d DICOM object(s) not stored in the PACS: the next run sends them", manifest["pacs"]["failed"])
     if not secret and manifest.get("dicom_rows"):
         log.warning("%s is not set: study_key is null for DICOM inputs", SECRET_ENV)
     log.info(
@@ -555,7 +571,13 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
     )
     if cfg.dicom_output:  # DICOM-SEG + SR of the DICOM rows (re-read from their URIs), on CPU tasks too
         writer = dicom_out.DicomWriter(
-            cfg.dicom_output, run_id, art.get("model_name", "model"), art.get("model_version", "unsaved"), _version()
+            cfg.dicom_output,
+            run_id,
+            art.get("model_name", "model"),
+            art.get("model_version", "unsaved"),
+            _version(),
+            pacs_url=cfg.pacs_url,
+            pacs_attempts=cfg.pacs_attempts,
         )
         ds = ds.map_batches(writer, batch_size=None, num_cpus=plan.decode_cpus, batch_format="pyarrow")
 

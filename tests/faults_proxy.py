@@ -1,10 +1,11 @@
-"""A fault-injecting HTTP proxy in front of an S3 server: a seeded share of requests get ``503 SlowDown``.
+"""A fault-injecting HTTP proxy in front of an HTTP server: some requests get ``503``.
 
-Clients point ``AWS_ENDPOINT_URL`` at the proxy; it forwards each request to the real server
-(the moto server of ``tests/conftest.py``) unchanged, except that a seeded random share of
-the requests whose method is in ``methods`` and whose path matches ``paths`` is answered at
-once with S3's throttling error (HTTP 503, XML code ``SlowDown``), as a store under load
-does. Counts per method and path are kept, so tests can tell what a run read.
+Clients point ``AWS_ENDPOINT_URL`` (or a DICOMweb URL) at the proxy; it forwards each request to
+the real server (the moto server of ``tests/conftest.py``, an Orthanc) unchanged, except that
+the first ``fail_first`` and then a seeded random share of the requests whose method is in
+``methods`` and whose path matches ``paths`` are answered at once with HTTP 503 (by default
+S3's throttling error, XML code ``SlowDown``), as a server under load does. Counts per method and
+path are kept, so tests can tell what a run read.
 """
 
 from __future__ import annotations
@@ -40,16 +41,27 @@ class FaultProxy:
         paths: Regular expression the request path (with query) must match to be faulted.
         gone: Regular expression of object paths that read as deleted (GET and HEAD answered 404
             NoSuchKey) while still listed: a file removed between the listing and the read.
+        fail_first: The first this many matching requests are answered 503 (a server down for a while).
+        reply: (content type, body) of the 503 answers.
     """
 
     def __init__(
-        self, upstream: str, share: float = 0.0, seed: int = 0, methods=("GET", "PUT", "POST"), paths="", gone=""
+        self,
+        upstream: str,
+        share: float = 0.0,
+        seed: int = 0,
+        methods=("GET", "PUT", "POST"),
+        paths="",
+        gone="",
+        fail_first: int = 0,
+        reply: tuple[str, bytes] = ("application/xml", SLOW_DOWN),
     ):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.share, self.methods, self.paths = share, set(methods), re.compile(paths)
         self.gone = re.compile(gone) if gone else None
         self._rng = random.Random(seed)
+        self.fail_first, self.reply = fail_first, reply
         self._lock = threading.Lock()
         self.requests: Counter = Counter()  # (method, path without query) -> requests forwarded
         self.faults: Counter = Counter()  # method -> requests answered 503
@@ -80,7 +92,7 @@ class FaultProxy:
         if method not in self.methods or not self.paths.search(path):
             return False
         with self._lock:
-            hit = self._rng.random() < self.share
+            hit = sum(self.faults.values()) < self.fail_first or self._rng.random() < self.share
             if hit:
                 self.faults[method] += 1
             return hit
@@ -129,7 +141,7 @@ class FaultProxy:
                     self._reply(404, [("Content-Type", "application/xml")], NO_SUCH_KEY)
                     return
                 if proxy._fault(self.command, self.path):
-                    self._reply(503, [("Content-Type", "application/xml")], SLOW_DOWN)
+                    self._reply(503, [("Content-Type", proxy.reply[0])], proxy.reply[1])
                     return
                 proxy._count(self.command, self.path)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}

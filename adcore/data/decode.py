@@ -58,7 +58,7 @@ class Frame:
     Attributes:
         pixels: float32 in [0, 1], HxW grayscale or HxWx3 RGB.
         index: Frame or slice index within the file (0 for a 2D image).
-        modality: DICOM Modality (e.g. "CT", "MR"), None for other formats.
+        modality: DICOM Modality (e.g. "CT", "MR"), "" for a DICOM file without one, None for other formats.
         study_uid: Raw DICOM StudyInstanceUID. Kept in memory only so the scoring job
             can hash it; it must never be written out or logged as is.
         error: Set when this frame alone could not be decoded (the file's other frames
@@ -407,7 +407,8 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, max_frames: int, forc
             raise DecodeError(
                 name, "invalid_header", f"modality LUT / VOI attributes unusable ({type(e).__name__})"
             ) from None
-        modality = _text_attr(ds, "Modality")  # inside _quiet(): a malformed value warns with the value
+        # inside _quiet(): a malformed value warns with the value; "" when absent (None means "not DICOM")
+        modality = _text_attr(ds, "Modality") or ""
         study_uid = _text_attr(ds, "StudyInstanceUID")
     frames, k = [], 0
     for i in range(n_frames if errors else stack.shape[0]):

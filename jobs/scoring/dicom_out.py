@@ -14,14 +14,26 @@ highdicom
 and writes them under ``<dicom-output>/<run_id>/`` as ``<key>.seg.dcm`` / ``<key>.sr.dcm``,
 ``key`` = the first 20 hex digits of SHA-256(image_uri) (plus ``-f<first>-<last>`` for a
 multi-frame source): deterministic, so a retried task overwrites its own files, and nothing
-identifying in the name. Their UIDs are derived from the run, the file and the frames
-(``2.25.`` UUID UIDs). A SEG series and an SR series per source series and run.
+identifying in the name. Their UIDs are derived from the model version, the file's content,
+its key and the frames (``2.25.`` UUID UIDs): the same result gets the same UIDs, so a run
+repeated after a crash replaces its objects in a PACS instead of adding copies. A SEG series and
+an SR series per source series and model version.
 
 A multi-frame source whose frames are split over several model batches gets one SEG + SR per
 batch (frame range in the name): each SEG holds the anomalous frames of its range (empty frames
 are omitted, highdicom's default), each SR the measurements of every frame of its range. A
 split range with no anomalous pixel gets no SEG (an all-empty SEG would claim every frame of the
 source), only its SR.
+
+Sources without usable geometry (no frame of reference, or one equal to the study UID; no
+positive pixel spacing or slice thickness; a multi-frame image without functional groups) get
+SEGs without any (``jobs.scoring.dicom_source``): one per anomalous frame (``<key>-f<n>-<n>``
+for a multi-frame source; the first frame's, empty, for an instance without anomalous pixels).
+Instances that are not images (RT Dose, a SEG) are skipped, counted by SOP class.
+
+With ``pacs_url`` each object is stored in the PACS by DICOMweb STOW-RS as soon as it is
+written, in this task (``jobs.scoring.pacs``); the objects the PACS did not take are passed on
+in ``PACS_UNSENT_COLUMN`` for the next run to send.
 
 The objects carry the source's patient and study modules, as DICOM requires: they go only
 under ``--dicom-output``, never into the Parquet, and nothing here logs a value read from
@@ -45,12 +57,16 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from adcore import storage
+from jobs.scoring import dicom_source
 from jobs.scoring import schema as S
 
 log = logging.getLogger("jobs.score")
 
 DICOM_COLUMN = "_dicom_objects"  # list<string>: objects written for the row's instance (first row of a group)
 DICOM_ERROR_COLUMN = "_dicom_error"  # string: why an instance's objects were not written (first row of a group)
+SKIPPED_PREFIX = "skipped: "  # in DICOM_ERROR_COLUMN: not an image a SEG references (its SOP class follows)
+PACS_SENT_COLUMN = "_pacs_sent"  # int: objects of the instance stored in the PACS (with --pacs-url)
+PACS_UNSENT_COLUMN = "_pacs_unsent"  # list<string>: its objects the PACS did not take (retried by the next run)
 RUN_MARKER = "_run.json"  # in each run's folder: which scoring output it belongs to (for cleanup)
 SEG_SERIES_NUMBER = 9701  # series numbers of the derived series: high, to sort after the source series
 SR_SERIES_NUMBER = 9702
@@ -117,19 +133,36 @@ class DicomWriter:
         run_id: This run; objects go to ``<dicom_output>/<run_id>/``.
         model_name, model_version: The artifact's identity, written into both objects.
         software_version: adcore's version (the SEG's Software Versions).
+        pacs_url: A DICOMweb root: each object is stored there (STOW-RS) as soon as it is written.
+        pacs_attempts: STOW-RS tries per object.
     """
 
-    def __init__(self, dicom_output: str, run_id: str, model_name: str, model_version: str, software_version: str):
+    def __init__(
+        self,
+        dicom_output: str,
+        run_id: str,
+        model_name: str,
+        model_version: str,
+        software_version: str,
+        pacs_url: str = "",
+        pacs_attempts: int = 6,
+    ):
         self.root = run_root(dicom_output, run_id)
         self.run_id = run_id
         self.model_name, self.model_version = model_name, model_version
         self.software_version = software_version
+        self.pacs_url = pacs_url  # the sender (and its credentials) is made in the worker, on first use
+        self.pacs_attempts = pacs_attempts
+        self._pacs = None
+        self._pacs_down = False  # set in a task once the PACS stopped answering (after the retries)
         self._reader = storage.Reader()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
         paths: list[list[str]] = [[] for _ in range(n)]
         errors: list[str | None] = [None] * n
+        sent: list[int] = [0] * n
+        unsent: list[list[str]] = [[] for _ in range(n)]
         ok = pc.and_(pc.equal(table.column("status"), S.STATUS_OK), pc.is_valid(table.column("modality")))
         groups: dict[str, list[int]] = {}
         for i in np.flatnonzero(ok.to_numpy(zero_copy_only=False)):
@@ -138,18 +171,56 @@ class DicomWriter:
             logging.getLogger("highdicom").setLevel(logging.WARNING)
         for uri, idx in groups.items():
             rows = table.take(idx).select(["frame", "content_sha256", "score", "label", "mask_png", "mask_area"])
+            self._sop_class = "DICOM"
             try:
-                paths[idx[0]] = self.write_instance(uri, rows.to_pylist())
+                written = self.write_instance(uri, rows.to_pylist())
             except OSError:
                 raise  # the store failed: the task is retried, and rewrites the same files
+            except NotAnImage as e:
+                errors[idx[0]] = SKIPPED_PREFIX + str(e)
+                continue
             except Exception as e:  # noqa: BLE001 (a source highdicom refuses must not sink the run)
                 errors[idx[0]] = type(e).__name__
-                log.warning("DICOM outputs of one instance not written: %s", type(e).__name__)
+                log.warning("DICOM outputs of one %s instance not written: %s", self._sop_class, type(e).__name__)
+                continue
+            paths[idx[0]] = [name for name, _ in written]
+            if self.pacs_url:
+                sent[idx[0]], unsent[idx[0]] = self.send(written)
         table = table.append_column(DICOM_COLUMN, pa.array(paths, pa.list_(pa.string())))
-        return table.append_column(DICOM_ERROR_COLUMN, pa.array(errors, pa.string()))
+        table = table.append_column(DICOM_ERROR_COLUMN, pa.array(errors, pa.string()))
+        if self.pacs_url:
+            table = table.append_column(PACS_SENT_COLUMN, pa.array(sent, pa.int32()))
+            table = table.append_column(PACS_UNSENT_COLUMN, pa.array(unsent, pa.list_(pa.string())))
+        return table
 
-    def write_instance(self, uri: str, rows: list[dict]) -> list[str]:
-        """Build and write one instance's SEG (unless skipped) and SR; returns their paths under the run."""
+    def send(self, written: list[tuple[str, bytes]]) -> tuple[int, list[str]]:
+        """STOW-RS of one instance's objects as soon as they are written: (sent, names not sent).
+
+        Once the PACS is unavailable (after the retries), this task sends nothing more: its objects
+        wait for the next run rather than each waiting out the backoff.
+        """
+        from jobs.scoring.pacs import PacsError, StowSender
+
+        if self._pacs is None:
+            self._pacs = StowSender(self.pacs_url, attempts=self.pacs_attempts)
+        done, failed = 0, []
+        for name, data in written:
+            if self._pacs_down:
+                failed.append(name)
+                continue
+            try:
+                self._pacs.send(data)
+                done += 1
+            except PacsError as e:
+                failed.append(name)
+                self._pacs_down = e.unavailable
+                log.warning("one DICOM object not stored in the PACS (%s): kept for the next run", e)
+                if e.unavailable:
+                    log.warning("the PACS is unavailable: this task's other objects are kept for the next run")
+        return done, failed
+
+    def write_instance(self, uri: str, rows: list[dict]) -> list[tuple[str, bytes]]:
+        """Build and write one instance's SEG(s) and SR; returns their names under the run, and bytes."""
         import pydicom
 
         data = self._reader.read(uri)
@@ -157,37 +228,47 @@ class DicomWriter:
             raise ChangedSinceScored("the file changed since it was scored")
         with _quiet():
             src = pydicom.dcmread(io.BytesIO(data), force=True)
+            self._sop_class = dicom_source.sop_class_name(src)
+            reason = dicom_source.skip_reason(src)
+            if reason is not None:
+                raise NotAnImage(reason)
+            dicom_source.complete(src)
             n_frames = int(src.get("NumberOfFrames", 1) or 1)
             rows = sorted(rows, key=lambda r: r["frame"])
             frames = [int(r["frame"]) for r in rows]
             masks = [S.decode_mask(r["mask_png"]) for r in rows]
+            for m in masks:
+                if m.shape != (int(src.Rows), int(src.Columns)):
+                    raise ValueError("mask size differs from the source's Rows/Columns")
             key = object_key(uri, frames if n_frames > 1 else None)
-            seg = None
+            # Same content, model and frames: same UIDs (a rerun after a crash replaces, never duplicates, in a PACS).
+            salt = (self.model_version, rows[0]["content_sha256"])
             whole = n_frames == 1 or len(frames) == n_frames
-            if whole or any(m.any() for m in masks):
-                seg = self.segmentation(src, n_frames, frames, masks, key)
-            sr = self.report(src, n_frames, rows, seg, key)
+            segs = []  # (name stem, dataset)
+            if dicom_source.has_geometry(src):
+                if whole or any(m.any() for m in masks):
+                    segs.append((key, self.segmentation(src, n_frames, frames, masks, key, salt)))
+            else:  # one SEG per anomalous frame (or the first frame of a whole normal instance), no geometry
+                chosen = [(f, m) for f, m in zip(frames, masks) if m.any()]
+                chosen = chosen or ([(frames[0], masks[0])] if whole else [])
+                for f, m in chosen:
+                    stem = object_key(uri, [f]) if n_frames > 1 else key
+                    segs.append((stem, self.flat_segmentation(src, f if n_frames > 1 else None, m, stem, salt)))
+            sr = self.report(src, n_frames, rows, [s for _, s in segs], key, salt)
             out = []
-            for obj, suffix in ((seg, "seg"), (sr, "sr")):
-                if obj is None:
-                    continue
+            for stem, obj, suffix in [(k, s, "seg") for k, s in segs] + [(key, sr, "sr")]:
                 buf = io.BytesIO()
                 obj.save_as(buf, enforce_file_format=True)
-                name = f"{key}.{suffix}.dcm"
+                name = f"{stem}.{suffix}.dcm"
                 storage.write_bytes(storage.join(self.root, name), buf.getvalue())
-                out.append(name)
+                out.append((name, buf.getvalue()))
         return out
 
-    def segmentation(self, src, n_frames: int, frames: list[int], masks: list[np.ndarray], key: str):
-        """A BINARY Segmentation of ``src`` with one segment, the frames' masks."""
+    def _segmentation(self, source, pixels: np.ndarray, stem: str, salt: tuple, instance_number: int):
+        """A BINARY Segmentation of ``source`` with one segment, ``pixels`` [F, R, C]."""
         import highdicom as hd
 
         c = _codes()
-        pixels = np.zeros((n_frames, int(src.Rows), int(src.Columns)), bool)
-        for f, m in zip(frames, masks):
-            if m.shape != pixels.shape[1:]:
-                raise ValueError("mask size differs from the source's Rows/Columns")
-            pixels[f] = m
         algorithm = hd.AlgorithmIdentificationSequence(
             name=self.model_name,
             version=self.model_version,
@@ -203,16 +284,15 @@ class DicomWriter:
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
         )
-        series = src.get("SeriesInstanceUID", "")
         return hd.seg.Segmentation(
-            source_images=[src],
+            source_images=[source],
             pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
-            series_instance_uid=_uid(self.run_id, series, "seg-series"),
+            series_instance_uid=_uid(self.model_version, source.SeriesInstanceUID, "seg-series"),
             series_number=SEG_SERIES_NUMBER,
-            sop_instance_uid=_uid(self.run_id, key, "seg"),
-            instance_number=min(frames) + 1,
+            sop_instance_uid=_uid(*salt, stem, "seg"),
+            instance_number=instance_number,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=self.model_name,
             software_versions=self.software_version,
@@ -220,7 +300,21 @@ class DicomWriter:
             series_description=f"adcore anomaly mask ({self.model_name})",
         )
 
-    def report(self, src, n_frames: int, rows: list[dict], seg, key: str):
+    def segmentation(self, src, n_frames: int, frames: list[int], masks: list[np.ndarray], key: str, salt: tuple):
+        """The SEG of a source with geometry: the frames' masks, placed in its frame of reference."""
+        pixels = np.zeros((n_frames, int(src.Rows), int(src.Columns)), bool)
+        for f, m in zip(frames, masks):
+            pixels[f] = m
+        return self._segmentation(src, pixels, key, salt, min(frames) + 1)
+
+    def flat_segmentation(self, src, frame: int | None, mask: np.ndarray, stem: str, salt: tuple):
+        """The SEG of one frame of a source without usable geometry (``frame``: of a multi-frame source)."""
+        seg = self._segmentation(dicom_source.flat_view(src), mask[None], stem, salt, (frame or 0) + 1)
+        dicom_source.restore_references(seg, src, None if frame is None else frame + 1)
+        seg.PatientOrientation = dicom_source.patient_orientation(src)
+        return seg
+
+    def report(self, src, n_frames: int, rows: list[dict], segs: list, key: str, salt: tuple):
         """A Comprehensive 3D SR with a TID 1500 measurement report: one group per frame."""
         import highdicom as hd
 
@@ -242,7 +336,7 @@ class DicomWriter:
         spacing = _pixel_spacing(src)
         groups = []
         for r in rows:
-            refs = [int(r["frame"]) + 1] if n_frames > 1 else None
+            refs = [int(r["frame"]) + 1] if n_frames > 1 and dicom_source.multi_frame_iod(src) else None
             measurements = [
                 hd.sr.Measurement(c["score"], float(r["score"]), c["no_units"], algorithm_id=algorithm),
                 hd.sr.Measurement(c["area_px"], int(r["mask_area"]), c["pixels"], algorithm_id=algorithm),
@@ -254,24 +348,27 @@ class DicomWriter:
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=_uid(self.run_id, key, r["frame"], "tracking"), identifier=f"frame {r['frame']}"
+                        uid=_uid(*salt, key, r["frame"], "tracking"), identifier=f"frame {r['frame']}"
                     ),
                     algorithm_id=algorithm,
                     measurements=measurements,
                     qualitative_evaluations=[hd.sr.QualitativeEvaluation(c["finding"], label)],
-                    source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src, refs)],
+                    source_images=[
+                        hd.sr.SourceImageForMeasurementGroup(
+                            src.SOPClassUID, src.SOPInstanceUID, referenced_frame_numbers=refs
+                        )
+                    ],
                 )
             )
         content = hd.sr.MeasurementReport(
             observation_context=context, procedure_reported=c["procedure"], imaging_measurements=groups
         )
-        series = src.get("SeriesInstanceUID", "")
         return hd.sr.Comprehensive3DSR(
-            evidence=[src] + ([seg] if seg is not None else []),
+            evidence=[src] + segs,
             content=content,
-            series_instance_uid=_uid(self.run_id, series, "sr-series"),
+            series_instance_uid=_uid(self.model_version, src.SeriesInstanceUID, "sr-series"),
             series_number=SR_SERIES_NUMBER,
-            sop_instance_uid=_uid(self.run_id, key, "sr"),
+            sop_instance_uid=_uid(*salt, key, "sr"),
             instance_number=min(int(r["frame"]) for r in rows) + 1,
             manufacturer=MANUFACTURER,
             is_complete=True,
@@ -279,19 +376,25 @@ class DicomWriter:
         )
 
 
+class NotAnImage(Exception):
+    """The instance is no image a SEG can reference (RT Dose, a SEG, ...): skipped on purpose, its SOP class."""
+
+
 class ChangedSinceScored(Exception):
     """The source's bytes differ from those scored (replaced between decoding and this stage)."""
 
 
 def _pixel_spacing(src) -> tuple[float, float] | None:
-    """Row and column spacing in mm: the image's own, or a multi-frame image's shared one."""
+    """Row and column spacing in mm: the image's own, or a multi-frame image's shared one; None unless positive."""
     try:
         if "PixelSpacing" in src:
-            return float(src.PixelSpacing[0]), float(src.PixelSpacing[1])
-        shared = src.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
-        return float(shared.PixelSpacing[0]), float(shared.PixelSpacing[1])
+            spacing = float(src.PixelSpacing[0]), float(src.PixelSpacing[1])
+        else:
+            shared = src.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+            spacing = float(shared.PixelSpacing[0]), float(shared.PixelSpacing[1])
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         return None
+    return spacing if min(spacing) > 0 else None
 
 
 def write_run_marker(dicom_output: str, run_id: str, output: str, completed: bool = False) -> None:

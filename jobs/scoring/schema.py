@@ -20,7 +20,7 @@ mask_png        binary     anomaly mask at the frame's own resolution, 1-bit PNG
 mask_area       int64      pixels set in the mask
 peak_row,       int32      location of the anomaly map's maximum (frame pixels)
 peak_col
-modality        string     DICOM Modality (null for other formats)
+modality        string     DICOM Modality ("" for a DICOM file without one, null for other formats)
 study_key       string     HMAC-SHA256(ADCORE_STUDY_KEY_SECRET, StudyInstanceUID), hex;
                            null without the secret. The raw UID is never written.
 model_name      string     artifact's model name

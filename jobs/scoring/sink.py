@@ -31,7 +31,13 @@ from ray.data.datasource.datasink import Datasink, WriteResult
 
 from adcore import storage
 from jobs.scoring import schema as S
-from jobs.scoring.dicom_out import DICOM_COLUMN, DICOM_ERROR_COLUMN
+from jobs.scoring.dicom_out import (
+    DICOM_COLUMN,
+    DICOM_ERROR_COLUMN,
+    PACS_SENT_COLUMN,
+    PACS_UNSENT_COLUMN,
+    SKIPPED_PREFIX,
+)
 from jobs.scoring.stages import FRAMES_COLUMN, NODE_COLUMN, SPLITS_COLUMN, TIME_COLUMN
 
 log = logging.getLogger("jobs.score")
@@ -119,6 +125,9 @@ class RunSink(Datasink[dict]):
             "dicom_rows": 0,
             "dicom_objects": [],  # DICOM-SEG/SR written for these rows (paths under the run's DICOM folder)
             "dicom_failed": {},  # instances whose DICOM objects were not written, by reason
+            "dicom_skipped": {},  # instances that are no image a SEG references, by SOP class
+            "pacs_sent": 0,  # objects stored in the PACS (--pacs-url)
+            "pacs_unsent": [],  # objects the PACS did not take (paths under the run's DICOM folder)
             "scored": [],  # (unix seconds, rows): one entry per model batch
             "oom_splits": 0,  # model calls split in two after a device out-of-memory error
         }
@@ -135,9 +144,15 @@ class RunSink(Datasink[dict]):
 
         if DICOM_COLUMN in table.column_names:  # --dicom-output: counted here, never written to Parquet
             result["dicom_objects"] = [p for ps in table.column(DICOM_COLUMN).to_pylist() for p in ps or ()]
-            failed = table.column(DICOM_ERROR_COLUMN).to_pylist()
-            result["dicom_failed"] = dict(Counter(e for e in failed if e))
+            reasons = [e for e in table.column(DICOM_ERROR_COLUMN).to_pylist() if e]
+            result["dicom_failed"] = dict(Counter(e for e in reasons if not e.startswith(SKIPPED_PREFIX)))
+            skipped = [e[len(SKIPPED_PREFIX) :] for e in reasons if e.startswith(SKIPPED_PREFIX)]
+            result["dicom_skipped"] = dict(Counter(skipped))
             table = table.drop_columns([DICOM_COLUMN, DICOM_ERROR_COLUMN])
+        if PACS_SENT_COLUMN in table.column_names:
+            result["pacs_sent"] = int(pc.sum(table.column(PACS_SENT_COLUMN)).as_py() or 0)
+            result["pacs_unsent"] = [p for ps in table.column(PACS_UNSENT_COLUMN).to_pylist() for p in ps or ()]
+            table = table.drop_columns([PACS_SENT_COLUMN, PACS_UNSENT_COLUMN])
         frames = {}  # image key -> frames of its file: which files this part holds whole (a dead run's salvage)
         if FRAMES_COLUMN in table.column_names:
             frames = dict(zip(table.column("image_key").to_pylist(), table.column(FRAMES_COLUMN).to_pylist()))
@@ -231,15 +246,25 @@ class RunSink(Datasink[dict]):
         }
         if "dicom_output" in fields:  # the run's DICOM folder: every object in it is listed here
             objects = sorted(p for r in parts for p in r.get("dicom_objects", ()))
-            failed = Counter()
+            failed, skipped = Counter(), Counter()
             for r in parts:
                 failed.update(r.get("dicom_failed", {}))
+                skipped.update(r.get("dicom_skipped", {}))
             manifest["dicom_objects"] = {
                 "seg": sum(p.endswith(".seg.dcm") for p in objects),
                 "sr": sum(p.endswith(".sr.dcm") for p in objects),
                 "failed": dict(failed),
+                "skipped": dict(skipped),
                 "files": objects,
             }
+            if "pacs_url" in fields:  # sent as written; the unsent wait in _pacs_pending/ for the next run
+                unsent = sorted(p for r in parts for p in r.get("pacs_unsent", ()))
+                manifest["pacs"] = {
+                    "sent": sum(r.get("pacs_sent", 0) for r in parts),
+                    "failed": len(unsent),
+                    "skipped": sum(skipped.values()),  # instances that are no image: nothing to send
+                    "unsent": unsent,
+                }
         manifest["completed_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         return manifest
 

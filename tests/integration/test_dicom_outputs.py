@@ -14,7 +14,6 @@ import logging
 import os
 import pty
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 from adcore import storage
 from jobs.scoring import dicom_out, ledger
 from jobs.scoring.schema import decode_mask
+from tests.dicom_checks import dciodvfy_errors
 from tests.integration.test_score_job import (
     PHI,
     SECRET,
@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
 REPO = Path(__file__).resolve().parents[2]
 MULTI_FRAME = "eCT_Supplemental.dcm"  # Enhanced CT, 2 frames of 512x512 with per-frame functional groups
-INVALID_SOURCE = "emri_small.dcm"  # Enhanced MR without its functional groups: highdicom refuses it
+NOT_AN_IMAGE = "rtdose.dcm"  # RT Dose: pixel data, scored, but no image a SEG references: skipped
 
 
 def _with_phi(name: str) -> bytes:
@@ -54,20 +54,6 @@ def _with_phi(name: str) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf)
     return buf.getvalue()
-
-
-def dciodvfy_errors(data: bytes, tmp: Path) -> list[str]:
-    """The ``Error`` lines dciodvfy prints for one object (warnings are allowed)."""
-    if shutil.which("dciodvfy") is None:
-        pytest.fail("dciodvfy is missing: `make setup` installs Debian's dicom3tools (apt-get install -y dicom3tools)")
-    path = tmp / "check.dcm"
-    path.write_bytes(data)
-    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    lines = (done.stdout + done.stderr).splitlines()
-    errors = [line for line in lines if line.startswith("Error")]
-    if done.returncode != 0 and not errors:
-        errors = [f"dciodvfy exited {done.returncode}"]
-    return errors
 
 
 def sr_groups(ds) -> list[dict]:
@@ -167,13 +153,13 @@ def test_dicom_outputs_valid_match_parquet_and_leak_nothing(
     files = {
         "ct/one.dcm": _dicom_with_phi(),
         "ct/multi.dcm": _with_phi(MULTI_FRAME),
-        "mr/invalid.dcm": _with_phi(INVALID_SOURCE),
+        "rt/dose.dcm": _with_phi(NOT_AN_IMAGE),
         "png/a.png": _png((np.random.default_rng(0).random((40, 40)) * 255).astype(np.uint8)),
         "bad/empty.dcm": b"",
     }
     upload(f"{bucket}/in", files)
     sources = {f"{bucket}/in/{k}": v for k, v in files.items() if k.endswith(".dcm") and v}
-    refused = f"{bucket}/in/mr/invalid.dcm"
+    refused = f"{bucket}/in/rt/dose.dcm"
     out, pacs = f"{bucket}/scores", f"{bucket}/pacs"
     # A dead run's DICOM folder (marker names this output) goes; a folder this job did not write stays.
     dead = "20000101T000000Z-deadbeef"
@@ -187,7 +173,8 @@ def test_dicom_outputs_valid_match_parquet_and_leak_nothing(
     assert not storage.exists(f"{pacs}/{dead}") and storage.exists(f"{pacs}/other/keep.dcm")
     assert m1["dicom_output"] == f"{pacs}/{m1['run_id']}"
     objects = m1["dicom_objects"]
-    assert objects["seg"] == objects["sr"] == 2 and objects["failed"] == {"ValueError": 1}
+    assert objects["seg"] == objects["sr"] == 2 and objects["failed"] == {}
+    assert objects["skipped"] == {"RT Dose Storage": 1}
     rows, _ = visible(out)
     check_objects(m1["dicom_output"], objects["files"], rows, sources, refused, tmp_path)
     assert set(objects["files"]) >= {dicom_out.object_key(f"{bucket}/in/ct/one.dcm") + ".seg.dcm"}
