@@ -34,10 +34,14 @@ $(VENV)/.adcore-setup: pyproject.toml Makefile
 demo: setup
 	$(PY) jobs/demo.py
 
-# The whole suite, every tier; prints the 25 slowest tests and its wall time.
+# The whole suite, every tier, in TEST_WORKERS processes (a test file stays in one: its fixtures are
+# built once); prints the 25 slowest tests and its wall time. Most of the suite waits on servers,
+# jobs and Ray, so two processes share two cores well.
+TEST_WORKERS ?= 2
 test: setup
 	@start=$$(date +%s); \
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider --durations=25 --basetemp=$(PYTEST_TMP); \
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile \
+	  --durations=25 --basetemp=$(PYTEST_TMP); \
 	status=$$?; echo "make test: $$(( $$(date +%s) - start )) s wall"; exit $$status
 
 # The fast tier (marker `unit`, tests/conftest.py): no Ray, servers, training runs, ONNX exports or

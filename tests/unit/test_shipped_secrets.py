@@ -46,7 +46,15 @@ def credentials(s3_server, monkeypatch):
 def test_the_search_finds_a_shipped_secret():
     """The check can fail: an S3 filesystem given its keys explicitly, or a decoder holding the key, is caught."""
     with pytest.raises(AssertionError, match="carries"):
-        _clean_pickle(pafs.S3FileSystem(access_key=KEY_ID, secret_key=SECRET_KEY, region="us-east-1"))
+        _clean_pickle(
+            pafs.S3FileSystem(
+                access_key=KEY_ID,
+                secret_key=SECRET_KEY,
+                region="us-east-1",
+                endpoint_override="127.0.0.1:9",
+                scheme="http",
+            )
+        )
     with pytest.raises(AssertionError, match="carries"):
         _clean_pickle({"secret": STUDY_SECRET.encode()})
 
