@@ -48,11 +48,20 @@ SPLIT_CHARS = "-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz
 
 @dataclass(frozen=True)
 class KeyRange:
-    """Keys under ``prefix`` greater than ``after`` (None: from the first) and at most ``until`` (None: all)."""
+    """Keys under ``prefix`` greater than ``after`` (None: from the first) and at most ``until`` (None: all).
+
+    ``nested``: only keys in a folder below ``prefix`` (the files directly in it are listed elsewhere).
+    """
 
     prefix: str
     after: str | None = None
     until: str | None = None
+    nested: bool = False
+
+    def holds(self, key: str) -> bool:
+        if self.after is not None and key <= self.after or self.until is not None and key > self.until:
+            return False
+        return key.startswith(self.prefix) and (not self.nested or "/" in key[len(self.prefix) :])
 
 
 def empty_listing() -> pa.Table:
@@ -87,32 +96,33 @@ def _root(uri: str) -> tuple[str, str]:
 
 
 def discover(client, bucket: str, root: str, want: int, skip_hidden: bool = True) -> tuple[list[KeyRange], pa.Table]:
-    """(ranges covering every key under ``root`` except those returned, the files found on the way).
+    """(about ``want`` ranges covering every key under ``root`` except those returned, the files found on the way).
 
     Breadth first: one LIST page per folder and level (concurrently); a folder whose level fits
     in one page gives its files and subfolders, one that does not is cut by :data:`SPLIT_CHARS`.
-    Descends while there are fewer than ``want`` folders, at most :data:`MAX_DEPTH` levels.
+    Descends while there are fewer than ``want`` folders, at most :data:`MAX_DEPTH` levels; the
+    folders of the last level are grouped into about ``want`` ranges of consecutive siblings.
     """
     ranges: list[KeyRange] = []
     found: list[pa.Table] = []
-    level = [root]
+    level: list[tuple[str | None, str]] = [(None, root)]  # (parent, folder)
     for depth in range(MAX_DEPTH + 1):
         if not level:
             break
         if depth == MAX_DEPTH or len(level) >= want:
-            ranges += [KeyRange(p) for p in level]
+            ranges += group_folders(level, want)
             break
         with ThreadPoolExecutor(min(DISCOVERY_THREADS, len(level))) as pool:
             pages = list(
                 pool.map(
                     lambda p: client.list_objects_v2(Bucket=bucket, Prefix=p, Delimiter="/", MaxKeys=DISCOVERY_PAGE),
-                    level,
+                    [f for _, f in level],
                 )
             )
         nxt = []
-        for prefix, page in zip(level, pages):
+        for (_, prefix), page in zip(level, pages):
             if page.get("IsTruncated"):  # too large to enumerate a page at a time here: cut into ranges
-                ranges += split_flat(prefix)
+                ranges += split_flat(prefix, -(-want // len(level)))
                 continue
             contents = page.get("Contents", ())
             found.append(
@@ -124,16 +134,47 @@ def discover(client, bucket: str, root: str, want: int, skip_hidden: bool = True
                     skip_hidden,
                 )
             )
-            nxt += [c["Prefix"] for c in page.get("CommonPrefixes", ())]
-        level = sorted(nxt)
+            nxt += [(prefix, c["Prefix"]) for c in page.get("CommonPrefixes", ())]
+        level = sorted(nxt, key=lambda pf: pf[1])
     return sorted(ranges, key=lambda r: (r.prefix, r.after or "")), (
         pa.concat_tables(found) if found else empty_listing()
     )
 
 
-def split_flat(prefix: str) -> list[KeyRange]:
-    """Ranges covering every key under ``prefix`` exactly once, cut at the next character."""
-    bounds = [prefix + c for c in SPLIT_CHARS]
+def group_folders(level: list[tuple[str | None, str]], want: int) -> list[KeyRange]:
+    """About ``want`` ranges over the (parent, folder) pairs of a level, each a run of consecutive siblings.
+
+    A run of one folder is that folder; a longer one is the parent's keys from the first folder
+    through the last one's subtree, folders only (``nested``): the parent's own files were found by
+    discovery. The run ``f1/ .. fk/`` ends at ``fk0`` (``"/" < "0"``: past every key under ``fk/``,
+    before the next folder).
+    """
+    by_parent: dict[str | None, list[str]] = {}
+    for parent, folder in level:
+        by_parent.setdefault(parent, []).append(folder)
+    out = []
+    for parent, folders in by_parent.items():
+        folders.sort()
+        pieces = max(1, round(want * len(folders) / len(level)))
+        size = -(-len(folders) // pieces)
+        runs = [folders[i : i + size] for i in range(0, len(folders), size)]
+        if parent is None or len(runs) == len(folders):
+            out += [KeyRange(f) for f in folders]
+            continue
+        bounds = [run[-1][:-1] + "0" for run in runs[:-1]]
+        for k, run in enumerate(runs):
+            after = bounds[k - 1] if k else None
+            until = bounds[k] if k < len(bounds) else None
+            out.append(KeyRange(run[0]) if len(run) == 1 else KeyRange(parent, after, until, nested=True))
+    return out
+
+
+def split_flat(prefix: str, pieces: int = len(SPLIT_CHARS) + 1) -> list[KeyRange]:
+    """About ``pieces`` ranges covering every key under ``prefix`` exactly once, cut at the next character."""
+    n = max(1, min(pieces, len(SPLIT_CHARS) + 1))
+    bounds = [prefix + SPLIT_CHARS[i * len(SPLIT_CHARS) // n] for i in range(1, n)]
+    if not bounds:
+        return [KeyRange(prefix)]
     out = [KeyRange(prefix, None, bounds[0])]
     out += [KeyRange(prefix, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
     out.append(KeyRange(prefix, bounds[-1], None))
@@ -155,6 +196,8 @@ def list_ranges(bucket: str, ranges: list[KeyRange], skip_hidden: bool = True) -
                 if r.until is not None and key > r.until:
                     done = True
                     break
+                if r.nested and "/" not in key[len(r.prefix) :]:
+                    continue  # a file of the parent folder itself: discovery has it
                 keys.append(key)
                 sizes.append(obj["Size"])
                 etags.append(obj["ETag"].strip('"'))

@@ -48,12 +48,26 @@ def test_prefix_ranges_list_what_the_serial_loop_lists(archive, monkeypatch, tas
     assert not any(n.startswith("../archive-other") for n in names)
 
 
-def test_cut_ranges_cover_each_key_once():
-    ranges = listing.split_flat("f/")
-    keys = sorted(["f/", "f/\x00", "f/-", "f/0", "f/00", "f/z", "f/zz", "f/~", "f/é", "f/" + "\U0010ffff"])
+@pytest.mark.parametrize("pieces", [1, 2, 7, 67, 500])
+def test_cut_ranges_cover_each_key_once(pieces):
+    ranges = listing.split_flat("f/", pieces)
+    assert len(ranges) == min(pieces, len(listing.SPLIT_CHARS) + 1)
+    keys = ["f/", "f/\x00", "f/-", "f/0", "f/00", "f/z", "f/zz", "f/~", "f/é", "f/" + "\U0010ffff", "f/a/b"]
     for k in keys:
-        holders = [r for r in ranges if (r.after is None or k > r.after) and (r.until is None or k <= r.until)]
-        assert len(holders) == 1, (k, holders)
+        assert sum(r.holds(k) for r in ranges) == 1, k
+
+
+@pytest.mark.parametrize("want", [1, 3, 10, 100])
+def test_grouped_folders_hold_each_key_under_them_once(want):
+    parents = ["r/a/", "r/b/"]
+    folders = [(p, f"{p}{name}/") for p in parents for name in ["0", "1", "10", "1-", "x", "x0", "y.z", "é"]]
+    ranges = listing.group_folders(sorted(folders, key=lambda pf: pf[1]), want)
+    assert len(ranges) <= max(want, len(parents)) + len(parents)
+    for _, f in folders:
+        for key in (f + "img.png", f + "deep/er.png", f):
+            assert sum(r.holds(key) for r in ranges) == 1, (key, [r for r in ranges if r.holds(key)])
+    for key in ("r/a/file.png", "r/a/x0", "r/b/10", "r/c/other.png"):  # files of a parent, another parent
+        assert not any(r.holds(key) for r in ranges), key
 
 
 def test_sub_prefix_and_single_object(archive):
