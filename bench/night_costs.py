@@ -87,6 +87,39 @@ def start_server() -> subprocess.Popen:
     return proc
 
 
+def write_inventory(table, base: str, files: int = 4) -> str:
+    """An S3 Inventory report (Parquet, as AWS writes one) of the listed ``table``; returns its manifest's URI."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from adcore import storage
+
+    uris = table.column("uri")
+    keys = pc.utf8_slice_codeunits(uris, len(f"s3://{BUCKET}/"))
+    inv = pa.table(
+        {
+            "bucket": pa.array([BUCKET] * table.num_rows),
+            "key": keys,
+            "size": table.column("size"),
+            "last_modified_date": pa.array([0] * table.num_rows, pa.timestamp("ms")),
+            "e_tag": table.column("version"),
+        }
+    )
+    entries = []
+    step = -(-inv.num_rows // files)
+    for i in range(files):
+        buf = io.BytesIO()
+        pq.write_table(inv.slice(i * step, step), buf)
+        key = f"{base.split('/', 3)[3]}/data/part-{i}.parquet"
+        storage.write_bytes(f"s3://{BUCKET}/{key}", buf.getvalue())
+        entries.append({"key": key, "size": buf.tell(), "MD5checksum": "-"})
+    manifest = {"sourceBucket": BUCKET, "destinationBucket": f"arn:aws:s3:::{BUCKET}", "fileFormat": "Parquet",
+                "fileSchema": "message s3.inventory { }", "files": entries}  # fmt: skip
+    storage.write_bytes(f"{base}/manifest.json", json.dumps(manifest).encode())
+    return f"{base}/manifest.json"
+
+
 def night(inp: str, model: str, out: str, tasks: int) -> dict:
     from adcore import storage
     from jobs.score import ScoreConfig, main
@@ -130,10 +163,16 @@ def measure(n: int, changed: float, tasks: int, list_only: bool, model: str, roo
     t0 = time.monotonic()
     serial = storage.list_objects(inp)
     result["list_serial_s"] = round(time.monotonic() - t0, 2)
-    t0 = time.monotonic()
-    parallel = listing.list_prefixes(inp, tasks)
-    result["list_tasks_s"] = round(time.monotonic() - t0, 2)
+    for name in ("list_tasks_cold_s", "list_tasks_s"):  # the first starts the listing tasks' workers
+        t0 = time.monotonic()
+        parallel = listing.list_prefixes(inp, tasks)
+        result[name] = round(time.monotonic() - t0, 2)
     assert parallel.equals(serial) and serial.num_rows == n
+    inventory = write_inventory(serial, f"s3://{BUCKET}/inventory-{n}")
+    t0 = time.monotonic()
+    from_inventory = listing.list_inventory(inventory, inp)
+    result["list_inventory_s"] = round(time.monotonic() - t0, 2)
+    assert from_inventory.equals(serial)
     if not list_only:
         out = f"s3://{BUCKET}/scores-{n}"
         result["first"] = night(inp, model, out, tasks)
@@ -174,12 +213,13 @@ def main() -> None:
     finally:
         server.stdin.close()
         server.wait(timeout=30)
-    print(f"\n{'objects':>8} {'list serial s':>13} {'list tasks s':>12} {'night1 s':>9} {'night2 s':>9} "
-          f"{'fixed2 s':>9} {'compact2 share':>14}")  # fmt: skip
+    print(f"\n{'objects':>8} {'list serial s':>13} {'list tasks s':>12} {'inventory s':>11} {'night1 s':>9} "
+          f"{'night2 s':>9} {'fixed2 s':>9} {'compact2 share':>14}")  # fmt: skip
     for r in results:
         f, s = r.get("first", {}), r.get("second", {})
         print(
-            f"{r['n']:>8} {r['list_serial_s']:>13} {r['list_tasks_s']:>12} {f.get('wall_s', '-'):>9} "
+            f"{r['n']:>8} {r['list_serial_s']:>13} {r['list_tasks_s']:>12} {r['list_inventory_s']:>11} "
+            f"{f.get('wall_s', '-'):>9} "
             f"{s.get('wall_s', '-'):>9} {s.get('fixed_s', '-'):>9} {s.get('compaction_share', '-'):>14}"
         )
 

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TASKS = 64  # listing tasks at most: S3 serves each prefix at thousands of LISTs/s
 MAX_DEPTH = 4  # folder levels discovery descends before it cuts what it has into ranges
 DISCOVERY_THREADS = 16  # concurrent LISTs of one discovery level
+SINGLE_PAGE = 1000  # an input of at most this many objects is listed by one LIST, in the driver
 DISCOVERY_PAGE = 1000  # entries of a folder level enumerated during discovery (one LIST page); more: ranges
 # Where a level too large to enumerate is cut: its keys' next character (ASCII order, as S3 sorts).
 SPLIT_CHARS = "-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
@@ -218,17 +219,22 @@ def _groups(ranges: list[KeyRange], tasks: int) -> list[list[KeyRange]]:
 def list_prefixes(uri: str, tasks: int = DEFAULT_TASKS, skip_hidden: bool = True) -> pa.Table:
     """The listing of ``s3://`` ``uri``: discovery here, then the ranges in up to ``tasks`` Ray tasks.
 
-    Without Ray running the ranges are listed in turn (same result). A URI naming one object
-    (no key below it) is listed as that object, as ``storage.list_objects`` does.
+    An input that fits in one LIST page is that page. Without Ray running the ranges are listed in
+    turn (same result). A URI naming one object (no key below it) is listed as that object, as
+    ``storage.list_objects`` does.
     """
     bucket, root = _root(uri)
     client = storage.s3_client()
+    first = client.list_objects_v2(Bucket=bucket, Prefix=root, MaxKeys=SINGLE_PAGE)
+    if not first.get("IsTruncated"):  # one page holds it all: no discovery, no task
+        contents = first.get("Contents", ())
+        keys, sizes, etags = [o["Key"] for o in contents], [o["Size"] for o in contents], [o["ETag"] for o in contents]
+        table = _entries(bucket, keys, sizes, [e.strip('"') for e in etags], skip_hidden)
+        return table.sort_by("uri") if table.num_rows or not root else storage.list_objects(uri, skip_hidden)
     ranges, found = discover(client, bucket, root, max(1, tasks), skip_hidden)
     groups = _groups(ranges, tasks)
     parts = [found, *_map_tasks(list_ranges, [(bucket, g, skip_hidden) for g in groups])]
     table = pa.concat_tables(parts)
-    if not table.num_rows and root:
-        return storage.list_objects(uri, skip_hidden)  # a single object, or nothing
     log.info("listed %d objects in %d range(s) by %d task(s)", table.num_rows, len(ranges), len(groups))
     return table.sort_by("uri")
 

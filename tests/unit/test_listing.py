@@ -36,8 +36,11 @@ def archive(s3_server):
     return f"{bucket}/arch"
 
 
-@pytest.mark.parametrize("tasks,page", [(1, 1000), (4, 1000), (64, 1000), (8, 5), (64, 3)])
-def test_prefix_ranges_list_what_the_serial_loop_lists(archive, monkeypatch, tasks, page):
+@pytest.mark.parametrize(
+    "tasks,page,single", [(1, 1000, 1), (4, 1000, 1), (64, 1000, 1), (8, 5, 1), (64, 3, 1), (8, 5, 1000)]
+)
+def test_prefix_ranges_list_what_the_serial_loop_lists(archive, monkeypatch, tasks, page, single):
+    monkeypatch.setattr(listing, "SINGLE_PAGE", single)  # 1: the archive is not listed by one LIST
     monkeypatch.setattr(listing, "DISCOVERY_PAGE", page)  # small pages: large levels are cut into ranges
     expected = storage.list_objects(archive)
     got = listing.list_prefixes(archive, tasks)
@@ -70,7 +73,9 @@ def test_grouped_folders_hold_each_key_under_them_once(want):
         assert not any(r.holds(key) for r in ranges), key
 
 
-def test_sub_prefix_and_single_object(archive):
+@pytest.mark.parametrize("single", [1, 1000])
+def test_sub_prefix_and_single_object(archive, monkeypatch, single):
+    monkeypatch.setattr(listing, "SINGLE_PAGE", single)
     got = listing.list_prefixes(archive + "/a", 8).column("uri").to_pylist()
     # Not ab/; a hidden folder's files are listed (only names starting with "." are left out), as the loop does.
     assert got == [f"{archive}/a/.cache/y.png", f"{archive}/a/b/c/d/e/deep.png", f"{archive}/a/x.png"]
