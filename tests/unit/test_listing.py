@@ -163,3 +163,12 @@ def test_inventory_refusals(archive, s3_server, tmp_path):
     storage.write_bytes("s3://listing-inventory/bad/manifest.json", json.dumps({"fileFormat": "XLS"}).encode())
     with pytest.raises(StorageURIError, match="fileFormat"):
         listing.list_archive(archive, inventory="s3://listing-inventory/bad/manifest.json")
+
+
+def test_job_refuses_an_inventory_for_a_local_input_in_one_line(tmp_path):
+    from jobs.score import list_inputs
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="--inventory lists an s3:// --input"):
+        list_inputs(str(tmp_path), inventory="s3://inventory/x/manifest.json")
+    assert list_inputs(str(tmp_path)).column("uri").to_pylist() == [str(tmp_path / "a.png")]
