@@ -527,13 +527,16 @@ def compact(output: str, buckets: int = DEFAULT_BUCKETS, check=None, memory: int
     files = [f for m in pending for f in run_files(output, m)]
     t0 = time.monotonic()
     split = _map(_split_run_file, [(f, buckets, staging, i) for i, f in enumerate(files)], memory)
-    touched = sorted({b for bs in split for b in bs})
+    fragments: dict[int, list[str]] = {}  # by bucket, from the split tasks' answers (no LIST of the staging area)
+    for i, bs in enumerate(split):
+        for b in bs:
+            fragments.setdefault(b, []).append(storage.join(staging, f"bucket={b:03d}", f"{i:06d}.parquet"))
+    touched = sorted(fragments)
     old = dict(current["bucket_files"]) if current else {}
     jobs = []
     for b in touched:
         rows_rel, files_rel = _bucket_files(new_through, b)
-        frag_dir = storage.join(staging, f"bucket={b:03d}")
-        frags = storage.list_files(frag_dir, suffixes=[".parquet"])
+        frags = fragments[b]
         prev = old.get(f"{b:03d}")
         jobs.append(
             (
