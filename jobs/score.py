@@ -170,10 +170,11 @@ class ScoreConfig:
 
 
 # ----------------------------------------------------------------------------- per-run pieces
-def list_inputs(uri: str, inventory: str = "", tasks: int = listing.DEFAULT_TASKS):
-    """Every non-hidden file under ``uri`` with its size and version, as Arrow (``jobs/scoring/listing.py``)."""
+def list_inputs(uri: str, inventory: str = "", tasks: int = listing.DEFAULT_TASKS, start=None):
+    """Every non-hidden file under ``uri`` with its size and version, as Arrow (``jobs/scoring/listing.py``);
+    ``start()`` starts Ray when the listing needs tasks."""
     try:
-        return listing.list_archive(uri, inventory, tasks)
+        return listing.list_archive(uri, inventory, tasks, start)
     except FileNotFoundError as e:
         raise SystemExit(f"--input {uri}: {e}") from None
     except StorageURIError as e:
@@ -391,13 +392,13 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
         dicom_out.write_run_marker(cfg.dicom_output, run_id, cfg.output)
     ledger.cleanup_latest(cfg.output)
     timings = Timings()
-    if storage.is_s3(cfg.input) or ledger.has_pending(cfg.output):  # listing and compaction tasks spread on Ray
+    if ledger.has_pending(cfg.output):  # a run that died between commit and compaction: its compaction on Ray
         with timings.phase("ray_init_s"):
             init_ray_for(cfg)
-    with timings.phase("recover_s"):  # a run that died between commit and compaction
-        ledger.compact(cfg.output, cfg.latest_buckets, lease.check, memory=cfg.compact_memory)
-    with timings.phase("list_s"):
-        listing = list_inputs(cfg.input, cfg.inventory, cfg.list_tasks)
+        with timings.phase("recover_s"):
+            ledger.compact(cfg.output, cfg.latest_buckets, lease.check, memory=cfg.compact_memory)
+    with timings.phase("list_s"):  # listing tasks start Ray if the input needs more than one LIST
+        listing = list_inputs(cfg.input, cfg.inventory, cfg.list_tasks, start=lambda: init_ray_for(cfg))
     if not listing.num_rows:
         raise SystemExit(f"--input {cfg.input}: no files to score")
     with timings.phase("plan_s"):

@@ -216,12 +216,12 @@ def _groups(ranges: list[KeyRange], tasks: int) -> list[list[KeyRange]]:
     return [ranges[i : i + size] for i in range(0, len(ranges), size)]
 
 
-def list_prefixes(uri: str, tasks: int = DEFAULT_TASKS, skip_hidden: bool = True) -> pa.Table:
+def list_prefixes(uri: str, tasks: int = DEFAULT_TASKS, skip_hidden: bool = True, start=None) -> pa.Table:
     """The listing of ``s3://`` ``uri``: discovery here, then the ranges in up to ``tasks`` Ray tasks.
 
-    An input that fits in one LIST page is that page. Without Ray running the ranges are listed in
-    turn (same result). A URI naming one object (no key below it) is listed as that object, as
-    ``storage.list_objects`` does.
+    An input that fits in one LIST page is that page. ``start()``, if given, is called before the
+    tasks (it starts Ray). Without Ray running the ranges are listed in turn (same result). A URI
+    naming one object (no key below it) is listed as that object, as ``storage.list_objects`` does.
     """
     bucket, root = _root(uri)
     client = storage.s3_client()
@@ -233,14 +233,16 @@ def list_prefixes(uri: str, tasks: int = DEFAULT_TASKS, skip_hidden: bool = True
         return table.sort_by("uri") if table.num_rows or not root else storage.list_objects(uri, skip_hidden)
     ranges, found = discover(client, bucket, root, max(1, tasks), skip_hidden)
     groups = _groups(ranges, tasks)
-    parts = [found, *_map_tasks(list_ranges, [(bucket, g, skip_hidden) for g in groups])]
+    parts = [found, *_map_tasks(list_ranges, [(bucket, g, skip_hidden) for g in groups], start)]
     table = pa.concat_tables(parts)
     log.info("listed %d objects in %d range(s) by %d task(s)", table.num_rows, len(ranges), len(groups))
     return table.sort_by("uri")
 
 
-def _map_tasks(fn, args: list[tuple]) -> list:
-    """``fn(*a)`` for each ``a`` as Ray tasks when Ray is running, else in turn."""
+def _map_tasks(fn, args: list[tuple], start=None) -> list:
+    """``fn(*a)`` for each ``a``: Ray tasks when Ray is running (``start()`` first, for more than one), else in turn."""
+    if start is not None and len(args) > 1:
+        start()
     try:
         import ray
     except ImportError:  # pragma: no cover - Ray is a dependency of the jobs
@@ -342,25 +344,28 @@ def _inventory_csv(data: bytes, fields: list[str]) -> pa.Table:
     return table.set_column(names.index("key"), "key", pa.array(keys, pa.string()))
 
 
-def list_inventory(inventory: str, uri: str, skip_hidden: bool = True) -> pa.Table:
+def list_inventory(inventory: str, uri: str, skip_hidden: bool = True, start=None) -> pa.Table:
     """The listing of ``s3://`` ``uri`` from the inventory report at ``inventory`` (its data files in tasks)."""
     manifest = read_inventory_manifest(inventory)
     bucket, root = _root(uri)
     if manifest["source_bucket"] and manifest["source_bucket"] != bucket:
         raise StorageURIError(f"--inventory describes another bucket than --input's ({bucket})")
     args = [(f, manifest["format"], manifest["fields"], bucket, root, skip_hidden) for f in manifest["files"]]
-    parts = _map_tasks(read_inventory_file, args)
+    parts = _map_tasks(read_inventory_file, args, start)
     table = pa.concat_tables(parts) if parts else empty_listing()
     log.info("inventory: %d objects under the input in %d data file(s)", table.num_rows, len(args))
     return table.sort_by("uri")
 
 
-def list_archive(uri: str, inventory: str = "", tasks: int = DEFAULT_TASKS) -> pa.Table:
-    """The night's listing of ``uri``: from ``inventory`` if given, by prefix tasks on S3, else locally."""
+def list_archive(uri: str, inventory: str = "", tasks: int = DEFAULT_TASKS, start=None) -> pa.Table:
+    """The night's listing of ``uri``: from ``inventory`` if given, by prefix tasks on S3, else locally.
+
+    ``start()`` is called before any tasks are made (it starts Ray, which a small input never needs).
+    """
     if inventory:
         if not storage.is_s3(uri):
             raise StorageURIError("--inventory lists an s3:// --input (a local folder is listed directly)")
-        return list_inventory(inventory, uri)
+        return list_inventory(inventory, uri, start=start)
     if storage.is_s3(uri) and tasks > 1:
-        return list_prefixes(uri, tasks)
+        return list_prefixes(uri, tasks, start=start)
     return storage.list_objects(uri)

@@ -172,3 +172,12 @@ def test_job_refuses_an_inventory_for_a_local_input_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--inventory lists an s3:// --input"):
         list_inputs(str(tmp_path), inventory="s3://inventory/x/manifest.json")
     assert list_inputs(str(tmp_path)).column("uri").to_pylist() == [str(tmp_path / "a.png")]
+
+
+def test_ray_is_started_only_for_an_input_that_needs_tasks(archive, monkeypatch):
+    started = []
+    small = listing.list_archive(archive, tasks=8, start=lambda: started.append(1))
+    assert started == [] and small.equals(storage.list_objects(archive))  # one LIST page: no task
+    monkeypatch.setattr(listing, "SINGLE_PAGE", 1)
+    large = listing.list_archive(archive, tasks=8, start=lambda: started.append(1))
+    assert started == [1] and large.equals(small)
