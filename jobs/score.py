@@ -59,15 +59,18 @@ from adcore import s3retry, storage
 from adcore.cli import hidden, parse_config, required_unless, run_command
 from adcore.data.decode import DEFAULT_MAX_FRAMES
 from adcore.engine import EngineName
+from adcore.errors import StorageURIError
 from adcore.export import VariantName
-from jobs.scoring import dicom_out, ledger, pacs
+from jobs.scoring import blocks, dicom_out, ledger, listing, pacs
 from jobs.scoring import lease as leases
 from jobs.scoring import schema as S
+from jobs.scoring.blocks import input_blocks
 from jobs.scoring.lease import DEFAULT_TTL_S
 from jobs.scoring.resources import cluster_nodes, node_types, plan_replicas
 from jobs.scoring.schema import SECRET_ENV
 from jobs.scoring.sink import ROWS_PER_WRITE, Progress, RunSink
 from jobs.scoring.stages import Decoder, Postprocess, ScoreStage
+from jobs.scoring.timings import Timings
 
 log = logging.getLogger("jobs.score")
 
@@ -105,6 +108,9 @@ MAP_RETRIES = 4
 @dataclass
 class ScoreConfig:
     input: str = required_unless("smoke_test", "")  # local folder or s3:// prefix, read recursively
+    # s3:// URI of an S3 Inventory report's manifest.json describing --input's bucket: listed from it, no LIST
+    inventory: str = ""
+    list_tasks: int = listing.DEFAULT_TASKS  # Ray tasks listing an s3:// --input by prefix ranges; 1 = one LIST loop
     model: str = required_unless("smoke_test", "")  # artifact (local folder or s3:// prefix)
     output: str = required_unless("smoke_test", "")  # local folder or s3:// prefix of the Parquet dataset
     triton_url: str = ""  # host:port; empty = run the network in-process
@@ -135,7 +141,9 @@ class ScoreConfig:
     wait_for_replicas_s: float = 1800.0
     # torch/onnxruntime/FAISS threads per replica; 0 = its CPUs (plus the decode CPU's idle share on CPU nodes)
     inference_threads: int = 0
-    files_per_block: int = 64  # read blocks: few and large, Ray's per-block cost dominates otherwise
+    # input blocks are sized by the bytes of the files they list (blocks.py); this caps their files (0: none)
+    files_per_block: int = 0
+    block_bytes: int = blocks.DEFAULT_TARGET_BYTES  # listed bytes of the files one input block (decode task) reads
     rows_per_file: int = ROWS_PER_WRITE  # rows per write task and Parquet file (one row group); 0: one per block
     progress_every_s: float = 10.0
     # auto: one line redrawn in place on a terminal (stderr a TTY), periodic log lines otherwise; or "line", "log"
@@ -154,6 +162,7 @@ class ScoreConfig:
     wait_for_lease: float = 0.0  # seconds to wait while another run holds the output's lease; 0 = refuse at once
     lease_ttl_s: float = DEFAULT_TTL_S  # a run that stops renewing its lease (crashed) loses it after this long
     latest_buckets: int = ledger.DEFAULT_BUCKETS  # hash buckets of a new latest table (fixed once it exists)
+    compact_memory: int = ledger.COMPACT_MEMORY  # bytes each compaction task reserves (DuckDB's limit within it)
     ray_address: str = ""
     smoke_test: bool = False
     # Benchmarks and tests: each model call also sleeps this long (a slow network, orchestration measured alone)
@@ -161,12 +170,15 @@ class ScoreConfig:
 
 
 # ----------------------------------------------------------------------------- per-run pieces
-def list_inputs(uri: str):
-    """Every non-hidden file under ``uri`` with its size and version (``storage.list_objects``), as Arrow."""
+def list_inputs(uri: str, inventory: str = "", tasks: int = listing.DEFAULT_TASKS, start=None):
+    """Every non-hidden file under ``uri`` with its size and version, as Arrow (``jobs/scoring/listing.py``);
+    ``start()`` starts Ray when the listing needs tasks."""
     try:
-        return storage.list_objects(uri)
+        return listing.list_archive(uri, inventory, tasks, start)
     except FileNotFoundError as e:
         raise SystemExit(f"--input {uri}: {e}") from None
+    except StorageURIError as e:
+        raise SystemExit(str(e)) from None
 
 
 def read_artifact_config(uri: str) -> tuple[dict, int]:
@@ -385,15 +397,22 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     sender = pacs.StowSender(cfg.pacs_url, attempts=cfg.pacs_attempts) if cfg.pacs_url else None
     earlier = pacs.retry_pending(cfg.dicom_output, sender) if sender else None
     ledger.cleanup_latest(cfg.output)
-    ledger.compact(cfg.output, cfg.latest_buckets, lease.check)  # a run that died between commit and compaction
-    listing = list_inputs(cfg.input)
+    timings = Timings()
+    if ledger.has_pending(cfg.output):  # a run that died between commit and compaction: its compaction on Ray
+        with timings.phase("ray_init_s"):
+            init_ray_for(cfg)
+        with timings.phase("recover_s"):
+            ledger.compact(cfg.output, cfg.latest_buckets, lease.check, memory=cfg.compact_memory)
+    with timings.phase("list_s"):  # listing tasks start Ray if the input needs more than one LIST
+        listing = list_inputs(cfg.input, cfg.inventory, cfg.list_tasks, start=lambda: init_ray_for(cfg))
     if not listing.num_rows:
         raise SystemExit(f"--input {cfg.input}: no files to score")
-    if cfg.path_privacy != "keep":  # kept paths are their own keys (ledger.plan_inputs): no copy of the listing
-        key_secret = os.environ.get(SECRET_ENV, "").encode()
-        keys = S.image_keys(listing.column("uri").to_pylist(), cfg.path_privacy, key_secret)
-        listing = listing.append_column("image_key", pa.array(keys, pa.string()))
-    todo, skipped = ledger.plan_inputs(cfg.output, listing, model_version, cfg.rescore_all)
+    with timings.phase("plan_s"):
+        if cfg.path_privacy != "keep":  # kept paths are their own keys (ledger.plan_inputs): no copy of the listing
+            key_secret = os.environ.get(SECRET_ENV, "").encode()
+            keys = S.image_keys(listing.column("uri").to_pylist(), cfg.path_privacy, key_secret)
+            listing = listing.append_column("image_key", pa.array(keys, pa.string()))
+        todo, skipped = ledger.plan_inputs(cfg.output, listing, model_version, cfg.rescore_all)
     try:
         secret = S.study_key_secret()  # checked here; each decode task reads its own
     except ValueError as e:
@@ -430,15 +449,17 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     if cfg.pacs_url:
         fields["pacs_url"] = cfg.pacs_url
     if todo.num_rows:
-        manifest, files_seen = _score(
-            cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model, secret
-        )
+        with timings.phase("score_s"):
+            manifest, files_seen = _score(
+                cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, triton_model, secret
+            )
     else:  # nothing changed: no Ray pipeline, no GET
         manifest, files_seen = RunSink.empty_manifest(fields, time.time() - started.timestamp()), 0
     manifest["skipped_files"] += skipped
     if cfg.pacs_url:  # listed before the commit: a run that then dies leaves a list whose folder goes (ignored)
         manifest["pacs"]["earlier_runs"] = earlier
         pacs.record_pending(cfg.dicom_output, run_id, manifest["pacs"]["unsent"])
+    manifest["timings"] = timings.seconds  # fixed costs beside scoring; compaction's are in _latest/_manifest.json
     # The fenced commit: the manifest carries the lease's number and counts only if the store wrote it
     # before any newer lease existed (a run that lost its lease must not commit: the new holder may be
     # scoring the same files, and has removed this run's folder as a dead run's).
@@ -447,7 +468,7 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     lease.confirm(ledger.write_manifest(cfg.output, manifest))
     if cfg.dicom_output:  # before any expiry: a completed run's PACS objects are never removed
         dicom_out.write_run_marker(cfg.dicom_output, run_id, cfg.output, completed=True)
-    ledger.compact(cfg.output, cfg.latest_buckets, lease.check)
+    ledger.compact(cfg.output, cfg.latest_buckets, lease.check, memory=cfg.compact_memory)
     lease.check()
     expired = ledger.expire_runs(cfg.output, cfg.retain_runs)
     files_done = manifest["skipped_files"] + files_seen
@@ -526,9 +547,12 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
         object_store_memory=max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BATCHES * plan.max_replicas * ctx.target_max_block_size)
     )
 
-    # The files to read travel as Arrow listing blocks; each decode task reads its own files once.
-    step = max(1, cfg.files_per_block)
-    ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
+    # The files to read travel as Arrow listing blocks cut by the bytes they list (at least a few per decode
+    # CPU); each decode task reads its own files once.
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    ds = ray.data.from_arrow(
+        input_blocks(todo, cfg.block_bytes, blocks.BLOCKS_PER_CPU * max(cpus, 1), cfg.files_per_block)
+    )
     decoder = Decoder(
         input_size,
         cfg.max_pixels,

@@ -50,6 +50,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -70,6 +71,11 @@ LATEST = "_latest"
 LATEST_FORMAT = "adcore-latest/1"
 DEFAULT_BUCKETS = 64
 KEY_HASH_CHUNK = 65_536  # listing entries hashed per chunk (bounds the transient Python strings)
+# Memory a compaction task reserves on its node (Ray schedules by it); DuckDB inside it is held to a
+# share of it, the rest is the Arrow tables the task reads and writes.
+COMPACT_MEMORY = 2 * 2**30
+DUCKDB_MEMORY_SHARE = 0.5
+DUCKDB_THREADS = 1  # a compaction task is one of many on its node: one core each (its Ray num_cpus)
 
 # Internal columns of the window: not written.
 _WINDOW = """
@@ -424,17 +430,27 @@ def _split_run_file(uri: str, buckets: int, staging: str, index: int) -> list[in
     return touched
 
 
-def _merge_bucket(old_rows: str | None, fragments: list[str], rows_out: str, files_out: str) -> dict:
-    """Phase 2 of compaction (one task per touched bucket): old visible rows + new rows -> visible rows."""
+def duckdb_connect(memory: int = COMPACT_MEMORY):
+    """A DuckDB connection held to :data:`DUCKDB_THREADS` threads and a share of ``memory`` bytes
+    (unset, each connection takes every core and 80 % of the node's memory), spilling to a temp folder."""
     import duckdb
 
+    limit = max(64 * 2**20, int(memory * DUCKDB_MEMORY_SHARE))
+    return duckdb.connect(config={"threads": DUCKDB_THREADS, "memory_limit": f"{limit // 2**20}MB"})
+
+
+def _merge_bucket(
+    old_rows: str | None, fragments: list[str], rows_out: str, files_out: str, memory: int = COMPACT_MEMORY
+) -> dict:
+    """Phase 2 of compaction (one task per touched bucket): old visible rows + new rows -> visible rows."""
+    read = sum(_size(u) for u in ([old_rows] if old_rows else []) + fragments)
     old = _read_tables([old_rows]) if old_rows else None
     if old is not None and "superseded" in old.column_names:
         old = old.drop_columns(["superseded"])
     new = _read_tables(fragments)
     table = new if old is None else pa.concat_tables([old, new], promote_options="permissive")
     table = S.with_added_columns(table)  # rows of older schema versions
-    con = duckdb.connect()
+    con = duckdb_connect(memory)
     con.register("scores", table)
     visible = con.sql(window_sql("scores") + " ORDER BY image_key, frame, model_version").to_arrow_table()
     visible = visible.select(LATEST_SCHEMA.names).cast(LATEST_SCHEMA)  # DuckDB renames the UTC zone
@@ -456,24 +472,41 @@ def _merge_bucket(old_rows: str | None, fragments: list[str], rows_out: str, fil
         fs, path = storage.filesystem_for(uri)
         storage.makedirs(posixpath.dirname(uri) if not storage.is_s3(uri) else uri)
         pq.write_table(t, path, filesystem=fs, compression="zstd", row_group_size=max(t.num_rows, 1))
-    return {"rows": visible.num_rows, "files": files.num_rows}
+    written = (_size(rows_out), _size(files_out))
+    return {"rows": visible.num_rows, "files": files.num_rows, "bytes": written, "read": read}
 
 
-def _map(fn, args: list[tuple]) -> list:
-    """``fn(*a)`` for each ``a``: Ray tasks when Ray is running (spread over the cluster), else in turn."""
+def _size(uri: str) -> int:
+    fs, path = storage.filesystem_for(uri)
+    return fs.get_file_info(path).size or 0
+
+
+def _map(fn, args: list[tuple], memory: int = 0) -> list:
+    """``fn(*a)`` for each ``a``: Ray tasks when Ray is running (spread over the cluster), else in turn.
+
+    ``memory``: bytes each task reserves (Ray places no more tasks on a node than its memory holds).
+    """
     try:
         import ray
 
         if ray.is_initialized():
             # A task that failed on the store (throttled, a network error) runs again: its outputs have fixed names.
-            remote = ray.remote(num_cpus=1, max_retries=3, retry_exceptions=[OSError])(fn)
+            opts = {"num_cpus": 1, "max_retries": 3, "retry_exceptions": [OSError]}
+            remote = ray.remote(**opts, **({"memory": memory} if memory else {}))(fn)
             return ray.get([remote.remote(*a) for a in args])
     except ImportError:
         pass
     return [fn(*a) for a in args]
 
 
-def compact(output: str, buckets: int = DEFAULT_BUCKETS, check=None) -> dict | None:
+def has_pending(output: str) -> bool:
+    """True if a run committed after ``latest`` waits to be folded into it (its manifests' names alone)."""
+    current = read_latest(output)
+    through = current["through_run_id"] if current else ""
+    return any(r > through for r in completed_ids(output))
+
+
+def compact(output: str, buckets: int = DEFAULT_BUCKETS, check=None, memory: int = COMPACT_MEMORY) -> dict | None:
     """Fold the runs committed after ``latest`` into it; returns the new latest manifest (None: no runs).
 
     Rewrites only the buckets the new runs' rows fall in: phase 1 splits each new run file by
@@ -492,14 +525,18 @@ def compact(output: str, buckets: int = DEFAULT_BUCKETS, check=None) -> dict | N
     new_through = pending[-1]["run_id"]
     staging = storage.join(output, LATEST, "_staging", new_through)
     files = [f for m in pending for f in run_files(output, m)]
-    split = _map(_split_run_file, [(f, buckets, staging, i) for i, f in enumerate(files)])
-    touched = sorted({b for bs in split for b in bs})
+    t0 = time.monotonic()
+    split = _map(_split_run_file, [(f, buckets, staging, i) for i, f in enumerate(files)], memory)
+    fragments: dict[int, list[str]] = {}  # by bucket, from the split tasks' answers (no LIST of the staging area)
+    for i, bs in enumerate(split):
+        for b in bs:
+            fragments.setdefault(b, []).append(storage.join(staging, f"bucket={b:03d}", f"{i:06d}.parquet"))
+    touched = sorted(fragments)
     old = dict(current["bucket_files"]) if current else {}
     jobs = []
     for b in touched:
         rows_rel, files_rel = _bucket_files(new_through, b)
-        frag_dir = storage.join(staging, f"bucket={b:03d}")
-        frags = storage.list_files(frag_dir, suffixes=[".parquet"])
+        frags = fragments[b]
         prev = old.get(f"{b:03d}")
         jobs.append(
             (
@@ -507,13 +544,21 @@ def compact(output: str, buckets: int = DEFAULT_BUCKETS, check=None) -> dict | N
                 frags,
                 storage.join(output, LATEST, rows_rel),
                 storage.join(output, LATEST, files_rel),
+                memory,
             )
         )
-    results = _map(_merge_bucket, jobs)
+    results = _map(_merge_bucket, jobs, memory)
     bucket_files = dict(old)
     for b, r in zip(touched, results):
         rows_rel, files_rel = _bucket_files(new_through, b)
-        bucket_files[f"{b:03d}"] = {"rows": rows_rel, "files": files_rel, "n_rows": r["rows"], "n_files": r["files"]}
+        bucket_files[f"{b:03d}"] = {
+            "rows": rows_rel,
+            "files": files_rel,
+            "n_rows": r["rows"],
+            "n_files": r["files"],
+            "n_bytes": sum(r["bytes"]),
+        }
+    written = sum(sum(r["bytes"]) for r in results)
     manifest = {
         "format": LATEST_FORMAT,
         "through_run_id": new_through,
@@ -521,6 +566,14 @@ def compact(output: str, buckets: int = DEFAULT_BUCKETS, check=None) -> dict | N
         "bucket_files": dict(sorted(bucket_files.items())),
         "rows": sum(v["n_rows"] for v in bucket_files.values()),
         "runs_folded": [m["run_id"] for m in pending],
+        # What the last compaction cost: its seconds, the bytes its merges read and wrote, the table's bytes.
+        "compaction": {
+            "seconds": round(time.monotonic() - t0, 3),
+            "buckets_rewritten": len(touched),
+            "bytes_read": sum(r["read"] for r in results),
+            "bytes_written": written,
+            "table_bytes": sum(v.get("n_bytes", 0) for v in bucket_files.values()),
+        },
     }
     if check is not None:
         check()

@@ -216,3 +216,25 @@ def test_local_listing_has_sizes_and_versions_and_skips_hidden_files(tmp_path):
     assert storage.create_exclusive(tmp_path / "x", b"1") and not storage.create_exclusive(tmp_path / "x", b"2")
     with pytest.raises(FileNotFoundError):
         storage.list_objects(tmp_path / "missing")
+
+
+def test_compaction_reports_its_bytes_and_duckdb_is_held_to_its_limits(tmp_path):
+    out = str(tmp_path / "out")
+    commit_run(out, "r1", [(u, "h" + u, 0, "ok", None, 1, "v1") for u in "abcdefghijklmnop"])
+    assert ledger.has_pending(out)
+    first = ledger.compact(out, buckets=8)
+    assert not ledger.has_pending(out)
+    files = [f for f in (tmp_path / "out/_latest").rglob("*.parquet")]
+    on_disk = sum(f.stat().st_size for f in files)
+    cost = first["compaction"]
+    assert cost["table_bytes"] == on_disk == cost["bytes_written"] and cost["bytes_read"] > 0
+    commit_run(out, "r2", [("a", "ha2", 0, "ok", None, 2, "v2")])
+    assert ledger.has_pending(out)
+    second = ledger.compact(out)["compaction"]
+    entry = ledger.read_latest(out)["bucket_files"][f"{ledger.bucket_of(['a'], 8)[0]:03d}"]
+    assert second["buckets_rewritten"] == 1 and second["bytes_written"] == entry["n_bytes"]
+    assert second["bytes_written"] < second["table_bytes"]
+    con = ledger.duckdb_connect(2**30)
+    assert con.execute("SELECT current_setting('threads')").fetchall()[0][0] == ledger.DUCKDB_THREADS
+    limit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    assert limit.endswith(("MiB", "MB")) and 400 < float(limit.split()[0]) <= 512, limit
