@@ -32,7 +32,7 @@ from adcore.models.family import SCHEDULE_FLAGS
 from adcore.scorer import Scorer
 from adcore.training import dist
 from adcore.training.data import SyntheticAnomalyBatches, load_images
-from adcore.training.fit import FitData, gather_across_ranks
+from adcore.training.fit import FIT_MAX_PATCHES, FitData, gather_across_ranks
 from adcore.training.select import select_on_validation
 from adcore.training.stages import STATE_FORMAT, TrainContext
 
@@ -60,6 +60,7 @@ class TrainConfig:
     labelled: int = 0  # labelled anomalies drawn (with --seed) from train/Ungood/img; DRA needs >= 1 (paper: 1 or 10)
     mask_size: int = 56  # resolution of the segmentation loss (maps upsampled, masks area-pooled)
     max_valid: int = 200  # validation images used per epoch and for calibration
+    fit_max_patches: int = FIT_MAX_PATCHES  # patches per class a rank keeps for the head's fit (sampled beyond)
     target_sensitivity: float = 0.95
     target_specificity: float = 0.99  # thresholds when valid/ has no anomalies: share of normal images below them
     mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + GradScaler); CPU: off
@@ -198,6 +199,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         quick=cfg.smoke_test,
         world_size=hooks.world_size,
         gather=gather_across_ranks(hooks.world_size),
+        max_patches=cfg.fit_max_patches,
     )
     scorer = Scorer(model, family.fit(model, fit_data))
     chosen = select_on_validation(scorer, valid, cfg.batch_size)
