@@ -6,8 +6,8 @@
 The train split is streamed (``adcore.training.stream``): the driver lists it once (local folder or
 ``s3://`` prefix, no image read), cuts the listing into one equal shard per rank, and Ray Data
 decodes and resizes each shard in CPU tasks; a rank holds only the batches in flight and synthesises
-anomalies with a seed of (seed, epoch, image). Only the small validation split is read whole by each
-rank (from S3: one cached copy of ``valid/`` per node). Families that index their images
+anomalies with a seed of (seed, epoch, image). Validation reads only its ``--max-valid`` images (from
+S3: each node copies just those, chosen from the listing). Families that index their images
 (``MethodFamily.needs_images_in_memory``, DRA) and ``--no-stream`` load each rank's shard into memory
 instead. Every stage-2 epoch reports
 loss and validation AUROC through ``ray.train.report``; rank 0 attaches the training
@@ -34,12 +34,13 @@ from torch import nn
 
 from adcore import storage
 from adcore.cli import hidden, parse_command, run_command, setup_logging
+from adcore.data import bmad
 from adcore.errors import DataNotFoundError
 from adcore.models import create, family_for
 from adcore.training import TrainConfig, TrainHooks, dist, refuse_unused_flags, train
 from adcore.training.loop import SMOKE_IMAGES
-from adcore.training.stream import StreamedBatches, decode_train, shard_listing, train_listing
-from jobs.common import init_ray, local_copy, run_name, storage_args
+from adcore.training.stream import StreamedBatches, decode_train, sampled_files, shard_listing, train_listing
+from jobs.common import init_ray, local_copy, local_files, run_name, storage_args
 from jobs.console import quiet_ray_loggers
 
 log = logging.getLogger("jobs.train")
@@ -166,7 +167,7 @@ def train_worker(config: dict) -> None:
     if resume is not None and rank == 0:
         log.info("[train] resuming from checkpoint: stage %s, epoch %s", resume.get("stage"), resume.get("epoch"))
     streamed = config.get("stream")
-    data = local_copy(job.data, only="valid" if streamed else None)
+    data = worker_data(job, streamed)
     data_s = time.monotonic() - started
     reporter = Reporter(rank, cfg.epochs)
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
@@ -194,6 +195,14 @@ def train_worker(config: dict) -> None:
             "peak_rss_mb": _peak_rss_mb(),
         }
         storage.write_bytes(job.timings, json.dumps(timings).encode())
+
+
+def worker_data(job: JobConfig, streamed: dict | None) -> str:
+    """The local folder ``train`` reads on this node: the data itself when local; from S3, this node's
+    copy of the validation images the run uses (streamed) or of the whole prefix (images in memory)."""
+    if not streamed:
+        return local_copy(job.data)
+    return local_files(job.data, streamed["valid_files"], also=(bmad.CATEGORIES_FILE,))
 
 
 def _epoch_iterator(shard, cfg: TrainConfig) -> Callable[[int], Any]:
@@ -234,7 +243,9 @@ def train_datasets(job: JobConfig, cfg: TrainConfig) -> tuple[dict, dict]:
             compute=ray.data.TaskPoolStrategy(size=max(1, min(job.decode_tasks, len(blocks)))),
         )
         ds.context.enable_progress_bars = False  # one bar per rank and epoch; the [train] lines say it
-    info = {"rows_per_rank": shards[0].num_rows, "images": listing.num_rows}
+    # From S3, each node copies only the validation images the run uses, chosen here from the listing.
+    valid = sampled_files(job.data, "valid", cfg.valid_limit()) if storage.is_s3(job.data) else []
+    info = {"rows_per_rank": shards[0].num_rows, "images": listing.num_rows, "valid_files": valid}
     log.info(
         "streaming %d training images: %d per rank, decoded at %d px in Ray Data tasks",
         info["images"],

@@ -35,6 +35,7 @@ from adcore.training.data import SyntheticAnomalyBatches, load_images
 from adcore.training.fit import FIT_MAX_PATCHES, FitData, gather_across_ranks
 from adcore.training.select import select_on_validation
 from adcore.training.stages import STATE_FORMAT, TrainContext
+from adcore.training.stream import pick_samples
 
 log = logging.getLogger("adcore.train")
 
@@ -77,6 +78,10 @@ class TrainConfig:
             return None
         total = self.minutes * 60
         return 0.2 * total if stage == 1 else max(0.0, 0.85 * total - elapsed_s)
+
+    def valid_limit(self) -> int:
+        """Validation images used: ``max_valid``, or ``SMOKE_IMAGES`` in a smoke test."""
+        return SMOKE_IMAGES if self.smoke_test else self.max_valid
 
     def stage_epochs(self) -> int | None:
         """Epochs of a gradient stage that follows the run's schedule: ``epochs`` when given; else
@@ -124,17 +129,7 @@ def refuse_unused_flags(cfg: TrainConfig, given: Iterable[str]) -> None:
 def load_split(
     data: str, split: str, limit: int | None, rank: int = 0, world_size: int = 1, labelled: int = 0, seed: int = 0
 ) -> dict:
-    samples = bmad.list_split(data, split, labelled=labelled, seed=seed)
-    # Labelled training anomalies are a handful: every rank gets all of them, and no limit drops them.
-    few = [s for s in samples if s.label == 1] if split == "train" else []
-    samples = samples[: len(samples) - len(few)]
-    if limit is not None and len(samples) > limit:
-        step = len(samples) / limit  # even spread keeps both classes
-        samples = [samples[int(i * step)] for i in range(limit)]
-    if world_size > 1 and split == "train" and len(samples) % world_size:
-        # Equal shards (as DistributedSampler pads): a few images repeated, none dropped.
-        samples = samples + samples[: world_size - len(samples) % world_size]
-    samples = samples[rank::world_size] + few
+    samples = pick_samples(bmad.list_split(data, split, labelled=labelled, seed=seed), split, limit, rank, world_size)
     images, masks, labels = load_images(samples)
     has_masks = bmad.has_masks(samples)
     if has_masks:
@@ -155,7 +150,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
             f"{cfg.preset!r} trains on labelled anomalies: put a few under train/Ungood/img "
             "and pass --labelled N (N >= 1)"
         )
-    valid = load_split(data, "valid", SMOKE_IMAGES if cfg.smoke_test else cfg.max_valid)
+    valid = load_split(data, "valid", cfg.valid_limit())
     if hooks.train_batches is not None:
         batches, train_images = hooks.train_batches, hooks.train_images
     else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,22 +46,54 @@ def train_listing(root: str, labelled: int = 0, seed: int = 0) -> pa.Table:
     reader runs on a local tree of empty files with the same names (and the dataset's
     ``categories.csv``), so local and S3 datasets follow exactly the same layout rules.
     """
+    with split_samples(root, "train", labelled, seed) as (samples, local_root, base):
+        return _listing(samples, local_root, base)
+
+
+def sampled_files(root: str, split: str, limit: int | None) -> list[str]:
+    """The files ``load_split(root, split, limit)`` reads (images, then masks), relative to ``root``:
+    what a node copies of a split it only samples (validation), found from the listing alone."""
+    with split_samples(root, split) as (samples, local_root, _):
+        chosen = pick_samples(samples, split, limit)
+        paths = [s.path for s in chosen] + [s.mask_path for s in chosen if s.mask_path]
+        return [Path(p).relative_to(local_root).as_posix() for p in paths]
+
+
+@contextmanager
+def split_samples(root: str, split: str, labelled: int = 0, seed: int = 0):
+    """``(samples, local_root, root)`` of a split: ``bmad.list_split`` on a local folder, or on a
+    local tree of empty files named as an ``s3://`` prefix's objects (no image read)."""
     base = str(root).rstrip("/")
     if not storage.is_s3(base):
-        return _listing(bmad.list_split(base, "train", labelled=labelled, seed=seed), base, base)
-    if not storage.exists(f"{base}/train"):
-        raise DatasetLayoutError(f"{base}/train", f"a 'train' folder under {root}")
+        yield bmad.list_split(base, split, labelled=labelled, seed=seed), base, base
+        return
+    if not storage.exists(f"{base}/{split}"):
+        raise DatasetLayoutError(f"{base}/{split}", f"a '{split}' folder under {root}")
     with tempfile.TemporaryDirectory(prefix="adcore-listing-") as shadow:
-        for uri in storage.list_objects(f"{base}/train").column("uri").to_pylist():
+        for uri in storage.list_objects(f"{base}/{split}").column("uri").to_pylist():
             rel = uri[len(base) + 1 :]
-            if rel.startswith("train/") and not rel.endswith("/"):  # not a folder marker
+            if rel.startswith(f"{split}/") and not rel.endswith("/"):  # not a folder marker
                 path = Path(shadow, rel)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
         categories = f"{base}/{bmad.CATEGORIES_FILE}"
         if storage.exists(categories):
             Path(shadow, bmad.CATEGORIES_FILE).write_bytes(storage.read_bytes(categories))
-        return _listing(bmad.list_split(shadow, "train", labelled=labelled, seed=seed), shadow, base)
+        yield bmad.list_split(shadow, split, labelled=labelled, seed=seed), shadow, base
+
+
+def pick_samples(samples: list, split: str, limit: int | None, rank: int = 0, world_size: int = 1) -> list:
+    """The samples of a split that one rank loads: at most ``limit`` normal-and-anomalous ones spread
+    evenly over the listing, a train split padded to equal shards (as ``DistributedSampler`` pads)
+    and strided by rank; labelled training anomalies (a handful) go to every rank, never dropped."""
+    few = [s for s in samples if s.label == 1] if split == "train" else []
+    samples = samples[: len(samples) - len(few)]
+    if limit is not None and len(samples) > limit:
+        step = len(samples) / limit  # even spread keeps both classes
+        samples = [samples[int(i * step)] for i in range(limit)]
+    if world_size > 1 and split == "train" and len(samples) % world_size:
+        samples = samples + samples[: world_size - len(samples) % world_size]
+    return samples[rank::world_size] + few
 
 
 def _listing(samples: list[bmad.Sample], local_root: str, root: str) -> pa.Table:
