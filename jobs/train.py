@@ -35,10 +35,11 @@ from torch import nn
 from adcore import storage
 from adcore.cli import hidden, parse_command, run_command, setup_logging
 from adcore.data import bmad
-from adcore.errors import DataNotFoundError
+from adcore.errors import DataNotFoundError, UserError
 from adcore.models import create, family_for
 from adcore.training import TrainConfig, TrainHooks, dist, refuse_unused_flags, train
 from adcore.training.loop import SMOKE_IMAGES
+from adcore.training.skipped import SkippedImages
 from adcore.training.stream import StreamedBatches, decode_train, sampled_files, shard_listing, train_listing
 from jobs.common import init_ray, local_copy, local_files, run_name, storage_args
 from jobs.console import quiet_ray_loggers
@@ -180,7 +181,12 @@ def train_worker(config: dict) -> None:
         quiet_ray_loggers(("ray.data",))
         shard = ray.train.get_dataset_shard(f"{TRAIN_DATASET}_{rank}")
         hooks.train_batches = StreamedBatches(
-            _epoch_iterator(shard, cfg), streamed["rows_per_rank"], cfg.batch_size, cfg.anomaly_share, seed=cfg.seed
+            _epoch_iterator(shard, cfg),
+            streamed["rows_per_rank"],
+            cfg.batch_size,
+            cfg.anomaly_share,
+            seed=cfg.seed,
+            skipped=SkippedImages(job.data, cfg.max_bad_share, total=streamed["images"]),
         )
         hooks.train_images = streamed["images"]
     train(data, cfg, output=job.output, hooks=hooks)
@@ -327,13 +333,36 @@ def main(job: JobConfig, cfg: TrainConfig):
     )
     init_ray(job.ray_address)
     started = time.monotonic()
-    result = build_trainer(job, cfg).fit()
+    try:
+        result = build_trainer(job, cfg).fit()
+    except Exception as e:  # a worker's UserError (e.g. too many unreadable images) is the user's one line
+        user = user_error_of(e)
+        if user is None:
+            raise
+        raise user from e
     last = result.metrics or {}
     print(f"[train] run {job.name()} in {job.storage_uri()}: {time.monotonic() - started:.1f} s", flush=True)
     if last:
         print(progress_line(last, cfg.epochs, last.get("elapsed_s", 0.0)), flush=True)
     print(f"[train] saved {job.output}", flush=True)
     return result
+
+
+def user_error_of(exc: BaseException) -> UserError | None:
+    """The :class:`UserError` a training worker raised, inside Ray Train's failure (its workers'
+    errors, Ray's task-error wrapper, their causes), or None."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # Ray's wrapper: its message carries the remote traceback
+        if isinstance(e, UserError) and not isinstance(cause, BaseException):
+            return e
+        todo += [cause, e.__cause__, e.__context__]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+    return None
 
 
 def parse(argv: list[str] | None = None, prog: str = PROG) -> tuple[JobConfig, TrainConfig]:

@@ -26,6 +26,7 @@ from torch import nn
 from adcore.calibration import fit_calibration
 from adcore.cli import hidden, one_of
 from adcore.data import bmad
+from adcore.data.errors import DatasetLayoutError, DecodeError
 from adcore.errors import FlagError
 from adcore.models import create, family, family_for, list_models, preset
 from adcore.models.family import SCHEDULE_FLAGS
@@ -34,6 +35,7 @@ from adcore.training import dist
 from adcore.training.data import SyntheticAnomalyBatches, load_images
 from adcore.training.fit import FIT_MAX_PATCHES, FitData, gather_across_ranks
 from adcore.training.select import select_on_validation
+from adcore.training.skipped import MAX_BAD_SHARE, SkippedImages, read_with_retries, reason_of
 from adcore.training.stages import STATE_FORMAT, TrainContext
 from adcore.training.stream import pick_samples
 
@@ -61,6 +63,7 @@ class TrainConfig:
     labelled: int = 0  # labelled anomalies drawn (with --seed) from train/Ungood/img; DRA needs >= 1 (paper: 1 or 10)
     mask_size: int = 56  # resolution of the segmentation loss (maps upsampled, masks area-pooled)
     max_valid: int = 200  # validation images used per epoch and for calibration
+    max_bad_share: float = MAX_BAD_SHARE  # share of unreadable training images skipped before the run is refused
     fit_max_patches: int = FIT_MAX_PATCHES  # patches per class a rank keeps for the head's fit (sampled beyond)
     target_sensitivity: float = 0.95
     target_specificity: float = 0.99  # thresholds when valid/ has no anomalies: share of normal images below them
@@ -127,14 +130,43 @@ def refuse_unused_flags(cfg: TrainConfig, given: Iterable[str]) -> None:
 
 
 def load_split(
-    data: str, split: str, limit: int | None, rank: int = 0, world_size: int = 1, labelled: int = 0, seed: int = 0
+    data: str,
+    split: str,
+    limit: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    labelled: int = 0,
+    seed: int = 0,
+    skipped: SkippedImages | None = None,
 ) -> dict:
+    """A rank's share of a split, decoded (``pick_samples``). Given ``skipped``, an image that cannot be
+    read or decoded is recorded there and left out; without it, it raises."""
     samples = pick_samples(bmad.list_split(data, split, labelled=labelled, seed=seed), split, limit, rank, world_size)
-    images, masks, labels = load_images(samples)
+    if skipped is None:
+        images, masks, labels = load_images(samples)
+    else:
+        skipped.expect(len(samples) * world_size)
+        samples, images, masks = _load_readable(samples, skipped)
+        labels = np.array([s.label for s in samples], dtype=np.int64)
     has_masks = bmad.has_masks(samples)
     if has_masks:
         masks = [m if m is not None else np.zeros(im.shape[:2], bool) for m, im in zip(masks, images)]
     return {"samples": samples, "images": images, "masks": masks if has_masks else None, "labels": labels}
+
+
+def _load_readable(samples: list[bmad.Sample], skipped: SkippedImages) -> tuple[list, list, list]:
+    """The samples whose image (and mask) can be read and decoded, with their pixels; the others to ``skipped``."""
+    kept, images, masks = [], [], []
+    for sample in samples:
+        try:
+            image, mask = read_with_retries(lambda _, s=sample: bmad.load_sample(s), str(sample.path))
+        except (OSError, DecodeError, DatasetLayoutError) as e:
+            skipped.add(str(sample.path), reason_of(e))
+            continue
+        kept.append(sample)
+        images.append(image)
+        masks.append(mask)
+    return kept, images, masks
 
 
 def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHooks | None = None) -> Scorer:
@@ -150,12 +182,17 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
             f"{cfg.preset!r} trains on labelled anomalies: put a few under train/Ungood/img "
             "and pass --labelled N (N >= 1)"
         )
-    valid = load_split(data, "valid", cfg.valid_limit())
+    # Every rank loads the same validation images, so each decides alike on their share.
+    valid_skipped = SkippedImages(data, cfg.max_bad_share, split="valid")
+    valid = load_split(data, "valid", cfg.valid_limit(), skipped=valid_skipped)
     if hooks.train_batches is not None:
         batches, train_images = hooks.train_batches, hooks.train_images
+        skipped = batches.skipped
     else:
         limit = SMOKE_IMAGES if cfg.smoke_test else None
-        train_set = load_split(data, "train", limit, hooks.rank, hooks.world_size, cfg.labelled, cfg.seed)
+        skipped = SkippedImages(data, cfg.max_bad_share)
+        train_set = load_split(data, "train", limit, hooks.rank, hooks.world_size, cfg.labelled, cfg.seed, skipped)
+        skipped.check(hooks.world_size)
         batches = SyntheticAnomalyBatches(
             train_set["images"],
             train_set["masks"] or [None] * len(train_set["images"]),
@@ -183,6 +220,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         history=list(resume.get("history", [])),
         stages_done=list(resume.get("stages_done", [])),
         device=device,
+        skipped=skipped,
     )
     summary: dict[str, Any] = {}
     if family.train is not None:
@@ -197,6 +235,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         max_patches=cfg.fit_max_patches,
     )
     scorer = Scorer(model, family.fit(model, fit_data))
+    skipped.check(hooks.world_size)  # the fit's pass read every training image
     chosen = select_on_validation(scorer, valid, cfg.batch_size)
     results = scorer.score_images(valid["images"], cfg.batch_size)
     # Maps always: without masks (normal-only or classification-only validation) the pixel
@@ -214,6 +253,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         "config": asdict(cfg),
         "history": ctx.history,
         "train_images": train_images,
+        "skipped_images": {"train": skipped.summary(hooks.world_size), "valid": valid_skipped.summary(None)},
         **summary,
         **({"head_choice": chosen} if chosen else {}),
     }

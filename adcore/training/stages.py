@@ -48,6 +48,8 @@ class TrainContext:
         history: Per-epoch rows; the family appends, the artifact keeps them.
         stages_done: Names of the gradient stages finished (restored on resume).
         device: Where the model, batches and loss live.
+        skipped: The rank's ``SkippedImages`` of the train split, checked against their share after
+            every epoch (None: nothing checked).
     """
 
     cfg: Any
@@ -58,6 +60,7 @@ class TrainContext:
     history: list[dict] = field(default_factory=list)
     stages_done: list[str] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    skipped: Any = None
 
     @property
     def resume(self) -> dict:
@@ -170,6 +173,8 @@ def run_stage(
             if budget_s is not None and dist.agree_stop(over_budget(), world):
                 break
         mean_loss = reduce_mean(float(loss_sum.item()) / done if done else math.nan, hooks)
+        if ctx.skipped is not None:  # every rank, after every epoch: too many unreadable images end the run
+            ctx.skipped.check(world)
         if hooks.is_main:  # a stage with on_epoch logs its own row (loss and validation)
             of = f"/{epochs}" if epochs is not None else ""
             level = logging.DEBUG if on_epoch else logging.INFO

@@ -27,9 +27,10 @@ import pyarrow as pa
 from adcore import storage
 from adcore.data import bmad
 from adcore.data.decode import decode_image
-from adcore.data.errors import DatasetLayoutError
+from adcore.data.errors import DatasetLayoutError, DecodeError
 from adcore.scorer import prepare, to_uint8
 from adcore.training.data import Batch, MakerFactory, default_makers, resize_mask, stack_batch, synthesize
+from adcore.training.skipped import SkippedImages, read_with_retries, reason_of
 
 # Columns of a training listing: a stable image index (synthesis seed), the image, its mask ("" when
 # none), and the label (0 normal, 1 labelled anomaly).
@@ -126,9 +127,10 @@ def shard_listing(listing: pa.Table, rank: int, world_size: int) -> pa.Table:
 class DecodeTrain:
     """Ray Data ``map_batches`` function: listing rows -> uint8 pixels ``[3, S, S]`` and masks ``[S, S]``.
 
-    Reads each file once (local or S3, one filesystem per task), decodes its first frame and
-    resizes it to the network's input size, so only ``S*S*4`` bytes per image travel to the rank.
-    An image that cannot be read or decoded stops training with its URI: a training set is curated.
+    Reads each file once (local or S3, one filesystem per task; a failed read retried), decodes its
+    first frame and resizes it to the network's input size, so only ``S*S*4`` bytes per image travel
+    to the rank. A file that still cannot be read, or does not decode, keeps its row with an ``error``
+    (its reason; empty pixels): the rank leaves it out and counts it (:class:`StreamedBatches`).
     """
 
     def __init__(self, size: int):
@@ -136,22 +138,33 @@ class DecodeTrain:
         self.reader = storage.Reader()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels, masks = [], []
+        pixels, masks, errors = [], [], []
         for uri, mask_uri in zip(batch["uri"], batch["mask_uri"]):
-            image = decode_image(self.reader.read(uri), str(uri))[0].pixels
-            pixels.append(to_uint8(prepare(image, self.size)))
-            if mask_uri:
-                mask = decode_image(self.reader.read(mask_uri), str(mask_uri))[0].pixels
-                mask = (mask > 0).any(axis=-1) if mask.ndim == 3 else mask > 0
-                masks.append(resize_mask(mask, self.size))
-            else:
-                masks.append(np.zeros((self.size, self.size), bool))
+            try:
+                image, mask = self._decode(str(uri), str(mask_uri) if mask_uri else "")
+                errors.append("")
+            except (OSError, DecodeError) as e:
+                image = np.zeros((3, self.size, self.size), np.uint8)
+                mask = np.zeros((self.size, self.size), bool)
+                errors.append(reason_of(e))
+            pixels.append(image)
+            masks.append(mask)
         return {
             "index": np.asarray(batch["index"], np.int64),
             "pixels": np.stack(pixels),  # [B, 3, S, S] uint8
             "mask": np.stack(masks),  # [B, S, S] bool
             "label": np.asarray(batch["label"], np.int8),
+            "uri": np.asarray(batch["uri"], object),
+            "error": np.asarray(errors, object),  # "" when decoded
         }
+
+    def _decode(self, uri: str, mask_uri: str) -> tuple[np.ndarray, np.ndarray]:
+        image = decode_image(read_with_retries(self.reader.read, uri), uri)[0].pixels
+        if not mask_uri:
+            return to_uint8(prepare(image, self.size)), np.zeros((self.size, self.size), bool)
+        mask = decode_image(read_with_retries(self.reader.read, mask_uri), mask_uri)[0].pixels
+        mask = (mask > 0).any(axis=-1) if mask.ndim == 3 else mask > 0
+        return to_uint8(prepare(image, self.size)), resize_mask(mask, self.size)
 
 
 def decode_train(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -169,6 +182,10 @@ class StreamedBatches:
         batch_size: images per batch the stream yields.
         anomaly_share: probability that a normal image gets a synthetic anomaly.
         seed: with the epoch and the image index, seeds each image's synthesis.
+        skipped: where the rows that could not be decoded are recorded (default: a new record).
+
+    Rows with an ``error`` are left out; an epoch then ends early, and its last batch is repeated so
+    that a pass still yields ``len(self)`` batches (every rank runs the same number of steps).
     """
 
     def __init__(
@@ -178,9 +195,11 @@ class StreamedBatches:
         batch_size: int,
         anomaly_share: float = 0.5,
         seed: int = 0,
+        skipped: SkippedImages | None = None,
     ):
         self.iterate, self.n_images, self.batch_size = iterate, n_images, batch_size
         self.anomaly_share, self.seed = anomaly_share, seed
+        self.skipped = skipped if skipped is not None else SkippedImages(total=n_images)
 
     def __len__(self) -> int:
         return (self.n_images + self.batch_size - 1) // self.batch_size
@@ -192,7 +211,11 @@ class StreamedBatches:
         textures come from the other images of the same batch."""
         share = self.anomaly_share if anomaly_share is None else anomaly_share
         factory = makers or default_makers
+        yielded, last = 0, None
         for batch in self.iterate(epoch):
+            batch = self._readable(batch)
+            if not len(batch["index"]):
+                continue
             images = [np.ascontiguousarray(p.transpose(1, 2, 0), np.float32) / 255.0 for p in batch["pixels"]]
             items = []
             for j, (index, mask, label) in enumerate(zip(batch["index"], batch["mask"], batch["label"])):
@@ -203,4 +226,21 @@ class StreamedBatches:
                     return factory(rng, others)
 
                 items.append(synthesize(images[j], mask, int(label), rng, share, options))
-            yield stack_batch(items)
+            last = stack_batch(items)
+            yielded += 1
+            yield last
+        while last is not None and yielded < len(self):  # rows were skipped: pad as the stream would have run
+            yielded += 1
+            yield last
+
+    def _readable(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rows of ``batch`` that decoded; the others go to ``skipped``."""
+        errors = batch.get("error")
+        if errors is None:
+            return batch
+        bad = np.asarray([bool(e) for e in errors])
+        if not bad.any():
+            return batch
+        for uri, error in zip(batch["uri"][bad], errors[bad]):
+            self.skipped.add(str(uri), str(error))
+        return {k: v[~bad] for k, v in batch.items()}
