@@ -123,7 +123,15 @@ class Reporter:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         self.seconds += time.monotonic() - t0
-        if self.rank == 0:
+        if self.rank == 0 and "step" in metrics:  # a checkpoint inside an epoch (--checkpoint-every-min)
+            log.info(
+                "[train] %s checkpoint in epoch %s at step %s/%s",
+                metrics.get("stage", ""),
+                metrics.get("epoch"),
+                metrics["step"],
+                metrics.get("steps"),
+            )
+        elif self.rank == 0:
             log.info(progress_line(metrics, self.epochs, time.monotonic() - self.started))
 
 
@@ -166,7 +174,8 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     resume = load_state(ray.train.get_checkpoint())
     if resume is not None and rank == 0:
-        log.info("[train] resuming from checkpoint: stage %s, epoch %s", resume.get("stage"), resume.get("epoch"))
+        at = f" step {resume['step']}" if resume.get("step") else ""
+        log.info("[train] resuming from checkpoint: stage %s, epoch %s%s", resume.get("stage"), resume.get("epoch"), at)
     streamed = config.get("stream")
     data = worker_data(job, streamed)
     data_s = time.monotonic() - started

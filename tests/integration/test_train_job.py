@@ -239,10 +239,12 @@ KILL_AFTER = 3  # the worker is killed once this fusion epoch has been reported
 @pytest.mark.timeout(700)
 def test_killed_worker_resumes_with_the_same_losses(dataset, ray_tmp, tmp_path):
     """SIGKILL the training worker mid-run: Ray Train restarts it (--max-failures), it resumes from the
-    latest checkpoint, and the per-epoch losses are those of the same job run without a failure (no
-    second warm-up; the streamed input gives the resumed epochs the batches they would have had)."""
+    latest checkpoint (at an epoch's end or inside one), and the per-epoch losses are those of the same
+    job run without a failure (no second warm-up; the streamed input gives the resumed epochs the
+    batches they would have had)."""
     env = _env(ray_tmp, tmp_path / "cache")
-    extra = ["--max-failures", "1", "--warmup-share", "0.5"]
+    # A checkpoint after every step too: the restart may resume inside an epoch, at the same batch.
+    extra = ["--max-failures", "1", "--warmup-share", "0.5", "--checkpoint-every-min", "0"]
     ref_out = tmp_path / "reference"
     reference = subprocess.run(
         _job_cmd(dataset, ref_out, tmp_path / "ref-ckpt", KILL_EPOCHS) + extra,
