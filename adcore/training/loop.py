@@ -67,7 +67,7 @@ class TrainConfig:
     fit_max_patches: int = FIT_MAX_PATCHES  # patches per class a rank keeps for the head's fit (sampled beyond)
     target_sensitivity: float = 0.95
     target_specificity: float = 0.99  # thresholds when valid/ has no anomalies: share of normal images below them
-    checkpoint_every_min: float | None = 15.0  # a checkpoint inside an epoch this often (None: at epoch ends only)
+    checkpoint_every_min: float = 15.0  # minutes between checkpoints inside an epoch (0: after every step)
     mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + GradScaler); CPU: off
     model_version: int = 1  # the artifact's version number (its model_version is <preset>-v<N>-<fingerprint>)
     seed: int = 0
