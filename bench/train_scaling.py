@@ -11,7 +11,11 @@ Then, with one worker, the streamed train split (Ray Data decode tasks, the defa
 in-memory one (``--no-stream``): compute samples/s of each and their ratio, and the worker's peak
 RSS for N and 4N training images (target: growth under 20 % when streamed).
 
-    .venv/bin/python bench/train_scaling.py [--n-train 96] [--epochs 5] [--no-tiny] [--memory-images 96]
+Last, the head's fit alone (PatchCore, every normal patch) on N and 8N streamed images, each in a
+fresh process: its peak RSS (target: at most 1.2x once N's patches exceed ``--fit-max-patches``).
+
+    .venv/bin/python bench/train_scaling.py [--n-train 96] [--epochs 5] [--no-tiny] [--memory-images 96] \
+        [--fit-images 1000] [--fit-max-patches 400000]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from adcore.cli import parse_config
 from adcore.data.demo import make_demo_dataset
 from adcore.training import TrainConfig
+from adcore.training.fit import FIT_MAX_PATCHES
 from jobs import train as train_job
 
 WORKER_COUNTS = (1, 2)  # one per simulated node at most
@@ -47,6 +52,9 @@ class BenchConfig:
     memory_images: int = 96  # N of the memory rows (N and 4N images; 0: skip the streamed/in-memory part)
     memory_image_size: int = 256  # stored image size of the memory rows (what an in-memory shard holds)
     memory_epochs: int = 2
+    fit_images: int = 1000  # N of the head-fit rows (N and 8N images, streamed; 0: skip them)
+    fit_preset: str = "patchcore"  # its fit keeps the most: every normal patch of every image
+    fit_max_patches: int = FIT_MAX_PATCHES  # --fit-max-patches of the head-fit rows
 
 
 def run_once(
@@ -170,6 +178,66 @@ def print_memory(rows: list[dict], bench: BenchConfig) -> None:
         )
 
 
+def _fit_peak_rss(n_images: int, bench: BenchConfig, out) -> None:
+    """In a fresh process: the head fit of ``bench.fit_preset`` (tiny) over ``n_images`` streamed
+    images (random pixels, made batch by batch: only the fit keeps anything); its peak RSS in MB."""
+    import resource
+
+    import numpy as np
+    import torch
+
+    from adcore.models import create, family_for
+    from adcore.training.fit import FitData
+    from adcore.training.stream import StreamedBatches
+
+    torch.manual_seed(0)
+    model = create(bench.fit_preset, tiny=True).eval()
+    size, batch = model.input_size, bench.batch_size
+
+    def iterate(epoch):
+        for start in range(0, n_images, batch):
+            rng = np.random.default_rng([epoch, start])
+            n = min(batch, n_images - start)
+            yield {
+                "index": np.arange(start, start + n),
+                "pixels": rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8),
+                "mask": np.zeros((n, size, size), bool),
+                "label": np.zeros(n, np.int8),
+            }
+
+    batches = StreamedBatches(iterate, n_images, batch, anomaly_share=0.0)
+    t0 = time.monotonic()
+    family_for(model).fit(model, FitData(batches, max_patches=bench.fit_max_patches))
+    seconds = time.monotonic() - t0
+    out.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, seconds, model.grid**2))
+
+
+def fit_rows(bench: BenchConfig) -> list[dict]:
+    """Peak RSS of the head fit on N and 8N training images, each in its own process."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    rows = []
+    for n in (bench.fit_images, 8 * bench.fit_images):
+        out = ctx.Queue()
+        proc = ctx.Process(target=_fit_peak_rss, args=(n, bench, out))
+        proc.start()
+        rss, seconds, cells = out.get()
+        proc.join()
+        rows.append({"fit_images": n, "peak_rss_mb": rss, "fit_s": seconds, "patches": n * cells})
+    return rows
+
+
+def print_fit(rows: list[dict], bench: BenchConfig) -> None:
+    print()
+    print(f"head fit ({bench.fit_preset} tiny, --fit-max-patches {bench.fit_max_patches}):")
+    for r in rows:
+        rss, secs = r["peak_rss_mb"], r["fit_s"]
+        print(f"{r['fit_images']:>7} images {r['patches']:>10} patches: peak RSS {rss:.0f} MB, {secs:.1f} s")
+    a, b = rows[0]["peak_rss_mb"], rows[-1]["peak_rss_mb"]
+    print(f"peak RSS {rows[0]['fit_images']} -> {rows[-1]['fit_images']} images: {b / a:.2f}x (target <= 1.2x)")
+
+
 def main(bench: BenchConfig) -> list[dict]:
     import ray
     from ray.cluster_utils import Cluster
@@ -192,7 +260,10 @@ def main(bench: BenchConfig) -> list[dict]:
     print_table(rows)
     if memory:
         print_memory(memory, bench)
-    return rows + memory
+    fit = fit_rows(bench) if bench.fit_images else []
+    if fit:
+        print_fit(fit, bench)
+    return rows + memory + fit
 
 
 if __name__ == "__main__":

@@ -118,9 +118,35 @@ def local_copy(uri: str, only: str | None = None) -> str:
     return str(target)
 
 
+def local_files(uri: str, keys: list[str], also: tuple[str, ...] = ()) -> str:
+    """A local folder holding ``keys`` (paths relative to ``uri``) at their places: the path itself
+    for a local ``uri``, else this node's cached copy of just those objects of the S3 prefix, and of
+    those of ``also`` that exist (e.g. the dataset's ``categories.csv``).
+
+    One copy per URI and set of keys, shared by the node's workers under a file lock like :func:`local_copy`.
+    """
+    if not storage.is_s3(uri):
+        return local_copy(uri)
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:12]
+    target = cache_dir_for(f"{uri.rstrip('/')}#{digest}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / _DONE_MARKER).is_file():
+            log.info("copying %d files of %s to %s", len(keys), uri, target)
+            reader = storage.Reader()
+            extra = [k for k in also if storage.exists(f"{uri.rstrip('/')}/{k}")]
+            for key in [*keys, *extra]:
+                path = target / key
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(reader.read(f"{uri.rstrip('/')}/{key}"))
+            (target / _DONE_MARKER).touch()
+    return str(target)
+
+
 def run_name(prefix: str, key: str) -> str:
     """A deterministic run name, so a rerun with the same storage finds its checkpoints."""
     return f"{prefix}-{hashlib.sha256(key.rstrip('/').encode()).hexdigest()[:12]}"
 
 
-__all__ = ["init_ray", "storage_args", "local_copy", "cache_dir_for", "run_name", "setup_logging"]
+__all__ = ["init_ray", "storage_args", "local_copy", "local_files", "cache_dir_for", "run_name", "setup_logging"]

@@ -6,8 +6,8 @@
 The train split is streamed (``adcore.training.stream``): the driver lists it once (local folder or
 ``s3://`` prefix, no image read), cuts the listing into one equal shard per rank, and Ray Data
 decodes and resizes each shard in CPU tasks; a rank holds only the batches in flight and synthesises
-anomalies with a seed of (seed, epoch, image). Only the small validation split is read whole by each
-rank (from S3: one cached copy of ``valid/`` per node). Families that index their images
+anomalies with a seed of (seed, epoch, image). Validation reads only its ``--max-valid`` images (from
+S3: each node copies just those, chosen from the listing). Families that index their images
 (``MethodFamily.needs_images_in_memory``, DRA) and ``--no-stream`` load each rank's shard into memory
 instead. Every stage-2 epoch reports
 loss and validation AUROC through ``ray.train.report``; rank 0 attaches the training
@@ -34,12 +34,21 @@ from torch import nn
 
 from adcore import storage
 from adcore.cli import hidden, parse_command, run_command, setup_logging
-from adcore.errors import DataNotFoundError
+from adcore.data import bmad
+from adcore.errors import DataNotFoundError, UserError
 from adcore.models import create, family_for
 from adcore.training import TrainConfig, TrainHooks, dist, refuse_unused_flags, train
 from adcore.training.loop import SMOKE_IMAGES, model_overrides
-from adcore.training.stream import StreamedBatches, decode_train, image_level_only, shard_listing, train_listing
-from jobs.common import init_ray, local_copy, run_name, storage_args
+from adcore.training.skipped import SkippedImages
+from adcore.training.stream import (
+    StreamedBatches,
+    decode_train,
+    image_level_only,
+    sampled_files,
+    shard_listing,
+    train_listing,
+)
+from jobs.common import init_ray, local_copy, local_files, run_name, storage_args
 from jobs.console import quiet_ray_loggers
 
 log = logging.getLogger("jobs.train")
@@ -121,7 +130,15 @@ class Reporter:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
         self.seconds += time.monotonic() - t0
-        if self.rank == 0:
+        if self.rank == 0 and "step" in metrics:  # a checkpoint inside an epoch (--checkpoint-every-min)
+            log.info(
+                "[train] %s checkpoint in epoch %s at step %s/%s",
+                metrics.get("stage", ""),
+                metrics.get("epoch"),
+                metrics["step"],
+                metrics.get("steps"),
+            )
+        elif self.rank == 0:
             log.info(progress_line(metrics, self.epochs, time.monotonic() - self.started))
 
 
@@ -164,9 +181,10 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     resume = load_state(ray.train.get_checkpoint())
     if resume is not None and rank == 0:
-        log.info("[train] resuming from checkpoint: stage %s, epoch %s", resume.get("stage"), resume.get("epoch"))
+        at = f" step {resume['step']}" if resume.get("step") else ""
+        log.info("[train] resuming from checkpoint: stage %s, epoch %s%s", resume.get("stage"), resume.get("epoch"), at)
     streamed = config.get("stream")
-    data = local_copy(job.data, only="valid" if streamed else None)
+    data = worker_data(job, streamed)
     data_s = time.monotonic() - started
     reporter = Reporter(rank, cfg.epochs)
     device = ray.train.torch.get_device() if job.use_gpu else torch.device("cpu")
@@ -185,6 +203,7 @@ def train_worker(config: dict) -> None:
             cfg.anomaly_share,
             seed=cfg.seed,
             image_level_only=streamed["image_level_only"],
+            skipped=SkippedImages(job.data, cfg.max_bad_share, total=streamed["images"]),
         )
         hooks.train_images = streamed["images"]
     train(data, cfg, output=job.output, hooks=hooks)
@@ -199,6 +218,14 @@ def train_worker(config: dict) -> None:
             "peak_rss_mb": _peak_rss_mb(),
         }
         storage.write_bytes(job.timings, json.dumps(timings).encode())
+
+
+def worker_data(job: JobConfig, streamed: dict | None) -> str:
+    """The local folder ``train`` reads on this node: the data itself when local; from S3, this node's
+    copy of the validation images the run uses (streamed) or of the whole prefix (images in memory)."""
+    if not streamed:
+        return local_copy(job.data)
+    return local_files(job.data, streamed["valid_files"], also=(bmad.CATEGORIES_FILE,))
 
 
 def _epoch_iterator(shard, cfg: TrainConfig) -> Callable[[int], Any]:
@@ -239,11 +266,14 @@ def train_datasets(job: JobConfig, cfg: TrainConfig) -> tuple[dict, dict]:
             compute=ray.data.TaskPoolStrategy(size=max(1, min(job.decode_tasks, len(blocks)))),
         )
         ds.context.enable_progress_bars = False  # one bar per rank and epoch; the [train] lines say it
+    # From S3, each node copies only the validation images the run uses, chosen here from the listing.
+    valid = sampled_files(job.data, "valid", cfg.valid_limit()) if storage.is_s3(job.data) else []
     # Every rank holds every labelled anomaly (shard_listing), so each rank's count is the listing's.
     info = {
         "rows_per_rank": shards[0].num_rows,
         "images": listing.num_rows,
         "image_level_only": image_level_only(listing),
+        "valid_files": valid,
     }
     log.info(
         "streaming %d training images: %d per rank, decoded at %d px in Ray Data tasks",
@@ -326,13 +356,36 @@ def main(job: JobConfig, cfg: TrainConfig):
     )
     init_ray(job.ray_address)
     started = time.monotonic()
-    result = build_trainer(job, cfg).fit()
+    try:
+        result = build_trainer(job, cfg).fit()
+    except Exception as e:  # a worker's UserError (e.g. too many unreadable images) is the user's one line
+        user = user_error_of(e)
+        if user is None:
+            raise
+        raise user from e
     last = result.metrics or {}
     print(f"[train] run {job.name()} in {job.storage_uri()}: {time.monotonic() - started:.1f} s", flush=True)
     if last:
         print(progress_line(last, cfg.epochs, last.get("elapsed_s", 0.0)), flush=True)
     print(f"[train] saved {job.output}", flush=True)
     return result
+
+
+def user_error_of(exc: BaseException) -> UserError | None:
+    """The :class:`UserError` a training worker raised, inside Ray Train's failure (its workers'
+    errors, Ray's task-error wrapper, their causes), or None."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # Ray's wrapper: its message carries the remote traceback
+        if isinstance(e, UserError) and not isinstance(cause, BaseException):
+            return e
+        todo += [cause, e.__cause__, e.__context__]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+    return None
 
 
 def parse(argv: list[str] | None = None, prog: str = PROG) -> tuple[JobConfig, TrainConfig]:

@@ -82,6 +82,13 @@ def agree_stop(stop: bool, world_size: int) -> bool:
     return all_reduce([1.0 if stop else 0.0], world_size, "max")[0] > 0
 
 
+def agree_flags(flags: list[bool], world_size: int) -> list[bool]:
+    """Each flag True on every rank when any rank sets it: :func:`agree_stop` for several in one collective."""
+    if not active(world_size):
+        return [bool(f) for f in flags]
+    return [v > 0 for v in all_reduce([1.0 if f else 0.0 for f in flags], world_size, "max")]
+
+
 def min_int(value: int, world_size: int) -> int:
     """The smallest ``value`` over the ranks (e.g. steps per epoch, so every rank runs as many)."""
     return int(all_reduce([float(value)], world_size, "min")[0])

@@ -26,6 +26,7 @@ from torch import nn
 from adcore.calibration import fit_calibration
 from adcore.cli import hidden, one_of
 from adcore.data import bmad
+from adcore.data.errors import DatasetLayoutError, DecodeError
 from adcore.errors import FlagError
 from adcore.models import create, family, family_for, list_models, preset
 from adcore.models.family import SCHEDULE_FLAGS
@@ -33,9 +34,11 @@ from adcore.models.registry import merge_config
 from adcore.scorer import Scorer
 from adcore.training import dist
 from adcore.training.data import SyntheticAnomalyBatches, load_images
-from adcore.training.fit import FitData, gather_across_ranks
+from adcore.training.fit import FIT_MAX_PATCHES, FitData, gather_across_ranks
 from adcore.training.select import select_on_validation
+from adcore.training.skipped import MAX_BAD_SHARE, SkippedImages, read_with_retries, reason_of
 from adcore.training.stages import STATE_FORMAT, TrainContext
+from adcore.training.stream import pick_samples
 
 log = logging.getLogger("adcore.train")
 
@@ -61,8 +64,11 @@ class TrainConfig:
     labelled: int = 0  # labelled anomalies drawn (with --seed) from train/Ungood/img; DRA needs >= 1 (paper: 1 or 10)
     mask_size: int = 56  # resolution of the segmentation loss (maps upsampled, masks area-pooled)
     max_valid: int = 200  # validation images used per epoch and for calibration
+    max_bad_share: float = MAX_BAD_SHARE  # share of unreadable training images skipped before the run is refused
+    fit_max_patches: int = FIT_MAX_PATCHES  # patches per class a rank keeps for the head's fit (sampled beyond)
     target_sensitivity: float = 0.95
     target_specificity: float = 0.99  # thresholds when valid/ has no anomalies: share of normal images below them
+    checkpoint_every_min: float = 15.0  # minutes between checkpoints inside an epoch (0: after every step)
     mixed_precision: bool = True  # autocast on CUDA (bf16 where supported, else fp16 + GradScaler); CPU: off
     model_version: int = 1  # the artifact's version number (its model_version is <preset>-v<N>-<fingerprint>)
     seed: int = 0
@@ -78,6 +84,10 @@ class TrainConfig:
             return None
         total = self.minutes * 60
         return 0.2 * total if stage == 1 else max(0.0, 0.85 * total - elapsed_s)
+
+    def valid_limit(self) -> int:
+        """Validation images used: ``max_valid``, or ``SMOKE_IMAGES`` in a smoke test."""
+        return SMOKE_IMAGES if self.smoke_test else self.max_valid
 
     def stage_epochs(self) -> int | None:
         """Epochs of a gradient stage that follows the run's schedule: ``epochs`` when given; else
@@ -134,24 +144,43 @@ def refuse_unused_flags(cfg: TrainConfig, given: Iterable[str]) -> None:
 
 
 def load_split(
-    data: str, split: str, limit: int | None, rank: int = 0, world_size: int = 1, labelled: int = 0, seed: int = 0
+    data: str,
+    split: str,
+    limit: int | None,
+    rank: int = 0,
+    world_size: int = 1,
+    labelled: int = 0,
+    seed: int = 0,
+    skipped: SkippedImages | None = None,
 ) -> dict:
-    samples = bmad.list_split(data, split, labelled=labelled, seed=seed)
-    # Labelled training anomalies are a handful: every rank gets all of them, and no limit drops them.
-    few = [s for s in samples if s.label == 1] if split == "train" else []
-    samples = samples[: len(samples) - len(few)]
-    if limit is not None and len(samples) > limit:
-        step = len(samples) / limit  # even spread keeps both classes
-        samples = [samples[int(i * step)] for i in range(limit)]
-    if world_size > 1 and split == "train" and len(samples) % world_size:
-        # Equal shards (as DistributedSampler pads): a few images repeated, none dropped.
-        samples = samples + samples[: world_size - len(samples) % world_size]
-    samples = samples[rank::world_size] + few
-    images, masks, labels = load_images(samples)
+    """A rank's share of a split, decoded (``pick_samples``). Given ``skipped``, an image that cannot be
+    read or decoded is recorded there and left out; without it, it raises."""
+    samples = pick_samples(bmad.list_split(data, split, labelled=labelled, seed=seed), split, limit, rank, world_size)
+    if skipped is None:
+        images, masks, labels = load_images(samples)
+    else:
+        skipped.expect(len(samples) * world_size)
+        samples, images, masks = _load_readable(samples, skipped)
+        labels = np.array([s.label for s in samples], dtype=np.int64)
     has_masks = bmad.has_masks(samples)
     if has_masks:
         masks = [m if m is not None else np.zeros(im.shape[:2], bool) for m, im in zip(masks, images)]
     return {"samples": samples, "images": images, "masks": masks if has_masks else None, "labels": labels}
+
+
+def _load_readable(samples: list[bmad.Sample], skipped: SkippedImages) -> tuple[list, list, list]:
+    """The samples whose image (and mask) can be read and decoded, with their pixels; the others to ``skipped``."""
+    kept, images, masks = [], [], []
+    for sample in samples:
+        try:
+            image, mask = read_with_retries(lambda _, s=sample: bmad.load_sample(s), str(sample.path))
+        except (OSError, DecodeError, DatasetLayoutError) as e:
+            skipped.add(str(sample.path), reason_of(e))
+            continue
+        kept.append(sample)
+        images.append(image)
+        masks.append(mask)
+    return kept, images, masks
 
 
 def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHooks | None = None) -> Scorer:
@@ -167,12 +196,17 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
             f"{cfg.preset!r} trains on labelled anomalies: put a few under train/Ungood/img "
             "and pass --labelled N (N >= 1)"
         )
-    valid = load_split(data, "valid", SMOKE_IMAGES if cfg.smoke_test else cfg.max_valid)
+    # Every rank loads the same validation images, so each decides alike on their share.
+    valid_skipped = SkippedImages(data, cfg.max_bad_share, split="valid")
+    valid = load_split(data, "valid", cfg.valid_limit(), skipped=valid_skipped)
     if hooks.train_batches is not None:
         batches, train_images = hooks.train_batches, hooks.train_images
+        skipped = batches.skipped
     else:
         limit = SMOKE_IMAGES if cfg.smoke_test else None
-        train_set = load_split(data, "train", limit, hooks.rank, hooks.world_size, cfg.labelled, cfg.seed)
+        skipped = SkippedImages(data, cfg.max_bad_share)
+        train_set = load_split(data, "train", limit, hooks.rank, hooks.world_size, cfg.labelled, cfg.seed, skipped)
+        skipped.check(hooks.world_size)
         batches = SyntheticAnomalyBatches(
             train_set["images"],
             train_set["masks"] or [None] * len(train_set["images"]),
@@ -207,6 +241,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         history=list(resume.get("history", [])),
         stages_done=list(resume.get("stages_done", [])),
         device=device,
+        skipped=skipped,
     )
     summary: dict[str, Any] = {}
     if family.train is not None:
@@ -218,8 +253,10 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         quick=cfg.smoke_test,
         world_size=hooks.world_size,
         gather=gather_across_ranks(hooks.world_size),
+        max_patches=cfg.fit_max_patches,
     )
     scorer = Scorer(model, family.fit(model, fit_data))
+    skipped.check(hooks.world_size)  # the fit's pass read every training image
     chosen = select_on_validation(scorer, valid, cfg.batch_size)
     results = scorer.score_images(valid["images"], cfg.batch_size)
     # Maps always: without masks (normal-only or classification-only validation) the pixel
@@ -237,6 +274,7 @@ def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHo
         "config": asdict(cfg),
         "history": ctx.history,
         "train_images": train_images,
+        "skipped_images": {"train": skipped.summary(hooks.world_size), "valid": valid_skipped.summary(None)},
         **summary,
         **({"head_choice": chosen} if chosen else {}),
         **({"image_level_only": unmasked} if unmasked else {}),

@@ -48,6 +48,8 @@ class TrainContext:
         history: Per-epoch rows; the family appends, the artifact keeps them.
         stages_done: Names of the gradient stages finished (restored on resume).
         device: Where the model, batches and loss live.
+        skipped: The rank's ``SkippedImages`` of the train split, checked against their share after
+            every epoch (None: nothing checked).
     """
 
     cfg: Any
@@ -58,6 +60,7 @@ class TrainContext:
     history: list[dict] = field(default_factory=list)
     stages_done: list[str] = field(default_factory=list)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    skipped: Any = None
 
     @property
     def resume(self) -> dict:
@@ -111,6 +114,10 @@ def run_stage(
     ``state_fn()`` (the family's part: its weights, model selection) plus the stage's state.
     A run resumed inside this stage (``ctx.resume_for(name)``) restores optimiser, scheduler,
     scaler, RNG states, elapsed time and budget, and continues after the saved epoch.
+
+    Every ``cfg.checkpoint_every_min`` minutes inside an epoch it also reports a checkpoint (metrics:
+    stage, epoch, ``step``); a run resumed from one replays the epoch's batches up to that step and
+    continues with the same losses as a run never stopped.
     """
     cfg, hooks, batches, world = ctx.cfg, ctx.hooks, ctx.batches, ctx.hooks.world_size
     device = ctx.device
@@ -126,7 +133,7 @@ def run_stage(
     warm = WarmUp(warmup_share, epochs * steps if epochs is not None else None, steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    start_epoch, spent = 0, 0.0
+    start_epoch, start_step, start_loss, spent = 0, 0, 0.0, 0.0
     saved = ctx.resume_for(name)
     if saved is not None:
         opt.load_state_dict(saved["optimizer"])
@@ -139,18 +146,48 @@ def run_stage(
         elif hooks.is_main:
             log.warning("%s: checkpoint has RNG states of %d ranks, this run has %d", name, len(rngs), world)
         start_epoch, spent, budget_s = int(saved["epoch"]), float(saved["stage_elapsed_s"]), saved["budget_s"]
+        # A checkpoint taken inside an epoch: its steps done and their loss so far.
+        start_step, start_loss = int(saved.get("step", 0)), float(saved.get("epoch_loss_sum", 0.0))
     if hooks.is_main and dtype is not None:
         log.info("%s: autocast %s on %s%s", name, dtype, device, " with GradScaler" if use_scaler else "")
     started = time.monotonic() - spent
+    every_s = _checkpoint_interval_s(cfg)
+    last_checkpoint = time.monotonic()
 
     def over_budget() -> bool:
         return budget_s is not None and time.monotonic() - started > budget_s
 
+    def checkpoint_state(epochs_done: int, rngs: list, step: int = 0, loss_sum: float = 0.0) -> Callable[[], dict]:
+        def state() -> dict:
+            return {
+                "format": STATE_FORMAT,
+                "stage": name,
+                "epoch": epochs_done,
+                "step": step,  # steps done in the epoch after ``epoch`` (0: at an epoch's end)
+                "epoch_loss_sum": loss_sum,
+                "epochs": epochs,
+                "stages_done": list(ctx.stages_done),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rngs,
+                "budget_s": budget_s,
+                "stage_elapsed_s": time.monotonic() - started,
+                "elapsed_s": ctx.elapsed(),
+                "history": list(ctx.history),
+                **(state_fn() if state_fn else {}),
+            }
+
+        return state
+
     for epoch in range(start_epoch, epochs) if epochs is not None else itertools.count(start_epoch):
         wrapped.train()
-        loss_sum, done = torch.zeros((), dtype=torch.float64, device=device), 0
+        skip, start_step = start_step, 0
+        loss_sum, done = torch.tensor(start_loss if skip else 0.0, dtype=torch.float64, device=device), skip
         batch_iter = iter(batches.epoch(epoch))
-        for _ in range(steps):
+        for _ in range(skip):  # resumed inside this epoch: the same batches again, up to where it stopped
+            next(batch_iter)
+        for _ in range(skip, steps):
             step_started = time.monotonic()
             batch = next(batch_iter).to(device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -166,10 +203,24 @@ def run_stage(
             if warm.wants_estimate(epoch, done):  # every rank at the same step: the mean is a collective
                 warm.estimate(sched.last_epoch, dist.mean(time.monotonic() - step_started, world), budget_s)
             sched.step()
-            # Every rank asks, so every rank makes the same collective calls and stops at the same step.
-            if budget_s is not None and dist.agree_stop(over_budget(), world):
+            # Every rank asks, so every rank makes the same collective calls, stops at the same step and
+            # checkpoints at the same step.
+            due = every_s is not None and time.monotonic() - last_checkpoint >= every_s
+            stop, save = (
+                dist.agree_flags([over_budget(), due and done < steps], world)
+                if budget_s is not None or every_s is not None
+                else (False, False)
+            )
+            if stop:
                 break
+            if save:
+                rngs = dist.gather_objects(dist.rng_state(), world)
+                state = checkpoint_state(epoch, rngs, done, float(loss_sum.item()))
+                hooks.report({"stage": name, "epoch": epoch + 1, "step": done, "steps": steps}, state)
+                last_checkpoint = time.monotonic()
         mean_loss = reduce_mean(float(loss_sum.item()) / done if done else math.nan, hooks)
+        if ctx.skipped is not None:  # every rank, after every epoch: too many unreadable images end the run
+            ctx.skipped.check(world)
         if hooks.is_main:  # a stage with on_epoch logs its own row (loss and validation)
             of = f"/{epochs}" if epochs is not None else ""
             level = logging.DEBUG if on_epoch else logging.INFO
@@ -184,32 +235,20 @@ def run_stage(
         if stop or epoch + 1 == epochs:
             ctx.stages_done.append(name)
         rngs = dist.gather_objects(dist.rng_state(), world)  # every rank's, for rank 0's checkpoint
-
-        def checkpoint(done_epochs=epoch + 1, rngs=rngs) -> dict:
-            return {
-                "format": STATE_FORMAT,
-                "stage": name,
-                "epoch": done_epochs,
-                "epochs": epochs,
-                "stages_done": list(ctx.stages_done),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rngs,
-                "budget_s": budget_s,
-                "stage_elapsed_s": time.monotonic() - started,
-                "elapsed_s": ctx.elapsed(),
-                "history": list(ctx.history),
-                **(state_fn() if state_fn else {}),
-            }
-
-        hooks.report({**row, "epochs": epochs}, checkpoint)
+        hooks.report({**row, "epochs": epochs}, checkpoint_state(epoch + 1, rngs))
+        last_checkpoint = time.monotonic()
         if stop:
             if hooks.is_main:
                 log.info("%s: time budget of %.0f s reached after epoch %d", name, budget_s, epoch + 1)
             break
     if name not in ctx.stages_done:  # e.g. resumed after its last epoch
         ctx.stages_done.append(name)
+
+
+def _checkpoint_interval_s(cfg) -> float | None:
+    """Seconds between checkpoints inside an epoch (``checkpoint_every_min``; None: at epoch ends only)."""
+    minutes = getattr(cfg, "checkpoint_every_min", None)
+    return None if minutes is None else 60.0 * minutes
 
 
 class WarmUp:

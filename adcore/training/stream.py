@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,10 @@ import pyarrow as pa
 from adcore import storage
 from adcore.data import bmad
 from adcore.data.decode import decode_image
-from adcore.data.errors import DatasetLayoutError
+from adcore.data.errors import DatasetLayoutError, DecodeError
 from adcore.scorer import prepare, to_uint8
 from adcore.training.data import Batch, MakerFactory, default_makers, resize_mask, stack_batch, synthesize
+from adcore.training.skipped import SkippedImages, read_with_retries, reason_of
 
 # Columns of a training listing: a stable image index (synthesis seed), the image, its mask ("" when
 # none), and the label (0 normal, 1 labelled anomaly).
@@ -45,22 +47,54 @@ def train_listing(root: str, labelled: int = 0, seed: int = 0) -> pa.Table:
     reader runs on a local tree of empty files with the same names (and the dataset's
     ``categories.csv``), so local and S3 datasets follow exactly the same layout rules.
     """
+    with split_samples(root, "train", labelled, seed) as (samples, local_root, base):
+        return _listing(samples, local_root, base)
+
+
+def sampled_files(root: str, split: str, limit: int | None) -> list[str]:
+    """The files ``load_split(root, split, limit)`` reads (images, then masks), relative to ``root``:
+    what a node copies of a split it only samples (validation), found from the listing alone."""
+    with split_samples(root, split) as (samples, local_root, _):
+        chosen = pick_samples(samples, split, limit)
+        paths = [s.path for s in chosen] + [s.mask_path for s in chosen if s.mask_path]
+        return [Path(p).relative_to(local_root).as_posix() for p in paths]
+
+
+@contextmanager
+def split_samples(root: str, split: str, labelled: int = 0, seed: int = 0):
+    """``(samples, local_root, root)`` of a split: ``bmad.list_split`` on a local folder, or on a
+    local tree of empty files named as an ``s3://`` prefix's objects (no image read)."""
     base = str(root).rstrip("/")
     if not storage.is_s3(base):
-        return _listing(bmad.list_split(base, "train", labelled=labelled, seed=seed), base, base)
-    if not storage.exists(f"{base}/train"):
-        raise DatasetLayoutError(f"{base}/train", f"a 'train' folder under {root}")
+        yield bmad.list_split(base, split, labelled=labelled, seed=seed), base, base
+        return
+    if not storage.exists(f"{base}/{split}"):
+        raise DatasetLayoutError(f"{base}/{split}", f"a '{split}' folder under {root}")
     with tempfile.TemporaryDirectory(prefix="adcore-listing-") as shadow:
-        for uri in storage.list_objects(f"{base}/train").column("uri").to_pylist():
+        for uri in storage.list_objects(f"{base}/{split}").column("uri").to_pylist():
             rel = uri[len(base) + 1 :]
-            if rel.startswith("train/") and not rel.endswith("/"):  # not a folder marker
+            if rel.startswith(f"{split}/") and not rel.endswith("/"):  # not a folder marker
                 path = Path(shadow, rel)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
         categories = f"{base}/{bmad.CATEGORIES_FILE}"
         if storage.exists(categories):
             Path(shadow, bmad.CATEGORIES_FILE).write_bytes(storage.read_bytes(categories))
-        return _listing(bmad.list_split(shadow, "train", labelled=labelled, seed=seed), shadow, base)
+        yield bmad.list_split(shadow, split, labelled=labelled, seed=seed), shadow, base
+
+
+def pick_samples(samples: list, split: str, limit: int | None, rank: int = 0, world_size: int = 1) -> list:
+    """The samples of a split that one rank loads: at most ``limit`` normal-and-anomalous ones spread
+    evenly over the listing, a train split padded to equal shards (as ``DistributedSampler`` pads)
+    and strided by rank; labelled training anomalies (a handful) go to every rank, never dropped."""
+    few = [s for s in samples if s.label == 1] if split == "train" else []
+    samples = samples[: len(samples) - len(few)]
+    if limit is not None and len(samples) > limit:
+        step = len(samples) / limit  # even spread keeps both classes
+        samples = [samples[int(i * step)] for i in range(limit)]
+    if world_size > 1 and split == "train" and len(samples) % world_size:
+        samples = samples + samples[: world_size - len(samples) % world_size]
+    return samples[rank::world_size] + few
 
 
 def _listing(samples: list[bmad.Sample], local_root: str, root: str) -> pa.Table:
@@ -93,9 +127,10 @@ def shard_listing(listing: pa.Table, rank: int, world_size: int) -> pa.Table:
 class DecodeTrain:
     """Ray Data ``map_batches`` function: listing rows -> uint8 pixels ``[3, S, S]`` and masks ``[S, S]``.
 
-    Reads each file once (local or S3, one filesystem per task), decodes its first frame and
-    resizes it to the network's input size, so only ``S*S*4`` bytes per image travel to the rank.
-    An image that cannot be read or decoded stops training with its URI: a training set is curated.
+    Reads each file once (local or S3, one filesystem per task; a failed read retried), decodes its
+    first frame and resizes it to the network's input size, so only ``S*S*4`` bytes per image travel
+    to the rank. A file that still cannot be read, or does not decode, keeps its row with an ``error``
+    (its reason; empty pixels): the rank leaves it out and counts it (:class:`StreamedBatches`).
     """
 
     def __init__(self, size: int):
@@ -103,24 +138,35 @@ class DecodeTrain:
         self.reader = storage.Reader()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels, masks, has_mask = [], [], []
+        pixels, masks, has_mask, errors = [], [], [], []
         for uri, mask_uri in zip(batch["uri"], batch["mask_uri"]):
             has_mask.append(bool(mask_uri))
-            image = decode_image(self.reader.read(uri), str(uri))[0].pixels
-            pixels.append(to_uint8(prepare(image, self.size)))
-            if mask_uri:
-                mask = decode_image(self.reader.read(mask_uri), str(mask_uri))[0].pixels
-                mask = (mask > 0).any(axis=-1) if mask.ndim == 3 else mask > 0
-                masks.append(resize_mask(mask, self.size))
-            else:
-                masks.append(np.zeros((self.size, self.size), bool))
+            try:
+                image, mask = self._decode(str(uri), str(mask_uri) if mask_uri else "")
+                errors.append("")
+            except (OSError, DecodeError) as e:
+                image = np.zeros((3, self.size, self.size), np.uint8)
+                mask = np.zeros((self.size, self.size), bool)
+                errors.append(reason_of(e))
+            pixels.append(image)
+            masks.append(mask)
         return {
             "index": np.asarray(batch["index"], np.int64),
             "pixels": np.stack(pixels),  # [B, 3, S, S] uint8
             "mask": np.stack(masks),  # [B, S, S] bool
             "has_mask": np.asarray(has_mask, bool),  # False: no mask file (a labelled anomaly's is unknown)
             "label": np.asarray(batch["label"], np.int8),
+            "uri": np.asarray(batch["uri"], object),
+            "error": np.asarray(errors, object),  # "" when decoded
         }
+
+    def _decode(self, uri: str, mask_uri: str) -> tuple[np.ndarray, np.ndarray]:
+        image = decode_image(read_with_retries(self.reader.read, uri), uri)[0].pixels
+        if not mask_uri:
+            return to_uint8(prepare(image, self.size)), np.zeros((self.size, self.size), bool)
+        mask = decode_image(read_with_retries(self.reader.read, mask_uri), mask_uri)[0].pixels
+        mask = (mask > 0).any(axis=-1) if mask.ndim == 3 else mask > 0
+        return to_uint8(prepare(image, self.size)), resize_mask(mask, self.size)
 
 
 def image_level_only(listing: pa.Table) -> int:
@@ -146,6 +192,10 @@ class StreamedBatches:
         anomaly_share: probability that a normal image gets a synthetic anomaly.
         seed: with the epoch and the image index, seeds each image's synthesis.
         image_level_only: labelled anomalies of the shard without a mask (:func:`image_level_only`).
+        skipped: where the rows that could not be decoded are recorded (default: a new record).
+
+    Rows with an ``error`` are left out; an epoch then ends early, and its last batch is repeated so
+    that a pass still yields ``len(self)`` batches (every rank runs the same number of steps).
     """
 
     def __init__(
@@ -156,10 +206,12 @@ class StreamedBatches:
         anomaly_share: float = 0.5,
         seed: int = 0,
         image_level_only: int = 0,
+        skipped: SkippedImages | None = None,
     ):
         self.iterate, self.n_images, self.batch_size = iterate, n_images, batch_size
         self.anomaly_share, self.seed = anomaly_share, seed
         self.image_level_only = image_level_only
+        self.skipped = skipped if skipped is not None else SkippedImages(total=n_images)
 
     def __len__(self) -> int:
         return (self.n_images + self.batch_size - 1) // self.batch_size
@@ -171,7 +223,11 @@ class StreamedBatches:
         textures come from the other images of the same batch."""
         share = self.anomaly_share if anomaly_share is None else anomaly_share
         factory = makers or default_makers
+        yielded, last = 0, None
         for batch in self.iterate(epoch):
+            batch = self._readable(batch)
+            if not len(batch["index"]):
+                continue
             images = [np.ascontiguousarray(p.transpose(1, 2, 0), np.float32) / 255.0 for p in batch["pixels"]]
             items = []
             known = batch.get("has_mask", np.ones(len(images), bool)) | (np.asarray(batch["label"]) == 0)
@@ -184,4 +240,21 @@ class StreamedBatches:
                     return factory(rng, others)
 
                 items.append(synthesize(images[j], mask, int(label), rng, share, options))
-            yield stack_batch(items)
+            last = stack_batch(items)
+            yielded += 1
+            yield last
+        while last is not None and yielded < len(self):  # rows were skipped: pad as the stream would have run
+            yielded += 1
+            yield last
+
+    def _readable(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rows of ``batch`` that decoded; the others go to ``skipped``."""
+        errors = batch.get("error")
+        if errors is None:
+            return batch
+        bad = np.asarray([bool(e) for e in errors])
+        if not bad.any():
+            return batch
+        for uri, error in zip(batch["uri"][bad], errors[bad]):
+            self.skipped.add(str(uri), str(error))
+        return {k: v[~bad] for k, v in batch.items()}

@@ -23,6 +23,7 @@ from adcore import storage
 from adcore.data import bmad
 from adcore.data.demo import make_demo_dataset
 from adcore.training import TrainConfig
+from adcore.training.skipped import BadImageShareError
 from jobs import train as train_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
@@ -127,6 +128,35 @@ def test_two_nodes_s3(dataset, s3_server, ray_tmp, tmp_path, monkeypatch):
     assert [row["epoch"] for row in summary["history"] if row["stage"] == "fusion"] == [0, 1, 2]  # 0: before stage 2
 
 
+def test_unreadable_image_on_s3_is_skipped_then_refused_above_the_share(s3_server, ray_tmp, tmp_path, monkeypatch):
+    """A truncated training image on S3: the streamed run skips it and names it in the training
+    summary; with a share below one image in eight, the run stops with one line that says why."""
+    import ray
+
+    data = make_demo_dataset(tmp_path / "demo", n_train=8, n_valid=4, n_test=2, size=64, seed=0)
+    bad = sorted((data / "train" / "good").rglob("*.png"))[5]
+    bad.write_bytes(bad.read_bytes()[:200])
+    bucket = s3_server.make_bucket("train-job-bad-file")
+    storage.upload_dir(data, f"{bucket}/data")
+    for key, value in {**FAST_REPORTS, "RAY_TMPDIR": ray_tmp, "ADCORE_CACHE_DIR": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    job = train_job.JobConfig(data=f"{bucket}/data", output=str(tmp_path / "model"), max_failures=0)
+    cfg = TrainConfig(preset="patchcore", tiny=True, smoke_test=True, batch_size=4, max_bad_share=0.2)
+    try:
+        train_job.main(job, cfg)
+        strict = TrainConfig(preset="patchcore", tiny=True, smoke_test=True, batch_size=4, max_bad_share=0.1)
+        other = train_job.JobConfig(data=job.data, output=str(tmp_path / "refused"), max_failures=0)
+        with pytest.raises(BadImageShareError) as refused:
+            train_job.main(other, strict)
+    finally:
+        ray.shutdown()
+    skipped = _score_one(job.output, data)["skipped_images"]["train"]
+    assert skipped["count"] == 1 and list(skipped["files"]) == [bad.relative_to(data).as_posix()]
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("1 of 8 train images cannot be read or decoded"), message
+    assert not (tmp_path / "refused").exists()
+
+
 def _job_cmd(dataset: Path, out: Path, store: Path, epochs: int) -> list[str]:
     return [
         sys.executable,
@@ -209,10 +239,12 @@ KILL_AFTER = 3  # the worker is killed once this fusion epoch has been reported
 @pytest.mark.timeout(700)
 def test_killed_worker_resumes_with_the_same_losses(dataset, ray_tmp, tmp_path):
     """SIGKILL the training worker mid-run: Ray Train restarts it (--max-failures), it resumes from the
-    latest checkpoint, and the per-epoch losses are those of the same job run without a failure (no
-    second warm-up; the streamed input gives the resumed epochs the batches they would have had)."""
+    latest checkpoint (at an epoch's end or inside one), and the per-epoch losses are those of the same
+    job run without a failure (no second warm-up; the streamed input gives the resumed epochs the
+    batches they would have had)."""
     env = _env(ray_tmp, tmp_path / "cache")
-    extra = ["--max-failures", "1", "--warmup-share", "0.5"]
+    # A checkpoint after every step too: the restart may resume inside an epoch, at the same batch.
+    extra = ["--max-failures", "1", "--warmup-share", "0.5", "--checkpoint-every-min", "0"]
     ref_out = tmp_path / "reference"
     reference = subprocess.run(
         _job_cmd(dataset, ref_out, tmp_path / "ref-ckpt", KILL_EPOCHS) + extra,

@@ -48,17 +48,17 @@ def fit_pass(model, data, anomaly_share: float, max_images: int | None = None) -
     """Embeddings [n, g*g, E] of this rank's training images and each patch's mask share [n, g*g]
     (-1 for every patch of a labelled anomaly without a mask).
 
-    One pass of the training batches (seeded as the fit's), stopped after ``max_images`` images.
+    One pass of the training batches (seeded as the fit's), stopped after ``max_images`` images; at
+    most the fit's patch cap is kept (whole images, a uniform sample beyond it).
     """
     device = next(model.parameters()).device
-    embs, shares, seen = [], [], 0
+    kept = data.images_reservoir(model.grid * model.grid)
     for batch in data.batches.epoch(FIT_EPOCH, anomaly_share=anomaly_share):
-        embs.append(model(batch.images.to(device)).patch_embeddings.float().cpu().numpy())
-        shares.append(batch.patch_share(model.grid).numpy())  # unknown masks: -1, neither class
-        seen += len(batch.images)
-        if max_images is not None and seen >= max_images:
+        emb = model(batch.images.to(device)).patch_embeddings.float().cpu().numpy()  # [B, g*g, E]
+        kept.add(emb, batch.patch_share(model.grid).numpy())  # unknown masks: -1, neither class
+        if max_images is not None and kept.seen >= max_images:
             break
-    return np.concatenate(embs), np.concatenate(shares)
+    return kept.arrays()
 
 
 def memory_bank(features: np.ndarray, cfg, data) -> tuple[np.ndarray, float, float]:

@@ -12,12 +12,13 @@ log = logging.getLogger("adcore.train")
 
 def fit_memory_bank(model, data) -> MemoryBankHead:
     """Each rank selects its share of the coreset from its own normal patches; the bank is their union."""
-    normal, _ = data.patches_by_class(model, anomaly_share=0.0)
-    cfg = model.cfg
-    n_select = min(cfg.max_bank, max(1, int(len(normal) * cfg.coreset_ratio)))
+    kept, _ = data.patch_reservoirs(model, anomaly_share=0.0)
+    normal, cfg = kept.rows(), model.cfg
+    # The bank's size follows every patch seen; the rows it is drawn from are at most --fit-max-patches.
+    n_select = min(cfg.max_bank, max(1, int(kept.seen * cfg.coreset_ratio)))
     local = greedy_coreset(normal, max(1, n_select // data.world_size), seed=data.seed)
     bank = data.gather(normal[local])
-    log.info("memory bank: %d of %d patches", len(bank), len(normal) * data.world_size)
+    log.info("memory bank: %d of %d patches", len(bank), kept.seen * data.world_size)
     # The map lives on the patch grid: the paper's sigma in input pixels, in grid cells.
     sigma = cfg.map_sigma_px * model.grid / model.input_size
     return MemoryBankHead(bank, MemoryBankHeadConfig(k=cfg.score_k, map_sigma=sigma, reweight_k=cfg.reweight_k))

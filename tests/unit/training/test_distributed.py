@@ -201,6 +201,43 @@ def test_resumed_run_continues_the_losses_of_an_uninterrupted_one(small, stop_af
     )
 
 
+def _epoch_ends(reports: list[dict]) -> list[dict]:
+    return [m for m in reports if "step" not in m]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [("domain", 1, 1), ("fusion", 2, 1)])
+def test_run_resumed_inside_an_epoch_continues_at_the_same_batch_with_the_same_losses(small, stop_at):
+    """Checkpoints by time (here after every step): crash after a checkpoint inside an epoch, resume from
+    it: the epoch goes on from the next batch, and every epoch's loss is the uninterrupted run's."""
+    cfg = TrainConfig(**RESUME_CFG, checkpoint_every_min=0.0)
+    full: list[dict] = []
+    train(small, cfg, hooks=TrainHooks(report=lambda m, s: full.append(m)))
+    inside = [(m["stage"], m["epoch"], m["step"]) for m in full if "step" in m]
+    assert stop_at in inside, f"no checkpoint inside an epoch: {inside}"
+    assert _epoch_ends(full) and all(m["step"] < m["steps"] for m in full if "step" in m)
+
+    first: list[dict] = []
+    saved: dict = {}
+
+    def crash_at(metrics, state):
+        first.append(metrics)
+        if (metrics["stage"], metrics["epoch"], metrics.get("step")) == stop_at:
+            saved.update(_through_disk(state()))
+            raise _Crash("injected failure after a checkpoint inside an epoch")
+
+    with pytest.raises(_Crash):
+        train(small, cfg, hooks=TrainHooks(report=crash_at))
+    assert saved["stage"] == stop_at[0] and saved["epoch"] == stop_at[1] - 1 and saved["step"] == stop_at[2]
+
+    second: list[dict] = []
+    train(small, cfg, hooks=TrainHooks(report=lambda m, s: second.append(m), resume=saved))
+    assert _epochs(_epoch_ends(first) + _epoch_ends(second)) == _epochs(_epoch_ends(full))
+    assert _losses(_epoch_ends(first) + _epoch_ends(second)) == pytest.approx(_losses(_epoch_ends(full)), rel=1e-6), (
+        "the run resumed inside an epoch has other losses than the uninterrupted run"
+    )
+
+
 @pytest.mark.slow
 def test_stage_one_checkpoint_skips_stage_one_when_done(small):
     states = []

@@ -9,6 +9,7 @@ import torch
 from adcore import storage
 from adcore.data import bmad
 from adcore.data.demo import make_demo_dataset
+from adcore.training.skipped import BadImageShareError, SkippedImages
 from adcore.training.stream import DecodeTrain, StreamedBatches, shard_listing, train_listing
 
 SIZE = 32
@@ -98,3 +99,45 @@ def test_share_zero_passes_the_decoded_images_through(demo):
     out = torch.cat([b.images for b in batches.epoch(0)])
     assert out.shape == (11, 3, SIZE, SIZE) and float(out.max()) <= 1.0
     assert all(b.labels.sum() == 0 for b in batches.epoch(0))
+
+
+def _corrupt(path) -> None:
+    """Truncate an image file to its first half: a real file that no longer decodes."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_an_unreadable_image_is_skipped_counted_and_named(tmp_path, s3_server):
+    data = make_demo_dataset(tmp_path / "demo", n_train=9, n_valid=2, n_test=2, size=48, seed=0)
+    bad = sorted((data / "train" / "good").rglob("*.png"))[4]
+    _corrupt(bad)
+    bucket = s3_server.make_bucket("stream-bad")
+    storage.upload_dir(data, f"{bucket}/data")
+    listing = train_listing(f"{bucket}/data")
+    decoded = DecodeTrain(SIZE)(listing.to_pydict())
+    errors = decoded["error"].tolist()
+    assert [bool(e) for e in errors] == [i == 4 for i in range(9)]
+    skipped = SkippedImages(f"{bucket}/data", max_share=0.2, total=9)
+
+    def iterate(epoch):  # one image per batch: the bad image's batch is empty once it is left out
+        for i in range(9):
+            yield {k: v[i : i + 1] for k, v in decoded.items()}
+
+    batches = StreamedBatches(iterate, n_images=9, batch_size=1, anomaly_share=0.0, skipped=skipped)
+    out = list(batches.epoch(0))
+    assert len(out) == len(batches) == 9, "as many batches as the shard gives: every rank runs its steps"
+    assert out[-1] is out[-2], "the last batch repeated in place of the skipped one"
+    assert skipped.files == {bad.relative_to(data).as_posix(): errors[4]}
+    assert skipped.summary(None) == {"count": 1, "of": 9, "files": skipped.files}
+    list(batches.epoch(1))
+    assert len(skipped) == 1, "an image skipped in every epoch is counted once"
+    strict = StreamedBatches(iterate, 9, 1, skipped=SkippedImages(f"{bucket}/data", max_share=0.1, total=9))
+    with pytest.raises(BadImageShareError, match="1 of 9 train images"):
+        list(strict.epoch(0))
+
+
+def test_more_unreadable_images_than_the_share_refuse_the_run(tmp_path):
+    skipped = SkippedImages(str(tmp_path), max_share=0.01, total=150)
+    skipped.add(str(tmp_path / "train/good/a.png"), "truncated")
+    with pytest.raises(BadImageShareError, match=r"^2 of 150 train images .*--max-bad-share 0.01.*train/good/a.png"):
+        skipped.add(str(tmp_path / "train/good/b.png"), "not_an_image")

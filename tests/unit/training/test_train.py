@@ -14,6 +14,7 @@ from adcore.evaluate import main as evaluate_main
 from adcore.scorer import load
 from adcore.train import main as train_main
 from adcore.training import TrainConfig, TrainHooks, train
+from adcore.training.skipped import BadImageShareError
 
 # Split sizes differ, so a count says which split a step used (smoke tests cap splits at 8 images).
 N_VALID, N_TEST = 6, 10
@@ -154,3 +155,31 @@ def test_epoch_average_is_validated_and_kept_and_fusion_small_skips_stage_one(de
     assert reports[-1][1]["best"]["epoch"] == 3
     saved = load(str(tmp_path / "art")).model.state_dict()[key]
     torch.testing.assert_close(saved, average[2][key])  # what epoch selection keeps is that epoch's average
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_skipped_and_named_then_refused_above_the_share(tmp_path):
+    data = make_demo_dataset(tmp_path / "demo", n_train=10, n_valid=6, n_test=2, size=64, seed=4)
+    bad_train = sorted((data / "train" / "good").rglob("*.png"))[3]
+    bad_valid = sorted((data / "valid" / "good").rglob("*.png"))[0]
+    valid_bytes = bad_valid.read_bytes()
+    _truncate(bad_train)
+    _truncate(bad_valid)
+    cfg = TrainConfig(preset="patchcore", tiny=True, batch_size=4, max_bad_share=0.2)
+    train(str(data), cfg, output=str(tmp_path / "art"))
+    summary = json.loads((tmp_path / "art" / "config.json").read_text())["training"]["skipped_images"]
+    assert summary["train"]["count"] == 1 and summary["train"]["of"] == 10
+    assert list(summary["train"]["files"]) == [bad_train.relative_to(data).as_posix()]
+    assert list(summary["valid"]["files"]) == [bad_valid.relative_to(data).as_posix()]
+    assert json.loads((tmp_path / "art" / "config.json").read_text())["calibration"]["n_valid"] == 5
+    strict = TrainConfig(preset="patchcore", tiny=True, batch_size=4, max_bad_share=0.05)
+    with pytest.raises(BadImageShareError, match="^1 of 6 valid images cannot be read or decoded"):
+        train(str(data), strict)
+    bad_valid.write_bytes(valid_bytes)
+    with pytest.raises(BadImageShareError, match="^1 of 10 train images cannot be read or decoded"):
+        train(str(data), strict)
