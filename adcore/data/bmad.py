@@ -95,11 +95,13 @@ def write_categories(root, categories: dict[str, str]) -> Path:
 
 def read_domain(root) -> str | None:
     """The imaging domain named by ``dataset.json`` (None without the file or the field)."""
-    path = Path(root) / DATASET_FILE
-    if not path.is_file():
+    from adcore import storage  # the data may sit on S3
+
+    path = storage.join(root, DATASET_FILE)
+    if not storage.exists(path):
         return None
     try:
-        domain = json.loads(path.read_text()).get("domain")
+        domain = json.loads(storage.read_bytes(path)).get("domain")
     except (ValueError, AttributeError) as e:
         raise DatasetLayoutError(path, 'a JSON object such as {"domain": "chest_xray"}') from e
     if domain is not None and not isinstance(domain, str):

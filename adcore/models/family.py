@@ -14,6 +14,8 @@ records and never branches on a family's name:
 * ``needs_labelled_anomalies``: the training loop refuses to train it without labelled anomalies.
 * ``needs_images_in_memory``: its stages index the rank's decoded images (``batches.pixels``), so
   ``jobs/train.py`` loads the shard into memory instead of streaming it.
+* ``domain_field``: where its config names the imaging domain of its text prompts (e.g. ``("text",
+  "domain")``); training sets it from ``--domain`` or the dataset's ``dataset.json``. Empty: no prompts.
 * ``train_flags``: which of the run's schedule flags (:data:`SCHEDULE_FLAGS`) its training reads; the
   entry points refuse the others when they are given, with ``own_schedule`` saying where the family's
   own schedule is set.
@@ -55,4 +57,5 @@ class MethodFamily:
     needs_images_in_memory: bool = False  # indexes the shard's images (DRA's balanced batches): no streamed input
     train_flags: tuple[str, ...] = ()  # the SCHEDULE_FLAGS its training reads; the others are refused when given
     own_schedule: str = ""  # where its own schedule is set instead (the refusal's hint)
+    domain_field: tuple[str, ...] = ()  # config path of the prompts' imaging domain; () when it has no prompts
     description: str = ""

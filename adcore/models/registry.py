@@ -80,10 +80,13 @@ def preset(name: str) -> dict[str, Any]:
     return copy.deepcopy(presets[name])
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge_config(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` on top; nested dicts merge."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge_config(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 
@@ -100,10 +103,10 @@ def create(name: str, *, weights: dict[str, str] | None = None, tiny: bool = Fal
     spec = preset(name)
     cfg = spec["config"]
     if tiny:
-        cfg = _merge(cfg, spec.get("tiny", {}))
+        cfg = merge_config(cfg, spec.get("tiny", {}))
     for tower, uri in (weights or {}).items():
-        cfg = _merge(cfg, {tower: {"weights": uri}})
-    cfg = _merge(cfg, overrides)
+        cfg = merge_config(cfg, {tower: {"weights": uri}})
+    cfg = merge_config(cfg, overrides)
     needs = spec.get("needs_weights", {})
     missing = [t for t in needs if not tiny and not cfg.get(t, {}).get("weights")]
     if missing:

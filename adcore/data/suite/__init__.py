@@ -140,7 +140,9 @@ class SuiteOutput:
 def main(argv=None) -> None:
     from adcore.cli import parse_configs
 
-    where, cfg = parse_configs((SuiteOutput, SuiteConfig), argv, __doc__.split("\n")[0], prog="python -m adcore.data.suite")
+    where, cfg = parse_configs(
+        (SuiteOutput, SuiteConfig), argv, __doc__.split("\n")[0], prog="python -m adcore.data.suite"
+    )
     print(f"{where.name} in {make_suite_dataset(where.name, where.output, **asdict(cfg))}")
 
 

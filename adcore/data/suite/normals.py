@@ -8,9 +8,9 @@ between the two, so they pass through the same acquisition as the tissue around 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage
