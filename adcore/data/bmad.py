@@ -109,6 +109,14 @@ def read_domain(root) -> str | None:
     return domain
 
 
+def write_domain(root, domain: str) -> Path:
+    """Writes ``dataset.json`` naming the imaging ``domain`` (a local folder); an equal file is left as it is."""
+    path, text = Path(root) / DATASET_FILE, json.dumps({"domain": domain}, indent=1) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
 def list_categories(root) -> list[str]:
     """The dataset's anomaly categories, sorted (empty without ``categories.csv``)."""
     return sorted(set(read_categories(root).values()))
