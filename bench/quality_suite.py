@@ -73,6 +73,7 @@ def _peer(data: Path, test: dict, work: Path, args) -> dict | None:
     if not (Path(args.venv) / "bin" / "python").exists():
         return None
     peer_args = argparse.Namespace(venv=args.venv, threads=args.threads, batch_size=16)
+    work = work.resolve()  # the helper runs inside it
     inputs = anomalib_peer.peer_inputs(data, test, work)
     try:
         row = anomalib_peer.peer_row(inputs, test, work, peer_args, args.seed)
@@ -118,7 +119,7 @@ def summary(tables: dict[str, dict[str, dict]], key: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default=",".join(SUITE))
-    p.add_argument("--rows", default=None, help="presets to train (default: every PatchCore preset and fusion rows)")
+    p.add_argument("--rows", default=None, help="presets to train (default: PatchCore presets, fusion rows; '' none)")
     p.add_argument("--variants", default="", help="extra rows PRESET@TAG (their model config from --overrides)")
     p.add_argument("--overrides", type=json.loads, default={}, help="JSON {row: {field: value}}")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget of the fusion rows")
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--venv", default=str(Path(__file__).resolve().parents[1] / ".venv-anomalib"))
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    args.rows = [r for r in (args.rows.split(",") if args.rows else default_rows()) if r]
+    args.rows = [r for r in (args.rows.split(",") if args.rows is not None else default_rows()) if r]
     args.rows += [v for v in args.variants.split(",") if v]
     unknown = sorted({r.partition("@")[0] for r in args.rows} - set(list_models()))
     if unknown:
