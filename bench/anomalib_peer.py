@@ -3,7 +3,7 @@
     python bench/anomalib_peer.py [--data DIR ...] [--out out/bench-anomalib] [--threads 2] [--seeds 0,1,2]
 
 Without ``--data`` the brain demo (and the chest demo when ``adcore.data.demo_chest`` exists) is
-generated with seed 0 under ``--out``. Per folder: adcore's ``patchcore-mobilenet`` is trained
+generated with seed 0 under ``--out``. Per folder: adcore's ``patchcore`` (MobileNetV2) is trained
 (``adcore.training.train``, the library call behind ``python -m adcore.train``) on train/good with a
 1 % coreset, once with the paper's map smoothing and image-score reweighting (``map_sigma_px`` 4,
 ``reweight_k`` 9) and once with both off; anomalib's ``PatchcoreModel`` (``mobilenetv2_100``, layers
@@ -45,7 +45,7 @@ from adcore.training.loop import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = ROOT / "bench" / "anomalib_peer_run.py"
-PRESET = "patchcore-mobilenet"
+PRESET = "patchcore"  # MobileNetV2
 INPUT_SIZE = 224  # the preset's image_size; anomalib gets the same prepared inputs
 RATIO = 0.01
 MAX_BANK = 10**7  # no cap: the bank is the 1 % coreset itself, as in anomalib

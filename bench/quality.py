@@ -3,6 +3,7 @@
     python bench/quality.py [--minutes 10] [--modalities brain] [--ablations all|head|none] [--out out/bench-quality]
     python bench/quality.py --rows=-memory,-adapter_side   # only these rows after PatchCore and fusion-small
     python bench/quality.py --suite dra [--dra-labelled 1,10] [--dra-protocols general,hard] [--with-fusion]
+    python bench/quality.py --suite all [--minutes 10]   # the evaluation suite: bench/quality_suite.py
 
 ``--suite fusion`` (the default): per demo modality, trains PatchCore, fusion-small (every
 extension on, docs/models/fusion.md) and fusion-small-paper (none), then one ablation row per
@@ -125,7 +126,7 @@ class QualityConfig:
 
 
 # Suites with flags of their own: ``--suite NAME`` hands every other argument to ``<module>.main``.
-OWN_FLAG_SUITES = {"sdmad": "quality_sdmad", "entroad": "quality_entroad"}
+OWN_FLAG_SUITES = {"sdmad": "quality_sdmad", "entroad": "quality_entroad", "all": "quality_suite"}
 
 
 def main() -> None:

@@ -19,12 +19,17 @@ then carries its ``category``; images the file does not list (and every normal i
 With categories, ``labelled=N`` draws the N labelled training anomalies stratified by category
 (``N // C`` each, the remainder to the first categories in sorted order), so ``labelled = k * C``
 is k shots per category. Without the file nothing changes.
+
+**Manifest** (optional): ``root/dataset.json`` with ``{"domain": "chest_xray", ...}`` names the imaging
+domain (one of ``adcore.prompts.list_domains()``); training picks the text prompts of models that use
+them from it unless ``--domain`` is given.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +43,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 MASK_DIRS = ("anomaly_mask", "label")  # both conventions occur in BMAD's subsets
 NORMAL_DIR, ANOMALY_DIR = "good", "Ungood"
 CATEGORIES_FILE = "categories.csv"  # path,category per anomalous image (paths relative to the root)
+DATASET_FILE = "dataset.json"  # optional manifest: {"domain": <imaging domain>, ...}
 
 
 @dataclass
@@ -84,6 +90,30 @@ def write_categories(root, categories: dict[str, str]) -> Path:
     writer.writerows(sorted(categories.items()))
     path = Path(root) / CATEGORIES_FILE
     path.write_text(buf.getvalue())
+    return path
+
+
+def read_domain(root) -> str | None:
+    """The imaging domain named by ``dataset.json`` (None without the file or the field)."""
+    from adcore import storage  # the data may sit on S3
+
+    path = storage.join(root, DATASET_FILE)
+    if not storage.exists(path):
+        return None
+    try:
+        domain = json.loads(storage.read_bytes(path)).get("domain")
+    except (ValueError, AttributeError) as e:
+        raise DatasetLayoutError(path, 'a JSON object such as {"domain": "chest_xray"}') from e
+    if domain is not None and not isinstance(domain, str):
+        raise DatasetLayoutError(path, f"a string 'domain', got {domain!r}")
+    return domain
+
+
+def write_domain(root, domain: str) -> Path:
+    """Writes ``dataset.json`` naming the imaging ``domain`` (a local folder); an equal file is left as it is."""
+    path, text = Path(root) / DATASET_FILE, json.dumps({"domain": domain}, indent=1) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
     return path
 
 

@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from adcore.data.bmad import ANOMALY_DIR, CATEGORIES_FILE, NORMAL_DIR, write_categories
+from adcore.data.bmad import ANOMALY_DIR, CATEGORIES_FILE, NORMAL_DIR, write_categories, write_domain
 from adcore.data.imageops import resize, save_mask_png, save_png
 from adcore.data.synth import LESION_KINDS, LesionConfig, foci_mask, lesion_mask, mass_effect, paint_lesion
 
 DEMO_VERSION = 1  # bump when the generator changes so existing folders are regenerated
+DOMAIN = "brain_mri"  # dataset.json: the prompts of models that use text
 _TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 _SLAB_MIN_AREA = 0.75  # central slab: axial slices with >= 75% of the largest brain cross-section
 _BRAIN_LEVEL = 0.02  # template is skull-stripped: anything above this is brain
@@ -225,6 +226,7 @@ def make_demo_dataset(
     meta = root / "demo.json"
     if meta.is_file():
         if json.loads(meta.read_text()) == record:
+            write_domain(root, DOMAIN)
             return root
         meta.unlink()
         (root / LESIONS_FILE).unlink(missing_ok=True)
@@ -241,6 +243,7 @@ def make_demo_dataset(
         (root / LESIONS_FILE).write_text(json.dumps(kind_of, indent=1, sort_keys=True))
     if cfg.categories:
         write_categories(root, kind_of)
+    write_domain(root, DOMAIN)
     meta.write_text(json.dumps(record, indent=1))  # last: a half-written folder is redone
     return root
 

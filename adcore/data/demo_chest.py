@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from adcore.data.bmad import ANOMALY_DIR, NORMAL_DIR
+from adcore.data.bmad import ANOMALY_DIR, NORMAL_DIR, write_domain
 from adcore.data.demo import LESIONS_FILE, DemoOutput, rand_deform
 from adcore.data.imageops import resize, save_mask_png, save_png
 from adcore.data.synth import lesion_mask
 
 DEMO_VERSION = 2  # bump when the generator changes so existing folders are regenerated
 MODALITY = "chest_xr"
+DOMAIN = "chest_xray"  # dataset.json: the prompts of models that use text
 LESION_KIND = "pulmonary_nodule"
 _SOURCE_FILE = "RG1_UNCI.dcm"  # pydicom-data: PA chest computed radiograph
 _WORK_SIDE = 512  # lung segmentation runs at this resolution (fast; the lungs are ~150 px wide)
@@ -191,6 +192,7 @@ def make_chest_dataset(
     meta = root / "demo.json"
     if meta.is_file():
         if json.loads(meta.read_text()) == record:
+            write_domain(root, DOMAIN)
             return root
         meta.unlink()
         (root / LESIONS_FILE).unlink(missing_ok=True)
@@ -202,6 +204,7 @@ def make_chest_dataset(
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         _write_split(root, split, n, cfg, kinds)
     (root / LESIONS_FILE).write_text(json.dumps(kinds, indent=1, sort_keys=True))
+    write_domain(root, DOMAIN)
     meta.write_text(json.dumps(record, indent=1))  # last: a half-written folder is redone
     return root
 

@@ -43,7 +43,7 @@ def greedy_coreset(
 def _greedy(features: np.ndarray, n_select: int, projection_dim: int, seed: int, device: torch.device) -> np.ndarray:
     n = len(features)
     rng = np.random.default_rng(seed)
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(device)
     if x.shape[1] > projection_dim:
         proj = torch.from_numpy(rng.standard_normal((x.shape[1], projection_dim)).astype(np.float32))
         x = x @ proj / projection_dim**0.5  # [N, P], projected on the CPU: the full rows never go to the GPU

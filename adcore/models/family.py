@@ -16,6 +16,8 @@ records and never branches on a family's name:
   ``jobs/train.py`` loads the shard into memory instead of streaming it.
 * ``signs``: reads a sign-bank file (``--signs FILE``) into model config overrides; None: the family
   has no sign bank and the flag is refused.
+* ``domain_field``: where its config names the imaging domain of its text prompts (e.g. ``("text",
+  "domain")``); training sets it from ``--domain`` or the dataset's ``dataset.json``. Empty: no prompts.
 * ``train_flags``: which of the run's schedule flags (:data:`SCHEDULE_FLAGS`) its training reads; the
   entry points refuse the others when they are given, with ``own_schedule`` saying where the family's
   own schedule is set.
@@ -58,4 +60,5 @@ class MethodFamily:
     train_flags: tuple[str, ...] = ()  # the SCHEDULE_FLAGS its training reads; the others are refused when given
     own_schedule: str = ""  # where its own schedule is set instead (the refusal's hint)
     signs: Callable[[str], dict] | None = None  # --signs FILE -> model config overrides; None: no sign bank
+    domain_field: tuple[str, ...] = ()  # config path of the prompts' imaging domain; () when it has no prompts
     description: str = ""

@@ -70,14 +70,17 @@ def _presets() -> dict[str, dict[str, Any]]:
 
 
 def list_models() -> list[str]:
-    return sorted(_presets())
+    """Preset names, without the former names kept for scripts (``"same_as"`` presets)."""
+    return sorted(name for name, spec in _presets().items() if "same_as" not in spec)
 
 
 def preset(name: str) -> dict[str, Any]:
+    """A preset's spec; a former name (``{"same_as": NEW}``) gives the preset it became."""
     presets = _presets()
     if name not in presets:
         raise UnknownNameError("preset", name, presets)
-    return copy.deepcopy(presets[name])
+    spec = presets[name]
+    return preset(spec["same_as"]) if "same_as" in spec else copy.deepcopy(spec)
 
 
 def merge_config(base: dict, override: dict) -> dict:

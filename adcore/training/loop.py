@@ -31,6 +31,7 @@ from adcore.errors import FlagError
 from adcore.models import create, family, family_for, list_models, preset
 from adcore.models.family import SCHEDULE_FLAGS
 from adcore.models.registry import merge_config
+from adcore.prompts import list_domains
 from adcore.scorer import Scorer
 from adcore.training import dist
 from adcore.training.data import SyntheticAnomalyBatches, load_images
@@ -74,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     smoke_test: bool = False  # a few steps on a few images, to check the plumbing
     tiny: bool = hidden(False)  # the preset's tiny random-init variant (tests)
+    # Imaging domain of the text prompts (adcore/prompts/<domain>.json) for presets that use prompts;
+    # default: the data's dataset.json "domain", else the preset's own.
+    domain: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # model config overrides
     signs: str = ""  # sign-bank file (YAML or JSON) naming the dataset's anomaly categories (SD-MAD)
 
@@ -183,13 +187,32 @@ def _load_readable(samples: list[bmad.Sample], skipped: SkippedImages) -> tuple[
     return kept, images, masks
 
 
+def domain_overrides(cfg: TrainConfig, data: str) -> dict[str, Any]:
+    """The run's model overrides (:func:`model_overrides`) with the prompts' domain set from
+    ``--domain`` or the data's ``dataset.json``."""
+    path = family(preset(cfg.preset)["family"]).domain_field
+    domain = cfg.domain or bmad.read_domain(data)
+    if not path or domain is None:
+        if path:
+            log.info("prompt domain: the preset's (no --domain, no 'domain' in the data's %s)", bmad.DATASET_FILE)
+        return model_overrides(cfg)
+    if domain not in list_domains():
+        where = "--domain" if cfg.domain else f"{bmad.DATASET_FILE} of {data}"
+        raise FlagError(f"{where}: no prompt bank for domain {domain!r}; known: {', '.join(list_domains())}")
+    log.info("prompt domain: %s (%s)", domain, "--domain" if cfg.domain else bmad.DATASET_FILE)
+    nested: dict[str, Any] = {path[-1]: domain}
+    for key in reversed(path[:-1]):
+        nested = {key: nested}
+    return merge_config(nested, model_overrides(cfg))  # an explicit override of the field still wins
+
+
 def train(data: str, cfg: TrainConfig, output: str | None = None, hooks: TrainHooks | None = None) -> Scorer:
     """Train ``cfg.preset`` on a BMAD-layout folder; save the artifact to ``output`` (main rank)."""
     hooks = hooks or TrainHooks()
     device = dist.resolve_device(hooks.device)
     torch.manual_seed(cfg.seed)
     t0 = time.monotonic()
-    model = create(cfg.preset, weights=cfg.weights or None, tiny=cfg.tiny, **model_overrides(cfg))
+    model = create(cfg.preset, weights=cfg.weights or None, tiny=cfg.tiny, **domain_overrides(cfg, data))
     family = family_for(model)
     if family.needs_labelled_anomalies and cfg.labelled < 1:
         raise ValueError(

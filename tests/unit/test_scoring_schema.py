@@ -218,7 +218,7 @@ def test_rows_of_a_model_with_categories_carry_them(tmp_path, tiny_artifacts, st
 
 @pytest.mark.integration
 def test_rows_of_a_model_without_categories_have_null_category(tmp_path, tiny_artifacts, stages_ray):
-    art = tiny_artifacts("patchcore-mobilenet")
+    art = tiny_artifacts("patchcore")
     table, scorer = _score_rows(art, tmp_path)
     internal = ("_node_id", "_scored_unix", "_oom_splits", "_file_frames")  # counted by the sink, not written
     expected = S.SCHEMA

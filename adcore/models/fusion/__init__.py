@@ -18,5 +18,6 @@ FAMILY = MethodFamily(
     train=train_fusion,
     presets=Path(__file__).parent / "presets",
     train_flags=SCHEDULE_FLAGS,
+    domain_field=("text", "domain"),
     description="CLIP + BEiT fusion, zero/few-shot scoring against VAE centroids",
 )

@@ -104,6 +104,12 @@ class CentroidHead:
         base = self.cfg.memory_scale  # every choice names its scale: applying one never leaves another's behind
         return [{"memory_weight": float(w), "memory_scale": float(base * m)} for m in scales for w in weights]
 
+    def validation_prior(self) -> dict | None:
+        """The memory branch alone (weight 1), when it is among the choices: the setting the network's part
+        must beat on validation by more than noise (adcore.training.select)."""
+        # The first weight-1 choice is the configured scale's (validation_choices lists it first).
+        return next((c for c in self.validation_choices() if c["memory_weight"] == 1.0), None)
+
     def apply_choice(self, choice: dict) -> None:
         for key, value in choice.items():
             if key not in CentroidHeadConfig.__dataclass_fields__:

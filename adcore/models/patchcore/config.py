@@ -17,7 +17,12 @@ class PatchCoreConfig:
     # cells inside the map (artifacts saved before this field existed: see PatchCoreModel.from_config_dict).
     pool_zero_padding: bool = True
     coreset_ratio: float = 0.05  # paper: 1-10% of patches
-    max_bank: int = 8192  # cap on memory-bank rows: bounds coreset time and the FAISS search on CPU
+    # Fixed cap on memory-bank rows; None: the bank is coreset_ratio of the training patches however many
+    # there are (anomalib's rule), so it grows with the training set.
+    max_bank: int | None = None
+    # Without a GPU the greedy selection (patches x rows work) is capped at this many rows; with one
+    # (torch sees CUDA) it selects the whole ratio on the GPU.
+    cpu_max_bank: int = 8192
     score_k: int = 1  # nearest neighbours averaged for a patch's distance
     map_sigma_px: float = 4.0  # paper: Gaussian smoothing of the anomaly map, sigma in input pixels (0: off)
     reweight_k: int = 9  # paper eq. 7 (official b = 9): image score reweighted by bank density (0: off)

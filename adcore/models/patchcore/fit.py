@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from adcore.layers.coreset import greedy_coreset
 from adcore.models.patchcore.head import MemoryBankHead, MemoryBankHeadConfig
 
@@ -15,10 +17,16 @@ def fit_memory_bank(model, data) -> MemoryBankHead:
     kept, _ = data.patch_reservoirs(model, anomaly_share=0.0)
     normal, cfg = kept.rows(), model.cfg
     # The bank's size follows every patch seen; the rows it is drawn from are at most --fit-max-patches.
-    n_select = min(cfg.max_bank, max(1, int(kept.seen * cfg.coreset_ratio)))
-    local = greedy_coreset(normal, max(1, n_select // data.world_size), seed=data.seed)
+    n_select = max(1, int(kept.seen * cfg.coreset_ratio))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cap = cfg.max_bank if cfg.max_bank is not None else (None if device == "cuda" else cfg.cpu_max_bank)
+    if cap is not None and n_select > cap:
+        log.info("memory bank capped at %d rows (%.2f %% of %s patches wanted %d)", cap, 100 * cfg.coreset_ratio,
+                 kept.seen, n_select)  # fmt: skip
+        n_select = cap
+    local = greedy_coreset(normal, max(1, n_select // data.world_size), seed=data.seed, device=device)
     bank = data.gather(normal[local])
-    log.info("memory bank: %d of %d patches", len(bank), kept.seen * data.world_size)
+    log.info("memory bank: %d of %d patches (coreset on %s)", len(bank), kept.seen * data.world_size, device)
     # The map lives on the patch grid: the paper's sigma in input pixels, in grid cells.
     sigma = cfg.map_sigma_px * model.grid / model.input_size
     return MemoryBankHead(bank, MemoryBankHeadConfig(k=cfg.score_k, map_sigma=sigma, reweight_k=cfg.reweight_k))

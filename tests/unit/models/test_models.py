@@ -13,7 +13,7 @@ from adcore.testing import tiny_scorer
 
 def test_registry_lists_paper_and_cpu_presets():
     names = list_models()
-    assert {"fusion-large", "fusion-small", "patchcore", "patchcore-mobilenet"} <= set(names)
+    assert {"fusion-large", "fusion-small", "patchcore", "patchcore-dinov2"} <= set(names)
     with pytest.raises(KeyError, match="unknown preset 'no-such-model'"):
         preset("no-such-model")
     with pytest.raises(KeyError, match="did you mean patchcore"):

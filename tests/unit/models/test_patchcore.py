@@ -75,8 +75,34 @@ def test_border_average_counts_padding_as_zeros_and_old_configs_do_not():
     corner = raw[0, :, :2, :2].sum((1, 2))  # the 4 cells inside the corner's window
     torch.testing.assert_close(emb[0], corner / 9, rtol=1e-5, atol=1e-6)
     old = {k: v for k, v in model.config_dict().items() if k != "pool_zero_padding"}
-    before = PatchCoreModel.from_config_dict(old)
+    before = PatchCoreModel.from_config_dict(old).eval()  # eval: a CNN backbone has batch norm
     assert not before.cfg.pool_zero_padding
     before.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(before(x).patch_embeddings[0, 0, : raw.shape[1]], corner / 4, rtol=1e-5, atol=1e-6)
+
+
+def _fit(overrides: dict, n_images: int) -> int:
+    """Rows of the memory bank PatchCore (tiny) fits on ``n_images`` images with config ``overrides``."""
+    import torch
+
+    from adcore.models import create
+    from adcore.models.patchcore.fit import fit_memory_bank
+    from adcore.training.data import SyntheticAnomalyBatches
+    from adcore.training.fit import FitData
+
+    torch.manual_seed(0)
+    model = create("patchcore", tiny=True, **overrides).eval()
+    rng = np.random.default_rng(0)
+    images = [rng.random((model.input_size, model.input_size)).astype(np.float32) for _ in range(n_images)]
+    batches = SyntheticAnomalyBatches(images, [None] * n_images, np.zeros(n_images), model.input_size, 4, 0.0)
+    return len(fit_memory_bank(model, FitData(batches)).bank), model.grid**2 * n_images
+
+
+def test_bank_is_the_ratio_of_the_patches_and_grows_with_the_training_set():
+    rows_4, patches_4 = _fit({"coreset_ratio": 0.1}, 4)
+    rows_8, patches_8 = _fit({"coreset_ratio": 0.1}, 8)
+    assert rows_4 == int(0.1 * patches_4) and rows_8 == int(0.1 * patches_8)  # no fixed cap by default
+    assert _fit({"coreset_ratio": 0.1, "max_bank": 5}, 8)[0] == 5  # a fixed cap when given
+    if not __import__("torch").cuda.is_available():  # without a GPU the selection is capped at cpu_max_bank
+        assert _fit({"coreset_ratio": 0.1, "cpu_max_bank": 7}, 8)[0] == 7
