@@ -88,9 +88,16 @@ def test_fit_under_the_cap_is_the_fit_over_every_patch(patchcore):
     np.testing.assert_array_equal(normal, everything)
     assert len(anomalous) == 0
     cfg = patchcore.cfg
-    n_select = min(cfg.max_bank, max(1, int(len(everything) * cfg.coreset_ratio)))
+    n_select = min(_bank_cap(cfg), max(1, int(len(everything) * cfg.coreset_ratio)))
     expected = everything[greedy_coreset(everything, n_select, seed=0)]
     np.testing.assert_array_equal(fit_memory_bank(patchcore, data).bank, expected)
+
+
+def _bank_cap(cfg) -> float:
+    """The bank's row cap: the configured one, else the CPU's when torch sees no GPU."""
+    if cfg.max_bank is not None:
+        return cfg.max_bank
+    return float("inf") if torch.cuda.is_available() else cfg.cpu_max_bank
 
 
 def test_fit_keeps_at_most_the_cap_whatever_the_images(patchcore):
@@ -104,4 +111,4 @@ def test_fit_keeps_at_most_the_cap_whatever_the_images(patchcore):
         assert np.isin(kept.rows()[:, 0], everything[:, 0]).all(), "kept rows are patches of the input"
         bank = fit_memory_bank(patchcore, data).bank
         # The bank's size follows every patch seen; its rows come from the sample.
-        assert len(bank) == min(patchcore.cfg.max_bank, max(1, int(n_images * cells * patchcore.cfg.coreset_ratio)))
+        assert len(bank) == min(_bank_cap(patchcore.cfg), max(1, int(n_images * cells * patchcore.cfg.coreset_ratio)))
