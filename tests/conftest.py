@@ -134,6 +134,17 @@ class _LeaseWaitSeen(logging.Handler):
             self.seen.set()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ray_down_after_each_file():
+    """Each test file starts from a process without Ray: a file whose job or fixture left the
+    driver connected (an in-process job's ``ray.init``) would make the next file's ``ray.init``
+    fail. Which files share a process depends on how the suite is split over workers."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
 def lease_waiting() -> threading.Event:
     """An event set once a scoring run waits for the output's lease (instead of a guessed delay)."""

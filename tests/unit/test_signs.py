@@ -8,7 +8,7 @@ import torch
 
 from adcore import prompts, signs
 
-DOMAINS = ["brain_mri", "chest_xray", "histopathology", "liver_ct", "retinal_oct", "skin"]
+DOMAINS = ["brain_mri", "chest_xray", "head_ct", "histopathology", "liver_ct", "retinal_fundus", "retinal_oct", "skin"]
 
 
 def test_every_prompt_domain_has_a_sign_bank():
