@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import sys
 import time
 from collections.abc import Iterator
 
@@ -464,20 +465,25 @@ def _gather(pixels: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return pixels[idx]
 
 
-def _node_id() -> str | None:
-    try:
-        import ray
+def _ray_connected():
+    """The ``ray`` module when this process is connected to Ray, else None (never connects: asking a
+    process outside Ray for its runtime context would start or join a cluster)."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
 
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 (outside Ray: plain calls in tests)
+
+def _node_id() -> str | None:
+    ray = _ray_connected()
+    try:
+        return ray.get_runtime_context().get_node_id() if ray else None
+    except Exception:  # noqa: BLE001 (a plain call outside a task)
         return None
 
 
 def _ray_gpu_ids() -> list:
+    ray = _ray_connected()
     try:
-        import ray
-
-        return list(ray.get_gpu_ids())
+        return list(ray.get_gpu_ids()) if ray else []
     except Exception:  # noqa: BLE001
         return []
 
