@@ -47,6 +47,25 @@ _LESION = LesionConfig(mass_effect_p=0.5)
 _SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 _TRAIN_ANOMALOUS_ID = 3  # seed stream of train/Ungood images
 LESIONS_FILE = "lesions.json"  # anomalous image (path relative to the root) -> lesion kind
+
+
+def reuse_or_clear(root: Path, meta: Path, record: dict, splits, extra_files=()) -> bool:
+    """True when ``meta`` already records ``record`` (the dataset at ``root`` is current); else clears
+    what an older generation wrote (``meta``, the lesion and ``extra_files``, the split folders) and
+    returns False. Split folders without ``meta`` are someone else's: refused, never overwritten."""
+    if meta.is_file():
+        if json.loads(meta.read_text()) == record:
+            return True
+        meta.unlink()
+        for name in (LESIONS_FILE, *extra_files):
+            (root / name).unlink(missing_ok=True)
+        for split in splits:
+            shutil.rmtree(root / split, ignore_errors=True)
+    elif any((root / s).exists() for s in splits):
+        raise FileExistsError(f"{root} holds split folders without {meta.name}; not overwriting them")
+    return False
+
+
 MIXED_KIND = "mixed"  # the kind recorded for the default generator's lesions
 
 
@@ -224,17 +243,9 @@ def make_demo_dataset(
     cfg = DemoConfig(n_train, n_valid, n_test, size, seed, list(kinds), n_train_anomalous, categories)
     record = {"version": DEMO_VERSION, **cfg.record()}
     meta = root / "demo.json"
-    if meta.is_file():
-        if json.loads(meta.read_text()) == record:
-            write_domain(root, DOMAIN)
-            return root
-        meta.unlink()
-        (root / LESIONS_FILE).unlink(missing_ok=True)
-        (root / CATEGORIES_FILE).unlink(missing_ok=True)
-        for split in _SPLIT_IDS:
-            shutil.rmtree(root / split, ignore_errors=True)
-    elif any((root / s).exists() for s in _SPLIT_IDS):
-        raise FileExistsError(f"{root} holds split folders without demo.json; not overwriting them")
+    if reuse_or_clear(root, meta, record, _SPLIT_IDS, (CATEGORIES_FILE,)):
+        write_domain(root, DOMAIN)
+        return root
     kind_of: dict[str, str] = {}
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         _write_split(root, split, n, cfg, kind_of)

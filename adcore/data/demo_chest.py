@@ -18,7 +18,6 @@ screened normal). "Normal" here means this patient's baseline; the synthetic nod
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from adcore.data.bmad import ANOMALY_DIR, NORMAL_DIR, write_domain
-from adcore.data.demo import LESIONS_FILE, DemoOutput, rand_deform
+from adcore.data.demo import LESIONS_FILE, DemoOutput, rand_deform, reuse_or_clear
 from adcore.data.imageops import resize, save_mask_png, save_png
 from adcore.data.synth import lesion_mask
 
@@ -190,16 +189,9 @@ def make_chest_dataset(
     cfg = ChestDemoConfig(n_train, n_valid, n_test, size, seed)
     record = {"version": DEMO_VERSION, "modality": MODALITY, "lesion": LESION_KIND, **asdict(cfg)}
     meta = root / "demo.json"
-    if meta.is_file():
-        if json.loads(meta.read_text()) == record:
-            write_domain(root, DOMAIN)
-            return root
-        meta.unlink()
-        (root / LESIONS_FILE).unlink(missing_ok=True)
-        for split in _SPLIT_IDS:
-            shutil.rmtree(root / split, ignore_errors=True)
-    elif any((root / s).exists() for s in _SPLIT_IDS):
-        raise FileExistsError(f"{root} holds split folders without demo.json; not overwriting them")
+    if reuse_or_clear(root, meta, record, _SPLIT_IDS):
+        write_domain(root, DOMAIN)
+        return root
     kinds: dict[str, str] = {}
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         _write_split(root, split, n, cfg, kinds)

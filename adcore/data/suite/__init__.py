@@ -13,14 +13,13 @@ text prompts) and the kinds; ``lesions.json`` the kind of every anomalous image.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from adcore.data.bmad import ANOMALY_DIR, DATASET_FILE, NORMAL_DIR
-from adcore.data.demo import LESIONS_FILE
+from adcore.data.demo import LESIONS_FILE, reuse_or_clear
 from adcore.data.imageops import save_mask_png, save_png
 from adcore.data.suite.lesions import LesionKind, paint
 from adcore.data.suite.normals import SOURCES
@@ -114,15 +113,8 @@ def make_suite_dataset(name: str, root, **sizes) -> Path:
     faint = {k: ("faint" if v.faint else "visible") for k, v in spec.kinds.items()}
     record = {"suite": name, "version": SUITE_VERSION, "domain": spec.domain, "kinds": faint, **asdict(cfg)}
     meta = root / DATASET_FILE
-    if meta.is_file():
-        if json.loads(meta.read_text()) == record:
-            return root
-        meta.unlink()
-        (root / LESIONS_FILE).unlink(missing_ok=True)
-        for split in _SPLIT_IDS:
-            shutil.rmtree(root / split, ignore_errors=True)
-    elif any((root / s).exists() for s in _SPLIT_IDS):
-        raise FileExistsError(f"{root} holds split folders without {DATASET_FILE}; not overwriting them")
+    if reuse_or_clear(root, meta, record, _SPLIT_IDS):
+        return root
     kinds: dict[str, str] = {}
     for split in _SPLIT_IDS:
         _write_split(root, name, split, getattr(cfg, f"n_{split}"), cfg, kinds)
