@@ -10,6 +10,15 @@ import torch
 THREADED_MIN_VALUES = 1 << 21
 
 
+def coreset_size(n_rows: int, ratio: float, max_rows: int | None, cpu_max_rows: int) -> tuple[int, str]:
+    """Rows a bank keeps of ``n_rows`` and the device that selects them: ``ratio`` of the rows, at
+    most ``max_rows`` when set, else unbounded on a GPU and at most ``cpu_max_rows`` on the CPU."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cap = max_rows if max_rows is not None else (None if device == "cuda" else cpu_max_rows)
+    n = max(1, int(n_rows * ratio))
+    return (n if cap is None else min(cap, n)), device
+
+
 def greedy_coreset(
     features: np.ndarray,
     n_select: int,

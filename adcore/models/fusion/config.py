@@ -50,7 +50,12 @@ class FusionConfig:
     memory_kernel: int = 3  # locally aware neighbourhood average of the memory features (PatchCore)
     memory_zero_padding: bool = False  # its border cells divide by the whole window, as PatchCore's (True)
     memory_coreset_ratio: float = 0.05  # share of normal patches kept in the memory bank (PatchCore)
-    memory_max_bank: int = 8192  # cap on memory-bank rows
+    # Fixed cap on memory-bank rows; None: memory_coreset_ratio of the training patches however many
+    # there are (grows with the training set, as PatchCore's bank).
+    memory_max_bank: int | None = None
+    # Without a GPU the greedy selection (patches x rows work) is capped at this many rows; with one it
+    # selects the whole ratio on the GPU.
+    memory_cpu_max_bank: int = 8192
     memory_reduction: str = "max"  # image score of the memory branch (PatchCore: the most anomalous patch)
     memory_reweight_k: int = 0  # PatchCore's eq. 7 on that score: bank neighbours weighed (official 9; 0 off)
     adapter_residual: bool = False  # h = C_i + F_i with zero-initialised adapter outputs (identity at start)

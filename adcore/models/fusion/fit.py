@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import torch
 
-from adcore.layers.coreset import greedy_coreset
+from adcore.layers.coreset import coreset_size, greedy_coreset
 from adcore.layers.vae import VAEConfig, fit_vae_centroids
 from adcore.models.fusion.head import CentroidHead, CentroidHeadConfig
 from adcore.training.fit import ANOMALOUS_PATCH_SHARE, FIT_EPOCH
@@ -68,8 +68,8 @@ def memory_bank(features: np.ndarray, cfg, data) -> tuple[np.ndarray, float, flo
     """
 
     def coreset(x: np.ndarray) -> np.ndarray:
-        n = min(cfg.memory_max_bank, max(1, int(len(x) * cfg.memory_coreset_ratio)))
-        return x[greedy_coreset(x, max(1, n // data.world_size), seed=data.seed)]
+        n, device = coreset_size(len(x), cfg.memory_coreset_ratio, cfg.memory_max_bank, cfg.memory_cpu_max_bank)
+        return x[greedy_coreset(x, max(1, n // data.world_size), seed=data.seed, device=device)]
 
     flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
     if len(features) >= 2:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from adcore.layers.coreset import greedy_coreset
+from adcore.layers.coreset import coreset_size, greedy_coreset
 from adcore.models.patchcore.head import MemoryBankHead, MemoryBankHeadConfig
 
 log = logging.getLogger("adcore.train")
@@ -17,13 +15,11 @@ def fit_memory_bank(model, data) -> MemoryBankHead:
     kept, _ = data.patch_reservoirs(model, anomaly_share=0.0)
     normal, cfg = kept.rows(), model.cfg
     # The bank's size follows every patch seen; the rows it is drawn from are at most --fit-max-patches.
-    n_select = max(1, int(kept.seen * cfg.coreset_ratio))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cap = cfg.max_bank if cfg.max_bank is not None else (None if device == "cuda" else cfg.cpu_max_bank)
-    if cap is not None and n_select > cap:
-        log.info("memory bank capped at %d rows (%.2f %% of %s patches wanted %d)", cap, 100 * cfg.coreset_ratio,
-                 kept.seen, n_select)  # fmt: skip
-        n_select = cap
+    wanted = max(1, int(kept.seen * cfg.coreset_ratio))
+    n_select, device = coreset_size(kept.seen, cfg.coreset_ratio, cfg.max_bank, cfg.cpu_max_bank)
+    if n_select < wanted:
+        log.info("memory bank capped at %d rows (%.2f %% of %s patches wanted %d)", n_select,
+                 100 * cfg.coreset_ratio, kept.seen, wanted)  # fmt: skip
     local = greedy_coreset(normal, max(1, n_select // data.world_size), seed=data.seed, device=device)
     bank = data.gather(normal[local])
     log.info("memory bank: %d of %d patches (coreset on %s)", len(bank), kept.seen * data.world_size, device)

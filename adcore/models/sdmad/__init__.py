@@ -22,6 +22,7 @@ FAMILY = MethodFamily(
     '--overrides \'{"steps": 150, "lr": 0.003}\'',
     needs_labelled_anomalies=True,
     signs=sign_overrides,
+    domain_field=("text", "domain"),  # the sign bank follows the data's modality
     needs_images_in_memory=True,  # stage 1 indexes the shard's images (the shots, the normals it caches)
     description="SD-MAD: sign embeddings aligned with anomaly categories, signs selected at inference",
 )

@@ -161,6 +161,20 @@ def _fit_data(model, seed=0):
     return FitData(batches, seed=seed, quick=True)
 
 
+def test_memory_bank_follows_the_training_patches():
+    """The bank is memory_coreset_ratio of the patches with no fixed cap; a set cap or the CPU cap bounds it."""
+    torch.manual_seed(0)
+    rows = {}
+    for name, overrides in {"ratio": {}, "fixed": {"memory_max_bank": 5}, "cpu": {"memory_cpu_max_bank": 7}}.items():
+        model = create("fusion-small", tiny=True, memory_coreset_ratio=0.5, **overrides).eval()
+        rows[name] = len(fit_centroids(model, _fit_data(model)).memory)
+    patches = 8 * model.grid**2
+    if not torch.cuda.is_available():
+        assert rows["cpu"] == 7
+    assert rows["ratio"] == min(int(0.5 * patches), 8192 if not torch.cuda.is_available() else patches)
+    assert rows["fixed"] == 5
+
+
 def test_fit_builds_memory_and_clean_centroids():
     torch.manual_seed(0)
     model = create("fusion-small", tiny=True).eval()

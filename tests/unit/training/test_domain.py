@@ -37,3 +37,11 @@ def test_unknown_domain_is_one_line_error(tmp_path):
         domain_overrides(TrainConfig(preset="fusion-small"), _data(tmp_path, "knee_xray"))
     with pytest.raises(FlagError, match="--domain"):
         domain_overrides(TrainConfig(preset="fusion-small", domain="knee"), str(tmp_path))
+
+
+def test_sdmad_sign_bank_follows_the_data(tmp_path):
+    data = _data(tmp_path, "chest_xray")
+    overrides = domain_overrides(TrainConfig(preset="sdmad", tiny=True), data)
+    assert overrides == {"text": {"domain": "chest_xray"}}
+    model = create("sdmad", tiny=True, **overrides)
+    assert model.cfg.text.domain == "chest_xray" and model.bank.domain == "chest_xray"
