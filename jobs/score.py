@@ -26,6 +26,12 @@ its prepared frames on in chunks (``stages.DEFAULT_CHUNK_BYTES``). S3 endpoint a
 credentials come from the standard AWS_* environment variables. DICOM studies get a
 pseudonymous ``study_key`` keyed by ``ADCORE_STUDY_KEY_SECRET``.
 
+An ``--input dicomweb+http(s)://host/dicom-web`` is a PACS: listed by QIDO-RS (filtered by
+``--qido-study-date`` and ``--qido-modality``), each instance read by WADO-RS with the PACS
+credentials of ``jobs/scoring/dicomweb.py``, skipped while its SOP Instance UID was scored with
+this model version (``jobs/scoring/qido.py``). Its URIs hold DICOM UIDs: ``--path-privacy``
+then defaults to pseudonymize.
+
 Faults: S3 calls are retried with backoff (10 attempts), then the map or write task that met a
 transient error (``TRANSIENT_ERRORS``) runs again; a file that still cannot be read, or vanished
 since the listing, is an error row of kind ``read`` (scored again next night). A model call that
