@@ -113,8 +113,7 @@ MAP_RETRIES = 4
 
 @dataclass
 class ScoreConfig:
-    # local folder or s3:// prefix, read recursively; or a PACS: dicomweb+http(s)://host:port/dicom-web (QIDO/WADO-RS)
-    input: str = required_unless("smoke_test", "")
+    input: str = required_unless("smoke_test", "")  # folder or s3:// prefix (recursive), or dicomweb+http(s)://PACS
     qido_study_date: str = ""  # DICOMweb --input: studies of this StudyDate or range (20240101-20241231, open ends ok)
     qido_modality: str = ""  # DICOMweb --input: series of this modality (CT, MR, ...) in studies that have it
     # s3:// URI of an S3 Inventory report's manifest.json describing --input's bucket: listed from it, no LIST
@@ -167,7 +166,7 @@ class ScoreConfig:
     # keep: tables carry image_uri; pseudonymize: they carry only image_key (HMAC of the URI with
     # ADCORE_STUDY_KEY_SECRET) and the key -> URI map goes to --path-map alone (paths often name patients);
     # auto: pseudonymize for a DICOMweb --input (its URIs hold Study/Series/SOP Instance UIDs), else keep
-    path_privacy: Literal["auto", "keep", "pseudonymize"] = "auto"
+    path_privacy: Literal["auto", "keep", "pseudonymize"] = "auto"  # auto: pseudonymize for dicomweb+, else keep
     path_map: str = ""  # with --path-privacy pseudonymize: local folder or s3:// prefix of the key -> URI map
     wait_for_lease: float = 0.0  # seconds to wait while another run holds the output's lease; 0 = refuse at once
     lease_ttl_s: float = DEFAULT_TTL_S  # a run that stops renewing its lease (crashed) loses it after this long
