@@ -26,6 +26,12 @@ its prepared frames on in chunks (``stages.DEFAULT_CHUNK_BYTES``). S3 endpoint a
 credentials come from the standard AWS_* environment variables. DICOM studies get a
 pseudonymous ``study_key`` keyed by ``ADCORE_STUDY_KEY_SECRET``.
 
+An ``--input dicomweb+http(s)://host/dicom-web`` is a PACS: listed by QIDO-RS (filtered by
+``--qido-study-date`` and ``--qido-modality``), each instance read by WADO-RS with the PACS
+credentials of ``jobs/scoring/dicomweb.py``, skipped while its SOP Instance UID was scored with
+this model version (``jobs/scoring/qido.py``). Its URIs hold DICOM UIDs: ``--path-privacy``
+then defaults to pseudonymize.
+
 Faults: S3 calls are retried with backoff (10 attempts), then the map or write task that met a
 transient error (``TRANSIENT_ERRORS``) runs again; a file that still cannot be read, or vanished
 since the listing, is an error row of kind ``read`` (scored again next night). A model call that
@@ -61,7 +67,7 @@ from adcore.data.decode import DEFAULT_MAX_FRAMES
 from adcore.engine import EngineName
 from adcore.errors import StorageURIError
 from adcore.export import VariantName
-from jobs.scoring import blocks, dicom_out, ledger, listing, pacs
+from jobs.scoring import blocks, dicom_out, dicomweb, ledger, listing, pacs, qido
 from jobs.scoring import lease as leases
 from jobs.scoring import schema as S
 from jobs.scoring.blocks import input_blocks
@@ -107,7 +113,9 @@ MAP_RETRIES = 4
 
 @dataclass
 class ScoreConfig:
-    input: str = required_unless("smoke_test", "")  # local folder or s3:// prefix, read recursively
+    input: str = required_unless("smoke_test", "")  # folder or s3:// prefix (recursive), or dicomweb+http(s)://PACS
+    qido_study_date: str = ""  # DICOMweb --input: studies of this StudyDate or range (20240101-20241231, open ends ok)
+    qido_modality: str = ""  # DICOMweb --input: series of this modality (CT, MR, ...) in studies that have it
     # s3:// URI of an S3 Inventory report's manifest.json describing --input's bucket: listed from it, no LIST
     inventory: str = ""
     list_tasks: int = listing.DEFAULT_TASKS  # Ray tasks listing an s3:// --input by prefix ranges; 1 = one LIST loop
@@ -156,8 +164,9 @@ class ScoreConfig:
     pacs_attempts: int = hidden(6)  # STOW-RS tries per object (tests: a PACS down for the whole run, quickly)
     retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
     # keep: tables carry image_uri; pseudonymize: they carry only image_key (HMAC of the URI with
-    # ADCORE_STUDY_KEY_SECRET) and the key -> URI map goes to --path-map alone (paths often name patients)
-    path_privacy: Literal["keep", "pseudonymize"] = "keep"
+    # ADCORE_STUDY_KEY_SECRET) and the key -> URI map goes to --path-map alone (paths often name patients);
+    # auto: pseudonymize for a DICOMweb --input (its URIs hold Study/Series/SOP Instance UIDs), else keep
+    path_privacy: Literal["auto", "keep", "pseudonymize"] = "auto"  # auto: pseudonymize for dicomweb+, else keep
     path_map: str = ""  # with --path-privacy pseudonymize: local folder or s3:// prefix of the key -> URI map
     wait_for_lease: float = 0.0  # seconds to wait while another run holds the output's lease; 0 = refuse at once
     lease_ttl_s: float = DEFAULT_TTL_S  # a run that stops renewing its lease (crashed) loses it after this long
@@ -170,11 +179,11 @@ class ScoreConfig:
 
 
 # ----------------------------------------------------------------------------- per-run pieces
-def list_inputs(uri: str, inventory: str = "", tasks: int = listing.DEFAULT_TASKS, start=None):
+def list_inputs(uri: str, inventory: str = "", tasks: int = listing.DEFAULT_TASKS, start=None, filters=None):
     """Every non-hidden file under ``uri`` with its size and version, as Arrow (``jobs/scoring/listing.py``);
-    ``start()`` starts Ray when the listing needs tasks."""
+    ``start()`` starts Ray when the listing needs tasks; ``filters`` select a DICOMweb input's instances."""
     try:
-        return listing.list_archive(uri, inventory, tasks, start)
+        return listing.list_archive(uri, inventory, tasks, start, filters)
     except FileNotFoundError as e:
         raise SystemExit(f"--input {uri}: {e}") from None
     except StorageURIError as e:
@@ -326,7 +335,9 @@ def main(cfg: ScoreConfig) -> dict:
     if not (cfg.input and cfg.model and cfg.output):
         raise SystemExit("--input, --model and --output are required (or --smoke-test)")
     # Ray workers run elsewhere than the driver's directory: pass absolute paths on.
-    cfg = replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in ("input", "model", "output")})
+    local = ("model", "output") if dicomweb.is_dicomweb(cfg.input) else ("input", "model", "output")
+    cfg = replace(cfg, **{k: storage.absolute(getattr(cfg, k)) for k in local})
+    cfg = _check_dicomweb_input(cfg)
     if cfg.progress not in PROGRESS_MODES:
         raise SystemExit(f"--progress {cfg.progress!r}: expected one of {', '.join(PROGRESS_MODES)}")
     if cfg.dicom_output:
@@ -404,7 +415,8 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
         with timings.phase("recover_s"):
             ledger.compact(cfg.output, cfg.latest_buckets, lease.check, memory=cfg.compact_memory)
     with timings.phase("list_s"):  # listing tasks start Ray if the input needs more than one LIST
-        listing = list_inputs(cfg.input, cfg.inventory, cfg.list_tasks, start=lambda: init_ray_for(cfg))
+        filters = qido.Filters(cfg.qido_study_date, cfg.qido_modality)
+        listing = list_inputs(cfg.input, cfg.inventory, cfg.list_tasks, lambda: init_ray_for(cfg), filters)
     if not listing.num_rows:
         raise SystemExit(f"--input {cfg.input}: no files to score")
     with timings.phase("plan_s"):
@@ -690,11 +702,31 @@ def _real(uri: str) -> str:
 def _check_apart(cfg: ScoreConfig) -> None:
     """Refuse locations that lie inside one another (compared by real path, links resolved)."""
     for a, b, why in APART:
+        if b == "input" and dicomweb.is_dicomweb(cfg.input):
+            continue  # a PACS lies inside no folder
         if getattr(cfg, a) and getattr(cfg, b):
             x, y = _real(getattr(cfg, a)), _real(getattr(cfg, b))
             if x.startswith(y) or y.startswith(x):
                 flag_a, flag_b = a.replace("_", "-"), b.replace("_", "-")
                 raise SystemExit(f"--{flag_a} and --{flag_b} must not lie inside one another: {why}")
+
+
+def _check_dicomweb_input(cfg: ScoreConfig) -> ScoreConfig:
+    """A DICOMweb --input checked, with its filters; ``auto`` privacy resolved (pseudonymize for it)."""
+    if not dicomweb.is_dicomweb(cfg.input):
+        if cfg.qido_study_date or cfg.qido_modality:
+            raise SystemExit("--qido-study-date and --qido-modality filter a DICOMweb --input (dicomweb+http://...)")
+        return replace(cfg, path_privacy="keep") if cfg.path_privacy == "auto" else cfg
+    qido.root_of(cfg.input)
+    qido.Filters(cfg.qido_study_date, cfg.qido_modality).check()
+    if cfg.path_privacy != "auto":
+        return cfg
+    if len(os.environ.get(SECRET_ENV, "").encode()) < S.MIN_SECRET_BYTES or not cfg.path_map:
+        raise SystemExit(
+            f"a DICOMweb --input's URIs hold DICOM UIDs: set {SECRET_ENV} (>= {S.MIN_SECRET_BYTES} bytes) and "
+            "--path-map URI (a restricted place), or choose --path-privacy keep"
+        )
+    return replace(cfg, path_privacy="pseudonymize")
 
 
 def _check_privacy_flags(cfg: ScoreConfig) -> None:

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from adcore import storage
-from jobs.scoring import dicom_source
+from jobs.scoring import dicom_source, dicomweb, qido
 from jobs.scoring import schema as S
 
 log = logging.getLogger("jobs.score")
@@ -156,6 +156,7 @@ class DicomWriter:
         self._pacs = None
         self._pacs_down = False  # set in a task once the PACS stopped answering (after the retries)
         self._reader = storage.Reader()
+        self._wado = qido.WadoReader()  # DICOMweb inputs are read again from the PACS
 
     def __call__(self, table: pa.Table) -> pa.Table:
         n = table.num_rows
@@ -223,7 +224,7 @@ class DicomWriter:
         """Build and write one instance's SEG(s) and SR; returns their names under the run, and bytes."""
         import pydicom
 
-        data = self._reader.read(uri)
+        data = self._wado.read(uri, None) if dicomweb.is_dicomweb(uri) else self._reader.read(uri)
         if any(r["content_sha256"] != S.content_sha256(data) for r in rows):
             raise ChangedSinceScored("the file changed since it was scored")
         with _quiet():

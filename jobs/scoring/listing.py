@@ -357,11 +357,18 @@ def list_inventory(inventory: str, uri: str, skip_hidden: bool = True, start=Non
     return table.sort_by("uri")
 
 
-def list_archive(uri: str, inventory: str = "", tasks: int = DEFAULT_TASKS, start=None) -> pa.Table:
-    """The night's listing of ``uri``: from ``inventory`` if given, by prefix tasks on S3, else locally.
+def list_archive(uri: str, inventory: str = "", tasks: int = DEFAULT_TASKS, start=None, filters=None) -> pa.Table:
+    """The night's listing of ``uri``: from ``inventory`` if given, by prefix tasks on S3, by QIDO-RS from a
+    DICOMweb server (``filters``: ``qido.Filters``), else locally.
 
     ``start()`` is called before any tasks are made (it starts Ray, which a small input never needs).
     """
+    from jobs.scoring import dicomweb, qido
+
+    if dicomweb.is_dicomweb(uri):
+        if inventory:
+            raise StorageURIError("--inventory lists an s3:// --input (a DICOMweb input is listed by QIDO-RS)")
+        return qido.list_archive(uri, filters or qido.Filters(), _map_tasks, start)
     if inventory:
         if not storage.is_s3(uri):
             raise StorageURIError("--inventory lists an s3:// --input (a local folder is listed directly)")

@@ -30,6 +30,7 @@ from adcore import storage
 from adcore.data.decode import DEFAULT_MAX_FRAMES, decode_image
 from adcore.data.errors import DecodeError
 from adcore.scorer import postprocess, prepare, to_uint8
+from jobs.scoring import dicomweb, qido
 from jobs.scoring import schema as S
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Decoder:
         self.chunk_rows = max(1, chunk_bytes // (3 * input_size * input_size))
         self.study_keys = study_keys
         self._reader = storage.Reader()  # one filesystem per task
+        self._wado = qido.WadoReader()  # DICOMweb inputs: its client is made in the task
 
     @functools.cached_property
     def _secret(self) -> bytes | None:
@@ -132,6 +134,13 @@ class Decoder:
     def _read(self, uri: str, size: int) -> bytes | _Refused | OSError:
         """The file's bytes, or why it was not read (refused, or a failed read: retried next run)."""
         root = self.input_root or uri
+        if dicomweb.is_dicomweb(uri):  # listed by QIDO-RS with no size: the read itself is bounded
+            try:
+                return self._wado.read(uri, self.max_file_bytes)
+            except dicomweb.TooLarge as e:
+                return _Refused(S.TOO_LARGE, f"WADO-RS answer {e} exceeds max_file_bytes={self.max_file_bytes}")
+            except OSError as e:
+                return e
         try:
             if not storage.is_s3(uri):  # the file's type first: a FIFO or a device is never opened
                 storage.check_regular_file(storage.local_path(uri), storage.local_path(root))
@@ -175,9 +184,8 @@ class Decoder:
         sha = S.content_sha256(data)
         done = prior_done if prior_sha == sha else frozenset()
         try:
-            frames = decode_image(
-                data, file[0], max_pixels=self.max_pixels, max_frames=self.max_frames, frame_errors=True
-            )
+            name = qido.DECODE_NAME if dicomweb.is_dicomweb(file[0]) else file[0]  # no UID in any message
+            frames = decode_image(data, name, max_pixels=self.max_pixels, max_frames=self.max_frames, frame_errors=True)
         except DecodeError as e:  # the file is one (error) row
             if 0 not in done:
                 rows.add(file, sha, 0, S.STATUS_ERROR, S.format_error(e.kind, e.reason))

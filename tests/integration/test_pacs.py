@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import pickle
 from dataclasses import replace
 
@@ -24,13 +23,13 @@ from adcore import storage
 from jobs.scoring import dicom_out, pacs
 from tests.dicom_checks import dciodvfy_errors
 from tests.faults_proxy import FaultProxy
+from tests.integration.conftest import PASSWORD, USER
 from tests.integration.test_score_job import config, upload, visible, write_local
-from tests.orthanc import Orthanc, missing
+from tests.orthanc import Orthanc
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420), pytest.mark.usefixtures("pacs_credentials")]
 
 NOTHING = {"sent": 0, "failed": 0}  # no object of an earlier run was waiting
-USER, PASSWORD = "adcore-night", "pacs-password-never-logged-7f3a"
 # Kinds of source the job meets in real archives: a CT with geometry; a CT without its frame of
 # reference; an ultrasound whose two frames sit in a single-frame IOD; a secondary capture without
 # Modality; an RT Dose (not an image: skipped); an ultrasound whose own UIDs are malformed (fails, by
@@ -43,28 +42,6 @@ SOURCES = {
     "rt/dose.dcm": "rtdose.dcm",
     "us/bad-uids.dcm": "color-pl.dcm",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pacs_credentials():
-    """The PACS credentials in the environment before the module's Ray starts (its workers inherit it)."""
-    saved = {k: os.environ.get(k) for k in (pacs.USER_ENV, pacs.PASSWORD_ENV)}
-    os.environ[pacs.USER_ENV], os.environ[pacs.PASSWORD_ENV] = USER, PASSWORD
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture
-def orthanc(tmp_path):
-    """A real Orthanc that demands the credentials, for one test."""
-    if missing():
-        pytest.fail(missing())
-    with Orthanc(tmp_path / "orthanc", users={USER: PASSWORD}) as server:
-        yield server
 
 
 def _sources() -> dict[str, bytes]:
