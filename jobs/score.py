@@ -43,6 +43,9 @@ scores only the rest. The commit is fenced by the output's lease (``jobs/scoring
 With ``--dicom-output`` DICOM inputs scored ok also get a DICOM Segmentation and a TID 1500
 measurement report (``jobs/scoring/dicom_out.py``), written under ``<dicom-output>/<run_id>/``
 only: they carry the source's patient and study modules, the Parquet never does.
+``--pacs-url`` (DICOMweb STOW-RS) or ``--pacs-aet``/``--pacs-host``/``--pacs-port`` (DICOM
+C-STORE) store each object in a PACS as it is written; what the PACS did not take waits under
+``<dicom-output>/_pacs_pending/`` for the next run (``jobs/scoring/pacs.py``).
 """
 
 from __future__ import annotations
@@ -161,7 +164,11 @@ class ScoreConfig:
     dicom_output: str = ""
     # credentials from the workers' environment: ADCORE_PACS_TOKEN or ADCORE_PACS_USER/ADCORE_PACS_PASSWORD
     pacs_url: str = ""  # DICOMweb root (http://pacs:8042/dicom-web): each SEG/SR stored by STOW-RS as written
-    pacs_attempts: int = hidden(6)  # STOW-RS tries per object (tests: a PACS down for the whole run, quickly)
+    pacs_aet: str = ""  # or DICOM C-STORE of each SEG/SR as written (no DICOMweb): the PACS's AE title
+    pacs_host: str = ""  # C-STORE: the PACS's host name or address (with --pacs-aet and --pacs-port)
+    pacs_port: int = 0  # C-STORE: the PACS's DICOM port
+    pacs_calling_aet: str = pacs.DEFAULT_CALLING_AET  # C-STORE: adcore's AE title, which the PACS must accept
+    pacs_attempts: int = hidden(6)  # tries per object (tests: a PACS down for the whole run, quickly)
     retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
     # keep: tables carry image_uri; pseudonymize: they carry only image_key (HMAC of the URI with
     # ADCORE_STUDY_KEY_SECRET) and the key -> URI map goes to --path-map alone (paths often name patients);
@@ -342,10 +349,9 @@ def main(cfg: ScoreConfig) -> dict:
         raise SystemExit(f"--progress {cfg.progress!r}: expected one of {', '.join(PROGRESS_MODES)}")
     if cfg.dicom_output:
         cfg = replace(cfg, dicom_output=storage.absolute(cfg.dicom_output))
-    if cfg.pacs_url:
-        if not cfg.dicom_output:
-            raise SystemExit("--pacs-url needs --dicom-output (the objects are kept there, and resent from there)")
-        cfg = replace(cfg, pacs_url=pacs.check_url(cfg.pacs_url))
+    if _pacs_sender(cfg) and not cfg.dicom_output:  # checks the PACS flags
+        flag = "--pacs-url" if cfg.pacs_url else "--pacs-aet/--pacs-host/--pacs-port"
+        raise SystemExit(f"{flag} needs --dicom-output (the objects are kept there, and resent from there)")
     if cfg.path_map:
         cfg = replace(cfg, path_map=storage.absolute(cfg.path_map))
     _check_privacy_flags(cfg)
@@ -378,6 +384,13 @@ def main(cfg: ScoreConfig) -> dict:
     return manifest
 
 
+def _pacs_sender(cfg: ScoreConfig) -> pacs.StowSender | pacs.CStoreSender | None:
+    """The sender for the PACS flags (None: no PACS); refused with one line when they conflict."""
+    return pacs.make_sender(
+        cfg.pacs_url, cfg.pacs_aet, cfg.pacs_host, cfg.pacs_port, cfg.pacs_calling_aet, cfg.pacs_attempts
+    )
+
+
 def _interrupt_main(message: str) -> None:
     """The lease's watchdog lost the lease: stop the driver (its main thread) before the lease expires."""
     import _thread
@@ -405,7 +418,7 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     if cfg.dicom_output:
         dicom_out.cleanup_incomplete(cfg.dicom_output, cfg.output, ledger.completed_ids(cfg.output), keep=run_id)
         dicom_out.write_run_marker(cfg.dicom_output, run_id, cfg.output)
-    sender = pacs.StowSender(cfg.pacs_url, attempts=cfg.pacs_attempts) if cfg.pacs_url else None
+    sender = _pacs_sender(cfg)
     earlier = pacs.retry_pending(cfg.dicom_output, sender) if sender else None
     ledger.cleanup_latest(cfg.output)
     timings = Timings()
@@ -458,8 +471,8 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     }
     if cfg.dicom_output:  # the run's DICOM folder; the manifest then lists every object in it
         fields["dicom_output"] = dicom_out.run_root(cfg.dicom_output, run_id)
-    if cfg.pacs_url:
-        fields["pacs_url"] = cfg.pacs_url
+    if sender:
+        fields.update(pacs.describe(sender))
     if todo.num_rows:
         with timings.phase("score_s"):
             manifest, files_seen = _score(
@@ -468,7 +481,7 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     else:  # nothing changed: no Ray pipeline, no GET
         manifest, files_seen = RunSink.empty_manifest(fields, time.time() - started.timestamp()), 0
     manifest["skipped_files"] += skipped
-    if cfg.pacs_url:  # listed before the commit: a run that then dies leaves a list whose folder goes (ignored)
+    if sender:  # listed before the commit: a run that then dies leaves a list whose folder goes (ignored)
         manifest["pacs"]["earlier_runs"] = earlier
         pacs.record_pending(cfg.dicom_output, run_id, manifest["pacs"]["unsent"])
     manifest["timings"] = timings.seconds  # fixed costs beside scoring; compaction's are in _latest/_manifest.json
@@ -612,8 +625,7 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
             art.get("model_name", "model"),
             art.get("model_version", "unsaved"),
             _version(),
-            pacs_url=cfg.pacs_url,
-            pacs_attempts=cfg.pacs_attempts,
+            pacs=_pacs_sender(cfg),
         )
         ds = ds.map_batches(writer, batch_size=None, num_cpus=plan.decode_cpus, batch_format="pyarrow")
 

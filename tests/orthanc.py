@@ -2,7 +2,8 @@
 
 ``make setup`` installs the packages (``orthanc``, ``orthanc-dicomweb``). Each :class:`Orthanc`
 runs unprivileged from a JSON configuration in its own folder (storage and index there), with
-HTTP and DICOM ports of its own, no remote access and no authentication.
+HTTP and DICOM ports of its own, no remote access and no authentication. Its DICOM side answers
+only to its own AE title (``AET``) and stores from any calling AE title.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import urllib.request
 from pathlib import Path
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+AET = "ADCORE-TEST-PACS"  # its DICOM AE title: associations called otherwise are rejected
 START_TIMEOUT_S = 60.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -36,14 +38,16 @@ def missing() -> str | None:
 
 
 class Orthanc:
-    """``with Orthanc(folder) as pacs``: ``pacs.url`` (REST API), ``pacs.dicomweb`` (DICOMweb root)."""
+    """``with Orthanc(folder) as pacs``: ``pacs.url`` (REST API), ``pacs.dicomweb`` (DICOMweb root),
+    ``pacs.dicom_port`` (C-STORE to ``AET`` on 127.0.0.1)."""
 
     def __init__(self, folder: Path, users: dict[str, str] | None = None):
         self.folder = Path(folder)
         self.users = users or {}  # HTTP basic authentication when set
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb = f"{self.url}/dicom-web"
+        self.dicom_port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Orthanc:
@@ -54,7 +58,10 @@ class Orthanc:
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
             "HttpPort": self.port,
-            "DicomPort": _free_port(),
+            "DicomPort": self.dicom_port,
+            "DicomAet": AET,
+            "DicomCheckCalledAet": True,
+            "DicomAlwaysAllowStore": True,  # any calling AE title may store (none is registered)
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": bool(self.users),
             "RegisteredUsers": self.users,

@@ -31,8 +31,8 @@ SEGs without any (``jobs.scoring.dicom_source``): one per anomalous frame (``<ke
 for a multi-frame source; the first frame's, empty, for an instance without anomalous pixels).
 Instances that are not images (RT Dose, a SEG) are skipped, counted by SOP class.
 
-With ``pacs_url`` each object is stored in the PACS by DICOMweb STOW-RS as soon as it is
-written, in this task (``jobs.scoring.pacs``); the objects the PACS did not take are passed on
+With a ``pacs`` sender each object is stored in the PACS (DICOMweb STOW-RS or DICOM C-STORE) as
+soon as it is written, in this task (``jobs.scoring.pacs``); the objects the PACS did not take are passed on
 in ``PACS_UNSENT_COLUMN`` for the next run to send.
 
 The objects carry the source's patient and study modules, as DICOM requires: they go only
@@ -133,8 +133,7 @@ class DicomWriter:
         run_id: This run; objects go to ``<dicom_output>/<run_id>/``.
         model_name, model_version: The artifact's identity, written into both objects.
         software_version: adcore's version (the SEG's Software Versions).
-        pacs_url: A DICOMweb root: each object is stored there (STOW-RS) as soon as it is written.
-        pacs_attempts: STOW-RS tries per object.
+        pacs: A ``jobs.scoring.pacs`` sender: each object is stored with it as soon as it is written.
     """
 
     def __init__(
@@ -144,16 +143,13 @@ class DicomWriter:
         model_name: str,
         model_version: str,
         software_version: str,
-        pacs_url: str = "",
-        pacs_attempts: int = 6,
+        pacs=None,
     ):
         self.root = run_root(dicom_output, run_id)
         self.run_id = run_id
         self.model_name, self.model_version = model_name, model_version
         self.software_version = software_version
-        self.pacs_url = pacs_url  # the sender (and its credentials) is made in the worker, on first use
-        self.pacs_attempts = pacs_attempts
-        self._pacs = None
+        self.pacs = pacs  # a STOW-RS sender's pickle has no credentials: the worker reads its own
         self._pacs_down = False  # set in a task once the PACS stopped answering (after the retries)
         self._reader = storage.Reader()
         self._wado = qido.WadoReader()  # DICOMweb inputs are read again from the PACS
@@ -185,32 +181,30 @@ class DicomWriter:
                 log.warning("DICOM outputs of one %s instance not written: %s", self._sop_class, type(e).__name__)
                 continue
             paths[idx[0]] = [name for name, _ in written]
-            if self.pacs_url:
+            if self.pacs is not None:
                 sent[idx[0]], unsent[idx[0]] = self.send(written)
         table = table.append_column(DICOM_COLUMN, pa.array(paths, pa.list_(pa.string())))
         table = table.append_column(DICOM_ERROR_COLUMN, pa.array(errors, pa.string()))
-        if self.pacs_url:
+        if self.pacs is not None:
             table = table.append_column(PACS_SENT_COLUMN, pa.array(sent, pa.int32()))
             table = table.append_column(PACS_UNSENT_COLUMN, pa.array(unsent, pa.list_(pa.string())))
         return table
 
     def send(self, written: list[tuple[str, bytes]]) -> tuple[int, list[str]]:
-        """STOW-RS of one instance's objects as soon as they are written: (sent, names not sent).
+        """Stores one instance's objects in the PACS as soon as they are written: (sent, names not sent).
 
         Once the PACS is unavailable (after the retries), this task sends nothing more: its objects
         wait for the next run rather than each waiting out the backoff.
         """
-        from jobs.scoring.pacs import PacsError, StowSender
+        from jobs.scoring.pacs import PacsError
 
-        if self._pacs is None:
-            self._pacs = StowSender(self.pacs_url, attempts=self.pacs_attempts)
         done, failed = 0, []
         for name, data in written:
             if self._pacs_down:
                 failed.append(name)
                 continue
             try:
-                self._pacs.send(data)
+                self.pacs.send(data)
                 done += 1
             except PacsError as e:
                 failed.append(name)

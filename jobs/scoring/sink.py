@@ -257,7 +257,8 @@ class RunSink(Datasink[dict]):
                 "skipped": dict(skipped),
                 "files": objects,
             }
-            if "pacs_url" in fields:  # sent as written; the unsent wait in _pacs_pending/ for the next run
+            # sent as written (STOW-RS or C-STORE); the unsent wait in _pacs_pending/ for the next run
+            if "pacs_url" in fields or "pacs_dicom" in fields:
                 unsent = sorted(p for r in parts for p in r.get("pacs_unsent", ()))
                 manifest["pacs"] = {
                     "sent": sum(r.get("pacs_sent", 0) for r in parts),

@@ -1,10 +1,11 @@
-"""--pacs-url end to end: every SEG and SR stored by DICOMweb STOW-RS in a real Orthanc, in its source's study.
+"""--pacs-url and C-STORE end to end: every SEG and SR stored in a real Orthanc, in its source's study.
 
 Real parts only: Debian's Orthanc with its DICOMweb plugin (``make setup`` installs it) on
 127.0.0.1 with HTTP basic authentication, started per test and stopped by its PID; real files of
 pydicom's test data and pydicom-data on an S3 server; a local Ray whose workers read the PACS
 credentials from their own environment; ``dciodvfy`` on every object; a fault proxy in front
-of Orthanc for a PACS that answers 503 for a while, or all night.
+of Orthanc for a PACS that answers 503 for a while, or all night; Orthanc's DICOM port for C-STORE
+(pynetdicom), and a port where nothing listens for a PACS down all night.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tests.dicom_checks import dciodvfy_errors
 from tests.faults_proxy import FaultProxy
 from tests.integration.conftest import PASSWORD, USER
 from tests.integration.test_score_job import config, upload, visible, write_local
-from tests.orthanc import Orthanc
+from tests.orthanc import AET, Orthanc, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420), pytest.mark.usefixtures("pacs_credentials")]
 
@@ -172,9 +173,8 @@ def test_pacs_down_all_night_gets_the_objects_the_next_night(ray_local, tiny_art
 def test_credentials_stay_out_of_pickles_and_urls(monkeypatch):
     monkeypatch.setenv(pacs.USER_ENV, USER)
     monkeypatch.setenv(pacs.PASSWORD_ENV, PASSWORD)
-    sender = pacs.StowSender("http://127.0.0.1:9/dicom-web")
-    writer = dicom_out.DicomWriter("/tmp/x", "RUN", "m", "v", "0", pacs_url="http://127.0.0.1:9/dicom-web")
-    assert writer._pacs is None  # the writer makes its sender in the worker, on first use
+    sender = pacs.make_sender("http://127.0.0.1:9/dicom-web")
+    writer = dicom_out.DicomWriter("/tmp/x", "RUN", "m", "v", "0", pacs=sender)
     for obj in (sender, writer):
         assert PASSWORD.encode() not in pickle.dumps(obj)
         assert USER.encode() not in pickle.dumps(obj)
@@ -192,3 +192,70 @@ def test_pacs_url_needs_dicom_output(tiny_artifact, tmp_path):
     cfg = config(input=str(tmp_path / "in"), model=tiny_artifact, output=str(tmp_path / "out"))
     with pytest.raises(SystemExit, match="--pacs-url needs --dicom-output"):
         main(replace(cfg, pacs_url="http://127.0.0.1:9/dicom-web"))
+    with pytest.raises(SystemExit, match="--pacs-aet/--pacs-host/--pacs-port needs --dicom-output"):
+        main(replace(cfg, pacs_aet=AET, pacs_host="127.0.0.1", pacs_port=104))
+
+
+def test_cstore_files_objects_in_their_studies_and_sends_the_pending_next_run(
+    ray_local, tiny_artifact, orthanc, tmp_path, caplog, capfd
+):
+    from jobs.score import main
+
+    files = _sources()
+    write_local(tmp_path / "in", {"ct/geometry.dcm": files["ct/geometry.dcm"]})
+    cfg = config(
+        input=str(tmp_path / "in"),
+        model=tiny_artifact,
+        output=str(tmp_path / "scores"),
+        dicom_output=str(tmp_path / "outbox"),
+        pacs_aet=AET,
+        pacs_host="127.0.0.1",
+        pacs_port=free_port(),  # nothing listens there: the PACS is down all night
+        pacs_attempts=2,
+        max_pixels=10**7,
+    )
+    first = main(cfg)
+    names = first["dicom_objects"]["files"]
+    assert first["pacs"]["sent"] == 0 and first["pacs"]["unsent"] == names and len(names) == 2
+    assert first["pacs_dicom"] == f"{AET}@127.0.0.1:{cfg.pacs_port}" and "pacs_url" not in first
+    pending = pacs.pending_path(str(tmp_path / "outbox"), first["run_id"])
+    assert json.loads(storage.read_bytes(pending)) == {"files": names}
+    assert orthanc.get("/instances") == []
+
+    # The next night the PACS answers; a new file (two frames, another study) arrived meanwhile.
+    write_local(tmp_path / "in", {"us/two-frames.dcm": files["us/two-frames.dcm"]})
+    caplog.set_level(logging.INFO)
+    second = main(replace(cfg, pacs_port=orthanc.dicom_port))
+    assert second["pacs"]["earlier_runs"] == {"sent": 2, "failed": 0} and not storage.exists(pending)
+    new = second["dicom_objects"]["files"]
+    assert second["pacs"]["sent"] == len(new) >= 2 and second["pacs"]["failed"] == 0
+    objects = {**_objects(first["dicom_output"], names), **_objects(second["dicom_output"], new)}
+    assert _in_orthanc(orthanc, objects) == set(objects)  # each SEG and SR in its source's study
+    studies = {pydicom.dcmread(io.BytesIO(files[n]), stop_before_pixels=True).StudyInstanceUID for n in files}
+    assert {ds.StudyInstanceUID for ds in objects.values()} <= studies
+    assert {ds.Modality for ds in objects.values()} == {"SEG", "SR"}
+    texts = [caplog.text, *capfd.readouterr()]
+    source = pydicom.dcmread(io.BytesIO(files["us/two-frames.dcm"]), stop_before_pixels=True)
+    for needle in (str(source.PatientName), str(source.SOPInstanceUID)):
+        assert needle and not any(needle in t for t in texts), needle
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            {"pacs_url": "http://127.0.0.1:9/dicom-web", "pacs_aet": AET, "pacs_host": "h", "pacs_port": 104},
+            "not both",
+        ),
+        ({"pacs_aet": AET, "pacs_port": 104}, "missing --pacs-host"),
+        ({"pacs_aet": "A" * 17, "pacs_host": "h", "pacs_port": 104}, "--pacs-aet must be an AE title"),
+        ({"pacs_aet": AET, "pacs_host": "h", "pacs_port": 70000}, "--pacs-port must be a TCP port"),
+        ({"pacs_aet": AET, "pacs_host": "h", "pacs_port": 104, "pacs_calling_aet": "a\\b"}, "--pacs-calling-aet"),
+    ],
+)
+def test_cstore_flags_refused_with_one_line(tiny_artifact, tmp_path, flags, message):
+    from jobs.score import main
+
+    cfg = config(input=str(tmp_path / "in"), model=tiny_artifact, output=str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match=message):
+        main(replace(cfg, dicom_output=str(tmp_path / "outbox"), **flags))
