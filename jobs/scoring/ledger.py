@@ -879,6 +879,16 @@ def read_row(output: str, image_key: str, frame: int, columns: list[str]) -> lis
     return rows
 
 
+def latest_view_sql(output: str) -> str:
+    """DuckDB SQL for the view ``latest`` (visible rows, not superseded) read straight from the files: each
+    bucket's base and the deltas, a key's row from the newest layer (``docs/analysts.md`` shows it)."""
+    rows = storage.join(output, LATEST, "*", "rows-*.parquet")
+    return f"""CREATE OR REPLACE VIEW latest AS
+  SELECT * EXCLUDE (bucket, layer) FROM read_parquet('{rows}', hive_partitioning = false, union_by_name = true)
+  QUALIFY row_number() OVER (PARTITION BY image_key, frame, model_version ORDER BY layer DESC NULLS LAST) = 1
+    AND NOT superseded"""
+
+
 def _run_folder(m: dict) -> str:
     return f"run_date={m['run_date']}/run_id={m['run_id']}"
 
