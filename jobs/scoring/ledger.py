@@ -5,8 +5,10 @@ Layout under ``--output`` (local folder or ``s3://`` prefix)::
     run_date=2025-01-31/run_id=20250131T020000Z-1a2b3c4d/part-00000.parquet
     _manifests/20250131T020000Z-1a2b3c4d.json
     _latest/_manifest.json
-    _latest/bucket=007/rows-20250131T020000Z-1a2b3c4d.parquet
+    _latest/bucket=007/rows-20250131T020000Z-1a2b3c4d.parquet   (a bucket's base)
     _latest/bucket=007/files-20250131T020000Z-1a2b3c4d.parquet
+    _latest/deltas/rows-20250201T020000Z-5e6f7a8b.parquet       (a night's delta, every bucket)
+    _latest/deltas/files-20250201T020000Z-5e6f7a8b.parquet
     _leases/000000000042.json                      (see jobs/scoring/lease.py)
 
 A run writes its Parquet files into its own ``run_id=`` folder, then its manifest LAST,
@@ -18,16 +20,25 @@ frame whose file was rescored with other content (a volume re-uploaded with fewe
 and that the newer content no longer has is ``superseded``. :func:`window_sql` is that view.
 
 **The compacted ``latest`` table.** After a run commits, :func:`compact` folds it into
-``_latest``: the visible rows (with ``superseded``), hash-bucketed by ``image_key``, so a
-night rewrites only the buckets its rows fall in. Each bucket also has a ``files`` table,
-one row per (file, model version): the listing metadata it was scored at, its content hash,
-the frames that are done and a 64-bit ``key`` of (image key, size, version, model version) when
-every frame is done. ``_latest/_manifest.json`` names the current file of each bucket and
-the last run folded in (``through_run_id``); it is replaced atomically, so readers see the
-old or the new table, never a mix. Readers (``jobs/report.py``, the skip decision, the
-README's SQL) read ``latest`` plus any run committed after ``through_run_id``
-(:func:`connect`), never the whole history. Old run folders can then be expired
-(:func:`expire_runs`, ``--retain-runs``) without changing what is visible.
+``_latest``: the visible rows (with ``superseded``) without their masks: ``mask_file`` (a run
+file, relative to ``--output``) and ``mask_row`` (its row) point to each ``mask_png``
+(:func:`read_mask`). The table is a base, hash-bucketed by ``image_key``, plus nightly deltas:
+a night writes one delta holding the visible rows of the files it scored (and of nothing else),
+so the bytes it writes follow the rows it changed. Once the deltas' rows would pass
+:data:`DELTA_SHARE` of the base's, the buckets holding delta rows are merged into a new base
+instead. A key's row in a newer layer (``layer``: the compaction that wrote it) replaces older
+ones (:func:`latest_view_sql`). Each bucket and delta also has a ``files`` table, one row per
+(file, model version): the listing metadata it was scored at, its content hash, the frames that
+are done, a 64-bit ``key`` of (image key, size, version, model version) when every frame is done
+and a hash of (image key, model version) by which newer deltas replace older entries.
+``_latest/_manifest.json`` names the current files and the last run folded in
+(``through_run_id``); it is replaced atomically, so readers see the old or the new table, never
+a mix. Readers (``jobs/report.py``, the skip decision, the README's SQL) read ``latest`` plus
+any run committed after ``through_run_id`` (:func:`visible_rows`), never the whole history. Old
+run folders can then be expired (:func:`expire_runs`, ``--retain-runs``) without changing what
+is visible, except those holding masks of visible rows, which stay until newer runs replace them.
+A table of the previous format (``adcore-latest/1``, masks inside) is read as a base that points
+into itself; the next compaction rewrites it, keeping its files while visible rows point there.
 
 **Skipping.** :func:`plan_inputs` decides from the listing alone: a file whose
 (image key, size, ETag or mtime) key is in the sorted array of done keys is skipped with no GET;
