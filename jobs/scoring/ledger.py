@@ -723,6 +723,8 @@ def compact(output: str, buckets: int = DEFAULT_BUCKETS, check=None, memory: int
             entry = {"rows": rows_rel, "files": files_rel, "n_rows": r["rows"], "n_files": r["files"]}
             new_entries[b] = {**entry, "n_bytes": sum(r["bytes"]), **({"masks": r["masks"]} if r["masks"] else {})}
         new_deltas, written = [], sum(sum(r["bytes"]) for r in results)
+    elif not touched:  # runs without rows (nothing changed): no delta
+        results, written = [], 0
     else:
         rows_rel, files_rel = _delta_files(new_through)
         outs = (storage.join(output, LATEST, rows_rel), storage.join(output, LATEST, files_rel))

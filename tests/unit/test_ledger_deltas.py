@@ -151,6 +151,10 @@ def test_visible_rows_equal_the_window_over_all_runs_night_after_night(tmp_path,
         if i == 2:  # "a" uploaded again as it was on night 1: its old key must not count as done
             back = pa.table({"uri": ["a"], "size": pa.array([1], pa.int64()), "version": ["v1"]})
             assert ledger.plan_inputs(out, back, MV)[0].column("uri").to_pylist() == ["a"]
+    commit(out, "r6", [])  # a night without changes: no delta, nothing rewritten
+    empty = ledger.compact(out)
+    assert empty["compaction"]["bytes_written"] == 0 and empty["through_run_id"] == "r6"
+    assert keyed(ledger.visible_rows(out)) == keyed(window(runs))
     current = ledger.read_latest(out)
     if how == "deltas":
         assert kinds == ["merge"] + ["delta"] * 4 and len(current["deltas"]) == 4
