@@ -475,10 +475,9 @@ def _run_rows(output: str, rel: str, filters=None) -> pa.Table:
 def _read_layer(output: str, rel: str, legacy: bool = False, bucket=None, layer=None, columns=None, filters=None):
     """One rows file of ``latest``; a legacy base (masks inside) gets pointers into itself, its bucket and layer."""
     uri = storage.join(output, LATEST, rel)
-    if not legacy:
-        fs, path = storage.filesystem_for(uri)
-        return pq.read_table(path, filesystem=fs, columns=columns, filters=filters, partitioning=None)
     fs, path = storage.filesystem_for(uri)
+    if not legacy:
+        return pq.read_table(path, filesystem=fs, columns=columns, filters=filters, partitioning=None)
     names = [n for n in pq.read_schema(path, filesystem=fs).names if n != "mask_png"]
     table = _read_tables([uri], names + [c for c in S.DERIVED_COLUMNS if c not in names])
     table = S.with_added_columns(table)
