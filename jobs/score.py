@@ -154,7 +154,7 @@ class ScoreConfig:
     # credentials from the workers' environment: ADCORE_PACS_TOKEN or ADCORE_PACS_USER/ADCORE_PACS_PASSWORD
     pacs_url: str = ""  # DICOMweb root (http://pacs:8042/dicom-web): each SEG/SR stored by STOW-RS as written
     pacs_attempts: int = hidden(6)  # STOW-RS tries per object (tests: a PACS down for the whole run, quickly)
-    retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
+    retain_runs: int = 0  # newest run folders kept (older ones expire once no visible mask lives there); 0 = all
     # keep: tables carry image_uri; pseudonymize: they carry only image_key (HMAC of the URI with
     # ADCORE_STUDY_KEY_SECRET) and the key -> URI map goes to --path-map alone (paths often name patients)
     path_privacy: Literal["keep", "pseudonymize"] = "keep"
