@@ -1,6 +1,6 @@
 """The night's fixed costs on a local S3 server: listing, a first night and a night with 1 % changed.
 
-    python bench/night_costs.py [--sizes 10000 50000] [--changed 0.01] [--tasks 64] [--list-only]
+    python bench/night_costs.py [--sizes 10000 50000] [--changed 0.01] [--tasks 64] [--list-only] [--no-rescore]
 
 For each size N it uploads N small PNGs under nested prefixes (``site*/patient*/img*.png``) to a
 moto S3 server on 127.0.0.1, then measures on a local Ray cluster:
@@ -10,10 +10,12 @@ moto S3 server on 127.0.0.1, then measures on a local Ray cluster:
 - **first night**: ``jobs/score.py`` over the archive with a tiny model (wall time, and the run
   manifest's phase timings: Ray start, recovery compaction, list, plan, score (the Ray pipeline:
   decode, model, postprocessing, write), then the compaction's from the latest table's manifest);
-- **changed night**: ``--changed`` of the files rewritten with new content, the job again.
+- **changed night**: ``--changed`` of the files rewritten with new content, the job again;
+- **full-rescore night**: the job with ``--rescore-all`` (every row changes), unless ``--no-rescore``.
 
 Bytes per phase: the pipeline reads the changed files' listed bytes and writes its run files; the
-compaction's bytes read and written and the ``latest`` table's size come from its manifest.
+compaction's kind (a delta or a merge into the base), bytes read and written and the ``latest``
+table's size come from its manifest; the share is its bytes written over the table's bytes.
 Targets: the changed night's compaction writes at most 2 % of the latest table's bytes; its fixed
 costs (everything but the pipeline) at the largest size at most 1.5x those at the smallest; the
 listing of 50k objects under 30 s. Prints one JSON line per size and a table.
@@ -120,13 +122,14 @@ def write_inventory(table, base: str, files: int = 4) -> str:
     return f"{base}/manifest.json"
 
 
-def night(inp: str, model: str, out: str, tasks: int) -> dict:
+def night(inp: str, model: str, out: str, tasks: int, rescore_all: bool = False) -> dict:
     from adcore import storage
     from jobs.score import ScoreConfig, main
     from jobs.scoring import ledger
 
     t0 = time.monotonic()
-    m = main(ScoreConfig(input=inp, model=model, output=out, batch_size=256, list_tasks=tasks, progress_every_s=30))
+    opts = {"batch_size": 256, "list_tasks": tasks, "progress_every_s": 30, "rescore_all": rescore_all}
+    m = main(ScoreConfig(input=inp, model=model, output=out, **opts))
     wall = time.monotonic() - t0
     latest = ledger.read_latest(out) or {}
     comp = latest.get("compaction", {})
@@ -146,7 +149,7 @@ def night(inp: str, model: str, out: str, tasks: int) -> dict:
     }
 
 
-def measure(n: int, changed: float, tasks: int, list_only: bool, model: str, root: str) -> dict:
+def measure(n: int, changed: float, tasks: int, list_only: bool, model: str, root: str, rescore: bool) -> dict:
     import ray
 
     from adcore import storage
@@ -180,6 +183,8 @@ def measure(n: int, changed: float, tasks: int, list_only: bool, model: str, roo
         upload(client, prefix, np.random.default_rng(1).choice(n, k, replace=False).tolist(), seed=1)
         result["changed_files"] = k
         result["second"] = night(inp, model, out, tasks)
+        if rescore:
+            result["rescore"] = night(inp, model, out, tasks, rescore_all=True)
     ray.shutdown()
     return result
 
@@ -190,6 +195,7 @@ def main() -> None:
     ap.add_argument("--changed", type=float, default=0.01)
     ap.add_argument("--tasks", type=int, default=64)
     ap.add_argument("--list-only", action="store_true")
+    ap.add_argument("--no-rescore", action="store_true", help="skip the full-rescore night")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -207,20 +213,20 @@ def main() -> None:
     results = []
     try:
         for n in args.sizes:
-            r = measure(n, args.changed, args.tasks, args.list_only, model, root)
+            r = measure(n, args.changed, args.tasks, args.list_only, model, root, not args.no_rescore)
             print(json.dumps(r), flush=True)
             results.append(r)
     finally:
         server.stdin.close()
         server.wait(timeout=30)
     print(f"\n{'objects':>8} {'list serial s':>13} {'list tasks s':>12} {'inventory s':>11} {'night1 s':>9} "
-          f"{'night2 s':>9} {'fixed2 s':>9} {'compact2 share':>14}")  # fmt: skip
+          f"{'night2 s':>9} {'fixed2 s':>9} {'compact2 share':>14} {'rescore share':>13}")  # fmt: skip
     for r in results:
-        f, s = r.get("first", {}), r.get("second", {})
+        f, s, a = r.get("first", {}), r.get("second", {}), r.get("rescore", {})
         print(
             f"{r['n']:>8} {r['list_serial_s']:>13} {r['list_tasks_s']:>12} {r['list_inventory_s']:>11} "
-            f"{f.get('wall_s', '-'):>9} "
-            f"{s.get('wall_s', '-'):>9} {s.get('fixed_s', '-'):>9} {s.get('compaction_share', '-'):>14}"
+            f"{f.get('wall_s', '-'):>9} {s.get('wall_s', '-'):>9} {s.get('fixed_s', '-'):>9} "
+            f"{s.get('compaction_share', '-'):>14} {a.get('compaction_share', '-'):>13}"
         )
 
 

@@ -169,7 +169,7 @@ class ScoreConfig:
     pacs_port: int = 0  # C-STORE: the PACS's DICOM port
     pacs_calling_aet: str = pacs.DEFAULT_CALLING_AET  # C-STORE: adcore's AE title, which the PACS must accept
     pacs_attempts: int = hidden(6)  # tries per object (tests: a PACS down for the whole run, quickly)
-    retain_runs: int = 0  # keep this many newest run folders (older ones are expired after compaction); 0 = all
+    retain_runs: int = 0  # newest run folders kept (older ones expire once no visible mask lives there); 0 = all
     # keep: tables carry image_uri; pseudonymize: they carry only image_key (HMAC of the URI with
     # ADCORE_STUDY_KEY_SECRET) and the key -> URI map goes to --path-map alone (paths often name patients);
     # auto: pseudonymize for a DICOMweb --input (its URIs hold Study/Series/SOP Instance UIDs), else keep
