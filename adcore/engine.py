@@ -19,8 +19,8 @@ cache's manifest with its sha256 and size; a graph is loaded, downloaded, upload
 only when it matches, and an altered one is refused (:class:`adcore.artifact.ArtifactError`).
 
 A variant other than fp32 is used only when its record says it is usable: image and pixel
-AUROC on the validation split within ``VARIANT_TOLERANCE`` of fp32
-(:func:`adcore.evaluate.measure_variants`).
+AUROC on the validation split within ``VARIANT_TOLERANCE`` of fp32, and its network faster than
+fp32's on the device it was timed on (:func:`adcore.evaluate.measure_variants`).
 """
 
 from __future__ import annotations
@@ -79,10 +79,7 @@ def choose_engine(requested: str = AUTO, device: str | None = None, variant: str
     if requested not in (AUTO, *ENGINES):
         raise ValueError(f"engine must be one of {[AUTO, *ENGINES]}, got {requested!r}")
     variant_filename(variant)  # checks the name
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or _default_device()
     if requested == "torch" and variant != "fp32":
         raise ValueError(f"variant {variant!r} is an ONNX graph: use engine 'onnx' or 'auto', not 'torch'")
     if requested != AUTO:
@@ -357,27 +354,43 @@ def graph_entry(path: str | os.PathLike) -> dict:
     return _entry(path.parent, path.name)
 
 
-def check_usable(scorer: Scorer, variant: str) -> dict:
-    """The measurement that allows ``variant``; raises :class:`VariantNotUsableError` if there is none or it failed."""
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_usable(scorer: Scorer, variant: str, device: str = "cpu") -> dict:
+    """The measurement that allows ``variant`` on ``device``; raises :class:`VariantNotUsableError` if there
+    is none, it lost accuracy, or it was timed on that device and was not faster than fp32."""
     if variant == "fp32":
         return {}
-    measured = read_manifest(cache_dir(scorer)).get("measured")
-    if measured is None and (found := _remote_manifest(scorer)):  # a node that has not downloaded it yet
-        measured = found[1].get("measured")
-    measured = (measured or {}).get("variants", {})
+    found = read_manifest(cache_dir(scorer)).get("measured")
+    if found is None and (remote := _remote_manifest(scorer)):  # a node that has not downloaded it yet
+        found = remote[1].get("measured")
+    timed_on = (found or {}).get("device")
+    measured = (found or {}).get("variants", {})
     record = measured.get(variant)
     if record is None:
         raise VariantNotUsableError(
             f"variant {variant} of {scorer.version} was never measured: run `python jobs/export.py --model ... "
             f"--data BMAD_DIR --variants fp32,{variant}` (validation AUROC within {VARIANT_TOLERANCE} of fp32)"
         )
-    if not record.get("usable"):
+    if not record.get("accurate", record.get("usable")):
         raise VariantNotUsableError(
             f"variant {variant} of {scorer.version} lost accuracy: validation image/pixel AUROC "
             f"{record.get('image_auroc')} / {record.get('pixel_auroc')} vs fp32 "
             f"{measured['fp32'].get('image_auroc')} / {measured['fp32'].get('pixel_auroc')} "
             f"(tolerance {VARIANT_TOLERANCE}); score with fp32"
         )
+    device = "cuda" if str(device).startswith("cuda") else "cpu"
+    if not record.get("faster", True):
+        if timed_on == device:
+            raise VariantNotUsableError(
+                f"variant {variant} of {scorer.version} ran at {record.get('speed_vs_fp32')}x the speed of fp32 "
+                f"on {device}: score with fp32"
+            )
+        log.warning("variant %s was timed on %s, not on %s: allowed by its accuracy alone", variant, timed_on, device)
     return record
 
 
@@ -414,7 +427,7 @@ def load_network(
     if engine == "torch":
         return TorchNetwork(scorer.model)
     if require_usable:
-        check_usable(scorer, variant)
+        check_usable(scorer, variant, device or _default_device())
     path = ensure_onnx(scorer, variant)
     # On CPU the CPU provider alone (an onnxruntime-gpu build would otherwise take a GPU the caller did not pick).
     providers = ["CPUExecutionProvider"] if device is not None and not str(device).startswith("cuda") else None

@@ -104,6 +104,41 @@ def evaluate(scorer: Scorer, data: str, split: str = "test", batch_size: int = 8
     return out
 
 
+SPEED_BATCH = 8  # frames per timed network call
+SPEED_CALLS = 5  # timed calls per variant after one warm-up; the fastest counts (least disturbed by other work)
+
+
+def network_speed(network, input_size: int, seed: int = 0) -> float:
+    """Images/s of ``network`` alone on uint8 frames: the fastest of ``SPEED_CALLS`` calls of ``SPEED_BATCH``."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (SPEED_BATCH, 3, input_size, input_size), dtype=np.uint8)
+    network(pixels)  # warm-up: first-call allocations and graph optimisation
+    best = math.inf
+    for _ in range(SPEED_CALLS):
+        t0 = time.perf_counter()
+        network(pixels)
+        best = min(best, time.perf_counter() - t0)
+    return SPEED_BATCH / best
+
+
+def variant_verdict(row: dict, ref: dict, is_reference: bool) -> dict:
+    """Whether a variant is offered: within ``engine.VARIANT_TOLERANCE`` of fp32's image and pixel AUROC
+    and faster than fp32 on the device it was timed on (fp32 always is)."""
+    deltas = {}
+    for key in ("image_auroc", "pixel_auroc"):
+        if row[key] is not None and ref[key] is not None:
+            deltas[key] = round(abs(row[key] - ref[key]), 6)
+    ratio = row["images_per_s"] / ref["images_per_s"]
+    accurate = bool(deltas) and all(d <= engine.VARIANT_TOLERANCE for d in deltas.values())
+    faster = ratio > 1.0
+    return {
+        "max_auroc_delta": max(deltas.values()) if deltas else None,
+        "speed_vs_fp32": round(ratio, 3),
+        "accurate": is_reference or accurate,
+        "faster": is_reference or faster,
+        "usable": is_reference or (accurate and faster),
+    }
+
+
 def measure_variants(
     scorer: Scorer,
     data: str,
@@ -111,43 +146,45 @@ def measure_variants(
     split: str = "valid",
     limit: int | None = None,
 ) -> dict:
-    """Image and pixel AUROC of each variant on ``split`` next to fp32's; records them in the cache manifest.
+    """Image and pixel AUROC of each variant on ``split`` and its network's speed, next to fp32's; records
+    them in the cache manifest.
 
-    A variant is usable when both AUROCs are within ``engine.VARIANT_TOLERANCE`` of fp32's (fp32 itself
-    always is). Returns the record: ``{"split", "n_images", "tolerance", "variants": {...}}``.
+    A variant is usable when both AUROCs are within ``engine.VARIANT_TOLERANCE`` of fp32's and its
+    network runs faster than fp32's on this host's device (:func:`variant_verdict`). Returns the record:
+    ``{"split", "n_images", "tolerance", "device", "variants": {...}}``.
     """
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     variants = tuple(dict.fromkeys(("fp32", *variants)))
     rows = {}
     for variant in variants:
-        network = engine.load_network(scorer, "onnx", variant, device="cpu", require_usable=False)
+        network = engine.load_network(scorer, "onnx", variant, device=device, require_usable=False)
         probe = Scorer(scorer.model, scorer.head, scorer.calibration, scorer.meta, network=network)
         row = evaluate(probe, data, split, limit=limit)
         rows[variant] = {k: row.get(k) for k in ("image_auroc", "pixel_auroc", "seconds")}
         rows[variant]["n_images"] = row["n_images"]
-    ref = rows["fp32"]
+        rows[variant]["images_per_s"] = round(network_speed(network, scorer.input_size), 2)
     for variant, row in rows.items():
-        deltas = {}
-        for key in ("image_auroc", "pixel_auroc"):
-            if row[key] is not None and ref[key] is not None:
-                deltas[key] = round(abs(row[key] - ref[key]), 6)
-        row["max_auroc_delta"] = max(deltas.values()) if deltas else None
-        close = bool(deltas) and all(d <= engine.VARIANT_TOLERANCE for d in deltas.values())
-        row["usable"] = variant == "fp32" or close
+        row.update(variant_verdict(row, rows["fp32"], variant == "fp32"))
     record = {
         "split": split,
         "data": os.path.basename(os.path.normpath(data)),
-        "n_images": ref["n_images"],
+        "n_images": rows["fp32"]["n_images"],
         "tolerance": engine.VARIANT_TOLERANCE,
+        "device": device,
         "variants": rows,
     }
     engine.record_measurement(scorer, record)
     for variant, row in rows.items():
         log.info(
-            "variant %s: image/pixel AUROC %s / %s on %s (%s)",
+            "variant %s: image/pixel AUROC %s / %s on %s, %.2fx fp32's speed on %s (%s)",
             variant,
             row["image_auroc"],
             row["pixel_auroc"],
             split,
+            row["speed_vs_fp32"],
+            device,
             "usable" if row["usable"] else "NOT usable",
         )
     return record

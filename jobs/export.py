@@ -8,8 +8,9 @@ Triton, in each precision variant (``--variants``: fp32 as ``<name>``, int8 as
 ``<name>_int8``, fp16 as ``<name>_fp16``, each with its ``_ort`` twin). The graphs come
 from the artifact's engine cache (``adcore.engine``: exported once, reused by the
 scoring job). With ``--data`` the variants are scored on that BMAD folder's validation
-split and the image/pixel AUROC of each is recorded in the cache's manifest; a variant
-within 0.005 of fp32 on both is marked usable (the scoring job refuses the others).
+split and the image/pixel AUROC and network speed of each are recorded in the cache's manifest; a
+variant within 0.005 of fp32 on both and faster than fp32 on this host's device is marked usable
+(the scoring job refuses the others).
 
 The centroid / memory-bank matching and the calibration stay in the artifact, which
 stays where it is: the scoring job loads it for the FAISS stage and checks, with
@@ -128,12 +129,15 @@ def parse_variants(text: str) -> list[str]:
 
 
 def format_measured(record: dict) -> str:
-    """The variants' validation AUROC side by side."""
-    lines = [f"{'variant':8s} {'image AUROC':>12s} {'pixel AUROC':>12s} {'max delta':>10s}  usable"]
+    """The variants' validation AUROC and speed side by side."""
+    head = ["variant".ljust(8), *(h.rjust(12) for h in ("image AUROC", "pixel AUROC")), "max delta".rjust(10)]
+    lines = [" ".join([*head, "x fp32 speed".rjust(13)]) + "  usable"]
     for variant, row in record["variants"].items():
         cells = [row.get("image_auroc"), row.get("pixel_auroc"), row.get("max_auroc_delta")]
         text = ["-" if v is None else f"{v:.4f}" for v in cells]
-        lines.append(f"{variant:8s} {text[0]:>12s} {text[1]:>12s} {text[2]:>10s}  {'yes' if row['usable'] else 'NO'}")
+        speed = "-" if row.get("speed_vs_fp32") is None else f"{row['speed_vs_fp32']:.2f}"
+        usable = "yes" if row["usable"] else "NO"
+        lines.append(f"{variant:8s} {text[0]:>12s} {text[1]:>12s} {text[2]:>10s} {speed:>13s}  {usable}")
     return "\n".join(lines)
 
 

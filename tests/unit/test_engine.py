@@ -220,15 +220,29 @@ def test_int8_variant_measured_recorded_and_gated(artifact, demo):
     assert fp32["usable"] and fp32["max_auroc_delta"] == 0
     delta = max(abs(measured[k] - fp32[k]) for k in ("image_auroc", "pixel_auroc"))
     assert measured["max_auroc_delta"] == pytest.approx(delta, abs=1e-6)
-    assert measured["usable"] == (delta <= engine.VARIANT_TOLERANCE + 1e-6)
+    # Offered only when accurate and measured faster than fp32 on the device it was timed on.
+    assert record["device"] == "cpu" and fp32["images_per_s"] > 0 and measured["images_per_s"] > 0
+    ratio = measured["images_per_s"] / fp32["images_per_s"]
+    assert measured["speed_vs_fp32"] == pytest.approx(ratio, abs=2e-3)
+    assert measured["accurate"] == (delta <= engine.VARIANT_TOLERANCE + 1e-6)
+    assert measured["usable"] == (measured["accurate"] and ratio > 1)
 
-    # The scoring job's load obeys the record: usable -> loads; a failed measurement -> refused.
+    # The scoring job's load obeys the record: usable -> loads; lost accuracy or slower -> refused.
     folder = scorer.network.path.parent
-    for usable in (True, False):
-        manifest["measured"]["variants"]["int8"]["usable"] = usable
+    verdicts = {
+        "usable": {"accurate": True, "faster": True, "usable": True},
+        "lost accuracy": {"accurate": False, "faster": True, "usable": False},
+        "the speed of fp32": {"accurate": True, "faster": False, "usable": False},
+    }
+    for why, verdict in verdicts.items():
+        manifest["measured"]["variants"]["int8"].update(verdict)
         (folder / engine.CACHE_MANIFEST).write_text(json.dumps(manifest))
-        if usable:
+        if verdict["usable"]:
             assert engine.load_scorer(artifact, variant="int8", use_gpu=False, threads=1).network.path == int8.path
         else:
-            with pytest.raises(engine.VariantNotUsableError, match="lost accuracy"):
+            with pytest.raises(engine.VariantNotUsableError, match=why):
                 engine.load_scorer(artifact, variant="int8", use_gpu=False, threads=1)
+    # Timed on another device: its speed says nothing here, accuracy alone decides.
+    manifest["measured"]["device"] = "cuda"
+    (folder / engine.CACHE_MANIFEST).write_text(json.dumps(manifest))
+    assert engine.load_scorer(artifact, variant="int8", use_gpu=False, threads=1).network.path == int8.path
