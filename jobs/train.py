@@ -5,8 +5,9 @@
 
 The train split is streamed (``adcore.training.stream``): the driver lists it once (local folder or
 ``s3://`` prefix, no image read), cuts the listing into one equal shard per rank, and Ray Data
-decodes and resizes each shard in CPU tasks; a rank holds only the batches in flight and synthesises
-anomalies with a seed of (seed, epoch, image). Validation reads only its ``--max-valid`` images (from
+decodes and resizes each shard in CPU tasks, which keep the frames in a cache beside the checkpoints
+(``adcore.training.frame_cache``) that later passes and runs read instead of the images; a rank holds
+only the batches in flight and synthesises anomalies with a seed of (seed, epoch, image). Validation reads only its ``--max-valid`` images (from
 S3: each node copies just those, chosen from the listing). Families that index their images
 (``MethodFamily.needs_images_in_memory``, DRA) and ``--no-stream`` load each rank's shard into memory
 instead. Every stage-2 epoch reports
