@@ -7,13 +7,13 @@ The train split is streamed (``adcore.training.stream``): the driver lists it on
 ``s3://`` prefix, no image read), cuts the listing into one equal shard per rank, and Ray Data
 decodes and resizes each shard in CPU tasks, which keep the frames in a cache beside the checkpoints
 (``adcore.training.frame_cache``) that later passes and runs read instead of the images; a rank holds
-only the batches in flight and synthesises anomalies with a seed of (seed, epoch, image). Validation reads only its ``--max-valid`` images (from
-S3: each node copies just those, chosen from the listing). Families that index their images
-(``MethodFamily.needs_images_in_memory``, DRA) and ``--no-stream`` load each rank's shard into memory
-instead. Every stage-2 epoch reports
-loss and validation AUROC through ``ray.train.report``; rank 0 attaches the training
-state as a checkpoint in ``--storage``. A restarted worker group (``--max-failures``) or
-a rerun with the same ``--storage`` and run name resumes from the latest checkpoint.
+only the batches in flight and synthesises anomalies with a seed of (seed, epoch, image). Validation
+reads only its ``--max-valid`` images (from S3: each node copies just those, chosen from the listing).
+Families that index their images (``MethodFamily.needs_images_in_memory``, DRA) and ``--no-stream``
+load each rank's shard into memory instead. Every stage-2 epoch reports loss and validation AUROC
+through ``ray.train.report``; rank 0 attaches the training state as a checkpoint in ``--storage``.
+A restarted worker group (``--max-failures``) or a rerun with the same ``--storage`` and run name
+resumes from the latest checkpoint.
 Rank 0 saves the artifact to ``--output``. With ``--use-gpu`` each worker trains on its GPU
 (model, batches, loss, optimiser; NCCL; autocast unless ``--no-mixed-precision``).
 """
