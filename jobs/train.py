@@ -63,6 +63,7 @@ TRAIN_DATASET = "train"  # rank r reads the Ray Dataset named train_<r>
 DECODE_BLOCK_ROWS = 64  # listing rows per Ray Data block: the unit of parallel decoding
 FRAME_CACHE_FOLDER = "frame-cache"  # under --storage, beside the runs' checkpoints
 SHUFFLE_BUFFER = 256  # decoded images a rank shuffles among (about 150 MB at 384 px)
+SYNTH_PREFETCH = 2  # batches a rank reads and synthesises in a thread while it trains on the current one
 
 
 @dataclass
@@ -211,6 +212,7 @@ def train_worker(config: dict) -> None:
             seed=cfg.seed,
             image_level_only=streamed["image_level_only"],
             skipped=SkippedImages(job.data, cfg.max_bad_share, total=streamed["images"]),
+            prefetch=SYNTH_PREFETCH,
         )
         hooks.train_images = streamed["images"]
     train(data, cfg, output=job.output, hooks=hooks)

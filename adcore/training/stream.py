@@ -31,6 +31,7 @@ from adcore.data.errors import DatasetLayoutError, DecodeError
 from adcore.scorer import prepare, to_uint8
 from adcore.training.data import Batch, MakerFactory, default_makers, resize_mask, stack_batch, synthesize
 from adcore.training.frame_cache import FrameCache
+from adcore.training.prefetch import prefetched
 from adcore.training.skipped import SkippedImages, read_with_retries, reason_of
 
 # Columns of a training listing: a stable image index (synthesis seed), the image, its mask ("" when
@@ -226,6 +227,8 @@ class StreamedBatches:
         seed: with the epoch and the image index, seeds each image's synthesis.
         image_level_only: labelled anomalies of the shard without a mask (:func:`image_level_only`).
         skipped: where the rows that could not be decoded are recorded (default: a new record).
+        prefetch: batches read and synthesised ahead in a thread while the caller trains on the
+            current one (0: none); the batches are the same either way.
 
     Rows with an ``error`` are left out; an epoch then ends early, and its last batch is repeated so
     that a pass still yields ``len(self)`` batches (every rank runs the same number of steps).
@@ -240,8 +243,10 @@ class StreamedBatches:
         seed: int = 0,
         image_level_only: int = 0,
         skipped: SkippedImages | None = None,
+        prefetch: int = 0,
     ):
         self.iterate, self.n_images, self.batch_size = iterate, n_images, batch_size
+        self.prefetch = prefetch
         self.anomaly_share, self.seed = anomaly_share, seed
         self.image_level_only = image_level_only
         self.skipped = skipped if skipped is not None else SkippedImages(total=n_images)
@@ -254,6 +259,9 @@ class StreamedBatches:
     ) -> Iterator[Batch]:
         """One pass over the stream; arguments as ``SyntheticAnomalyBatches.epoch``. Foreign
         textures come from the other images of the same batch."""
+        return prefetched(self._epoch(epoch, anomaly_share, makers), self.prefetch)
+
+    def _epoch(self, epoch: int, anomaly_share: float | None, makers: MakerFactory | None) -> Iterator[Batch]:
         share = self.anomaly_share if anomaly_share is None else anomaly_share
         factory = makers or default_makers
         yielded, last = 0, None
