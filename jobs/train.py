@@ -376,6 +376,7 @@ def main(job: JobConfig, cfg: TrainConfig):
         data=storage.absolute(job.data),
         output=storage.absolute(job.output),
         storage=storage.absolute(job.storage) if job.storage else None,
+        frame_cache_dir=storage.absolute(job.frame_cache_dir) if job.frame_cache_dir else None,
     )
     init_ray(job.ray_address)
     started = time.monotonic()

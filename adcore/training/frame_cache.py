@@ -97,7 +97,7 @@ class FrameCache:
         try:
             data = reader.read(self.block_uri(indexes, "npy"))
             return self._checked(entry, data, batch)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError) as e:  # whatever the bytes hold
             log.warning("frame cache block %s refused (%s): its images are decoded again", entry_name(self, indexes), e)
             return None
 

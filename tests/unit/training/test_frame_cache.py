@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -86,6 +87,16 @@ def test_a_tampered_block_is_refused_and_rebuilt(demo, tmp_path, caplog):
     npy.with_suffix(".json").write_text(json.dumps(entry))
     caplog.clear()
     assert cache.load(batch, reader) is None and "expected |u1" in caplog.text
+
+    # Whatever else the files hold is refused, never raised: an empty block with its sha256, an entry
+    # that is not an object.
+    npy.write_bytes(b"")
+    entry["sha256"] = hashlib.sha256(b"").hexdigest()
+    npy.with_suffix(".json").write_text(json.dumps(entry))
+    assert cache.load(batch, reader) is None
+    npy.with_suffix(".json").write_text("[]")
+    assert cache.load(batch, reader) is None
+    _assert_same(DecodeTrain(SIZE, cache)(batch), plain)
 
 
 def test_a_manifest_of_another_cache_is_ignored_and_rebuilt(demo, tmp_path, caplog):
