@@ -168,7 +168,7 @@ def open_cache(location: str, listing: pa.Table, size: int) -> FrameCache:
         except (OSError, ValueError):
             found = "unreadable"
     if found == expected:
-        log.info("frame cache %s: reusing the decoded frames of %d images", cache.root, listing.num_rows)
+        log.info("frame cache %s: reusing what earlier runs decoded (%d images listed)", cache.root, listing.num_rows)
         return cache
     if found is not None:
         log.warning("frame cache %s: its manifest does not match this run's; rebuilt", cache.root)
