@@ -26,6 +26,7 @@ fresh process: its peak RSS (target: at most 1.2x once N's patches exceed ``--fi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -264,6 +265,7 @@ def s3_rows(work: pathlib.Path, bench: BenchConfig) -> list[dict]:
     from adcore import storage
     from tests.faults_proxy import FaultProxy
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the moto server's line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
