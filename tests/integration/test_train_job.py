@@ -194,6 +194,33 @@ def test_images_are_read_once_per_run_with_the_same_losses(dataset, s3_server, r
     assert storage.list_files(f"{bucket}/ray/{train_job.FRAME_CACHE_FOLDER}", suffixes=[".npy"])
 
 
+def test_decode_tasks_ask_for_a_cpu_when_the_cluster_can_grow(ray_tmp, monkeypatch):
+    """Decode tasks ask for --decode-cpus whenever the cluster can give it: now, or through its
+    autoscaler (whose node groups Ray keeps in the GCS; published here as an autoscaler does, since
+    no node provider runs on this machine); 0 only when a fixed cluster's CPUs are all taken."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    job = train_job.JobConfig(data="unused", output="unused", num_workers=2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        assert train_job._decode_cpus(dataclasses.replace(job, num_workers=1)) == 1.0
+        assert train_job._decode_cpus(job) == 0.0, "a fixed cluster whose CPUs the workers hold: shared cores"
+        config = autoscaler_pb2.ClusterConfig()
+        group = config.node_group_configs.add(name="cpu", max_count=4)
+        group.resources["CPU"] = 4
+        _internal_kv_put(
+            ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
+            config.SerializeToString(),
+            namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(),
+        )
+        assert train_job._decode_cpus(job) == 1.0, "an autoscaler can add CPU nodes: the tasks ask for them"
+    finally:
+        ray.shutdown()
+
+
 def _job_cmd(dataset: Path, out: Path, store: Path, epochs: int) -> list[str]:
     return [
         sys.executable,
