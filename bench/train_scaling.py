@@ -11,19 +11,26 @@ Then, with one worker, the streamed train split (Ray Data decode tasks, the defa
 in-memory one (``--no-stream``): compute samples/s of each and their ratio, and the worker's peak
 RSS for N and 4N training images (target: growth under 20 % when streamed).
 
+Then the S3 image GETs of a streamed run from a moto S3 server (one worker, a fresh local cluster,
+``--s3-epochs`` epochs), counted by the proxy of ``tests/faults_proxy.py``, with the frame cache (the
+default) and with ``--no-frame-cache``, as a ratio to the training images (target: at most 1.05x
+with the cache).
+
 Last, the head's fit alone (PatchCore, every normal patch) on N and 8N streamed images, each in a
 fresh process: its peak RSS (target: at most 1.2x once N's patches exceed ``--fit-max-patches``).
 
     .venv/bin/python bench/train_scaling.py [--n-train 96] [--epochs 5] [--no-tiny] [--memory-images 96] \
-        [--fit-images 1000] [--fit-max-patches 400000]
+        [--fit-images 1000] [--fit-max-patches 400000] [--s3-images 64] [--s3-epochs 3]
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +38,7 @@ from dataclasses import dataclass
 # Measured: cuts the wait of each ray.train.report from up to 2 s to about 0.2 s.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests.faults_proxy counts the S3 GETs
 
 from adcore.cli import parse_config
 from adcore.data.demo import make_demo_dataset
@@ -55,6 +63,8 @@ class BenchConfig:
     fit_images: int = 1000  # N of the head-fit rows (N and 8N images, streamed; 0: skip them)
     fit_preset: str = "patchcore"  # its fit keeps the most: every normal patch of every image
     fit_max_patches: int = FIT_MAX_PATCHES  # --fit-max-patches of the head-fit rows
+    s3_images: int = 64  # training images of the S3 GET rows (0: skip them)
+    s3_epochs: int = 3  # stage-2 epochs of the S3 GET rows
 
 
 def run_once(
@@ -238,6 +248,68 @@ def print_fit(rows: list[dict], bench: BenchConfig) -> None:
     print(f"peak RSS {rows[0]['fit_images']} -> {rows[-1]['fit_images']} images: {b / a:.2f}x (target <= 1.2x)")
 
 
+S3_ENV = {  # dummy credentials of the local moto server only
+    "AWS_ACCESS_KEY_ID": "bench-key",
+    "AWS_SECRET_ACCESS_KEY": "bench-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def s3_rows(work: pathlib.Path, bench: BenchConfig) -> list[dict]:
+    """Image GETs of a streamed one-worker run from S3, with and without the frame cache; on a fresh
+    local Ray cluster that inherits the proxy's endpoint (call with Ray shut down)."""
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    from adcore import storage
+    from tests.faults_proxy import FaultProxy
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the moto server's line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
+    rows = []
+    try:
+        with FaultProxy(f"http://{host}:{port}") as proxy:
+            os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": proxy.endpoint})
+            storage.s3_client().create_bucket(Bucket="bench-train")
+            data = make_demo_dataset(work / "data-s3", n_train=bench.s3_images, n_valid=8, n_test=2, size=64)
+            storage.upload_dir(data, "s3://bench-train/data")
+            cfg = TrainConfig(preset=bench.preset, tiny=bench.tiny, epochs=bench.s3_epochs, batch_size=bench.batch_size)
+            for cache in (True, False):
+                job = train_job.JobConfig(
+                    data="s3://bench-train/data",
+                    output=str(work / f"model-s3-{cache}"),
+                    storage=str(work / "ray-s3"),
+                    max_failures=0,
+                    frame_cache=cache,
+                )
+                before = proxy.gets("/data/train/")
+                train_job.main(job, cfg)
+                rows.append({"frame_cache": cache, "gets": proxy.gets("/data/train/") - before})
+    finally:
+        ray.shutdown()
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return rows
+
+
+def print_s3(rows: list[dict], bench: BenchConfig) -> None:
+    print()
+    print(f"S3 image GETs, one worker, {bench.s3_images} training images, {bench.s3_epochs} epochs (+ stage 1, fit):")
+    for r in rows:
+        ratio = r["gets"] / bench.s3_images
+        kind = "frame cache" if r["frame_cache"] else "--no-frame-cache"
+        target = " (target <= 1.05x)" if r["frame_cache"] else ""
+        print(f"{kind:>16}: {r['gets']} GETs = {ratio:.2f}x the training images{target}")
+
+
 def main(bench: BenchConfig) -> list[dict]:
     import ray
     from ray.cluster_utils import Cluster
@@ -246,24 +318,29 @@ def main(bench: BenchConfig) -> list[dict]:
     if "RAY_TMPDIR" not in os.environ:  # short, for unix socket paths; removed at the end with `work`
         os.environ["RAY_TMPDIR"] = str(work / "ray")
     data = make_demo_dataset(work / "data", n_train=bench.n_train, n_valid=8, n_test=2, size=bench.image_size)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     rows = []
     try:
-        cluster.add_node(num_cpus=1)
-        for workers in WORKER_COUNTS:
-            rows.append(run_once(cluster.address, str(data), work, workers, bench))
-        memory = memory_rows(cluster.address, work, bench) if bench.memory_images else []
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            cluster.add_node(num_cpus=1)
+            for workers in WORKER_COUNTS:
+                rows.append(run_once(cluster.address, str(data), work, workers, bench))
+            memory = memory_rows(cluster.address, work, bench) if bench.memory_images else []
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        s3 = s3_rows(work, bench) if bench.s3_images else []
     finally:
-        ray.shutdown()
-        cluster.shutdown()
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
     if memory:
         print_memory(memory, bench)
+    if s3:
+        print_s3(s3, bench)
     fit = fit_rows(bench) if bench.fit_images else []
     if fit:
         print_fit(fit, bench)
-    return rows + memory + fit
+    return rows + memory + s3 + fit
 
 
 if __name__ == "__main__":

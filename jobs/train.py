@@ -5,14 +5,15 @@
 
 The train split is streamed (``adcore.training.stream``): the driver lists it once (local folder or
 ``s3://`` prefix, no image read), cuts the listing into one equal shard per rank, and Ray Data
-decodes and resizes each shard in CPU tasks; a rank holds only the batches in flight and synthesises
-anomalies with a seed of (seed, epoch, image). Validation reads only its ``--max-valid`` images (from
-S3: each node copies just those, chosen from the listing). Families that index their images
-(``MethodFamily.needs_images_in_memory``, DRA) and ``--no-stream`` load each rank's shard into memory
-instead. Every stage-2 epoch reports
-loss and validation AUROC through ``ray.train.report``; rank 0 attaches the training
-state as a checkpoint in ``--storage``. A restarted worker group (``--max-failures``) or
-a rerun with the same ``--storage`` and run name resumes from the latest checkpoint.
+decodes and resizes each shard in CPU tasks, which keep the frames in a cache beside the checkpoints
+(``adcore.training.frame_cache``) that later passes and runs read instead of the images; a rank holds
+only the batches in flight and synthesises anomalies with a seed of (seed, epoch, image). Validation
+reads only its ``--max-valid`` images (from S3: each node copies just those, chosen from the listing).
+Families that index their images (``MethodFamily.needs_images_in_memory``, DRA) and ``--no-stream``
+load each rank's shard into memory instead. Every stage-2 epoch reports loss and validation AUROC
+through ``ray.train.report``; rank 0 attaches the training state as a checkpoint in ``--storage``.
+A restarted worker group (``--max-failures``) or a rerun with the same ``--storage`` and run name
+resumes from the latest checkpoint.
 Rank 0 saves the artifact to ``--output``. With ``--use-gpu`` each worker trains on its GPU
 (model, batches, loss, optimiser; NCCL; autocast unless ``--no-mixed-precision``).
 """
@@ -38,6 +39,7 @@ from adcore.data import bmad
 from adcore.errors import DataNotFoundError, UserError
 from adcore.models import create, family_for
 from adcore.training import TrainConfig, TrainHooks, dist, refuse_unused_flags, train
+from adcore.training.frame_cache import open_cache
 from adcore.training.loop import SMOKE_IMAGES, model_overrides
 from adcore.training.skipped import SkippedImages
 from adcore.training.stream import (
@@ -59,8 +61,9 @@ KEEP_CHECKPOINTS = 2  # bounded storage; resuming only needs the latest
 RUN_PREFIX = "train"  # run names are train-<hash of --output> unless --run-name is given
 TRAIN_DATASET = "train"  # rank r reads the Ray Dataset named train_<r>
 DECODE_BLOCK_ROWS = 64  # listing rows per Ray Data block: the unit of parallel decoding
-DECODE_BATCH = 16  # images per map_batches call inside a decode task
+FRAME_CACHE_FOLDER = "frame-cache"  # under --storage, beside the runs' checkpoints
 SHUFFLE_BUFFER = 256  # decoded images a rank shuffles among (about 150 MB at 384 px)
+SYNTH_PREFETCH = 2  # batches a rank reads and synthesises in a thread while it trains on the current one
 
 
 @dataclass
@@ -78,14 +81,19 @@ class JobConfig:
     ray_address: str | None = None  # Ray cluster to join; default: RAY_ADDRESS or a new local cluster
     timings: str | None = hidden(None)  # rank 0 writes its timings here as JSON (local or s3://; benchmarks)
     stream: bool = True  # stream the train split through Ray Data; --no-stream: each rank loads its shard
-    decode_cpus: float = 1.0  # CPUs per decode task (0 when the training workers leave none free)
+    decode_cpus: float = 1.0  # CPUs per decode task (0 when the training workers leave none free on a fixed cluster)
     decode_tasks: int = 4  # decode tasks in flight per rank's dataset
+    frame_cache: bool = True  # keep the decoded frames for later passes and runs; --no-frame-cache: decode each pass
+    frame_cache_dir: str | None = None  # where (local or s3://); default: <storage>/frame-cache
 
     def storage_uri(self) -> str:
         return self.storage or self.output.rstrip("/") + "-checkpoints"
 
     def name(self) -> str:
         return self.run_name or run_name(RUN_PREFIX, self.output)
+
+    def frame_cache_uri(self) -> str:
+        return self.frame_cache_dir or self.storage_uri().rstrip("/") + "/" + FRAME_CACHE_FOLDER
 
 
 def make_wrap(world_size: int) -> Callable[[nn.Module], nn.Module]:
@@ -204,6 +212,7 @@ def train_worker(config: dict) -> None:
             seed=cfg.seed,
             image_level_only=streamed["image_level_only"],
             skipped=SkippedImages(job.data, cfg.max_bad_share, total=streamed["images"]),
+            prefetch=SYNTH_PREFETCH,
         )
         hooks.train_images = streamed["images"]
     train(data, cfg, output=job.output, hooks=hooks)
@@ -255,13 +264,14 @@ def train_datasets(job: JobConfig, cfg: TrainConfig) -> tuple[dict, dict]:
         listing = listing.take(_smoke_rows(listing.column("label").to_numpy()))
     shards = [shard_listing(listing, r, job.num_workers) for r in range(job.num_workers)]
     cpus = _decode_cpus(job)
+    cache = open_cache(job.frame_cache_uri(), listing, model.input_size) if job.frame_cache else None
     datasets = {}
     for r, shard in enumerate(shards):
         blocks = [shard.slice(i, DECODE_BLOCK_ROWS) for i in range(0, shard.num_rows, DECODE_BLOCK_ROWS)]
         datasets[f"{TRAIN_DATASET}_{r}"] = ds = ray.data.from_arrow(blocks).map_batches(
             decode_train,
-            fn_kwargs={"size": model.input_size},
-            batch_size=DECODE_BATCH,
+            fn_kwargs={"size": model.input_size, "cache": cache},
+            batch_size=DECODE_BLOCK_ROWS,  # a block per call: one frame-cache file each
             num_cpus=cpus,
             compute=ray.data.TaskPoolStrategy(size=max(1, min(job.decode_tasks, len(blocks)))),
         )
@@ -285,11 +295,12 @@ def train_datasets(job: JobConfig, cfg: TrainConfig) -> tuple[dict, dict]:
 
 
 def _decode_cpus(job: JobConfig) -> float:
-    """``--decode-cpus``, or 0 when the training workers hold every CPU of the cluster (a laptop, a
+    """``--decode-cpus``, the CPUs each decode task asks for, so that an autoscaling cluster starts
+    CPU nodes for them; 0 when the training workers hold every CPU a fixed cluster has (a laptop, a
     test cluster): decoding then shares their cores instead of waiting forever for a free one."""
     import ray
 
-    free = ray.cluster_resources().get("CPU", 0) - job.num_workers * job.cpus_per_worker
+    free = _cluster_cpus(ray) - job.num_workers * job.cpus_per_worker
     if free >= job.decode_cpus:
         return job.decode_cpus
     log.warning(
@@ -298,6 +309,18 @@ def _decode_cpus(job: JobConfig) -> float:
         max(free, 0),
     )
     return 0.0
+
+
+def _cluster_cpus(ray) -> float:
+    """The CPUs the cluster can reach: its autoscaler's limit (Ray Data and Train read the same), else
+    what it has now (a fixed cluster)."""
+    try:
+        from ray._private.state import state
+
+        most = (state.get_max_resources_from_cluster_config() or {}).get("CPU")
+    except Exception:  # a private API: a Ray without it is treated as a fixed cluster
+        most = None
+    return float(most) if most else ray.cluster_resources().get("CPU", 0)
 
 
 def _smoke_rows(labels) -> list[int]:
@@ -353,6 +376,7 @@ def main(job: JobConfig, cfg: TrainConfig):
         data=storage.absolute(job.data),
         output=storage.absolute(job.output),
         storage=storage.absolute(job.storage) if job.storage else None,
+        frame_cache_dir=storage.absolute(job.frame_cache_dir) if job.frame_cache_dir else None,
     )
     init_ray(job.ray_address)
     started = time.monotonic()

@@ -30,6 +30,8 @@ from adcore.data.decode import decode_image
 from adcore.data.errors import DatasetLayoutError, DecodeError
 from adcore.scorer import prepare, to_uint8
 from adcore.training.data import Batch, MakerFactory, default_makers, resize_mask, stack_batch, synthesize
+from adcore.training.frame_cache import FrameCache
+from adcore.training.prefetch import prefetched
 from adcore.training.skipped import SkippedImages, read_with_retries, reason_of
 
 # Columns of a training listing: a stable image index (synthesis seed), the image, its mask ("" when
@@ -37,24 +39,39 @@ from adcore.training.skipped import SkippedImages, read_with_retries, reason_of
 LISTING_SCHEMA = pa.schema(
     [("index", pa.int64()), ("uri", pa.string()), ("mask_uri", pa.string()), ("label", pa.int8())]
 )
+# What :func:`train_listing` adds: each file's version, "<size>:<ETag>" on S3, "<size>:<mtime ns>"
+# locally ("" for no mask), so a changed file changes the frame cache's key (``frame_cache``).
+VERSION_COLUMNS = ("version", "mask_version")
 
 
 def train_listing(root: str, labelled: int = 0, seed: int = 0) -> pa.Table:
-    """The train split of a BMAD folder or ``s3://`` prefix as a listing (:data:`LISTING_SCHEMA`).
+    """The train split of a BMAD folder or ``s3://`` prefix as a listing (:data:`LISTING_SCHEMA`
+    and :data:`VERSION_COLUMNS`).
 
     The samples of ``adcore.data.bmad.list_split(root, "train", labelled=..., seed=...)``, in its
     order, without reading an image. An ``s3://`` prefix is listed once (paged LIST requests) and the
     reader runs on a local tree of empty files with the same names (and the dataset's
     ``categories.csv``), so local and S3 datasets follow exactly the same layout rules.
     """
-    with split_samples(root, "train", labelled, seed) as (samples, local_root, base):
-        return _listing(samples, local_root, base)
+    with split_samples(root, "train", labelled, seed) as (samples, local_root, base, versions):
+        listing = _listing(samples, local_root, base)
+        version = (lambda p: versions.get(p, "")) if versions is not None else _local_version
+        for column, attr in zip(VERSION_COLUMNS, ("path", "mask_path")):
+            values = [version(str(p)) if p else "" for p in (getattr(s, attr) for s in samples)]
+            listing = listing.append_column(column, pa.array(values, pa.string()))
+        return listing
+
+
+def _local_version(path: str) -> str:
+    """``"<size>:<mtime ns>"`` of a local file."""
+    st = Path(path).stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def sampled_files(root: str, split: str, limit: int | None) -> list[str]:
     """The files ``load_split(root, split, limit)`` reads (images, then masks), relative to ``root``:
     what a node copies of a split it only samples (validation), found from the listing alone."""
-    with split_samples(root, split) as (samples, local_root, _):
+    with split_samples(root, split) as (samples, local_root, _, _):
         chosen = pick_samples(samples, split, limit)
         paths = [s.path for s in chosen] + [s.mask_path for s in chosen if s.mask_path]
         return [Path(p).relative_to(local_root).as_posix() for p in paths]
@@ -62,25 +79,29 @@ def sampled_files(root: str, split: str, limit: int | None) -> list[str]:
 
 @contextmanager
 def split_samples(root: str, split: str, labelled: int = 0, seed: int = 0):
-    """``(samples, local_root, root)`` of a split: ``bmad.list_split`` on a local folder, or on a
-    local tree of empty files named as an ``s3://`` prefix's objects (no image read)."""
+    """``(samples, local_root, root, versions)`` of a split: ``bmad.list_split`` on a local folder
+    (``versions`` None), or on a local tree of empty files named as an ``s3://`` prefix's objects (no
+    image read; ``versions``: ``"<size>:<ETag>"`` by the local name)."""
     base = str(root).rstrip("/")
     if not storage.is_s3(base):
-        yield bmad.list_split(base, split, labelled=labelled, seed=seed), base, base
+        yield bmad.list_split(base, split, labelled=labelled, seed=seed), base, base, None
         return
     if not storage.exists(f"{base}/{split}"):
         raise DatasetLayoutError(f"{base}/{split}", f"a '{split}' folder under {root}")
     with tempfile.TemporaryDirectory(prefix="adcore-listing-") as shadow:
-        for uri in storage.list_objects(f"{base}/{split}").column("uri").to_pylist():
+        versions = {}
+        objects = storage.list_objects(f"{base}/{split}")
+        for uri, size, version in zip(*(objects.column(c).to_pylist() for c in ("uri", "size", "version"))):
             rel = uri[len(base) + 1 :]
             if rel.startswith(f"{split}/") and not rel.endswith("/"):  # not a folder marker
                 path = Path(shadow, rel)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.touch()
+                versions[str(path)] = f"{size}:{version}"
         categories = f"{base}/{bmad.CATEGORIES_FILE}"
         if storage.exists(categories):
             Path(shadow, bmad.CATEGORIES_FILE).write_bytes(storage.read_bytes(categories))
-        yield bmad.list_split(shadow, split, labelled=labelled, seed=seed), shadow, base
+        yield bmad.list_split(shadow, split, labelled=labelled, seed=seed), shadow, base, versions
 
 
 def pick_samples(samples: list, split: str, limit: int | None, rank: int = 0, world_size: int = 1) -> list:
@@ -131,14 +152,26 @@ class DecodeTrain:
     first frame and resizes it to the network's input size, so only ``S*S*4`` bytes per image travel
     to the rank. A file that still cannot be read, or does not decode, keeps its row with an ``error``
     (its reason; empty pixels): the rank leaves it out and counts it (:class:`StreamedBatches`).
+    With a ``cache`` (:class:`adcore.training.frame_cache.FrameCache`) a batch already decoded by an
+    earlier pass or run is read from it instead, and a newly decoded one is written to it.
     """
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, cache: FrameCache | None = None):
+        self.size, self.cache = size, cache
         self.reader = storage.Reader()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels, masks, has_mask, errors = [], [], [], []
+        out = self.cache.load(batch, self.reader) if self.cache is not None else None
+        if out is None:
+            out, read_failed = self._decode_batch(batch)
+            if self.cache is not None and not read_failed:  # a failed read may pass: never kept
+                self.cache.store(out, self.reader)
+        out["error"] = np.asarray(out["error"], object)
+        out["uri"] = np.asarray(batch["uri"], object)
+        return out
+
+    def _decode_batch(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bool]:
+        pixels, masks, has_mask, errors, read_failed = [], [], [], [], False
         for uri, mask_uri in zip(batch["uri"], batch["mask_uri"]):
             has_mask.append(bool(mask_uri))
             try:
@@ -148,17 +181,18 @@ class DecodeTrain:
                 image = np.zeros((3, self.size, self.size), np.uint8)
                 mask = np.zeros((self.size, self.size), bool)
                 errors.append(reason_of(e))
+                read_failed |= not isinstance(e, DecodeError)
             pixels.append(image)
             masks.append(mask)
-        return {
+        out = {
             "index": np.asarray(batch["index"], np.int64),
             "pixels": np.stack(pixels),  # [B, 3, S, S] uint8
             "mask": np.stack(masks),  # [B, S, S] bool
             "has_mask": np.asarray(has_mask, bool),  # False: no mask file (a labelled anomaly's is unknown)
             "label": np.asarray(batch["label"], np.int8),
-            "uri": np.asarray(batch["uri"], object),
             "error": np.asarray(errors, object),  # "" when decoded
         }
+        return out, read_failed
 
     def _decode(self, uri: str, mask_uri: str) -> tuple[np.ndarray, np.ndarray]:
         image = decode_image(read_with_retries(self.reader.read, uri), uri)[0].pixels
@@ -176,9 +210,9 @@ def image_level_only(listing: pa.Table) -> int:
     return int(((labels == 1) & no_mask).sum())
 
 
-def decode_train(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+def decode_train(batch: dict[str, np.ndarray], size: int, cache: FrameCache | None = None) -> dict[str, np.ndarray]:
     """:class:`DecodeTrain` as a plain function (one reader per call: a Ray Data task's batch)."""
-    return DecodeTrain(size)(batch)
+    return DecodeTrain(size, cache)(batch)
 
 
 class StreamedBatches:
@@ -193,6 +227,8 @@ class StreamedBatches:
         seed: with the epoch and the image index, seeds each image's synthesis.
         image_level_only: labelled anomalies of the shard without a mask (:func:`image_level_only`).
         skipped: where the rows that could not be decoded are recorded (default: a new record).
+        prefetch: batches read and synthesised ahead in a thread while the caller trains on the
+            current one (0: none); the batches are the same either way.
 
     Rows with an ``error`` are left out; an epoch then ends early, and its last batch is repeated so
     that a pass still yields ``len(self)`` batches (every rank runs the same number of steps).
@@ -207,8 +243,10 @@ class StreamedBatches:
         seed: int = 0,
         image_level_only: int = 0,
         skipped: SkippedImages | None = None,
+        prefetch: int = 0,
     ):
         self.iterate, self.n_images, self.batch_size = iterate, n_images, batch_size
+        self.prefetch = prefetch
         self.anomaly_share, self.seed = anomaly_share, seed
         self.image_level_only = image_level_only
         self.skipped = skipped if skipped is not None else SkippedImages(total=n_images)
@@ -221,6 +259,9 @@ class StreamedBatches:
     ) -> Iterator[Batch]:
         """One pass over the stream; arguments as ``SyntheticAnomalyBatches.epoch``. Foreign
         textures come from the other images of the same batch."""
+        return prefetched(self._epoch(epoch, anomaly_share, makers), self.prefetch)
+
+    def _epoch(self, epoch: int, anomaly_share: float | None, makers: MakerFactory | None) -> Iterator[Batch]:
         share = self.anomaly_share if anomaly_share is None else anomaly_share
         factory = makers or default_makers
         yielded, last = 0, None

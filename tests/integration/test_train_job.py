@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from adcore.data.demo import make_demo_dataset
 from adcore.training import TrainConfig
 from adcore.training.skipped import BadImageShareError
 from jobs import train as train_job
+from tests.faults_proxy import FaultProxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
 
@@ -155,6 +157,68 @@ def test_unreadable_image_on_s3_is_skipped_then_refused_above_the_share(s3_serve
     message = str(refused.value)
     assert "\n" not in message and message.startswith("1 of 8 train images cannot be read or decoded"), message
     assert not (tmp_path / "refused").exists()
+
+
+def _losses(summary: dict) -> list[tuple]:
+    return [(r["stage"], r["epoch"], r["loss"]) for r in summary["history"] if r["loss"] is not None]
+
+
+def test_images_are_read_once_per_run_with_the_same_losses(dataset, s3_server, ray_tmp, tmp_path, monkeypatch):
+    """From S3, a run GETs each training image once (its first pass writes the frame cache, every later
+    epoch and the fit read it); a resumed run GETs none; a run with --no-frame-cache GETs them each
+    pass, and its losses are the cached run's."""
+    import ray
+
+    bucket = s3_server.make_bucket("train-job-frame-cache")
+    storage.upload_dir(dataset, f"{bucket}/data")
+    cfg = TrainConfig(preset="fusion-small", tiny=True, smoke_test=True, epochs=2, batch_size=4)
+    job = train_job.JobConfig(data=f"{bucket}/data", output=str(tmp_path / "model"), storage=f"{bucket}/ray")
+    plain = dataclasses.replace(job, output=str(tmp_path / "plain"), frame_cache=False)
+    with FaultProxy(s3_server.endpoint) as proxy:
+        env = {**FAST_REPORTS, "RAY_TMPDIR": ray_tmp, "ADCORE_CACHE_DIR": str(tmp_path / "cache")}
+        for key, value in {**env, "AWS_ENDPOINT_URL": proxy.endpoint}.items():
+            monkeypatch.setenv(key, value)  # before Ray starts, so its workers inherit it
+        gets = []
+        try:
+            for run in (job, plain, job):  # the second run of ``job`` resumes from its last checkpoint
+                train_job.main(run, cfg)
+                gets.append(proxy.gets("/data/train/") - sum(gets))
+        finally:
+            ray.shutdown()
+    cached, uncached = _score_one(job.output, dataset), _score_one(plain.output, dataset)
+    images = cached["train_images"]
+    assert gets[0] == images, f"each training image read once over every pass: {gets}"
+    assert gets[1] >= 3 * images, f"without the cache each pass reads them again: {gets}"
+    assert gets[2] == 0, f"the resumed run reads the cache: {gets}"
+    assert len(_losses(cached)) >= 2 and _losses(cached) == _losses(uncached)
+    assert storage.list_files(f"{bucket}/ray/{train_job.FRAME_CACHE_FOLDER}", suffixes=[".npy"])
+
+
+def test_decode_tasks_ask_for_a_cpu_when_the_cluster_can_grow(ray_tmp, monkeypatch):
+    """Decode tasks ask for --decode-cpus whenever the cluster can give it: now, or through its
+    autoscaler (whose node groups Ray keeps in the GCS; published here as an autoscaler does, since
+    no node provider runs on this machine); 0 only when a fixed cluster's CPUs are all taken."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    job = train_job.JobConfig(data="unused", output="unused", num_workers=2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        assert train_job._decode_cpus(dataclasses.replace(job, num_workers=1)) == 1.0
+        assert train_job._decode_cpus(job) == 0.0, "a fixed cluster whose CPUs the workers hold: shared cores"
+        config = autoscaler_pb2.ClusterConfig()
+        group = config.node_group_configs.add(name="cpu", max_count=4)
+        group.resources["CPU"] = 4
+        _internal_kv_put(
+            ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
+            config.SerializeToString(),
+            namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(),
+        )
+        assert train_job._decode_cpus(job) == 1.0, "an autoscaler can add CPU nodes: the tasks ask for them"
+    finally:
+        ray.shutdown()
 
 
 def _job_cmd(dataset: Path, out: Path, store: Path, epochs: int) -> list[str]:

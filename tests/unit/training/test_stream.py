@@ -94,6 +94,17 @@ def test_synthesis_is_seeded_by_epoch_and_image(demo):
     assert not torch.equal(torch.cat([b.images for b in first]).sort(0).values, other.sort(0).values)
 
 
+def test_prefetched_synthesis_gives_the_same_batches(demo):
+    plain = StreamedBatches(_stream(demo), n_images=11, batch_size=4, anomaly_share=0.7, seed=3)
+    ahead = StreamedBatches(_stream(demo), n_images=11, batch_size=4, anomaly_share=0.7, seed=3, prefetch=2)
+    for epoch in (0, 1):
+        got, expected = list(ahead.epoch(epoch)), list(plain.epoch(epoch))
+        assert len(got) == len(expected) == 3
+        for a, b in zip(got, expected):
+            assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+            assert torch.equal(a.labels, b.labels)
+
+
 def test_share_zero_passes_the_decoded_images_through(demo):
     batches = StreamedBatches(_stream(demo), n_images=11, batch_size=4, anomaly_share=0.0)
     out = torch.cat([b.images for b in batches.epoch(0)])
@@ -131,9 +142,11 @@ def test_an_unreadable_image_is_skipped_counted_and_named(tmp_path, s3_server):
     assert skipped.summary(None) == {"count": 1, "of": 9, "files": skipped.files}
     list(batches.epoch(1))
     assert len(skipped) == 1, "an image skipped in every epoch is counted once"
-    strict = StreamedBatches(iterate, 9, 1, skipped=SkippedImages(f"{bucket}/data", max_share=0.1, total=9))
-    with pytest.raises(BadImageShareError, match="1 of 9 train images"):
-        list(strict.epoch(0))
+    for prefetch in (0, 2):  # the refusal reaches the caller from the prefetching thread too
+        skipped = SkippedImages(f"{bucket}/data", max_share=0.1, total=9)
+        strict = StreamedBatches(iterate, 9, 1, skipped=skipped, prefetch=prefetch)
+        with pytest.raises(BadImageShareError, match="1 of 9 train images"):
+            list(strict.epoch(0))
 
 
 def test_more_unreadable_images_than_the_share_refuse_the_run(tmp_path):
