@@ -67,7 +67,7 @@ def test_throttling_store_30_percent_every_row_ok(s3_server, tiny_artifact, tmp_
     from tests.faults_proxy import FaultProxy
 
     bucket = s3_server.make_bucket("throttled")
-    files = images(24)
+    files = images(12)
     for name, data in files.items():
         storage.write_bytes(f"{bucket}/in/{name}", data)
     with FaultProxy(s3_server.endpoint, share=0.3, seed=7) as proxy:
@@ -150,7 +150,7 @@ def test_a_killed_night_keeps_its_whole_files_and_the_rerun_reads_only_the_rest(
     from tests.jobproc import kill_group_when
 
     bucket = s3_server.make_bucket("killed")
-    files = images(40, seed=4)
+    files = images(24, seed=4)  # 12 blocks of 2 at 0.5 s a batch: the kill lands long before the run's end
     for name, data in files.items():
         storage.write_bytes(f"{bucket}/in/{name}", data)
     out = f"{bucket}/out"
