@@ -154,8 +154,10 @@ def test_a_killed_night_keeps_its_whole_files_and_the_rerun_reads_only_the_rest(
     for name, data in files.items():
         storage.write_bytes(f"{bucket}/in/{name}", data)
     out = f"{bucket}/out"
-    args = ["--input", f"{bucket}/in", "--model", tiny_artifact, "--output", out, "--simulated-batch-s", "0.5"]
+    args = ["--input", f"{bucket}/in", "--model", tiny_artifact, "--output", out]
+    # Slow model calls in the run to kill only, so that it is still running when killed.
     cmd = [PY, str(REPO / "jobs/score.py"), *args, "--batch-size", "2", "--files-per-block", "2"]
+    cmd += ["--simulated-batch-s", "0.5"]
     with FaultProxy(s3_server.endpoint) as proxy:
         env = job_env(tmp_path, AWS_ENDPOINT_URL=proxy.endpoint)
         proc = subprocess.Popen(
