@@ -166,18 +166,19 @@ def rng() -> np.random.Generator:
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory):
     """``get(preset, version)``: the path of a saved tiny artifact of that family (random-init towers),
-    made once per test run; its engine cache (ONNX graphs) is shared too. Tests must not modify it."""
-    from adcore.testing import tiny_artifact as make
+    made once per test run and shared by the run's worker processes (``tests/artifact_cache.py``); its
+    engine cache (ONNX graphs) is shared too. Tests must not modify it."""
+    from tests.artifact_cache import shared_tiny_artifact
 
-    made: dict[tuple[str, int], str] = {}
+    root = run_root(tmp_path_factory)
+    return lambda preset="fusion-small", version=1: shared_tiny_artifact(root, preset, version)
 
-    def get(preset: str = "fusion-small", version: int = 1) -> str:
-        if (preset, version) not in made:
-            folder = tmp_path_factory.mktemp(f"artifact-{preset}-v{version}")
-            made[preset, version] = make(folder / f"{preset}-tiny", preset, version=version)
-        return made[preset, version]
 
-    return get
+def run_root(tmp_path_factory) -> Path:
+    """A folder of this test run that every pytest-xdist worker of the run shares (each worker's own
+    base folder lies inside the run's)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def test_throttling_store_30_percent_every_row_ok(s3_server, tiny_artifact, tmp_
     from tests.faults_proxy import FaultProxy
 
     bucket = s3_server.make_bucket("throttled")
-    files = images(24)
+    files = images(12)
     for name, data in files.items():
         storage.write_bytes(f"{bucket}/in/{name}", data)
     with FaultProxy(s3_server.endpoint, share=0.3, seed=7) as proxy:
@@ -150,12 +150,14 @@ def test_a_killed_night_keeps_its_whole_files_and_the_rerun_reads_only_the_rest(
     from tests.jobproc import kill_group_when
 
     bucket = s3_server.make_bucket("killed")
-    files = images(40, seed=4)
+    files = images(24, seed=4)  # 12 blocks of 2 at 0.5 s a batch: the kill lands long before the run's end
     for name, data in files.items():
         storage.write_bytes(f"{bucket}/in/{name}", data)
     out = f"{bucket}/out"
-    args = ["--input", f"{bucket}/in", "--model", tiny_artifact, "--output", out, "--simulated-batch-s", "0.5"]
+    args = ["--input", f"{bucket}/in", "--model", tiny_artifact, "--output", out]
+    # Slow model calls in the run to kill only, so that it is still running when killed.
     cmd = [PY, str(REPO / "jobs/score.py"), *args, "--batch-size", "2", "--files-per-block", "2"]
+    cmd += ["--simulated-batch-s", "0.5"]
     with FaultProxy(s3_server.endpoint) as proxy:
         env = job_env(tmp_path, AWS_ENDPOINT_URL=proxy.endpoint)
         proc = subprocess.Popen(

@@ -235,7 +235,7 @@ def test_secret_unset_warns_once_and_leaves_study_key_null(
 
 def test_killed_run_then_rerun_loses_and_duplicates_nothing(tiny_artifact, tmp_path):
     rng = np.random.default_rng(1)
-    n = 240
+    n = 80
     write_local(
         tmp_path / "in", {f"i{i:03d}.png": _png((rng.random((24, 24)) * 255).astype(np.uint8)) for i in range(n)}
     )
@@ -262,7 +262,10 @@ def test_killed_run_then_rerun_loses_and_duplicates_nothing(tiny_artifact, tmp_p
         "--files-per-block",
         "8",
     ]
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Each model call of the run to kill takes at least 0.2 s: 40 calls, so it is still running when killed.
+    first = cmd + ["--simulated-batch-s", "0.2"]
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(first, env=env, start_new_session=True, **quiet)
     kill_group_when(proc, lambda: len(list(out.glob("run_date=*/run_id=*/part-*.parquet"))) >= 3, 150, "progress")
     assert ledger.completed_runs(str(out)) == []
     killed = ledger.incomplete_run_dirs(str(out), set())
