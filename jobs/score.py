@@ -462,7 +462,7 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     manifest["skipped_files"] += skipped
     if cfg.pacs_url:  # listed before the commit: a run that then dies leaves a list whose folder goes (ignored)
         manifest["pacs"]["earlier_runs"] = earlier
-        pacs.record_pending(cfg.dicom_output, run_id, manifest["pacs"]["unsent"])
+        pacs.record_pending(cfg.dicom_output, run_id, manifest["pacs"]["unsent_lists"])
     manifest["timings"] = timings.seconds  # fixed costs beside scoring; compaction's are in _latest/_manifest.json
     # The fenced commit: the manifest carries the lease's number and counts only if the store wrote it
     # before any newer lease existed (a run that lost its lease must not commit: the new holder may be
