@@ -162,7 +162,8 @@ class TorchNetwork:
         self.oom_above = int(os.environ.get(FAULT_OOM_ABOVE_ENV) or 0)  # tests only: 0 = off
 
     @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, pixels: np.ndarray, device_outputs: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """``device_outputs``: outputs left as tensors on a CUDA device (a head searching them there)."""
         if self.oom_above and len(pixels) > self.oom_above:
             raise torch.OutOfMemoryError(f"CUDA out of memory (fault hook: batch {len(pixels)} > {self.oom_above})")
         device = next(self.model.parameters()).device
@@ -170,7 +171,9 @@ class TorchNetwork:
         cast = self.autocast if device.type == "cuda" else None  # CPU autocast is slower than fp32
         with torch.autocast(device.type, dtype=getattr(torch, cast)) if cast else contextlib.nullcontext():
             out = self.model(x)
-        return {k: getattr(out, k).float().cpu().numpy() for k in OUTPUT_NAMES}
+        keep = device_outputs if device.type == "cuda" else ()
+        outs = {k: getattr(out, k).float() for k in OUTPUT_NAMES}
+        return {k: v if k in keep else v.cpu().numpy() for k, v in outs.items()}
 
 
 def to_device(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -318,12 +321,19 @@ class Scorer:
     def version(self) -> str:
         return self.meta.get("model_version", "unsaved")
 
-    def forward(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    def device_outputs(self) -> tuple[str, ...]:
+        """Network outputs the head takes as tensors on the network's device: its index is on that GPU
+        (``device_embeddings``) and the network runs in-process, so embeddings never visit the host."""
+        if isinstance(self.network, TorchNetwork) and getattr(self.head, "device_embeddings", False):
+            return ("patch_embeddings",)
+        return ()
+
+    def forward(self, pixels: np.ndarray, device_outputs: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         """The network stage: [B, 3 or 1, S, S] (float in [0, 1] or uint8; 1: a grey plane) -> score,
         anomaly_map, patch_embeddings (one backend call)."""
         kind = getattr(self.network, "input_dtype", "float32")
         if kind == "native":  # the backend converts (on its device)
-            return self.network(pixels)
+            return self.network(pixels, device_outputs) if device_outputs else self.network(pixels)
         pixels = three_channels(pixels)
         return self.network(as_uint8(pixels) if kind == "uint8" else as_float(pixels))
 
@@ -343,9 +353,11 @@ class Scorer:
         step = min(self.network.max_batch or max(1, n), self.fitting_batch or n or 1)
         chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
+        keep = self.device_outputs()
+
         def network(rows: slice):
             try:
-                return self._forward_fitting(pixels[rows])
+                return self._forward_fitting(pixels[rows], keep)
             except Exception as e:  # noqa: BLE001 (the caller decides what a failed chunk means)
                 return e
 
@@ -369,14 +381,14 @@ class Scorer:
             for rows, fut in zip(chunks, futures):
                 yield rows, head(fut.result())
 
-    def _forward_fitting(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    def _forward_fitting(self, pixels: np.ndarray, device_outputs: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         """:meth:`forward`, split in halves (recursively) while the device runs out of memory.
 
         Only a single frame that does not fit raises; each split is counted in ``oom_splits``
         and the largest half that fitted bounds later calls (``fitting_batch``).
         """
         try:
-            return self.forward(pixels)
+            return self.forward(pixels, device_outputs)
         except Exception as e:
             if not is_out_of_memory(e) or len(pixels) <= 1:
                 raise
@@ -384,9 +396,10 @@ class Scorer:
             torch.cuda.empty_cache()  # the failed call's blocks, before the smaller ones
         half = (len(pixels) + 1) // 2
         self.oom_splits += 1
-        parts = [self._forward_fitting(pixels[:half]), self._forward_fitting(pixels[half:])]
+        parts = [self._forward_fitting(part, device_outputs) for part in (pixels[:half], pixels[half:])]
         self.fitting_batch = min(self.fitting_batch or half, half)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        join = {k: torch.cat if torch.is_tensor(parts[0][k]) else np.concatenate for k in parts[0]}
+        return {k: join[k]([p[k] for p in parts]) for k in parts[0]}
 
     def raw(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Network + head: raw scores [B] and raw maps [B, g, g] (raises on failure)."""

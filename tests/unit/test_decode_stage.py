@@ -201,3 +201,16 @@ def test_torch_network_scores_a_grey_uint8_plane_as_its_float_frame():
     a, b = scorer.raw(grey), scorer.raw(three)
     np.testing.assert_allclose(a[0], b[0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-6)
+
+
+def test_index_search_takes_a_tensor_off_the_gpu_as_numpy():
+    from adcore.index import PatchIndex
+
+    rng = np.random.default_rng(6)
+    bank, queries = rng.random((50, 8)).astype(np.float32), rng.random((7, 8)).astype(np.float32)
+    for metric in ("l2", "cosine"):
+        index = PatchIndex(bank, metric=metric, use_gpu=False)
+        want = index.search(queries, k=3)
+        got = index.search(torch.from_numpy(queries), k=3)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
