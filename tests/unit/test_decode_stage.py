@@ -214,3 +214,23 @@ def test_index_search_takes_a_tensor_off_the_gpu_as_numpy():
         got = index.search(torch.from_numpy(queries), k=3)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_autocast_is_the_familys_and_changes_nothing_on_the_cpu(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import adcore.scorer as scoring
+    from adcore.testing import tiny_artifact
+
+    scorer = scoring.Scorer.load(tiny_artifact(tmp_path / "pc", preset="patchcore"), use_gpu=False)
+    family = scoring.family_of_config(scorer.artifact_config["model"])
+    size = scorer.input_size
+    frames = to_uint8(np.random.default_rng(7).random((2, 1, size, size)).astype(np.float32))
+    want = scorer.raw(frames)
+    scorer.use_autocast()
+    assert scorer.network.autocast == family.autocast  # what the family declares (none measured yet)
+    monkeypatch.setattr(scoring, "family_of_config", lambda cfg: replace(family, autocast="bfloat16"))
+    scorer.use_autocast()
+    assert scorer.network.autocast == "bfloat16"
+    got = scorer.raw(frames)  # a CUDA path: on the CPU the network stays fp32
+    np.testing.assert_array_equal(got[0], want[0])
