@@ -51,13 +51,14 @@ FAULT_OOM_ABOVE_ENV = "ADCORE_FAULT_OOM_ABOVE"
 
 
 def prepare(image: np.ndarray, size: int) -> np.ndarray:
-    """HxW or HxWxC image in [0, 1] -> [3, size, size] float32.
+    """HxW or HxWxC image in [0, 1] (or uint8) -> [3, size, size] float32 in [0, 1].
 
     The whole image is resized (no centre crop, unlike the paper's CenterCrop):
     the map must cover every pixel of the original image. A grey frame is resized once, as one
     plane (:func:`prepare_plane`), and its three channels are views of it.
     """
     x = prepare_plane(image, size)
+    x = as_float(x) if x.dtype == np.uint8 else x  # a uint8 image's values / 255
     return np.broadcast_to(x, (3, size, size)) if x.shape[0] == 1 else x
 
 
@@ -102,7 +103,10 @@ def three_channels(pixels: np.ndarray) -> np.ndarray:
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Prepared pixels in [0, 1] -> uint8 (4x smaller in transit; the network sees ``value / 255``)."""
+    """Prepared pixels in [0, 1] -> uint8 (4x smaller in transit; the network sees ``value / 255``);
+    uint8 pixels (:func:`prepare_plane` of a uint8 image) unchanged."""
+    if np.asarray(pixels).dtype == np.uint8:
+        return np.asarray(pixels)
     return np.rint(np.asarray(pixels, dtype=np.float32) * 255.0).astype(np.uint8)
 
 
