@@ -1,6 +1,6 @@
 """Decode frames/s per CPU: the scoring decoder against the earlier decode path, side by side.
 
-    python bench/decode.py [--repeat 3] [--size 224] [--copies 8]
+    python bench/decode.py [--repeat 3] [--size 224] [--copies 8] [--artifact MODEL]
 
 Inputs are real files: pydicom-data DICOM (a chest radiograph of 7 MB, uncompressed and JPEG 2000;
 MR of 2 MB, CT of 0.5 MB, a small JPEG 2000 and CT, a colour ultrasound), PNGs of the chest (16-bit
@@ -13,7 +13,8 @@ through the listing path (``Decoder`` with ``uri`` batches), one process, torch 
   plane resized once, ``[1, S, S]`` shipped).
 
 Also checks that both give the same pixels: the largest difference in grey levels (0-255) over
-every frame (the network sees ``value / 255`` either way). Prints one line per input and a total.
+every frame (the network sees ``value / 255`` either way), and with ``--artifact`` the largest
+difference of the raw scores of both paths' frames. Prints one line per input and a total.
 """
 
 from __future__ import annotations
@@ -117,6 +118,17 @@ def decode_now(paths: list[str], size: int, folder: str) -> np.ndarray:
     return out["pixels"]
 
 
+def _compare_scores(artifact: str, inputs: dict[str, list[str]], folder: str) -> None:
+    """Raw scores of every input through both paths (one copy each): the largest difference."""
+    from adcore.engine import load_scorer
+
+    scorer = load_scorer(artifact, engine="torch", use_gpu=False)
+    paths = [p[0] for p in inputs.values()]
+    old = scorer.raw(earlier_decode(paths, scorer.input_size))[0]
+    new = scorer.raw(decode_now(paths, scorer.input_size, folder))[0]
+    print(f"raw scores of {len(old)} frames ({scorer.name}): max |earlier - now| {np.abs(old - new).max():.3g}")
+
+
 def _best(fn, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
@@ -131,6 +143,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--artifact", default="", help="also score both paths' frames with this artifact")
     args = ap.parse_args()
     import torch
 
@@ -155,6 +168,8 @@ def main() -> None:
             )
         print(f"{'all':<16} {'':>6} {int(tot_frames):6d} {tot_frames / tot_old:11.1f} {tot_frames / tot_new:8.1f} "
               f"{tot_old / tot_new:5.2f}")  # fmt: skip
+        if args.artifact:
+            _compare_scores(args.artifact, inputs, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

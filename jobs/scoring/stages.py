@@ -171,6 +171,9 @@ class Decoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """All of :meth:`chunks` as one batch (tests, benchmarks; the job streams the chunks)."""
         parts = list(self.chunks(batch))
+        channels = max(p["pixels"].shape[1] for p in parts)  # grey and colour chunks: three channels
+        for p in parts:
+            p["pixels"] = np.broadcast_to(p["pixels"], (len(p["pixels"]), channels, *p["pixels"].shape[2:]))
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
     def chunks(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:

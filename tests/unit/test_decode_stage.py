@@ -234,3 +234,19 @@ def test_autocast_is_the_familys_and_changes_nothing_on_the_cpu(tmp_path, monkey
     assert scorer.network.autocast == "bfloat16"
     got = scorer.raw(frames)  # a CUDA path: on the CPU the network stays fp32
     np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_grey_and_colour_files_in_one_call_give_three_channels_where_needed(tmp_path):
+    rng = np.random.default_rng(8)
+    grey, colour = (
+        _png((rng.random((20, 30)) * 255).astype(np.uint8)),
+        _png((rng.random((20, 30, 3)) * 255).astype(np.uint8)),
+    )
+    batch = {"bytes": np.array([grey, colour, grey], dtype=object), "path": np.array(["a.png", "b.png", "c.png"])}
+    one_chunk = Decoder(S_PX, 10**6)(batch)["pixels"]
+    per_row = Decoder(S_PX, 10**6, chunk_bytes=1)(batch)["pixels"]  # a chunk per row: 1, 3 and 1 channels
+    assert one_chunk.shape == per_row.shape == (3, 3, S_PX, S_PX)
+    np.testing.assert_array_equal(one_chunk, per_row)
+    alone = Decoder(S_PX, 10**6)({"bytes": batch["bytes"][:1], "path": batch["path"][:1]})["pixels"]
+    assert alone.shape == (1, 1, S_PX, S_PX)
+    np.testing.assert_array_equal(np.broadcast_to(alone[0], (3, S_PX, S_PX)), one_chunk[0])
