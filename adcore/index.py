@@ -102,6 +102,10 @@ class PatchIndex:
             ``(scores [M, k], ids [M, k])``: cosine similarities (descending) or squared
             L2 distances (ascending), and row numbers into ``vectors`` (int64).
         """
+        if _is_tensor(queries):  # a tensor on the index's GPU is searched there; any other goes to NumPy
+            if self.device == "cuda" and queries.is_cuda:
+                return self._search_tensor(queries, k)
+            queries = queries.detach().float().cpu().numpy()
         q = np.asarray(queries)
         if q.ndim == 1:
             q = q[None, :]
@@ -123,3 +127,31 @@ class PatchIndex:
             scores[start : start + len(chunk)] = d
             ids[start : start + len(chunk)] = i
         return scores, ids
+
+    def _search_tensor(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` of a CUDA tensor on the GPU index (``faiss.contrib.torch_utils`` passes its
+        device pointer to FAISS: no copy to the host and back); the small results come back as NumPy."""
+        import faiss.contrib.torch_utils  # noqa: F401 (lets the GPU index search torch tensors in place)
+        import torch
+
+        q = queries.detach().float()
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be [M, {self.dim}], got shape {tuple(q.shape)}")
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k must be in [1, {len(self)}] (index size), got {k}")
+        scores, ids = [], []
+        for start in range(0, q.shape[0], QUERY_BATCH):
+            chunk = q[start : start + QUERY_BATCH]
+            if self.metric == "cosine":  # normalize_rows' rule, on the device
+                chunk = chunk / chunk.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS)
+            d, i = self._index.search(chunk.contiguous(), k)
+            scores.append(d)
+            ids.append(i)
+        return torch.cat(scores).cpu().numpy(), torch.cat(ids).cpu().numpy().astype(np.int64)
+
+
+def _is_tensor(x) -> bool:
+    """A torch tensor (checked without importing torch)."""
+    return type(x).__module__.startswith("torch") and hasattr(x, "is_cuda")

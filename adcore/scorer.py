@@ -3,7 +3,8 @@
 Every caller (the nightly stage, evaluation, training-time validation, the demo)
 scores through a :class:`Scorer`, rebuilt from one artifact directory:
 
-    pixels  = prepare(image, scorer.input_size)   # [3, S, S] float32 in [0, 1] (decode workers)
+    pixels  = prepare(image, scorer.input_size)   # [3, S, S] float32 in [0, 1] (decode workers ship
+                                                  # prepare_plane's [1, S, S] for a grey frame)
     net     = scorer.forward(batch)               # the network backend: torch, onnxruntime or Triton
     raw     = scorer.raw(batch)                   # + the family's FAISS head: raw scores [B], maps [B, g, g]
     results = scorer.postprocess(scores, maps, hws)  # calibrated score, label, map, mask, area, peak
@@ -19,6 +20,7 @@ validation data at training time), so one image can be scored alone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -49,31 +51,62 @@ FAULT_OOM_ABOVE_ENV = "ADCORE_FAULT_OOM_ABOVE"
 
 
 def prepare(image: np.ndarray, size: int) -> np.ndarray:
-    """HxW or HxWxC image in [0, 1] -> [3, size, size] float32.
+    """HxW or HxWxC image in [0, 1] (or uint8) -> [3, size, size] float32 in [0, 1].
 
     The whole image is resized (no centre crop, unlike the paper's CenterCrop):
-    the map must cover every pixel of the original image. A grayscale frame that
-    already has the input size skips the resize (a same-size bilinear resize is the
-    identity): only the clip and a broadcast channel copy remain.
+    the map must cover every pixel of the original image. A grey frame is resized once, as one
+    plane (:func:`prepare_plane`), and its three channels are views of it.
     """
-    x = np.asarray(image, dtype=np.float32)
-    if x.shape == (size, size):
-        return np.broadcast_to(np.clip(x, 0, 1), (3, size, size))
-    if x.ndim == 2:
-        x = x[..., None]
-    if x.ndim != 3:
-        raise ValueError(f"expected an HxW or HxWxC image, got shape {x.shape}")
-    if x.shape[2] == 1:
-        x = np.repeat(x, 3, axis=2)
-    elif x.shape[2] == 4:
+    x = prepare_plane(image, size)
+    x = as_float(x) if x.dtype == np.uint8 else x  # a uint8 image's values / 255
+    return np.broadcast_to(x, (3, size, size)) if x.shape[0] == 1 else x
+
+
+def prepare_plane(image: np.ndarray, size: int) -> np.ndarray:
+    """HxW or HxWxC image -> [C, size, size] with C = 1 for a grey image, 3 for a colour one.
+
+    Resized once at the image's own dtype: float pixels in [0, 1] stay float32 (no copy when they
+    are float32 already), uint8 pixels are resized as uint8 (``value / 255`` is what they mean).
+    The network gets the grey plane broadcast to three channels (:func:`three_channels`, or on the
+    device); resizing one plane instead of three identical ones gives the same values.
+    """
+    x = np.asarray(image)
+    if x.dtype != np.uint8:
+        x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[..., 0]
+    if x.ndim == 3 and x.shape[2] == 4:
         x = x[..., :3]
-    t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]  # [1, 3, H, W]
+    if x.ndim == 2:
+        x = x[None]  # [1, H, W]
+    elif x.ndim == 3 and x.shape[2] == 3:
+        x = x.transpose(2, 0, 1)  # [3, H, W]
+    else:
+        raise ValueError(f"expected an HxW or HxWxC image, got shape {np.shape(image)}")
+    if x.shape[1:] == (size, size):  # a same-size bilinear resize is the identity
+        return x if x.dtype == np.uint8 else np.clip(x, 0, 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")  # a read-only decoded frame
+        t = torch.from_numpy(np.ascontiguousarray(x))[None]  # [1, C, H, W]
     t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return t[0].clamp_(0, 1).numpy()
+    return t[0].numpy() if x.dtype == np.uint8 else t[0].clamp_(0, 1).numpy()
+
+
+def three_channels(pixels: np.ndarray) -> np.ndarray:
+    """Prepared frames [B, 1 or 3, S, S] -> [B, 3, S, S] (a broadcast view of a grey plane), or a
+    ragged batch (an object array of [C, S, S] frames, as Ray hands over blocks of both kinds) stacked."""
+    if pixels.dtype == object:
+        return np.stack([np.broadcast_to(p, (3, *np.shape(p)[1:])) for p in pixels])
+    if pixels.ndim == 4 and pixels.shape[1] == 1:
+        return np.broadcast_to(pixels, (pixels.shape[0], 3, *pixels.shape[2:]))
+    return pixels
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Prepared pixels in [0, 1] -> uint8 (4x smaller in transit; the network sees ``value / 255``)."""
+    """Prepared pixels in [0, 1] -> uint8 (4x smaller in transit; the network sees ``value / 255``);
+    uint8 pixels (:func:`prepare_plane` of a uint8 image) unchanged."""
+    if np.asarray(pixels).dtype == np.uint8:
+        return np.asarray(pixels)
     return np.rint(np.asarray(pixels, dtype=np.float32) * 255.0).astype(np.uint8)
 
 
@@ -114,25 +147,57 @@ class Network(Protocol):
 
 
 class TorchNetwork:
-    """The model in-process, on the device its weights are on."""
+    """The model in-process, on the device its weights are on.
+
+    Takes the decoder's frames as they come (``input_dtype = "native"``): uint8 or float, one grey
+    plane or three channels. On a CUDA device uint8 frames cross in pinned memory and are converted
+    (``/ 255``) and broadcast to three channels there; with ``autocast`` (a dtype name, e.g.
+    ``"bfloat16"``: the family allows it, see ``MethodFamily.autocast``) the network runs under it.
+    On the CPU the same steps run on the CPU, in float32.
+    """
 
     max_batch = None
     in_flight = 0
+    input_dtype = "native"
 
-    def __init__(self, model: AnomalyModel):
+    def __init__(self, model: AnomalyModel, autocast: str | None = None):
         self.model = model.eval()
+        self.autocast = autocast
         self.oom_above = int(os.environ.get(FAULT_OOM_ABOVE_ENV) or 0)  # tests only: 0 = off
 
     @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, pixels: np.ndarray, device_outputs: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """``device_outputs``: outputs left as tensors on a CUDA device (a head searching them there)."""
         if self.oom_above and len(pixels) > self.oom_above:
             raise torch.OutOfMemoryError(f"CUDA out of memory (fault hook: batch {len(pixels)} > {self.oom_above})")
         device = next(self.model.parameters()).device
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")  # a read-only view (e.g. Ray's block)
-            x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(device)
-        out = self.model(x)
-        return {k: getattr(out, k).float().cpu().numpy() for k in OUTPUT_NAMES}
+        x = to_device(pixels, device)  # [B, 3, S, S] float32 in [0, 1]
+        cast = self.autocast if device.type == "cuda" else None  # CPU autocast is slower than fp32
+        with torch.autocast(device.type, dtype=getattr(torch, cast)) if cast else contextlib.nullcontext():
+            out = self.model(x)
+        keep = device_outputs if device.type == "cuda" else ()
+        outs = {k: getattr(out, k).float() for k in OUTPUT_NAMES}
+        return {k: v if k in keep else v.cpu().numpy() for k, v in outs.items()}
+
+
+def to_device(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Prepared frames (uint8 or float, [B, 1 or 3, S, S] or ragged) -> [B, 3, S, S] float32 in [0, 1] on ``device``.
+
+    uint8 frames cross as uint8 (4x fewer bytes; from pinned memory to a GPU, without waiting) and
+    become floats on the device, where a grey plane is also broadcast to three channels.
+    """
+    if pixels.dtype == object:
+        pixels = three_channels(pixels)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")  # a read-only view (e.g. Ray's block)
+        t = torch.from_numpy(np.ascontiguousarray(pixels))
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    if t.dtype == torch.uint8:
+        t = t.to(torch.float32).mul_(float(np.float32(1 / 255)))  # as_float's values
+    else:
+        t = t.to(torch.float32)
+    return t.expand(-1, 3, -1, -1).contiguous() if t.shape[1] == 1 else t
 
 
 def head_categories(head) -> tuple[str, ...]:
@@ -238,6 +303,11 @@ class Scorer:
         self.oom_splits = 0  # network calls split in two after an out-of-memory error (callers read and reset it)
         self.fitting_batch: int | None = None  # largest batch known to fit after a split: later calls stay within it
 
+    def use_autocast(self) -> None:
+        """The in-process torch network runs under its family's autocast dtype on CUDA (if it declares one)."""
+        if isinstance(self.network, TorchNetwork) and hasattr(self, "artifact_config"):
+            self.network.autocast = family_of_config(self.artifact_config["model"]).autocast
+
     @property
     def input_size(self) -> int:
         return self.model.input_size
@@ -255,12 +325,21 @@ class Scorer:
     def version(self) -> str:
         return self.meta.get("model_version", "unsaved")
 
-    def forward(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
-        """The network stage: [B, 3, S, S] (float in [0, 1] or uint8) -> score, anomaly_map,
-        patch_embeddings (one backend call)."""
-        if getattr(self.network, "input_dtype", "float32") == "uint8":
-            return self.network(as_uint8(pixels))
-        return self.network(as_float(pixels))
+    def device_outputs(self) -> tuple[str, ...]:
+        """Network outputs the head takes as tensors on the network's device: its index is on that GPU
+        (``device_embeddings``) and the network runs in-process, so embeddings never visit the host."""
+        if isinstance(self.network, TorchNetwork) and getattr(self.head, "device_embeddings", False):
+            return ("patch_embeddings",)
+        return ()
+
+    def forward(self, pixels: np.ndarray, device_outputs: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """The network stage: [B, 3 or 1, S, S] (float in [0, 1] or uint8; 1: a grey plane) -> score,
+        anomaly_map, patch_embeddings (one backend call)."""
+        kind = getattr(self.network, "input_dtype", "float32")
+        if kind == "native":  # the backend converts (on its device)
+            return self.network(pixels, device_outputs) if device_outputs else self.network(pixels)
+        pixels = three_channels(pixels)
+        return self.network(as_uint8(pixels) if kind == "uint8" else as_float(pixels))
 
     def iter_raw(
         self, pixels: np.ndarray, with_categories: bool = False
@@ -278,9 +357,11 @@ class Scorer:
         step = min(self.network.max_batch or max(1, n), self.fitting_batch or n or 1)
         chunks = [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
+        keep = self.device_outputs()
+
         def network(rows: slice):
             try:
-                return self._forward_fitting(pixels[rows])
+                return self._forward_fitting(pixels[rows], keep)
             except Exception as e:  # noqa: BLE001 (the caller decides what a failed chunk means)
                 return e
 
@@ -304,14 +385,14 @@ class Scorer:
             for rows, fut in zip(chunks, futures):
                 yield rows, head(fut.result())
 
-    def _forward_fitting(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    def _forward_fitting(self, pixels: np.ndarray, device_outputs: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         """:meth:`forward`, split in halves (recursively) while the device runs out of memory.
 
         Only a single frame that does not fit raises; each split is counted in ``oom_splits``
         and the largest half that fitted bounds later calls (``fitting_batch``).
         """
         try:
-            return self.forward(pixels)
+            return self.forward(pixels, device_outputs)
         except Exception as e:
             if not is_out_of_memory(e) or len(pixels) <= 1:
                 raise
@@ -319,9 +400,10 @@ class Scorer:
             torch.cuda.empty_cache()  # the failed call's blocks, before the smaller ones
         half = (len(pixels) + 1) // 2
         self.oom_splits += 1
-        parts = [self._forward_fitting(pixels[:half]), self._forward_fitting(pixels[half:])]
+        parts = [self._forward_fitting(part, device_outputs) for part in (pixels[:half], pixels[half:])]
         self.fitting_batch = min(self.fitting_batch or half, half)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        join = {k: torch.cat if torch.is_tensor(parts[0][k]) else np.concatenate for k in parts[0]}
+        return {k: join[k]([p[k] for p in parts]) for k in parts[0]}
 
     def raw(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Network + head: raw scores [B] and raw maps [B, g, g] (raises on failure)."""

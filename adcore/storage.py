@@ -29,6 +29,7 @@ S3_PREFIX = "s3://"
 # What a mistyped S3 URI starts with ("s3:/b", "S3://b", "s3:b", "s3a://b"): refused, never a local folder of that name.
 _MISTYPED_S3 = re.compile(r"^s3[an]?:", re.IGNORECASE)
 _FILE_PREFIX = "file://"
+READ_PIECE = 2**20  # bytes read (and hashed) at a time when a digest is computed while reading
 # Attempts per S3 request (throttling, 5xx answers, dropped connections) before it fails.
 S3_MAX_ATTEMPTS = 10
 
@@ -200,18 +201,20 @@ class Reader:
         with fs.open_input_stream(path) as f:
             return f.read()
 
-    def read_listed(self, uri: str, size: int, root: str) -> bytes:
+    def read_listed(self, uri: str, size: int, root: str, digest=None) -> bytes:
         """One listed input file, read no further than its listed ``size`` (see :func:`read_local_listed`).
 
         ``root`` is the listed folder or prefix: local files must be regular files inside it.
+        ``digest`` (a ``hashlib`` object) is updated with each piece as it is read: no second pass.
+        Safe to call from several threads at once (one filesystem per kind, thread-safe).
         """
         if not is_s3(uri):
-            return read_local_listed(local_path(uri), size, local_path(root))
+            return read_local_listed(local_path(uri), size, local_path(root), digest)
         fs = self._fs.get(True)
         if fs is None:
-            fs = self._fs[True] = retrying_s3_filesystem()
+            fs = self._fs.setdefault(True, retrying_s3_filesystem())
         with fs.open_input_stream(str(uri)[len(S3_PREFIX) :]) as f:
-            return _at_most(f, size)
+            return _at_most(f, size, digest)
 
 
 class NotAFile(OSError):
@@ -256,7 +259,7 @@ def _file_type(mode: int) -> str:
     return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file"
 
 
-def read_local_listed(path: str, size: int, root: str) -> bytes:
+def read_local_listed(path: str, size: int, root: str, digest=None) -> bytes:
     """A local input file's bytes, refused unless regular and inside ``root``, never read past ``size``.
 
     ``size`` is the listed one: a file that grew or shrank since is refused after reading at most
@@ -275,11 +278,20 @@ def read_local_listed(path: str, size: int, root: str) -> bytes:
             raise NotAFile(f"not a regular file ({_file_type(st.st_mode)})")
         if st.st_size != size:  # before reading: a read allocates what it may return
             raise ChangedSinceListing(f"changed since it was listed: {st.st_size} bytes, listed {size}")
-        return _at_most(f, size)
+        return _at_most(f, size, digest)
 
 
-def _at_most(f, size: int) -> bytes:
-    data = f.read(size + 1)
+def _at_most(f, size: int, digest=None) -> bytes:
+    """``size`` bytes of ``f`` (refused if it holds more or fewer), fed to ``digest`` piece by piece."""
+    if digest is None:
+        data = f.read(size + 1)
+    else:  # each piece hashed as it arrives, while it is still in the CPU's cache
+        pieces, got = [], 0
+        while got <= size and (piece := f.read(min(READ_PIECE, size + 1 - got))):
+            digest.update(piece)
+            pieces.append(piece)
+            got += len(piece)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     if len(data) != size:
         found = "more bytes" if len(data) > size else f"{len(data)} bytes"
         raise ChangedSinceListing(f"changed since it was listed: {found}, listed {size}")

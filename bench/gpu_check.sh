@@ -11,6 +11,8 @@
 #   bank-train   PatchCore through the same job: features on every GPU, the bank gathered over NCCL
 #   score-cuda   the scorer loads on CUDA (engine auto -> torch) with a faiss-gpu index
 #   onnx-cuda    the exported ONNX graph on onnxruntime's CUDA provider matches torch on CUDA
+#   replica-rate images/s per GPU of the network alone and of the whole replica (pinned copy, network,
+#                FAISS head: bench/replica_rate.py), fp32 and bf16 autocast, each with its image AUROC
 # Exit status: the number of failed checks. Environment: GPU_CHECK_VENV (default .venv-gpu),
 # PYTHON (default python3.11), GPU_CHECK_NO_INSTALL=1 to use the venv as it is.
 set -uo pipefail
@@ -165,6 +167,8 @@ assert diffs["score"] < 1e-3 and diffs["anomaly_map"] < 1e-3, f"max abs differen
 print("onnxruntime CUDA vs torch CUDA, max abs diff " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
 EOF
 run_check onnx-cuda 240 "$PY" "$WORK/onnx_check.py" "$WORK/fs" "$WORK/demo" "$WORK"
+
+run_check replica-rate 300 "$PY" bench/replica_rate.py "$WORK/pc" "$WORK/demo"
 
 echo "== summary (logs in $WORK)"
 printf '%s\n' "${SUMMARY[@]}"

@@ -90,6 +90,9 @@ DECODE_BATCH = 8  # files per decode call: one NIfTI volume alone can be hundred
 SMOKE_IMAGES = 8
 # Batches queued at each replica: one computing, one arriving; more lets one replica hoard the queue.
 TASKS_IN_FLIGHT_PER_REPLICA = 2
+# Calls a replica runs at once: one batch's input is gathered (and its output handed on) while the
+# model runs on the other; the model calls themselves stay one at a time (one GPU's memory).
+CALLS_IN_FLIGHT_PER_REPLICA = 2
 # Memory the model actor reserves: its artifact about twice (weights, FAISS arrays, copies made
 # while loading) + a base for torch's runtime + the batch's activations (a ViT-S PatchCore actor
 # peaked at 0.8-1.2 GiB at batch 16-32). Declaring it also keeps Ray Data from fusing the decode
@@ -136,6 +139,7 @@ class ScoreConfig:
     triton_in_flight: int = 4
     engine: EngineName = "auto"  # in-process network: auto (onnxruntime on CPU, torch on CUDA), torch or onnx
     variant: VariantName = "fp32"  # ONNX precision; int8/fp16 refused unless jobs/export.py --data measured them usable
+    autocast: bool = True  # torch on CUDA: the family's autocast dtype where it declares one; --no-autocast: fp32
     rescore_all: bool = False  # score everything again; the new rows supersede older ones
     batch_size: int = 64  # frames per model+head call
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -143,7 +147,7 @@ class ScoreConfig:
     max_frames: int = DEFAULT_MAX_FRAMES  # frames per file (DICOM, TIFF pages, NIfTI slices); more: too_many_frames
     device: Literal["auto", "gpu", "cpu"] = "auto"  # model replicas; gpu is demanded (an autoscaler starts GPU nodes)
     replicas: str = ""  # MIN[:MAX] model replicas; default: one per GPU, or per CPU node
-    cpus_per_replica: float = 0.0  # 0 = the GPU node's CPUs per GPU (or a CPU node's CPUs) less one for decoding
+    cpus_per_replica: float = 0.0  # 0 = 1 per GPU replica (the rest decode), a CPU node's CPUs less one for decoding
     gpus_per_replica: float = 1.0  # with --device gpu/auto on a cluster with GPUs
     autoscaling: bool = False  # the cluster's autoscaler can start nodes: wait for replicas instead of refusing
     cluster_config: str = ""  # with --autoscaling: the cluster launcher YAML whose node types the plan may use
@@ -483,7 +487,7 @@ def _run_under_lease(cfg, lease, run_id, started, art, art_bytes, triton_model) 
     manifest["skipped_files"] += skipped
     if sender:  # listed before the commit: a run that then dies leaves a list whose folder goes (ignored)
         manifest["pacs"]["earlier_runs"] = earlier
-        pacs.record_pending(cfg.dicom_output, run_id, manifest["pacs"]["unsent"])
+        pacs.record_pending(cfg.dicom_output, run_id, manifest["pacs"]["unsent_lists"])
     manifest["timings"] = timings.seconds  # fixed costs beside scoring; compaction's are in _latest/_manifest.json
     # The fenced commit: the manifest carries the lease's number and counts only if the store wrote it
     # before any newer lease existed (a run that lost its lease must not commit: the new holder may be
@@ -602,12 +606,17 @@ def _score(cfg, todo, fields, run_date, run_id, input_size, art, art_bytes, trit
         triton_batch=cfg.triton_batch,
         triton_in_flight=cfg.triton_in_flight,
         simulated_batch_s=cfg.simulated_batch_s,
+        autocast=cfg.autocast,
     )
     ds = ds.map_batches(
         ScoreStage,
         fn_constructor_kwargs=stage_kwargs,
         batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=plan.min_replicas, max_size=plan.max_replicas),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=plan.min_replicas,
+            max_size=plan.max_replicas,
+            max_concurrent_calls_per_actor=CALLS_IN_FLIGHT_PER_REPLICA,
+        ),
         num_cpus=plan.cpus,
         num_gpus=gpus,
         memory=memory,

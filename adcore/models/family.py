@@ -18,6 +18,7 @@ records and never branches on a family's name:
   has no sign bank and the flag is refused.
 * ``domain_field``: where its config names the imaging domain of its text prompts (e.g. ``("text",
   "domain")``); training sets it from ``--domain`` or the dataset's ``dataset.json``. Empty: no prompts.
+* ``autocast``: the dtype its scoring network may run under on CUDA (measured within 0.005 AUROC), or None.
 * ``train_flags``: which of the run's schedule flags (:data:`SCHEDULE_FLAGS`) its training reads; the
   entry points refuse the others when they are given, with ``own_schedule`` saying where the family's
   own schedule is set.
@@ -61,4 +62,7 @@ class MethodFamily:
     own_schedule: str = ""  # where its own schedule is set instead (the refusal's hint)
     signs: Callable[[str], dict] | None = None  # --signs FILE -> model config overrides; None: no sign bank
     domain_field: tuple[str, ...] = ()  # config path of the prompts' imaging domain; () when it has no prompts
+    # torch dtype name the scoring network may run under on CUDA (torch.autocast), set once the family's
+    # scores under it were measured within 0.005 image AUROC of fp32 (bench/gpu_check.sh); None: fp32
+    autocast: str | None = None
     description: str = ""

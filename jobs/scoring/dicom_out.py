@@ -67,6 +67,7 @@ DICOM_ERROR_COLUMN = "_dicom_error"  # string: why an instance's objects were no
 SKIPPED_PREFIX = "skipped: "  # in DICOM_ERROR_COLUMN: not an image a SEG references (its SOP class follows)
 PACS_SENT_COLUMN = "_pacs_sent"  # int: objects of the instance stored in the PACS (with --pacs-url)
 PACS_UNSENT_COLUMN = "_pacs_unsent"  # list<string>: its objects the PACS did not take (retried by the next run)
+OBJECT_LISTS = "_objects"  # in each run's folder: one list of objects per write task (write_object_list)
 RUN_MARKER = "_run.json"  # in each run's folder: which scoring output it belongs to (for cleanup)
 SEG_SERIES_NUMBER = 9701  # series numbers of the derived series: high, to sort after the source series
 SR_SERIES_NUMBER = 9702
@@ -390,6 +391,26 @@ def _pixel_spacing(src) -> tuple[float, float] | None:
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         return None
     return spacing if min(spacing) > 0 else None
+
+
+def write_object_list(run_root_uri: str, task_idx: int, objects: list[str], unsent: list[str]) -> str:
+    """A write task's list of the DICOM objects of its rows, ``<run folder>/_objects/part-<task>.json``:
+    ``files`` (names under the run folder) and ``unsent`` (those the PACS did not take). A retried task
+    overwrites its own list. Returns its name under the run folder (what the manifest lists)."""
+    name = f"{OBJECT_LISTS}/part-{task_idx:05d}.json"
+    body = {"files": sorted(objects), "unsent": sorted(unsent)}
+    storage.write_bytes(storage.join(run_root_uri, name), json.dumps(body).encode())
+    return name
+
+
+def read_object_lists(run_root_uri: str, lists: list[str]) -> tuple[list[str], list[str]]:
+    """The run's objects and its objects the PACS did not take, from the lists its manifest names."""
+    files, unsent = [], []
+    for name in lists:
+        body = json.loads(storage.read_bytes(storage.join(run_root_uri, name)))
+        files += body["files"]
+        unsent += body.get("unsent", [])
+    return sorted(files), sorted(unsent)
 
 
 def write_run_marker(dicom_output: str, run_id: str, output: str, completed: bool = False) -> None:

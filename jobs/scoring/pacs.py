@@ -18,8 +18,9 @@ has. A refused or dropped association, a timeout and the statuses that say "out 
 are retried with the same backoff; other failure statuses are final. An association per object
 costs a handshake, and never leaves one open in a Ray worker between tasks.
 
-Objects a run could not send are listed in ``<dicom-output>/_pacs_pending/<run_id>.json`` by the
-driver after the run; the next run sends them first (:func:`retry_pending`).
+Objects a run could not send are named in its write tasks' object lists (``unsent``); the driver
+records which lists hold some in ``<dicom-output>/_pacs_pending/<run_id>.json`` after the run, and
+the next run sends them first (:func:`retry_pending`).
 """
 
 from __future__ import annotations
@@ -221,10 +222,23 @@ def pending_path(dicom_output: str, run_id: str) -> str:
     return storage.join(dicom_output, PENDING_DIR, f"{run_id}.json")
 
 
-def record_pending(dicom_output: str, run_id: str, files: list[str]) -> None:
-    """Lists the run's unsent objects (paths under its folder) for the next run."""
-    if files:
-        storage.write_bytes(pending_path(dicom_output, run_id), json.dumps({"files": sorted(files)}).encode())
+def record_pending(dicom_output: str, run_id: str, lists: list[str]) -> None:
+    """Names the run's object lists that hold unsent objects (``dicom_out.write_object_list``), for the next run."""
+    if lists:
+        storage.write_bytes(pending_path(dicom_output, run_id), json.dumps({"lists": sorted(lists)}).encode())
+
+
+def _pending_names(dicom_output: str, run_id: str, pending: dict) -> list[str]:
+    """The object names a pending file stands for: its own ``files`` and the ``unsent`` of its ``lists``."""
+    from jobs.scoring.dicom_out import read_object_lists
+
+    names = list(pending.get("files", ()))
+    if pending.get("lists"):
+        try:
+            names += read_object_lists(storage.join(dicom_output, run_id), pending["lists"])[1]
+        except FileNotFoundError:  # its run folder is gone: nothing left to send
+            pass
+    return names
 
 
 def retry_pending(dicom_output: str, sender: Sender) -> dict[str, int]:
@@ -242,8 +256,12 @@ def retry_pending(dicom_output: str, sender: Sender) -> dict[str, int]:
     for uri in lists:
         run_id = uri.rsplit("/", 1)[-1][: -len(".json")]
         try:
-            files = json.loads(storage.read_bytes(uri))["files"]
-        except (FileNotFoundError, ValueError, KeyError):
+            pending = json.loads(storage.read_bytes(uri))
+            if down:  # untried: the file stays as it is
+                counts["failed"] += len(_pending_names(dicom_output, run_id, pending))
+                continue
+            files = _pending_names(dicom_output, run_id, pending)
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
             continue
         left = []
         for name in files:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 # CPU a node keeps for reading and decoding when it also holds model replicas.
 DECODE_CPUS_PER_NODE = 1.0
+# CPUs a GPU replica reserves by default: it feeds its GPU (copies, FAISS calls); the node's other CPUs
+# decode, which is what a GPU replica waits on (``--cpus-per-replica`` asks for more).
+GPU_REPLICA_CPUS = 1.0
 # Smallest CPU share of a replica on a node whose CPUs are all taken by GPUs' replicas
 # (fake-GPU test nodes declare 1 CPU per GPU): the rest of that CPU decodes.
 MIN_REPLICA_CPUS = 0.5
@@ -103,8 +106,8 @@ def plan_replicas(
     """The replica plan for this cluster; see the job's flags for the meaning of each argument.
 
     ``device="gpu"`` demands GPUs (an autoscaler then starts GPU nodes); ``"auto"`` uses GPUs
-    when a node has them. GPU replicas default to one per GPU with the GPU node's CPUs per GPU,
-    less what decoding keeps; CPU replicas default to one per node with all but one of its CPUs.
+    when a node has them. GPU replicas default to one per GPU with one CPU each (``GPU_REPLICA_CPUS``:
+    the node's other CPUs decode); CPU replicas default to one per node with all but one of its CPUs.
     """
     if device not in ("auto", "gpu", "cpu"):
         raise SystemExit(f"--device must be auto, gpu or cpu, got {device!r}")
@@ -118,9 +121,11 @@ def plan_replicas(
     asked = parse_replicas(replicas)
     if use_gpu:
         gpus = gpus_per_replica if gpus_per_replica > 0 else 1.0
-        # Per GPU node: its CPUs less what decoding keeps, shared by the replicas its GPUs hold.
+        # Per GPU node: its CPUs less what decoding keeps, shared by the replicas its GPUs hold; a replica
+        # takes GPU_REPLICA_CPUS of that at most, the rest decodes.
         shares = [(n.cpus - DECODE_CPUS_PER_NODE) / max(1.0, n.gpus / gpus) for n in gpu_nodes]
-        cpus = cpus_per_replica or max(MIN_REPLICA_CPUS, math.floor(min(shares, default=MIN_REPLICA_CPUS)))
+        share = min(shares, default=GPU_REPLICA_CPUS)
+        cpus = cpus_per_replica or max(MIN_REPLICA_CPUS, min(GPU_REPLICA_CPUS, math.floor(share) or share))
         default = max(1, int(sum(n.gpus * n.count for n in gpu_nodes) // gpus))
     else:
         gpus = 0.0

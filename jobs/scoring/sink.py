@@ -6,7 +6,9 @@ of each of its files beside it (``.frames.json``): a retried task overwrites its
 run that dies leaves no manifest; the next run commits the files it wrote whole
 (``ledger.salvage_incomplete``) and removes the rest. The driver
 holds no result rows: tasks return only their file name and counts, and
-:meth:`RunSink.on_write_complete` writes the manifest from those (ledger rules apply).
+:meth:`RunSink.on_write_complete` writes the manifest from those (ledger rules apply). With
+``--dicom-output`` each task also lists the DICOM objects of its rows in a small file of its own
+(``dicom_out.write_object_list``); the manifest names those lists, never the objects one by one.
 
 Rows arrive with ``image_key`` set by the driver for the run's ``--path-privacy`` (the URI, or
 its keyed hash: the key never leaves the driver). With ``pseudonymize`` each task nulls
@@ -37,6 +39,7 @@ from jobs.scoring.dicom_out import (
     PACS_SENT_COLUMN,
     PACS_UNSENT_COLUMN,
     SKIPPED_PREFIX,
+    write_object_list,
 )
 from jobs.scoring.stages import FRAMES_COLUMN, NODE_COLUMN, SPLITS_COLUMN, TIME_COLUMN
 
@@ -123,11 +126,13 @@ class RunSink(Datasink[dict]):
             "rows_by_node": {},
             "files_seen": 0,
             "dicom_rows": 0,
-            "dicom_objects": [],  # DICOM-SEG/SR written for these rows (paths under the run's DICOM folder)
+            "dicom_list": None,  # this task's list of its DICOM objects (under the run's DICOM folder), if any
+            "dicom_seg": 0,  # DICOM-SEG objects written for these rows
+            "dicom_sr": 0,  # DICOM SR objects written for these rows
             "dicom_failed": {},  # instances whose DICOM objects were not written, by reason
             "dicom_skipped": {},  # instances that are no image a SEG references, by SOP class
             "pacs_sent": 0,  # objects stored in the PACS (--pacs-url)
-            "pacs_unsent": [],  # objects the PACS did not take (paths under the run's DICOM folder)
+            "pacs_unsent": 0,  # objects the PACS did not take (named in this task's list, for the next run)
             "scored": [],  # (unix seconds, rows): one entry per model batch
             "oom_splits": 0,  # model calls split in two after a device out-of-memory error
         }
@@ -142,8 +147,9 @@ class RunSink(Datasink[dict]):
         nodes = table.column(NODE_COLUMN).to_pylist()
         scored = _rows_by_time(table.column(TIME_COLUMN).to_pylist())
 
+        objects, unsent = [], []
         if DICOM_COLUMN in table.column_names:  # --dicom-output: counted here, never written to Parquet
-            result["dicom_objects"] = [p for ps in table.column(DICOM_COLUMN).to_pylist() for p in ps or ()]
+            objects = [p for ps in table.column(DICOM_COLUMN).to_pylist() for p in ps or ()]
             reasons = [e for e in table.column(DICOM_ERROR_COLUMN).to_pylist() if e]
             result["dicom_failed"] = dict(Counter(e for e in reasons if not e.startswith(SKIPPED_PREFIX)))
             skipped = [e[len(SKIPPED_PREFIX) :] for e in reasons if e.startswith(SKIPPED_PREFIX)]
@@ -151,8 +157,13 @@ class RunSink(Datasink[dict]):
             table = table.drop_columns([DICOM_COLUMN, DICOM_ERROR_COLUMN])
         if PACS_SENT_COLUMN in table.column_names:
             result["pacs_sent"] = int(pc.sum(table.column(PACS_SENT_COLUMN)).as_py() or 0)
-            result["pacs_unsent"] = [p for ps in table.column(PACS_UNSENT_COLUMN).to_pylist() for p in ps or ()]
+            unsent = [p for ps in table.column(PACS_UNSENT_COLUMN).to_pylist() for p in ps or ()]
             table = table.drop_columns([PACS_SENT_COLUMN, PACS_UNSENT_COLUMN])
+        if objects or unsent:  # the task lists its own objects: the driver only learns the list's name
+            result["dicom_list"] = write_object_list(self.manifest["dicom_output"], ctx.task_idx, objects, unsent)
+            result["dicom_seg"] = sum(p.endswith(".seg.dcm") for p in objects)
+            result["dicom_sr"] = sum(p.endswith(".sr.dcm") for p in objects)
+            result["pacs_unsent"] = len(unsent)
         frames = {}  # image key -> frames of its file: which files this part holds whole (a dead run's salvage)
         if FRAMES_COLUMN in table.column_names:
             frames = dict(zip(table.column("image_key").to_pylist(), table.column(FRAMES_COLUMN).to_pylist()))
@@ -244,27 +255,25 @@ class RunSink(Datasink[dict]):
             "first_rows_seconds": round(first, 3),
             "steady_rows_per_s": round(steady, 3) if steady else None,
         }
-        if "dicom_output" in fields:  # the run's DICOM folder: every object in it is listed here
-            objects = sorted(p for r in parts for p in r.get("dicom_objects", ()))
+        if "dicom_output" in fields:  # the run's DICOM folder: its objects are named by the tasks' lists
             failed, skipped = Counter(), Counter()
             for r in parts:
                 failed.update(r.get("dicom_failed", {}))
                 skipped.update(r.get("dicom_skipped", {}))
             manifest["dicom_objects"] = {
-                "seg": sum(p.endswith(".seg.dcm") for p in objects),
-                "sr": sum(p.endswith(".sr.dcm") for p in objects),
+                "seg": sum(r.get("dicom_seg", 0) for r in parts),
+                "sr": sum(r.get("dicom_sr", 0) for r in parts),
                 "failed": dict(failed),
                 "skipped": dict(skipped),
-                "files": objects,
+                "lists": sorted(r["dicom_list"] for r in parts if r.get("dicom_list")),
             }
-            # sent as written (STOW-RS or C-STORE); the unsent wait in _pacs_pending/ for the next run
+            # sent as written (STOW-RS or C-STORE); the unsent (named in the lists) are sent by the next run
             if "pacs_url" in fields or "pacs_dicom" in fields:
-                unsent = sorted(p for r in parts for p in r.get("pacs_unsent", ()))
                 manifest["pacs"] = {
                     "sent": sum(r.get("pacs_sent", 0) for r in parts),
-                    "failed": len(unsent),
+                    "failed": sum(r.get("pacs_unsent", 0) for r in parts),
                     "skipped": sum(skipped.values()),  # instances that are no image: nothing to send
-                    "unsent": unsent,
+                    "unsent_lists": sorted(r["dicom_list"] for r in parts if r.get("pacs_unsent")),
                 }
         manifest["completed_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         return manifest

@@ -3,7 +3,8 @@
 All are plain callables on column batches, testable without Ray:
 
 * :class:`Decoder` (stateless task): file bytes -> one row per frame with the prepared
-  ``[3, S, S]`` pixels, or one error row; frames already scored are dropped (a file that
+  uint8 pixels (``[1, S, S]``: a grey plane, broadcast to three channels by the replica; ``[3, S, S]``
+  in a chunk holding a colour frame), or one error row; frames already scored are dropped (a file that
   is wholly done becomes one ``skipped`` marker row, counted for progress, never written).
 * :class:`ScoreStage` (model replicas, actors): ``adcore.scorer.Scorer`` with its network
   backend (in-process torch, onnxruntime, or Triton) and FAISS head, so a batch crosses no
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +32,7 @@ import pyarrow as pa
 from adcore import storage
 from adcore.data.decode import DEFAULT_MAX_FRAMES, decode_image
 from adcore.data.errors import DecodeError
-from adcore.scorer import postprocess, prepare, to_uint8
+from adcore.scorer import postprocess, prepare_plane, to_uint8
 from jobs.scoring import dicomweb, qido
 from jobs.scoring import schema as S
 
@@ -42,6 +45,10 @@ ROW_COLUMNS = (
 )  # fmt: skip
 # Prepared pixels a decode task holds before handing a chunk of rows on (~220 frames at S=224).
 DEFAULT_CHUNK_BYTES = 32 * 2**20
+# Files a decode task reads at once (GETs wait on the store, not the CPU): a bounded thread pool.
+READ_THREADS = 8
+# Listed bytes those reads may hold ahead of decoding (at least one file is always read).
+READ_AHEAD_BYTES = 256 * 2**20
 
 
 class Decoder:
@@ -72,6 +79,8 @@ class Decoder:
         input_root: The listed local folder (``--input``): local files must be regular files
             inside it. Empty: only the regular-file check.
         chunk_bytes: Prepared pixels one chunk of rows holds at most (at least one row).
+        read_threads: Files read at once (a thread pool per call; 1: one after the other).
+        read_ahead_bytes: Listed bytes of the files read ahead of the one being decoded, at most.
 
     The secret is read from the environment of the worker that decodes, never carried by the
     decoder: a worker without it fails with one line (every node of a cluster needs it).
@@ -87,14 +96,17 @@ class Decoder:
         max_file_bytes: int | None = None,
         input_root: str = "",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        read_threads: int = READ_THREADS,
+        read_ahead_bytes: int = READ_AHEAD_BYTES,
     ):
         self.input_size = input_size
         self.max_pixels = max_pixels
         self.max_frames = max_frames
         self.max_file_bytes = max_file_bytes
         self.input_root = input_root
-        self.chunk_rows = max(1, chunk_bytes // (3 * input_size * input_size))
+        self.chunk_rows = max(1, chunk_bytes // (3 * input_size * input_size))  # colour frames: 3 planes
         self.study_keys = study_keys
+        self.read_threads, self.read_ahead_bytes = max(1, read_threads), read_ahead_bytes
         self._reader = storage.Reader()  # one filesystem per task
         self._wado = qido.WadoReader()  # DICOMweb inputs: its client is made in the task
 
@@ -117,26 +129,33 @@ class Decoder:
         )
 
     def _files(self, batch: dict[str, np.ndarray]):
-        """(uri, image key, bytes or why not, size, version, prior sha, prior done frames) per file."""
+        """(uri, image key, (bytes, sha256) or why not, size, version, prior sha, prior done frames) per file,
+        in the batch's order; up to ``read_threads`` files are read at once (:func:`_read_ahead`)."""
         if "bytes" in batch:
             for data, path in zip(batch["bytes"], batch["path"]):
                 data = bytes(data)
-                yield str(path), str(path), self._too_large(len(data)) or data, len(data), None, None, frozenset()
+                got = self._too_large(len(data)) or (data, S.content_sha256(data))
+                yield str(path), str(path), got, len(data), None, None, frozenset()
             return
+        listed = []
         for i, uri in enumerate(batch["uri"]):
             uri, size = str(uri), int(batch["size"][i])
             prior = batch["prior_done"][i] if "prior_done" in batch else None
             done = frozenset() if prior is None or not len(prior) else frozenset(int(f) for f in prior)
             key = str(batch["image_key"][i]) if "image_key" in batch else uri  # keys are made by the driver
-            version, prior_sha = _text(batch["version"][i]), _text(batch["prior_sha"][i])
-            yield uri, key, self._read(uri, size), size, version, prior_sha, done
+            listed.append((uri, key, size, _text(batch["version"][i]), _text(batch["prior_sha"][i]), done))
+        reads = _read_ahead(self._read, [(e[0], e[2]) for e in listed], self.read_threads, self.read_ahead_bytes)
+        for (uri, key, size, version, prior_sha, done), got in zip(listed, reads):
+            yield uri, key, got, size, version, prior_sha, done
 
-    def _read(self, uri: str, size: int) -> bytes | _Refused | OSError:
-        """The file's bytes, or why it was not read (refused, or a failed read: retried next run)."""
+    def _read(self, uri: str, size: int) -> tuple[bytes, str] | _Refused | OSError:
+        """The file's bytes and their SHA-256 (hashed while reading), or why it was not read (refused,
+        or a failed read: retried next run)."""
         root = self.input_root or uri
         if dicomweb.is_dicomweb(uri):  # listed by QIDO-RS with no size: the read itself is bounded
             try:
-                return self._wado.read(uri, self.max_file_bytes)
+                data = self._wado.read(uri, self.max_file_bytes)
+                return data, hashlib.sha256(data).hexdigest()
             except dicomweb.TooLarge as e:
                 return _Refused(S.TOO_LARGE, f"WADO-RS answer {e} exceeds max_file_bytes={self.max_file_bytes}")
             except OSError as e:
@@ -144,7 +163,11 @@ class Decoder:
         try:
             if not storage.is_s3(uri):  # the file's type first: a FIFO or a device is never opened
                 storage.check_regular_file(storage.local_path(uri), storage.local_path(root))
-            return self._too_large(size) or self._reader.read_listed(uri, size, root)
+            refused = self._too_large(size)
+            if refused:
+                return refused
+            digest = hashlib.sha256()
+            return self._reader.read_listed(uri, size, root, digest), digest.hexdigest()
         except storage.NotAFile as e:
             return _Refused(S.NOT_A_FILE, str(e))
         except OSError as e:  # gone or changed since the listing, or the store failed: retried next run
@@ -158,6 +181,9 @@ class Decoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """All of :meth:`chunks` as one batch (tests, benchmarks; the job streams the chunks)."""
         parts = list(self.chunks(batch))
+        channels = max(p["pixels"].shape[1] for p in parts)  # grey and colour chunks: three channels
+        for p in parts:
+            p["pixels"] = np.broadcast_to(p["pixels"], (len(p["pixels"]), channels, *p["pixels"].shape[2:]))
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
     def chunks(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
@@ -171,7 +197,7 @@ class Decoder:
                 reason = f"{type(data).__name__}: {str(data)[:200]}"
                 rows.add(file, None, 0, S.STATUS_ERROR, S.format_error(S.READ_ERROR, reason))
             else:
-                for _ in self._frames(rows, file, data, prior_sha, prior_done):
+                for _ in self._frames(rows, file, *data, prior_sha, prior_done):
                     if len(rows) >= self.chunk_rows:
                         yield rows.take()
             if len(rows) >= self.chunk_rows:
@@ -179,9 +205,8 @@ class Decoder:
         if len(rows) or not rows.taken:
             yield rows.take()
 
-    def _frames(self, rows: _Rows, file, data: bytes, prior_sha, prior_done):
+    def _frames(self, rows: _Rows, file, data: bytes, sha: str, prior_sha, prior_done):
         """Adds one file's rows to ``rows``, one frame at a time (a generator: the caller may take a chunk)."""
-        sha = S.content_sha256(data)
         done = prior_done if prior_sha == sha else frozenset()
         try:
             name = qido.DECODE_NAME if dicomweb.is_dicomweb(file[0]) else file[0]  # no UID in any message
@@ -204,10 +229,32 @@ class Decoder:
                 error = S.format_error(f.error.kind, f.error.reason)
                 rows.add(file, sha, f.index, S.STATUS_ERROR, error, modality=f.modality, key=key, file_frames=n)
             else:
-                px = to_uint8(prepare(f.pixels, self.input_size))
+                px = to_uint8(prepare_plane(f.pixels, self.input_size))  # [1, S, S] for a grey frame
                 hw = f.pixels.shape[:2]
                 rows.add(file, sha, f.index, S.STATUS_OK, px=px, hw=hw, modality=f.modality, key=key, file_frames=n)
             yield
+
+
+def _read_ahead(read: Callable, files: list[tuple[str, int]], threads: int, max_bytes: int) -> Iterator:
+    """``read(uri, size)`` of each file, yielded in order, with up to ``threads`` reads running ahead of the
+    caller while their listed sizes stay within ``max_bytes`` (the next file is always read)."""
+    if threads <= 1 or len(files) <= 1:
+        for uri, size in files:
+            yield read(uri, size)
+        return
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read")
+    try:
+        pending, ahead, nxt = [], 0, 0
+        for _ in files:
+            while nxt < len(files) and len(pending) < threads and (not pending or ahead + files[nxt][1] <= max_bytes):
+                pending.append((files[nxt][1], pool.submit(read, *files[nxt])))
+                ahead += files[nxt][1]
+                nxt += 1
+            size, future = pending.pop(0)
+            ahead -= size
+            yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Refused:
@@ -222,7 +269,7 @@ class _Rows:
 
     def __init__(self, input_size: int):
         self.size = input_size
-        self.blank = np.zeros((3, input_size, input_size), np.uint8)  # error/skip rows
+        self.blank = np.zeros((1, input_size, input_size), np.uint8)  # error/skip rows
         self.taken = 0
         self._reset()
 
@@ -246,8 +293,15 @@ class _Rows:
         out = {c: np.array(v, dtype=object) for c, v in self.cols.items()}
         for c in ("frame", "height", "width", "file_size", FRAMES_COLUMN):
             out[c] = np.array([-1 if v is None else v for v in self.cols[c]], dtype=np.int64)
-        shape = (0, 3, self.size, self.size)
-        out["pixels"] = np.stack(self.pixels) if self.pixels else np.zeros(shape, np.uint8)
+        # One grey plane per row [n, 1, S, S] (the replica broadcasts it); a chunk holding a colour frame is
+        # [n, 3, S, S], its grey planes broadcast here.
+        channels = max((len(p) for p in self.pixels), default=1)
+        shape = (channels, self.size, self.size)
+        out["pixels"] = (
+            np.stack([np.broadcast_to(p, shape) for p in self.pixels])
+            if self.pixels
+            else np.zeros((0, *shape), np.uint8)
+        )
         self.taken += 1
         self._reset()
         return out
@@ -273,6 +327,8 @@ class ScoreStage:
         triton_batch: Largest batch sent in one request (<= the model's max_batch_size).
         triton_in_flight: Requests kept in flight over gRPC (HTTP keeps one).
         simulated_batch_s: Extra seconds each call sleeps (benchmarks of the orchestration alone).
+        autocast: The in-process torch network on CUDA runs under the family's autocast dtype
+            (``MethodFamily.autocast``, None: fp32); False: fp32 always. No effect on the CPU.
     """
 
     def __init__(
@@ -290,6 +346,7 @@ class ScoreStage:
         triton_batch: int = 16,
         triton_in_flight: int = 4,
         simulated_batch_s: float = 0.0,
+        autocast: bool = True,
     ):
         import faiss
         import torch
@@ -305,6 +362,8 @@ class ScoreStage:
         self.scorer = engines.load_scorer(artifact, engine=in_process, variant=variant, threads=threads)
         if self.scorer.calibration is None:
             raise ValueError(f"artifact {artifact} has no calibration; calibrate it on a validation split first")
+        if autocast:
+            self.scorer.use_autocast()
         self.node_id = _node_id()
         self.simulated_batch_s = simulated_batch_s
         if torch.cuda.is_available():

@@ -175,9 +175,16 @@ def test_dicom_outputs_valid_match_parquet_and_leak_nothing(
     objects = m1["dicom_objects"]
     assert objects["seg"] == objects["sr"] == 2 and objects["failed"] == {}
     assert objects["skipped"] == {"RT Dose Storage": 1}
+    assert "files" not in objects and objects["lists"], "the manifest names the tasks' lists, not the objects"
+    names, unsent = dicom_out.read_object_lists(m1["dicom_output"], objects["lists"])
+    # The write tasks' lists cover every object in the run's folder exactly once.
+    written = sorted(
+        u.removeprefix(m1["dicom_output"] + "/") for u in storage.list_files(m1["dicom_output"], suffixes=[".dcm"])
+    )
+    assert names == written and len(set(names)) == len(names) == 4 and unsent == []
     rows, _ = visible(out)
-    check_objects(m1["dicom_output"], objects["files"], rows, sources, refused, tmp_path)
-    assert set(objects["files"]) >= {dicom_out.object_key(f"{bucket}/in/ct/one.dcm") + ".seg.dcm"}
+    check_objects(m1["dicom_output"], names, rows, sources, refused, tmp_path)
+    assert set(names) >= {dicom_out.object_key(f"{bucket}/in/ct/one.dcm") + ".seg.dcm"}
 
     # Nothing identifying outside --dicom-output: Parquet, manifests, latest table, logs.
     blobs = readable_bytes(out)

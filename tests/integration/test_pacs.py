@@ -81,12 +81,12 @@ def test_corpus_objects_valid_and_filed_in_their_studies(
 
     listed = m["dicom_objects"]
     assert listed["skipped"] == {"RT Dose Storage": 1} and listed["failed"] == {"InvalidSourceUID": 1}
-    objects = _objects(m["dicom_output"], listed["files"])
+    objects = _objects(m["dicom_output"], dicom_out.read_object_lists(m["dicom_output"], listed["lists"])[0])
     assert m["pacs"] == {
         "sent": len(objects),
         "failed": 0,
         "skipped": 1,
-        "unsent": [],
+        "unsent_lists": [],
         "earlier_runs": m["pacs"]["earlier_runs"],
     }
     # Every image scored ok has its SR (and at least one SEG) but the skipped and the failed one.
@@ -135,7 +135,9 @@ def test_pacs_answering_503_for_a_while_gets_every_object(ray_local, tiny_artifa
             )
         )
     assert proxy.faults["POST"] == 3  # the PACS was down for the first three requests
-    objects = _objects(m["dicom_output"], m["dicom_objects"]["files"])
+    objects = _objects(
+        m["dicom_output"], dicom_out.read_object_lists(m["dicom_output"], m["dicom_objects"]["lists"])[0]
+    )
     assert len(objects) == 2 and m["pacs"]["sent"] == 2 and m["pacs"]["failed"] == 0
     assert _in_orthanc(orthanc, objects) == set(objects)
 
@@ -155,11 +157,12 @@ def test_pacs_down_all_night_gets_the_objects_the_next_night(ray_local, tiny_art
     with FaultProxy(orthanc.url, methods=("POST",), paths=r"^/dicom-web/studies", fail_first=10**6) as proxy:
         cfg = replace(cfg, pacs_url=proxy.endpoint + "/dicom-web")
         first = main(cfg)
-        names = first["dicom_objects"]["files"]
-        assert first["pacs"]["sent"] == 0 and first["pacs"]["unsent"] == names and len(names) == 2
+        lists = first["dicom_objects"]["lists"]
+        names, unsent = dicom_out.read_object_lists(first["dicom_output"], lists)
+        assert first["pacs"]["sent"] == 0 and first["pacs"]["failed"] == 2 and unsent == names and len(names) == 2
         assert proxy.faults["POST"] == 2  # the first object's two tries; then the task stopped sending
         pending = pacs.pending_path(str(tmp_path / "outbox"), first["run_id"])
-        assert json.loads(storage.read_bytes(pending)) == {"files": names}
+        assert json.loads(storage.read_bytes(pending)) == {"lists": lists}
         assert orthanc.get("/instances") == []
         proxy.fail_first = 0  # the PACS is back
 

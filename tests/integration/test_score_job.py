@@ -164,6 +164,8 @@ def test_s3_archive_end_to_end(s3_server, ray_local, tiny_artifact, monkeypatch,
 
     bucket = s3_server.make_bucket("score-e2e")
     archive = make_archive(np.random.default_rng(0))
+    # A colour frame among grey ones: its chunk ships three channels, the others one plane each.
+    archive["colour/rgb.png"] = _png((np.random.default_rng(1).random((30, 50, 3)) * 255).astype(np.uint8))
     upload(f"{bucket}/archive", archive)
     out = f"{bucket}/scores"
     monkeypatch.setenv("ADCORE_STUDY_KEY_SECRET", SECRET)

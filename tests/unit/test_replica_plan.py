@@ -7,12 +7,12 @@ import pytest
 from jobs.scoring.resources import NodeShape, ReplicaPlan, parse_replicas, plan_replicas
 
 
-def test_one_replica_per_gpu_with_that_nodes_cpus_less_decoding():
+def test_one_replica_per_gpu_with_one_cpu_the_rest_decoding():
     # ray_cluster.yaml's shape: g5.xlarge (4 CPU, 1 GPU) workers and a 16-CPU node.
     plan = plan_replicas([NodeShape(4, 1), NodeShape(4, 1), NodeShape(16, 0)])
-    assert (plan.min_replicas, plan.max_replicas, plan.cpus, plan.gpus) == (2, 2, 3.0, 1.0)
+    assert (plan.min_replicas, plan.max_replicas, plan.cpus, plan.gpus) == (2, 2, 1.0, 1.0)
     p4d = plan_replicas([NodeShape(96, 8), NodeShape(96, 8)])
-    assert (p4d.max_replicas, p4d.cpus, p4d.gpus) == (16, 11.0, 1.0)
+    assert (p4d.max_replicas, p4d.cpus, p4d.gpus) == (16, 1.0, 1.0)
     fake = plan_replicas([NodeShape(1, 1), NodeShape(1, 1)])
     assert (fake.max_replicas, fake.cpus, fake.decode_cpus) == (2, 0.5, 0.5), "decode tasks fit beside them"
 

@@ -89,7 +89,7 @@ def test_decoder_reads_listed_files_skips_done_frames_and_reports_errors(tmp_pat
         "prior_done": np.array([[0], None, None, None], dtype=object),
     }
     out = Decoder(16, 10_000)(batch)
-    assert list(out["status"]) == ["skipped", "ok", "error", "error"] and out["pixels"].shape == (4, 3, 16, 16)
+    assert list(out["status"]) == ["skipped", "ok", "error", "error"] and out["pixels"].shape == (4, 1, 16, 16)
     assert out["error"][2].startswith("empty:") and out["error"][3].startswith("read:")
     assert list(out["file_version"]) == ["1", "2", "3", "4"] and list(out["file_size"]) == [len(png), len(png), 0, 5]
     assert out["content_sha256"][3] is None  # nothing was read

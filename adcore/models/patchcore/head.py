@@ -34,6 +34,11 @@ class MemoryBankHead:
     of the bank it falls towards ``1 - 1/reweight_k``.
     """
 
+    @property
+    def device_embeddings(self) -> bool:
+        """Takes ``patch_embeddings`` as a tensor on its index's GPU (searched there, never copied to the host)."""
+        return self.index.device == "cuda"
+
     def __init__(self, bank: np.ndarray, cfg: MemoryBankHeadConfig | None = None, use_gpu: bool | None = None):
         self.cfg = cfg or MemoryBankHeadConfig()
         self.bank = np.ascontiguousarray(bank, dtype=np.float32)
@@ -53,7 +58,7 @@ class MemoryBankHead:
         return asdict(self.cfg)
 
     def __call__(self, out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        emb = out["patch_embeddings"]  # [B, g*g, E]
+        emb = out["patch_embeddings"]  # [B, g*g, E]: NumPy, or a tensor on the index's GPU (device_embeddings)
         b, n, e = emb.shape
         d2, ids = self.index.search(emb.reshape(b * n, e), k=self.cfg.k)
         dist = np.sqrt(np.maximum(d2, 0)).mean(1).reshape(b, n)
@@ -63,5 +68,8 @@ class MemoryBankHead:
         if self.cfg.reweight_k > 0 and self.cfg.reduction == "max":
             rows, worst = np.arange(b), dist.argmax(1)  # [B]
             nearest = ids.reshape(b, n, -1)[rows, worst, 0]
-            scores = scores * density_weights(self.index, self.bank, emb[rows, worst], nearest, self.cfg.reweight_k)
+            worst_emb = emb[rows, worst]  # [B, E]
+            if not isinstance(worst_emb, np.ndarray):  # a device tensor: these B rows alone come to the host
+                worst_emb = worst_emb.cpu().numpy()
+            scores = scores * density_weights(self.index, self.bank, worst_emb, nearest, self.cfg.reweight_k)
         return scores.astype(np.float32), amap.astype(np.float32)
