@@ -221,11 +221,13 @@ def test_cstore_pending_while_the_pacs_is_down_then_filed_in_their_studies(
     )
     caplog.set_level(logging.INFO)
     first = main(cfg)
-    names = first["dicom_objects"]["files"]
-    assert len(names) >= 4 and first["pacs"]["sent"] == 0 and first["pacs"]["unsent"] == names
+    lists = first["dicom_objects"]["lists"]
+    names, unsent = dicom_out.read_object_lists(first["dicom_output"], lists)
+    assert len(names) >= 4 and first["pacs"]["sent"] == 0 and first["pacs"]["failed"] == len(names)
+    assert unsent == names
     assert first["pacs_dicom"] == f"{AET}@127.0.0.1:{cfg.pacs_port}" and "pacs_url" not in first
     pending = pacs.pending_path(str(tmp_path / "outbox"), first["run_id"])
-    assert json.loads(storage.read_bytes(pending)) == {"files": names}
+    assert json.loads(storage.read_bytes(pending)) == {"lists": lists}
     assert orthanc.get("/instances") == []
 
     second = main(replace(cfg, pacs_port=orthanc.dicom_port))  # nothing changed: no file read
