@@ -335,6 +335,9 @@ class Scorer:
     def forward(self, pixels: np.ndarray, device_outputs: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         """The network stage: [B, 3 or 1, S, S] (float in [0, 1] or uint8; 1: a grey plane) -> score,
         anomaly_map, patch_embeddings (one backend call)."""
+        # Every backend sees the same network input: the frame rounded to uint8 (what the scoring job
+        # ships, what the exported graphs take), then value / 255; float pixels are rounded here.
+        pixels = as_uint8(pixels) if pixels.dtype != object else pixels
         kind = getattr(self.network, "input_dtype", "float32")
         if kind == "native":  # the backend converts (on its device)
             return self.network(pixels, device_outputs) if device_outputs else self.network(pixels)

@@ -246,3 +246,24 @@ def test_int8_variant_measured_recorded_and_gated(artifact, demo):
     manifest["measured"]["device"] = "cuda"
     (folder / engine.CACHE_MANIFEST).write_text(json.dumps(manifest))
     assert engine.load_scorer(artifact, variant="int8", use_gpu=False, threads=1).network.path == int8.path
+
+
+@pytest.mark.slow
+def test_engines_agree_on_a_real_artifact(demo, tmp_path):
+    """The real ``patchcore`` preset (MobileNetV2 weights) trained on demo images: torch and onnxruntime
+    give the same scores and the same image AUROC from the same float images (both round them to
+    uint8 first, as the scoring job ships frames)."""
+    from adcore import metrics
+    from adcore.training import TrainConfig, train
+    from adcore.training.loop import load_split
+
+    train(demo, TrainConfig(preset="patchcore", seed=0), output=str(tmp_path / "real"))
+    test = load_split(demo, "valid", None)
+    torch_scorer = load_torch(str(tmp_path / "real"), use_gpu=False)
+    onnx_scorer = engine.load_scorer(str(tmp_path / "real"), engine="onnx", use_gpu=False, threads=1)
+    assert isinstance(onnx_scorer.network, OnnxNetwork) and onnx_scorer.model.grid > 8  # not a tiny model
+    want = np.array([r.raw_score for r in torch_scorer.score_images(test["images"])])
+    got = np.array([r.raw_score for r in onnx_scorer.score_images(test["images"])])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    labels = np.asarray(test["labels"])
+    assert metrics.image_auroc(labels, got) == pytest.approx(metrics.image_auroc(labels, want), abs=1e-9)
