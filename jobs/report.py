@@ -48,7 +48,7 @@ CONTOUR_RGB = (255, 0, 0)
 
 # ``score`` is strictly increasing in ``raw_score`` (adcore.calibration.ScoreMap), but Parquet keeps it
 # as float32: raw_score orders the rare rows whose scores round to the same float32 (and rows of
-# artifacts of version 0.1.0 calibrated with clipping, whose scores stop at 0 and 1).
+# artifacts calibrated by earlier versions, whose scores clip at 0 and 1).
 TOP_ANOMALIES_SQL = """
 SELECT image_key, image_uri, frame, score, raw_score, label, category, mask_area, peak_row, peak_col, modality,
        model_version, run_id
