@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -44,7 +45,7 @@ _TEMPLATE_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 _SLAB_MIN_AREA = 0.75  # central slab: axial slices with >= 75% of the largest brain cross-section
 _BRAIN_LEVEL = 0.02  # template is skull-stripped: anything above this is brain
 _LESION = LesionConfig(mass_effect_p=0.5)
-_SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
+SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}  # seeds each split apart
 _TRAIN_ANOMALOUS_ID = 3  # seed stream of train/Ungood images
 LESIONS_FILE = "lesions.json"  # anomalous image (path relative to the root) -> lesion kind
 
@@ -178,20 +179,34 @@ def make_sample(rng: np.random.Generator, size: int = 224, anomalous: bool = Fal
     return rand_intensity(rng, image), mask
 
 
-def _write_split(root: Path, split: str, n: int, cfg: DemoConfig, kinds: dict[str, str]) -> None:
-    """Writes a split; records each anomalous image's lesion kind in ``kinds``."""
+def write_split(root: Path, split: str, n: int, seed: int, sample: Callable, kinds: dict[str, str]) -> None:
+    """Writes ``n`` images of a BMAD split (outside ``train`` the last half anomalous, with masks) and
+    records each anomalous image's lesion kind in ``kinds``.
+
+    ``sample(rng, j)`` makes image ``i`` from ``rng`` (seeded by ``seed``, the split and ``i``): ``j`` is
+    None for a normal image, else the anomalous image's rank in the split; it returns
+    ``(image, mask, kind)``.
+    """
     n_bad = 0 if split == "train" else n // 2
     for i in range(n):
         anomalous = i >= n - n_bad
-        rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], i])
-        kind = cfg.kinds[(i - (n - n_bad)) % len(cfg.kinds)] if anomalous and cfg.kinds else None
-        image, mask = make_sample(rng, cfg.size, anomalous, kind)
+        rng = np.random.default_rng([seed, SPLIT_IDS[split], i])
+        image, mask, kind = sample(rng, i - (n - n_bad) if anomalous else None)
         name = f"{i:04d}.png"
         folder = root / split / (ANOMALY_DIR if anomalous else NORMAL_DIR)
         save_png(folder / "img" / name, image)
         if anomalous:
             save_mask_png(folder / "label" / name, mask)
-            kinds[f"{split}/{ANOMALY_DIR}/img/{name}"] = kind or MIXED_KIND
+            kinds[f"{split}/{ANOMALY_DIR}/img/{name}"] = kind
+
+
+def _sampler(cfg: DemoConfig) -> Callable:
+    def sample(rng, j):
+        kind = cfg.kinds[j % len(cfg.kinds)] if j is not None and cfg.kinds else None
+        image, mask = make_sample(rng, cfg.size, j is not None, kind)
+        return image, mask, kind or MIXED_KIND
+
+    return sample
 
 
 def _write_train_anomalous(root: Path, cfg: DemoConfig, kinds: dict[str, str]) -> None:
@@ -243,12 +258,12 @@ def make_demo_dataset(
     cfg = DemoConfig(n_train, n_valid, n_test, size, seed, list(kinds), n_train_anomalous, categories)
     record = {"version": DEMO_VERSION, **cfg.record()}
     meta = root / "demo.json"
-    if reuse_or_clear(root, meta, record, _SPLIT_IDS, (CATEGORIES_FILE,)):
+    if reuse_or_clear(root, meta, record, SPLIT_IDS, (CATEGORIES_FILE,)):
         write_domain(root, DOMAIN)
         return root
     kind_of: dict[str, str] = {}
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
-        _write_split(root, split, n, cfg, kind_of)
+        write_split(root, split, n, cfg.seed, _sampler(cfg), kind_of)
     _write_train_anomalous(root, cfg, kind_of)
     if cfg.kinds or cfg.n_train_anomalous:
         (root / LESIONS_FILE).write_text(json.dumps(kind_of, indent=1, sort_keys=True))

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from adcore.data.bmad import ANOMALY_DIR, NORMAL_DIR, write_domain
-from adcore.data.demo import LESIONS_FILE, DemoOutput, rand_deform, reuse_or_clear
-from adcore.data.imageops import resize, save_mask_png, save_png
+from adcore.data.bmad import write_domain
+from adcore.data.demo import LESIONS_FILE, SPLIT_IDS, DemoOutput, rand_deform, reuse_or_clear, write_split
+from adcore.data.imageops import resize
 from adcore.data.synth import lesion_mask
 
 DEMO_VERSION = 2  # bump when the generator changes so existing folders are regenerated
@@ -37,7 +37,6 @@ LESION_KIND = "pulmonary_nodule"
 _SOURCE_FILE = "RG1_UNCI.dcm"  # pydicom-data: PA chest computed radiograph
 _WORK_SIDE = 512  # lung segmentation runs at this resolution (fast; the lungs are ~150 px wide)
 _WINDOW_PCT = (0.5, 99.5)  # display window from the pixel percentiles (the DICOM window clips the lungs)
-_SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 
 
 @dataclass
@@ -163,18 +162,11 @@ def make_sample(rng: np.random.Generator, size: int = 224, anomalous: bool = Fal
     return rand_exposure(rng, image), mask
 
 
-def _write_split(root: Path, split: str, n: int, cfg: ChestDemoConfig, kinds: dict[str, str]) -> None:
-    n_bad = 0 if split == "train" else n // 2
-    for i in range(n):
-        anomalous = i >= n - n_bad
-        rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], i])
-        image, mask = make_sample(rng, cfg.size, anomalous)
-        name = f"{i:04d}.png"
-        folder = root / split / (ANOMALY_DIR if anomalous else NORMAL_DIR)
-        save_png(folder / "img" / name, image)
-        if anomalous:
-            save_mask_png(folder / "label" / name, mask)
-            kinds[f"{split}/{ANOMALY_DIR}/img/{name}"] = LESION_KIND
+def _sample(size: int):
+    def sample(rng, j):
+        return (*make_sample(rng, size, j is not None), LESION_KIND)
+
+    return sample
 
 
 def make_chest_dataset(
@@ -189,12 +181,12 @@ def make_chest_dataset(
     cfg = ChestDemoConfig(n_train, n_valid, n_test, size, seed)
     record = {"version": DEMO_VERSION, "modality": MODALITY, "lesion": LESION_KIND, **asdict(cfg)}
     meta = root / "demo.json"
-    if reuse_or_clear(root, meta, record, _SPLIT_IDS):
+    if reuse_or_clear(root, meta, record, SPLIT_IDS):
         write_domain(root, DOMAIN)
         return root
     kinds: dict[str, str] = {}
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
-        _write_split(root, split, n, cfg, kinds)
+        write_split(root, split, n, cfg.seed, _sample(cfg.size), kinds)
     (root / LESIONS_FILE).write_text(json.dumps(kinds, indent=1, sort_keys=True))
     write_domain(root, DOMAIN)
     meta.write_text(json.dumps(record, indent=1))  # last: a half-written folder is redone

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from adcore.data.bmad import ANOMALY_DIR, DATASET_FILE, NORMAL_DIR
-from adcore.data.demo import LESIONS_FILE, reuse_or_clear
-from adcore.data.imageops import save_mask_png, save_png
+from adcore.data.bmad import DATASET_FILE
+from adcore.data.demo import LESIONS_FILE, SPLIT_IDS, reuse_or_clear, write_split
 from adcore.data.suite.lesions import LesionKind, paint
 from adcore.data.suite.normals import SOURCES
 
 SUITE_VERSION = 1  # bump when a generator changes so existing folders are regenerated
-_SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 
 
 @dataclass(frozen=True)
@@ -85,20 +83,14 @@ def make_sample(name: str, rng: np.random.Generator, size: int, kind: str | None
     return source.acquire(rng, image), mask
 
 
-def _write_split(root: Path, name: str, split: str, n: int, cfg: SuiteConfig, kinds: dict[str, str]) -> None:
+def _sampler(name: str, size: int):
     names = list(SUITE[name].kinds)
-    n_bad = 0 if split == "train" else n // 2
-    for i in range(n):
-        bad = i >= n - n_bad
-        kind = names[(i - (n - n_bad)) % len(names)] if bad else None
-        rng = np.random.default_rng([cfg.seed, _SPLIT_IDS[split], i])
-        image, mask = make_sample(name, rng, cfg.size, kind)
-        file = f"{i:04d}.png"
-        folder = root / split / (ANOMALY_DIR if bad else NORMAL_DIR)
-        save_png(folder / "img" / file, image)
-        if bad:
-            save_mask_png(folder / "label" / file, mask)
-            kinds[f"{split}/{ANOMALY_DIR}/img/{file}"] = kind
+
+    def sample(rng, j):
+        kind = None if j is None else names[j % len(names)]
+        return (*make_sample(name, rng, size, kind), kind)
+
+    return sample
 
 
 def make_suite_dataset(name: str, root, **sizes) -> Path:
@@ -113,11 +105,11 @@ def make_suite_dataset(name: str, root, **sizes) -> Path:
     faint = {k: ("faint" if v.faint else "visible") for k, v in spec.kinds.items()}
     record = {"suite": name, "version": SUITE_VERSION, "domain": spec.domain, "kinds": faint, **asdict(cfg)}
     meta = root / DATASET_FILE
-    if reuse_or_clear(root, meta, record, _SPLIT_IDS):
+    if reuse_or_clear(root, meta, record, SPLIT_IDS):
         return root
     kinds: dict[str, str] = {}
-    for split in _SPLIT_IDS:
-        _write_split(root, name, split, getattr(cfg, f"n_{split}"), cfg, kinds)
+    for split in SPLIT_IDS:
+        write_split(root, split, getattr(cfg, f"n_{split}"), cfg.seed, _sampler(name, cfg.size), kinds)
     (root / LESIONS_FILE).write_text(json.dumps(kinds, indent=1, sort_keys=True))
     meta.write_text(json.dumps(record, indent=1))  # last: a half-written folder is redone
     return root
