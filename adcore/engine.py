@@ -79,7 +79,7 @@ def choose_engine(requested: str = AUTO, device: str | None = None, variant: str
     if requested not in (AUTO, *ENGINES):
         raise ValueError(f"engine must be one of {[AUTO, *ENGINES]}, got {requested!r}")
     variant_filename(variant)  # checks the name
-    device = device or _default_device()
+    device = device or default_device()
     if requested == "torch" and variant != "fp32":
         raise ValueError(f"variant {variant!r} is an ONNX graph: use engine 'onnx' or 'auto', not 'torch'")
     if requested != AUTO:
@@ -354,7 +354,7 @@ def graph_entry(path: str | os.PathLike) -> dict:
     return _entry(path.parent, path.name)
 
 
-def _default_device() -> str:
+def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -427,7 +427,7 @@ def load_network(
     if engine == "torch":
         return TorchNetwork(scorer.model)
     if require_usable:
-        check_usable(scorer, variant, device or _default_device())
+        check_usable(scorer, variant, device or default_device())
     path = ensure_onnx(scorer, variant)
     # On CPU the CPU provider alone (an onnxruntime-gpu build would otherwise take a GPU the caller did not pick).
     providers = ["CPUExecutionProvider"] if device is not None and not str(device).startswith("cuda") else None

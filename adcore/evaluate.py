@@ -153,9 +153,7 @@ def measure_variants(
     network runs faster than fp32's on this host's device (:func:`variant_verdict`). Returns the record:
     ``{"split", "n_images", "tolerance", "device", "variants": {...}}``.
     """
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = engine.default_device()
     variants = tuple(dict.fromkeys(("fp32", *variants)))
     rows = {}
     for variant in variants:
